@@ -1,0 +1,1 @@
+"""Actor SDK: manage actors from the schedule a dispatch-bridge publishes over MQTT."""

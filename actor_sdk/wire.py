@@ -1,0 +1,628 @@
+"""The wire contract between the bridge and its subscribers: topics and payloads.
+
+Everything that crosses the broker is defined here, and only here: the topic
+layout, the encoding of dispatch types into one topic level, the payload
+structs and their JSON codecs, and the conversion from and to
+`frequenz-client-dispatch`'s `Dispatch`. The bridge imports this module; it
+imports nothing else of this project, so both sides can never disagree.
+
+Schema evolution rules:
+
+* A new field always gets a default, so that messages of older bridges decode.
+* Readers never forbid unknown fields, so that messages of newer bridges decode.
+* A field is never renamed, and its meaning never changes.
+
+Times are RFC 3339 in UTC with a `Z` suffix, durations are whole seconds, and
+field names follow `frequenz-client-dispatch`'s attribute names.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from frequenz.client.common.microgrid.electrical_components import (
+    ElectricalComponentCategory,
+)
+from frequenz.client.dispatch import recurrence as client_recurrence
+from frequenz.client.dispatch import types as client_types
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "BridgeStatus",
+    "Dispatch",
+    "DispatchEvent",
+    "EndCriteria",
+    "Recurrence",
+    "RunningSnapshot",
+    "Target",
+    "TargetCategory",
+    "TopicKind",
+    "TopicLayout",
+    "TopicRef",
+    "WireError",
+    "decode_dispatch",
+    "decode_event",
+    "decode_running",
+    "decode_status",
+    "decode_type",
+    "encode",
+    "encode_type",
+    "from_client",
+    "to_client",
+]
+
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+"""The largest payload a decoder accepts; larger ones are refused unread."""
+
+DEFAULT_TOPIC_ROOT = "microgrid/{microgrid_id}/dispatch"
+"""The topic root of one microgrid; `{microgrid_id}` is replaced by its id."""
+
+
+class WireError(ValueError):
+    """A topic or payload that does not follow this contract.
+
+    The only error the decoders and topic parsers raise: the message says what
+    was wrong, never more than a short excerpt of the offending input.
+    """
+
+
+UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A timezone-aware instant; encoded as RFC 3339 with `Z` once in UTC."""
+
+
+class _Wire(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Settings shared by every payload struct."""
+
+
+# --- Dispatch ---------------------------------------------------------------
+
+Frequency = Literal["UNSPECIFIED", "MINUTELY", "HOURLY", "DAILY", "WEEKLY", "MONTHLY", "YEARLY"]
+WeekdayName = Literal[
+    "UNSPECIFIED", "MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY"
+]
+
+
+class EndCriteria(_Wire, frozen=True, kw_only=True):
+    """When a recurrence ends: after `count` occurrences, or at `until`."""
+
+    count: int | None = None
+    until: UtcTime | None = None
+
+
+class Recurrence(_Wire, frozen=True, kw_only=True):
+    """A recurrence rule (RFC 5545 subset); empty `by...` lists are omitted."""
+
+    frequency: Frequency
+    interval: int
+    end: EndCriteria | None = None
+    byminutes: tuple[int, ...] = ()
+    byhours: tuple[int, ...] = ()
+    byweekdays: tuple[WeekdayName, ...] = ()
+    bymonthdays: tuple[int, ...] = ()
+    bymonths: tuple[int, ...] = ()
+
+
+class TargetCategory(_Wire, frozen=True, kw_only=True):
+    """A component category, optionally narrowed to one type of it."""
+
+    category: str
+    type: str | None = None
+
+
+class Target(_Wire, frozen=True, kw_only=True):
+    """The components a dispatch targets: either `ids` or `categories`."""
+
+    ids: tuple[int, ...] | None = None
+    categories: tuple[TargetCategory, ...] | None = None
+
+
+class Dispatch(_Wire, frozen=True, kw_only=True):
+    """One dispatch, with its schedule state computed by the bridge.
+
+    `running`, `until` and `next_run` are the state at the `as_of` instant of
+    the message carrying it: `until` is the end of the current run (`None`
+    when not running or endless), `next_run` the next start after that instant.
+    """
+
+    id: int
+    type: str
+    start_time: UtcTime
+    duration: int | None
+    target: Target
+    active: bool
+    dry_run: bool
+    payload: dict[str, Any]
+    recurrence: Recurrence | None = None
+    create_time: UtcTime
+    update_time: UtcTime
+    end_time: UtcTime | None
+    running: bool
+    until: UtcTime | None
+    next_run: UtcTime | None
+
+
+class RunningSnapshot(_Wire, frozen=True, kw_only=True):
+    """Every dispatch of one type that runs at `as_of`, sorted by id."""
+
+    microgrid_id: int
+    type: str
+    running: tuple[Dispatch, ...]
+    next_change: UtcTime | None
+    as_of: UtcTime
+    session: int
+    seq: int
+
+
+class DispatchEvent(_Wire, frozen=True, kw_only=True):
+    """A lifecycle event of one dispatch, as the Dispatch API reported it."""
+
+    event: Literal["created", "updated", "deleted"]
+    dispatch: Dispatch
+    as_of: UtcTime
+
+
+class BridgeStatus(_Wire, frozen=True, kw_only=True):
+    """The bridge's status; the MQTT will carries the same `session`."""
+
+    state: Literal["online", "offline"]
+    upstream: Literal["connected", "disconnected"]
+    synced_at: UtcTime | None
+    session: int
+    bridge: str
+    version: str
+    dispatches: int
+
+
+# --- Codecs -----------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_T = TypeVar("_T")
+
+
+def encode(message: _Wire) -> bytes:
+    """Encode a payload struct as compact UTF-8 JSON.
+
+    Args:
+        message: The struct to encode.
+
+    Returns:
+        The JSON bytes.
+    """
+    return _encoder.encode(message)
+
+
+def _decoder(kind: type[_T]) -> msgspec.json.Decoder[_T]:
+    return msgspec.json.Decoder(kind)
+
+
+_decode_dispatch = _decoder(Dispatch)
+_decode_running = _decoder(RunningSnapshot)
+_decode_event = _decoder(DispatchEvent)
+_decode_status = _decoder(BridgeStatus)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], what: str, data: bytes | bytearray) -> _T:
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"{what} payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError) as error:
+        raise WireError(f"invalid {what} payload: {error}") from None
+
+
+def decode_dispatch(data: bytes | bytearray) -> Dispatch:
+    """Decode a `/dispatches/ID` payload.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The dispatch.
+
+    Raises:
+        WireError: The payload is not a valid dispatch.
+    """
+    return _decode(_decode_dispatch, "dispatch", data)
+
+
+def decode_running(data: bytes | bytearray) -> RunningSnapshot:
+    """Decode a `/running` payload.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The running snapshot.
+
+    Raises:
+        WireError: The payload is not a valid running snapshot.
+    """
+    return _decode(_decode_running, "running snapshot", data)
+
+
+def decode_event(data: bytes | bytearray) -> DispatchEvent:
+    """Decode an `/events` payload.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The lifecycle event.
+
+    Raises:
+        WireError: The payload is not a valid lifecycle event.
+    """
+    return _decode(_decode_event, "event", data)
+
+
+def decode_status(data: bytes | bytearray) -> BridgeStatus:
+    """Decode a `/status` payload.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The bridge status.
+
+    Raises:
+        WireError: The payload is not a valid status.
+    """
+    return _decode(_decode_status, "status", data)
+
+
+# --- Topics -----------------------------------------------------------------
+
+_KEPT_BYTES = frozenset((string.ascii_letters + string.digits + "_-").encode())
+_HEX_DIGITS = frozenset(b"0123456789ABCDEF")
+
+
+def encode_type(dispatch_type: str) -> str:
+    """Encode a dispatch type as one topic level.
+
+    Every UTF-8 byte outside `[A-Za-z0-9_-]` becomes `%XX` (upper-case hex),
+    so no `/ + # .`, space or `$` ever reaches a topic.
+
+    >>> encode_type("SET.POWER")
+    'SET%2EPOWER'
+
+    Args:
+        dispatch_type: The dispatch type.
+
+    Returns:
+        The topic level.
+
+    Raises:
+        WireError: The type is empty.
+    """
+    if not dispatch_type:
+        raise WireError("dispatch type must not be empty")
+    return "".join(
+        chr(byte) if byte in _KEPT_BYTES else f"%{byte:02X}"
+        for byte in dispatch_type.encode("utf-8", "surrogatepass")
+    )
+
+
+def decode_type(level: str) -> str:
+    """Decode a topic level made by `encode_type` back into the dispatch type.
+
+    Only the exact output of `encode_type` is accepted, so that every type has
+    one topic level and every level one type.
+
+    >>> decode_type("SET%2EPOWER")
+    'SET.POWER'
+
+    Args:
+        level: The topic level.
+
+    Returns:
+        The dispatch type.
+
+    Raises:
+        WireError: The level is not an encoded dispatch type.
+    """
+    raw = bytearray()
+    ascii_level = level.encode("utf-8", "surrogatepass")
+    index = 0
+    while index < len(ascii_level):
+        byte = ascii_level[index]
+        if byte == ord("%"):
+            digits = ascii_level[index + 1 : index + 3]
+            if len(digits) != 2 or not _HEX_DIGITS.issuperset(digits):
+                raise WireError(f"invalid percent escape in type level {level[:64]!r}")
+            decoded = int(digits, 16)
+            if decoded in _KEPT_BYTES:
+                raise WireError(f"needless percent escape in type level {level[:64]!r}")
+            raw.append(decoded)
+            index += 3
+        elif byte in _KEPT_BYTES:
+            raw.append(byte)
+            index += 1
+        else:
+            raise WireError(f"unencoded character in type level {level[:64]!r}")
+    if not raw:
+        raise WireError("empty type level")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(f"type level {level[:64]!r} is not UTF-8 once decoded") from None
+
+
+class TopicKind(Enum):
+    """What a topic of the contract carries."""
+
+    RUNNING = "running"
+    DISPATCH = "dispatches"
+    EVENTS = "events"
+    STATUS = "status"
+
+
+@dataclass(frozen=True)
+class TopicRef:
+    """A parsed topic: its kind, and the type and dispatch id it is about."""
+
+    kind: TopicKind
+    dispatch_type: str | None = None
+    dispatch_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TopicLayout:
+    """The topics of one microgrid under its root, e.g. `microgrid/7/dispatch`."""
+
+    root: str
+
+    @classmethod
+    def for_microgrid(cls, microgrid_id: int, template: str = DEFAULT_TOPIC_ROOT) -> TopicLayout:
+        """Build the layout of one microgrid from a root template.
+
+        Args:
+            microgrid_id: The microgrid.
+            template: The root, with `{microgrid_id}` where the id goes.
+
+        Returns:
+            The layout.
+
+        Raises:
+            WireError: The resulting root is not a valid topic prefix.
+        """
+        root = template.format(microgrid_id=microgrid_id).rstrip("/")
+        if not root or any(char in root for char in "+#\0"):
+            raise WireError(f"invalid topic root {root!r}: empty, or has a wildcard or NUL")
+        return cls(root)
+
+    @property
+    def status(self) -> str:
+        """The bridge status topic."""
+        return f"{self.root}/status"
+
+    @property
+    def everything(self) -> str:
+        """A subscription filter matching every topic of this layout."""
+        return f"{self.root}/#"
+
+    def running(self, dispatch_type: str) -> str:
+        """Return the running-snapshot topic of a type.
+
+        Args:
+            dispatch_type: The dispatch type.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/{encode_type(dispatch_type)}/running"
+
+    def dispatch(self, dispatch_type: str, dispatch_id: int) -> str:
+        """Return the topic of one dispatch.
+
+        Args:
+            dispatch_type: The dispatch type.
+            dispatch_id: The dispatch id.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/{encode_type(dispatch_type)}/dispatches/{dispatch_id}"
+
+    def events(self, dispatch_type: str) -> str:
+        """Return the lifecycle-event topic of a type.
+
+        Args:
+            dispatch_type: The dispatch type.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/{encode_type(dispatch_type)}/events"
+
+    def parse(self, topic: str) -> TopicRef:
+        """Tell which topic of this layout a topic is.
+
+        Args:
+            topic: A topic under this layout's root.
+
+        Returns:
+            What the topic carries.
+
+        Raises:
+            WireError: The topic is not one of this layout.
+        """
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            raise WireError(f"topic {topic[:128]!r} is not under {self.root!r}")
+        levels = topic[len(prefix) :].split("/")
+        match levels:
+            case ["status"]:
+                return TopicRef(TopicKind.STATUS)
+            case [level, "running"]:
+                return TopicRef(TopicKind.RUNNING, decode_type(level))
+            case [level, "events"]:
+                return TopicRef(TopicKind.EVENTS, decode_type(level))
+            case [level, "dispatches", dispatch_id] if dispatch_id.isascii() and (
+                dispatch_id.isdigit()
+            ):
+                return TopicRef(TopicKind.DISPATCH, decode_type(level), int(dispatch_id))
+        raise WireError(f"topic {topic[:128]!r} is not part of the dispatch contract")
+
+
+# --- Conversion from and to frequenz-client-dispatch -------------------------
+
+_TYPE_ENUMS: dict[str, type[Enum]] = {
+    "BATTERY": client_types.BatteryType,
+    "INVERTER": client_types.InverterType,
+    "EV_CHARGER": client_types.EvChargerType,
+}
+
+
+def _utc(instant: datetime) -> datetime:
+    return instant.astimezone(UTC)
+
+
+def _target_from_client(target: client_types.TargetComponents) -> Target:
+    if isinstance(target, client_types.TargetIds):
+        return Target(ids=tuple(sorted(target)))
+    categories = (
+        TargetCategory(
+            category=item.category2.name,
+            type=None if item.type is None else item.type.name,
+        )
+        for item in target
+    )
+    return Target(categories=tuple(sorted(categories, key=lambda c: (c.category, c.type or ""))))
+
+
+def _target_to_client(target: Target) -> client_types.TargetComponents:
+    if target.categories is None:
+        return client_types.TargetIds(*(target.ids or ()))
+    items: list[client_types.TargetCategoryInputType] = []
+    for item in target.categories:
+        if item.type is None:
+            items.append(ElectricalComponentCategory[item.category])
+        else:
+            items.append(_TYPE_ENUMS[item.category][item.type])  # type: ignore[arg-type]
+    return client_types.TargetCategories(*items)
+
+
+def _recurrence_from_client(rule: client_recurrence.RecurrenceRule) -> Recurrence | None:
+    end = None
+    if rule.end_criteria is not None:
+        criteria = rule.end_criteria
+        end = EndCriteria(
+            count=criteria.count,
+            until=None if criteria.until is None else _utc(criteria.until),
+        )
+    wire_rule = Recurrence(
+        frequency=rule.frequency.name,  # type: ignore[arg-type]
+        interval=rule.interval,
+        end=end,
+        byminutes=tuple(rule.byminutes),
+        byhours=tuple(rule.byhours),
+        byweekdays=tuple(day.name for day in rule.byweekdays),  # type: ignore[misc]
+        bymonthdays=tuple(rule.bymonthdays),
+        bymonths=tuple(rule.bymonths),
+    )
+    # The API encodes "no recurrence" as an all-default rule.
+    return None if wire_rule == _NO_RECURRENCE else wire_rule
+
+
+_NO_RECURRENCE = Recurrence(frequency="UNSPECIFIED", interval=0)
+
+
+def _recurrence_to_client(rule: Recurrence | None) -> client_recurrence.RecurrenceRule:
+    if rule is None:
+        return client_recurrence.RecurrenceRule()
+    end = None
+    if rule.end is not None:
+        end = client_recurrence.EndCriteria(count=rule.end.count, until=rule.end.until)
+    return client_recurrence.RecurrenceRule(
+        frequency=client_recurrence.Frequency[rule.frequency],
+        interval=rule.interval,
+        end_criteria=end,
+        byminutes=list(rule.byminutes),
+        byhours=list(rule.byhours),
+        byweekdays=[client_recurrence.Weekday[day] for day in rule.byweekdays],
+        bymonthdays=list(rule.bymonthdays),
+        bymonths=list(rule.bymonths),
+    )
+
+
+def from_client(
+    dispatch: client_types.Dispatch,
+    *,
+    running: bool = False,
+    until: datetime | None = None,
+    next_run: datetime | None = None,
+) -> Dispatch:
+    """Convert a `frequenz-client-dispatch` dispatch into the wire struct.
+
+    Args:
+        dispatch: The dispatch as the client library gives it.
+        running: Whether it runs at the instant its state is computed for.
+        until: The end of the current run.
+        next_run: The next start after that instant.
+
+    Returns:
+        The wire struct.
+    """
+    return Dispatch(
+        id=int(dispatch.id),
+        type=dispatch.type,
+        start_time=_utc(dispatch.start_time),
+        duration=None if dispatch.duration is None else round(dispatch.duration.total_seconds()),
+        target=_target_from_client(dispatch.target),
+        active=dispatch.active,
+        dry_run=dispatch.dry_run,
+        payload=dispatch.payload,
+        recurrence=_recurrence_from_client(dispatch.recurrence),
+        create_time=_utc(dispatch.create_time),
+        update_time=_utc(dispatch.update_time),
+        end_time=None if dispatch.end_time is None else _utc(dispatch.end_time),
+        running=running,
+        until=until,
+        next_run=next_run,
+    )
+
+
+def to_client(dispatch: Dispatch) -> client_types.Dispatch:
+    """Convert the wire struct into a `frequenz-client-dispatch` dispatch.
+
+    The computed state (`running`, `until`, `next_run`) has no place there and
+    is dropped.
+
+    Args:
+        dispatch: The wire struct.
+
+    Returns:
+        The dispatch as the client library models it.
+    """
+    return client_types.Dispatch(
+        id=client_types.DispatchId(dispatch.id),
+        type=dispatch.type,
+        start_time=dispatch.start_time,
+        duration=None if dispatch.duration is None else timedelta(seconds=dispatch.duration),
+        target=_target_to_client(dispatch.target),
+        active=dispatch.active,
+        dry_run=dispatch.dry_run,
+        payload=dispatch.payload,
+        recurrence=_recurrence_to_client(dispatch.recurrence),
+        create_time=dispatch.create_time,
+        update_time=dispatch.update_time,
+        end_time=dispatch.end_time,
+    )
+
+
+def sorted_by_id(dispatches: Iterable[Dispatch]) -> tuple[Dispatch, ...]:
+    """Return dispatches sorted by id, the order of a running snapshot.
+
+    Args:
+        dispatches: The dispatches.
+
+    Returns:
+        The same dispatches, sorted by id.
+    """
+    return tuple(sorted(dispatches, key=lambda d: d.id))
