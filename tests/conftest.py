@@ -1,3 +1,3 @@
 """Fixtures shared by the whole suite live in `tests/fixtures/`, one module per part."""
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures.processes", "tests.fixtures.broker"]
