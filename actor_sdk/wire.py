@@ -298,14 +298,16 @@ def encode_type(dispatch_type: str) -> str:
         The topic level.
 
     Raises:
-        WireError: The type is empty.
+        WireError: The type is empty, or holds a lone surrogate (not UTF-8).
     """
     if not dispatch_type:
         raise WireError("dispatch type must not be empty")
-    return "".join(
-        chr(byte) if byte in _KEPT_BYTES else f"%{byte:02X}"
-        for byte in dispatch_type.encode("utf-8", "surrogatepass")
-    )
+    try:
+        # Strict: a lone surrogate would encode to a level that decodes to no string.
+        raw = dispatch_type.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError(f"dispatch type {dispatch_type[:64]!r} is not valid Unicode") from None
+    return "".join(chr(byte) if byte in _KEPT_BYTES else f"%{byte:02X}" for byte in raw)
 
 
 def decode_type(level: str) -> str:
@@ -583,8 +585,8 @@ def from_client(
         update_time=_utc(dispatch.update_time),
         end_time=None if dispatch.end_time is None else _utc(dispatch.end_time),
         running=running,
-        until=until,
-        next_run=next_run,
+        until=None if until is None else _utc(until),
+        next_run=None if next_run is None else _utc(next_run),
     )
 
 
@@ -599,13 +601,23 @@ def to_client(dispatch: Dispatch) -> client_types.Dispatch:
 
     Returns:
         The dispatch as the client library models it.
+
+    Raises:
+        WireError: A category or component type the client library does not know
+            (a well-formed payload can still name one, e.g. from a newer bridge).
     """
+    try:
+        target = _target_to_client(dispatch.target)
+    except KeyError as error:
+        raise WireError(
+            f"dispatch {dispatch.id}: unknown target category or type {error}"
+        ) from None
     return client_types.Dispatch(
         id=client_types.DispatchId(dispatch.id),
         type=dispatch.type,
         start_time=dispatch.start_time,
         duration=None if dispatch.duration is None else timedelta(seconds=dispatch.duration),
-        target=_target_to_client(dispatch.target),
+        target=target,
         active=dispatch.active,
         dry_run=dispatch.dry_run,
         payload=dispatch.payload,

@@ -1,0 +1,672 @@
+"""The wire contract (`actor_sdk.wire`): payload codecs, conversions, topics."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import re
+import string
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import pytest
+from frequenz.client.common.microgrid.electrical_components import ElectricalComponentCategory
+from frequenz.client.dispatch import recurrence as rec
+from frequenz.client.dispatch import types as ct
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from actor_sdk import wire
+
+# --- strategies -------------------------------------------------------------
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+UTC_TIMES = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+)
+# Any fixed offset: conversion must keep the instant and the wire must say it in UTC.
+AWARE_TIMES = st.datetimes(
+    min_value=datetime(1971, 1, 2),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7))]),
+)
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | INT64
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+PAYLOADS = st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=5)
+
+CATEGORY_INPUTS: list[ct.TargetCategoryInputType] = [
+    *ElectricalComponentCategory,
+    *ct.BatteryType,
+    *ct.InverterType,
+    *ct.EvChargerType,
+]
+TARGETS = st.builds(lambda ids: ct.TargetIds(*ids), st.frozensets(INT64.map(abs), max_size=6)) | (
+    st.builds(
+        lambda items: ct.TargetCategories(*items),
+        st.lists(st.sampled_from(CATEGORY_INPUTS), max_size=6),
+    )
+)
+END_CRITERIA = (
+    st.none()
+    | st.builds(rec.EndCriteria, count=st.integers(1, 10_000), until=st.none())
+    | st.builds(rec.EndCriteria, count=st.none(), until=AWARE_TIMES)
+)
+SMALL_LISTS = {
+    "byminutes": st.lists(st.integers(0, 59), max_size=4),
+    "byhours": st.lists(st.integers(0, 23), max_size=4),
+    "byweekdays": st.lists(st.sampled_from(list(rec.Weekday)), max_size=4),
+    "bymonthdays": st.lists(st.integers(-31, 31).filter(bool), max_size=4),
+    "bymonths": st.lists(st.integers(1, 12), max_size=4),
+}
+RULES = st.just(rec.RecurrenceRule()) | st.builds(
+    rec.RecurrenceRule,
+    frequency=st.sampled_from(list(rec.Frequency)),
+    interval=st.integers(0, 1000),
+    end_criteria=END_CRITERIA,
+    **SMALL_LISTS,
+)
+CLIENT_DISPATCHES = st.builds(
+    ct.Dispatch,
+    id=st.integers(1, 2**63 - 1).map(ct.DispatchId),
+    type=st.text(min_size=1, max_size=30),
+    start_time=AWARE_TIMES,
+    duration=st.none() | st.integers(0, 10**8).map(lambda s: timedelta(seconds=s)),
+    target=TARGETS,
+    active=st.booleans(),
+    dry_run=st.booleans(),
+    payload=PAYLOADS,
+    recurrence=RULES,
+    create_time=AWARE_TIMES,
+    update_time=AWARE_TIMES,
+    end_time=st.none() | AWARE_TIMES,
+)
+STATES = st.tuples(st.booleans(), st.none() | UTC_TIMES, st.none() | UTC_TIMES)
+WIRE_DISPATCHES = st.builds(
+    lambda d, s: wire.from_client(d, running=s[0], until=s[1], next_run=s[2]),
+    CLIENT_DISPATCHES,
+    STATES,
+)
+SNAPSHOTS = st.builds(
+    wire.RunningSnapshot,
+    microgrid_id=st.integers(0, 2**63 - 1),
+    type=st.text(min_size=1),
+    running=st.lists(WIRE_DISPATCHES, max_size=3).map(wire.sorted_by_id),
+    next_change=st.none() | UTC_TIMES,
+    as_of=UTC_TIMES,
+    session=st.integers(0, 2**63 - 1),
+    seq=st.integers(0, 2**63 - 1),
+)
+EVENTS = st.builds(
+    wire.DispatchEvent,
+    event=st.sampled_from(["created", "updated", "deleted"]),
+    dispatch=WIRE_DISPATCHES,
+    as_of=UTC_TIMES,
+)
+STATUSES = st.builds(
+    wire.BridgeStatus,
+    state=st.sampled_from(["online", "offline"]),
+    upstream=st.sampled_from(["connected", "disconnected"]),
+    synced_at=st.none() | UTC_TIMES,
+    session=st.integers(0, 2**63 - 1),
+    bridge=st.text(),
+    version=st.text(),
+    dispatches=st.integers(0, 2**63 - 1),
+)
+DECODERS = {
+    wire.Dispatch: wire.decode_dispatch,
+    wire.RunningSnapshot: wire.decode_running,
+    wire.DispatchEvent: wire.decode_event,
+    wire.BridgeStatus: wire.decode_status,
+}
+ALL_DECODERS = list(DECODERS.values())
+
+T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+
+
+def design_example(**changes: Any) -> wire.Dispatch:
+    """The dispatch of DESIGN.md's example."""
+    fields: dict[str, Any] = {
+        "id": 42,
+        "type": "EXAMPLE_TYPE",
+        "start_time": T0,
+        "duration": 900,
+        "target": wire.Target(ids=(7, 8)),
+        "active": True,
+        "dry_run": False,
+        "payload": {"power_w": 5000},
+        "recurrence": wire.Recurrence(frequency="DAILY", interval=1),
+        "create_time": T0 - timedelta(days=1),
+        "update_time": T0 - timedelta(hours=1),
+        "end_time": None,
+        "running": True,
+        "until": T0 + timedelta(minutes=15),
+        "next_run": T0 + timedelta(days=1),
+    }
+    fields.update(changes)
+    return wire.Dispatch(**fields)
+
+
+# --- payload round trips ------------------------------------------------------
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(WIRE_DISPATCHES, SNAPSHOTS, EVENTS, STATUSES))
+def test_every_struct_round_trips_through_its_decoder(message: Any) -> None:
+    data = wire.encode(message)
+    assert DECODERS[type(message)](data) == message
+    assert isinstance(json.loads(data.decode("utf-8")), dict)
+
+
+@settings(max_examples=300)
+@given(CLIENT_DISPATCHES)
+def test_client_dispatch_round_trips_through_wire_and_json(dispatch: ct.Dispatch) -> None:
+    on_wire = wire.decode_dispatch(wire.encode(wire.from_client(dispatch)))
+    back = wire.to_client(on_wire)
+    assert back == dispatch
+    assert back.target == dispatch.target and type(back.target) is type(dispatch.target)
+
+
+@settings(max_examples=200)
+@given(WIRE_DISPATCHES)
+def test_wire_dispatch_round_trips_through_client_type(dispatch: wire.Dispatch) -> None:
+    back = wire.from_client(
+        wire.to_client(dispatch),
+        running=dispatch.running,
+        until=dispatch.until,
+        next_run=dispatch.next_run,
+    )
+    assert back == dispatch
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ct.TargetIds(),
+        ct.TargetIds(7, 8),
+        ct.TargetCategories(),
+        ct.TargetCategories(ElectricalComponentCategory.BATTERY),
+        ct.TargetCategories(ct.BatteryType.LI_ION, ElectricalComponentCategory.INVERTER),
+        ct.TargetCategories(ct.InverterType.PV, ct.InverterType.HYBRID),
+        ct.TargetCategories(ct.EvChargerType.DC, ElectricalComponentCategory.EV_CHARGER),
+        ct.TargetCategories(*ElectricalComponentCategory),
+    ],
+    ids=repr,
+)
+def test_every_target_kind_round_trips(target: ct.TargetComponents) -> None:
+    dispatch = wire.to_client(design_example())
+    dispatch = ct.Dispatch(**{**dispatch.__dict__, "target": target})
+    back = wire.to_client(wire.decode_dispatch(wire.encode(wire.from_client(dispatch))))
+    assert back.target == target
+    assert type(back.target) is type(target)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        rec.RecurrenceRule(frequency=rec.Frequency.MINUTELY, interval=5),
+        rec.RecurrenceRule(
+            frequency=rec.Frequency.MONTHLY,
+            interval=2,
+            end_criteria=rec.EndCriteria(count=10),
+            bymonthdays=[-1, 15],
+            bymonths=[2, 12],
+        ),
+        rec.RecurrenceRule(
+            frequency=rec.Frequency.WEEKLY,
+            interval=1,
+            end_criteria=rec.EndCriteria(until=T0 + timedelta(days=30)),
+            byweekdays=[rec.Weekday.MONDAY, rec.Weekday.SUNDAY],
+            byhours=[0, 23],
+            byminutes=[0, 30],
+        ),
+        rec.RecurrenceRule(frequency=rec.Frequency.YEARLY, interval=1),
+    ],
+    ids=["minutely", "monthly-count-bymonthdays", "weekly-until-by-lists", "yearly"],
+)
+def test_every_recurrence_field_round_trips(rule: rec.RecurrenceRule) -> None:
+    dispatch = ct.Dispatch(**{**wire.to_client(design_example()).__dict__, "recurrence": rule})
+    back = wire.to_client(wire.decode_dispatch(wire.encode(wire.from_client(dispatch))))
+    assert back.recurrence == rule
+
+
+# --- JSON shape (DESIGN.md) ----------------------------------------------------
+
+
+def test_dispatch_json_has_the_field_names_and_formats_of_design_md() -> None:
+    data = json.loads(wire.encode(design_example()))
+    assert data == {
+        "id": 42,
+        "type": "EXAMPLE_TYPE",
+        "start_time": "2026-11-28T06:00:00Z",
+        "duration": 900,
+        "target": {"ids": [7, 8]},
+        "active": True,
+        "dry_run": False,
+        "payload": {"power_w": 5000},
+        "recurrence": {"frequency": "DAILY", "interval": 1},
+        "create_time": "2026-11-27T06:00:00Z",
+        "update_time": "2026-11-28T05:00:00Z",
+        "end_time": None,
+        "running": True,
+        "until": "2026-11-28T06:15:00Z",
+        "next_run": "2026-11-29T06:00:00Z",
+    }
+
+
+def test_one_off_dispatch_omits_recurrence_and_endless_has_null_duration() -> None:
+    client = ct.Dispatch(
+        **{
+            **wire.to_client(design_example()).__dict__,
+            "recurrence": rec.RecurrenceRule(),
+            "duration": None,
+        }
+    )
+    data = json.loads(wire.encode(wire.from_client(client)))
+    assert "recurrence" not in data
+    assert data["duration"] is None
+
+
+def test_categories_target_and_full_recurrence_json_shape() -> None:
+    client = ct.Dispatch(
+        **{
+            **wire.to_client(design_example()).__dict__,
+            "target": ct.TargetCategories(
+                ct.BatteryType.LI_ION, ElectricalComponentCategory.INVERTER
+            ),
+            "recurrence": rec.RecurrenceRule(
+                frequency=rec.Frequency.WEEKLY,
+                interval=2,
+                end_criteria=rec.EndCriteria(until=datetime(2027, 1, 1, 1, tzinfo=UTC)),
+                byweekdays=[rec.Weekday.FRIDAY],
+            ),
+        }
+    )
+    data = json.loads(wire.encode(wire.from_client(client)))
+    assert data["target"] == {
+        "categories": [{"category": "BATTERY", "type": "LI_ION"}, {"category": "INVERTER"}]
+    }
+    assert data["recurrence"] == {
+        "frequency": "WEEKLY",
+        "interval": 2,
+        "end": {"until": "2027-01-01T01:00:00Z"},
+        "byweekdays": ["FRIDAY"],
+    }
+
+
+@settings(max_examples=100)
+@given(CLIENT_DISPATCHES, STATES)
+def test_every_time_on_the_wire_is_utc_with_z(dispatch: ct.Dispatch, state: Any) -> None:
+    text = wire.encode(wire.from_client(dispatch, running=state[0], until=state[1])).decode()
+    stamps = re.findall(r'"(\d{4}-\d\d-\d\dT[^"]*)"', text)
+    assert stamps
+    for stamp in stamps:
+        assert stamp.endswith("Z"), stamp
+
+
+def test_snapshot_and_status_json_field_names() -> None:
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=1,
+        type="T",
+        running=(design_example(),),
+        next_change=None,
+        as_of=T0,
+        session=3,
+        seq=9,
+    )
+    assert set(json.loads(wire.encode(snapshot))) == {
+        "microgrid_id",
+        "type",
+        "running",
+        "next_change",
+        "as_of",
+        "session",
+        "seq",
+    }
+    status = wire.BridgeStatus(
+        state="online",
+        upstream="connected",
+        synced_at=T0,
+        session=3,
+        bridge="edge-1",
+        version="0.1.0",
+        dispatches=5,
+    )
+    assert json.loads(wire.encode(status)) == {
+        "state": "online",
+        "upstream": "connected",
+        "synced_at": "2026-11-28T06:00:00Z",
+        "session": 3,
+        "bridge": "edge-1",
+        "version": "0.1.0",
+        "dispatches": 5,
+    }
+
+
+# --- decoding bad input -------------------------------------------------------
+
+
+def decode_outcome(decoder: Any, data: bytes) -> None:
+    """Decode and accept success or WireError; anything else fails the test."""
+    try:
+        decoder(data)
+    except wire.WireError as error:
+        assert len(str(error)) < 1000, "error messages stay short"
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300), st.sampled_from(ALL_DECODERS))
+@example(b"", wire.decode_dispatch)
+@example(b"\xff\xfe\x00", wire.decode_status)
+@example(b"null", wire.decode_running)
+@example(b"[]", wire.decode_event)
+def test_random_bytes_give_wire_error_or_a_struct(data: bytes, decoder: Any) -> None:
+    decode_outcome(decoder, data)
+
+
+@settings(max_examples=300)
+@given(JSON_VALUES, st.sampled_from(ALL_DECODERS))
+def test_random_json_gives_wire_error_or_a_struct(value: Any, decoder: Any) -> None:
+    decode_outcome(decoder, json.dumps(value).encode())
+
+
+def test_every_truncation_of_a_valid_payload_is_a_wire_error() -> None:
+    data = wire.encode(design_example())
+    for cut in range(len(data)):
+        with pytest.raises(wire.WireError):
+            wire.decode_dispatch(data[:cut])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", "42"),
+        ("id", 1.5),
+        ("id", None),
+        ("type", 7),
+        ("start_time", 1764309600),
+        ("start_time", "2026-11-28T06:00:00"),  # no time zone
+        ("start_time", "yesterday"),
+        ("duration", "900"),
+        ("target", [7, 8]),
+        ("target", {"ids": ["7"]}),
+        ("active", "true"),
+        ("payload", [1, 2]),
+        ("recurrence", {"frequency": "SOMETIMES", "interval": 1}),
+        ("recurrence", {"frequency": "DAILY", "interval": 1, "byweekdays": ["FUNDAY"]}),
+        ("recurrence", {"frequency": "DAILY"}),
+        ("running", 1),
+    ],
+)
+def test_wrong_field_types_are_wire_errors(field: str, value: Any) -> None:
+    data = json.loads(wire.encode(design_example()))
+    data[field] = value
+    with pytest.raises(wire.WireError):
+        wire.decode_dispatch(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("field", ["id", "type", "start_time", "target", "running"])
+def test_missing_required_field_is_a_wire_error(field: str) -> None:
+    data = json.loads(wire.encode(design_example()))
+    del data[field]
+    with pytest.raises(wire.WireError, match=field):
+        wire.decode_dispatch(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+def test_oversized_payload_is_refused_unread(decoder: Any) -> None:
+    valid = wire.encode(design_example())
+    oversized = valid[:-1] + b" " * (wire.MAX_PAYLOAD_BYTES - len(valid) + 1) + b"}"
+    assert len(oversized) == wire.MAX_PAYLOAD_BYTES + 1
+    with pytest.raises(wire.WireError, match="exceeds"):
+        decoder(oversized)
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deeply_nested_payload_is_a_wire_error_or_decodes(depth: int) -> None:
+    data = json.loads(wire.encode(design_example()))
+    text = json.dumps({**data, "payload": {}})
+    nested = '{"a":' * depth + "1" + "}" * depth
+    text = text.replace('"payload": {}', f'"payload": {nested}')
+    for decoder in ALL_DECODERS:
+        decode_outcome(decoder, text.encode())
+    # Pure nesting without a struct around it.
+    for decoder in ALL_DECODERS:
+        with pytest.raises(wire.WireError):
+            decoder(b"[" * depth + b"]" * depth)
+
+
+def test_unknown_fields_are_ignored_at_every_level() -> None:
+    expected = design_example(
+        target=wire.Target(categories=(wire.TargetCategory(category="BATTERY", type="LI_ION"),)),
+        recurrence=wire.Recurrence(frequency="DAILY", interval=1, end=wire.EndCriteria(count=3)),
+    )
+    data = json.loads(wire.encode(expected))
+    data["from_the_future"] = {"nested": [1, 2, 3]}
+    data["target"]["extra"] = True
+    data["target"]["categories"][0]["power_class"] = "big"
+    data["recurrence"]["bysetpos"] = [1]
+    data["recurrence"]["end"]["timezone"] = "Europe/Berlin"
+    assert wire.decode_dispatch(json.dumps(data).encode()) == expected
+
+    status = json.loads(
+        wire.encode(
+            wire.BridgeStatus(
+                state="offline",
+                upstream="disconnected",
+                synced_at=None,
+                session=1,
+                bridge="b",
+                version="1",
+                dispatches=0,
+            )
+        )
+    )
+    status["load"] = 0.5
+    assert wire.decode_status(json.dumps(status).encode()).state == "offline"
+
+
+def test_to_client_of_unknown_category_is_a_wire_error() -> None:
+    for target in (
+        wire.Target(categories=(wire.TargetCategory(category="TELEPORTER"),)),
+        wire.Target(categories=(wire.TargetCategory(category="BATTERY", type="PLUTONIUM"),)),
+        wire.Target(categories=(wire.TargetCategory(category="METER", type="LI_ION"),)),
+    ):
+        decoded = wire.decode_dispatch(wire.encode(design_example(target=target)))
+        with pytest.raises(wire.WireError):
+            wire.to_client(decoded)
+
+
+# --- topics -------------------------------------------------------------------
+
+TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_%-]+")
+HOSTILE_TYPES = [
+    "a/b",
+    "+",
+    "#",
+    ".",
+    "..",
+    " ",
+    "SET POWER",
+    "%",
+    "%2E",
+    "$SYS",
+    "$SYS/broker/uptime",
+    "microgrid/+/dispatch/#",
+    "\u26a1\U0001f50b",
+    "x" * 1024,
+    "\U0001f50b" * 256,
+    "\0",
+    "a\0b",
+    "\n\t\r",
+    "\u00e9",
+    "e\u0301",
+    "status",
+    "running",
+    "dispatches",
+]
+
+
+@pytest.mark.parametrize("dispatch_type", HOSTILE_TYPES, ids=lambda t: repr(t)[:30])
+def test_hostile_type_names_encode_to_one_safe_level_that_round_trips(
+    dispatch_type: str,
+) -> None:
+    level = wire.encode_type(dispatch_type)
+    assert TOPIC_LEVEL.fullmatch(level), level
+    assert wire.decode_type(level) == dispatch_type
+
+
+@settings(max_examples=500)
+@given(st.text(min_size=1))
+def test_every_type_encodes_to_one_safe_level_that_round_trips(dispatch_type: str) -> None:
+    level = wire.encode_type(dispatch_type)
+    assert TOPIC_LEVEL.fullmatch(level)
+    assert wire.decode_type(level) == dispatch_type
+
+
+def test_safe_characters_are_kept_and_others_escaped_upper_case() -> None:
+    safe = string.ascii_letters + string.digits + "_-"
+    assert wire.encode_type(safe) == safe
+    assert wire.encode_type("SET.POWER") == "SET%2EPOWER"
+    assert wire.encode_type("\u00e9") == "%C3%A9"
+
+
+def test_empty_type_is_a_wire_error() -> None:
+    with pytest.raises(wire.WireError, match="empty"):
+        wire.encode_type("")
+
+
+def test_type_that_is_not_utf8_encodable_is_a_wire_error() -> None:
+    with pytest.raises(wire.WireError):
+        wire.encode_type("lone \ud800 surrogate")
+
+
+@pytest.mark.parametrize(
+    "level",
+    [
+        "",
+        "%",
+        "%4",
+        "%G0",
+        "%2e",  # lower-case hex: not canonical
+        "%41",  # 'A' needs no escape
+        "%5F",  # '_' needs no escape
+        "%C3",  # truncated UTF-8
+        "%FF",  # never UTF-8
+        "a.b",
+        "a b",
+        "a/b",
+        "+",
+        "#",
+        "\u00e9",
+        "$SYS",
+        "\0",
+    ],
+)
+def test_decode_type_rejects_non_canonical_levels(level: str) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_type(level)
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=string.printable + "\u00e9", max_size=20))
+def test_decode_type_accepts_only_what_encode_type_produces(level: str) -> None:
+    try:
+        decoded = wire.decode_type(level)
+    except wire.WireError:
+        return
+    assert wire.encode_type(decoded) == level
+
+
+LAYOUT = wire.TopicLayout.for_microgrid(7)
+
+
+def test_default_layout_of_a_microgrid() -> None:
+    assert LAYOUT.root == "microgrid/7/dispatch"
+    assert LAYOUT.status == "microgrid/7/dispatch/status"
+    assert LAYOUT.everything == "microgrid/7/dispatch/#"
+    assert LAYOUT.running("SET.POWER") == "microgrid/7/dispatch/SET%2EPOWER/running"
+    assert LAYOUT.dispatch("A", 42) == "microgrid/7/dispatch/A/dispatches/42"
+    assert LAYOUT.events("A") == "microgrid/7/dispatch/A/events"
+
+
+@settings(max_examples=300)
+@given(st.text(min_size=1, max_size=50) | st.sampled_from(HOSTILE_TYPES), st.integers(0, 2**63))
+def test_topic_layout_parse_round_trips_every_topic_kind(dispatch_type: str, did: int) -> None:
+    assert LAYOUT.parse(LAYOUT.running(dispatch_type)) == wire.TopicRef(
+        wire.TopicKind.RUNNING, dispatch_type
+    )
+    assert LAYOUT.parse(LAYOUT.events(dispatch_type)) == wire.TopicRef(
+        wire.TopicKind.EVENTS, dispatch_type
+    )
+    assert LAYOUT.parse(LAYOUT.dispatch(dispatch_type, did)) == wire.TopicRef(
+        wire.TopicKind.DISPATCH, dispatch_type, did
+    )
+    assert LAYOUT.parse(LAYOUT.status) == wire.TopicRef(wire.TopicKind.STATUS)
+    for topic in (LAYOUT.running(dispatch_type), LAYOUT.dispatch(dispatch_type, did)):
+        assert topic.count("/") == LAYOUT.root.count("/") + topic[len(LAYOUT.root) :].count("/")
+        assert not set("+# .\0") & set(topic)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "microgrid/8/dispatch/A/running",
+        "microgrid/7/dispatch",
+        "microgrid/7/dispatch/",
+        "microgrid/7/dispatch/A",
+        "microgrid/7/dispatch/A/unknown",
+        "microgrid/7/dispatch/A/running/extra",
+        "microgrid/7/dispatch/A/dispatches",
+        "microgrid/7/dispatch/A/dispatches/x",
+        "microgrid/7/dispatch/A/dispatches/-1",
+        "microgrid/7/dispatch/A/dispatches/\u0663",  # an Arabic-Indic digit
+        "microgrid/7/dispatch/A.B/running",
+        "microgrid/7/dispatch//running",
+        "microgrid/7/dispatch/status/extra",
+        "microgrid/7/dispatch/+/running",
+        "microgrid/7/dispatch/#",
+    ],
+)
+def test_topic_layout_parse_rejects_topics_outside_the_contract(topic: str) -> None:
+    with pytest.raises(wire.WireError):
+        LAYOUT.parse(topic)
+
+
+@pytest.mark.parametrize("template", ["", "/", "site/+/dispatch", "site/#", "a\0b"])
+def test_invalid_topic_root_is_a_wire_error(template: str) -> None:
+    with pytest.raises(wire.WireError):
+        wire.TopicLayout.for_microgrid(1, template)
+
+
+def test_custom_topic_root_template() -> None:
+    layout = wire.TopicLayout.for_microgrid(3, "sites/{microgrid_id}/schedule/")
+    assert layout.status == "sites/3/schedule/status"
+    assert layout.parse("sites/3/schedule/A/running").dispatch_type == "A"
+
+
+# --- the module's own examples ------------------------------------------------
+
+
+def test_docstring_examples_of_the_wire_module_pass() -> None:
+    result = doctest.testmod(wire, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_encoder_output_is_what_msgspec_would_produce() -> None:
+    """`encode` is plain msgspec JSON: any MQTT client with a JSON parser can read it."""
+    message = design_example()
+    assert wire.encode(message) == msgspec.json.encode(message)
