@@ -465,8 +465,13 @@ class TopicLayout:
                 return TopicRef(TopicKind.RUNNING, decode_type(level))
             case [level, "events"]:
                 return TopicRef(TopicKind.EVENTS, decode_type(level))
-            case [level, "dispatches", dispatch_id] if dispatch_id.isascii() and (
-                dispatch_id.isdigit()
+            case [level, "dispatches", dispatch_id] if (
+                # Canonical ids only (one dispatch, one topic); at most 20 digits (uint64),
+                # which also keeps int() clear of its 4300-digit limit (ValueError).
+                len(dispatch_id) <= 20
+                and dispatch_id.isascii()
+                and dispatch_id.isdigit()
+                and str(int(dispatch_id)) == dispatch_id
             ):
                 return TopicRef(TopicKind.DISPATCH, decode_type(level), int(dispatch_id))
         raise WireError(f"topic {topic[:128]!r} is not part of the dispatch contract")

@@ -632,6 +632,9 @@ def test_topic_layout_parse_round_trips_every_topic_kind(dispatch_type: str, did
         "microgrid/7/dispatch/A/dispatches",
         "microgrid/7/dispatch/A/dispatches/x",
         "microgrid/7/dispatch/A/dispatches/-1",
+        "microgrid/7/dispatch/A/dispatches/007",  # one dispatch, one topic
+        "microgrid/7/dispatch/A/dispatches/+7",
+        "microgrid/7/dispatch/A/dispatches/" + "1" * 5000,  # int() would raise ValueError
         "microgrid/7/dispatch/A/dispatches/\u0663",  # an Arabic-Indic digit
         "microgrid/7/dispatch/A.B/running",
         "microgrid/7/dispatch//running",
@@ -639,6 +642,7 @@ def test_topic_layout_parse_round_trips_every_topic_kind(dispatch_type: str, did
         "microgrid/7/dispatch/+/running",
         "microgrid/7/dispatch/#",
     ],
+    ids=lambda t: t[:60],
 )
 def test_topic_layout_parse_rejects_topics_outside_the_contract(topic: str) -> None:
     with pytest.raises(wire.WireError):
