@@ -1,3 +1,7 @@
 """Fixtures shared by the whole suite live in `tests/fixtures/`, one module per part."""
 
-pytest_plugins: list[str] = ["tests.fixtures.processes", "tests.fixtures.broker"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.processes",
+    "tests.fixtures.broker",
+    "tests.fixtures.api_server",
+]

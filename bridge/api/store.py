@@ -1,0 +1,394 @@
+"""The SQLite store of the local Dispatch API server.
+
+One table, `dispatches`: one row per dispatch that exists. The dispatch itself
+is the serialized protobuf `DispatchData` in the `data` column, exactly what
+the API sent and returns; the columns beside it (`microgrid_id`, `type`,
+`is_active`, `is_dry_run`, the times in microseconds since the epoch) are
+copies for filtering, sorting and paging in SQL. `end_time` is NULL when the
+dispatch has no end (no duration, or a recurrence without end).
+
+Ids come from `INTEGER PRIMARY KEY AUTOINCREMENT`, so an id is never reused,
+not even after the dispatch with the highest id was deleted. Every change is
+one transaction; the database runs in WAL mode with `synchronous=NORMAL`,
+which survives a killed process (not necessarily a power cut of the host).
+
+The store validates nothing: the servicer does that before calling it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from frequenz.api.dispatch.v1 import dispatch_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+__all__ = ["DispatchStore", "SqlFilter", "from_micros", "to_micros"]
+
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dispatches (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    microgrid_id INTEGER NOT NULL,
+    type         TEXT    NOT NULL,
+    is_active    INTEGER NOT NULL,
+    is_dry_run   INTEGER NOT NULL,
+    start_time   INTEGER NOT NULL,
+    end_time     INTEGER,
+    create_time  INTEGER NOT NULL,
+    update_time  INTEGER NOT NULL,
+    data         BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dispatches_by_microgrid ON dispatches (microgrid_id, id);
+"""
+
+_COLUMNS = "id, create_time, update_time, end_time, data"
+
+_SORT_COLUMNS: dict[int, str] = {
+    pb.SORT_FIELD_UNSPECIFIED: "create_time",
+    pb.SORT_FIELD_CREATE_TIME: "create_time",
+    pb.SORT_FIELD_START_TIME: "start_time",
+    pb.SORT_FIELD_LAST_UPDATE_TIME: "update_time",
+}
+
+
+def to_micros(moment: datetime) -> int:
+    """Turn an aware datetime into microseconds since the epoch.
+
+    Args:
+        moment: The instant.
+
+    Returns:
+        Microseconds since 1970-01-01T00:00:00Z.
+    """
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    """Turn microseconds since the epoch into an aware UTC datetime.
+
+    Args:
+        micros: Microseconds since 1970-01-01T00:00:00Z.
+
+    Returns:
+        The instant.
+    """
+    return datetime.fromtimestamp(micros // 1_000_000, tz=UTC).replace(
+        microsecond=micros % 1_000_000
+    )
+
+
+def _timestamp(micros: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(micros)
+    return stamp
+
+
+@dataclass(frozen=True)
+class SqlFilter:
+    """The part of a list filter that SQL can answer; None means "any".
+
+    Time bounds are microseconds; `*_from` is inclusive, `*_to` exclusive. A
+    dispatch without end has an end later than any bound.
+    """
+
+    is_active: bool | None = None
+    is_dry_run: bool | None = None
+    dispatch_ids: Sequence[int] = ()
+    start_from: int | None = None
+    start_to: int | None = None
+    end_from: int | None = None
+    end_to: int | None = None
+    update_from: int | None = None
+    update_to: int | None = None
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """Where a page starts: after the row with this sort value and id."""
+
+    value: int
+    id: int
+
+
+class DispatchStore:
+    """Dispatches of every microgrid in one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        """Open (and create if needed) the database.
+
+        Args:
+            path: The database file; `:memory:` for a throw-away store.
+
+        Raises:
+            sqlite3.Error: The file cannot be opened or is not a database.
+        """
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                elif version != _SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(
+                        f"{path} has schema version {version}, this server knows {_SCHEMA_VERSION}"
+                    )
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def create(
+        self,
+        microgrid_id: int,
+        data: pb.DispatchData,
+        now: datetime,
+        end_time: datetime | None,
+    ) -> pb.Dispatch:
+        """Store a new dispatch and give it the next id.
+
+        Args:
+            microgrid_id: Its microgrid.
+            data: The dispatch as validated by the servicer.
+            now: The create (and update) time.
+            end_time: Its computed end, None if it has none.
+
+        Returns:
+            The stored dispatch with its metadata.
+        """
+        now_us = to_micros(now)
+        end_us = None if end_time is None else to_micros(end_time)
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO dispatches (microgrid_id, type, is_active, is_dry_run,"
+                " start_time, end_time, create_time, update_time, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    microgrid_id,
+                    data.type,
+                    int(data.is_active),
+                    int(data.is_dry_run),
+                    data.start_time.ToMicroseconds(),
+                    end_us,
+                    now_us,
+                    now_us,
+                    data.SerializeToString(),
+                ),
+            )
+            dispatch_id = cursor.lastrowid
+        assert dispatch_id is not None
+        return _dispatch(dispatch_id, now_us, now_us, end_us, data)
+
+    def replace(
+        self,
+        microgrid_id: int,
+        dispatch_id: int,
+        data: pb.DispatchData,
+        now: datetime,
+        end_time: datetime | None,
+    ) -> pb.Dispatch | None:
+        """Replace the data of an existing dispatch.
+
+        Args:
+            microgrid_id: Its microgrid.
+            dispatch_id: Its id.
+            data: The new data, validated by the servicer.
+            now: The update time.
+            end_time: Its computed end, None if it has none.
+
+        Returns:
+            The stored dispatch, or None if there is no such dispatch.
+        """
+        now_us = to_micros(now)
+        end_us = None if end_time is None else to_micros(end_time)
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT create_time FROM dispatches WHERE microgrid_id = ? AND id = ?",
+                (microgrid_id, dispatch_id),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE dispatches SET type = ?, is_active = ?, is_dry_run = ?,"
+                " start_time = ?, end_time = ?, update_time = ?, data = ? WHERE id = ?",
+                (
+                    data.type,
+                    int(data.is_active),
+                    int(data.is_dry_run),
+                    data.start_time.ToMicroseconds(),
+                    end_us,
+                    now_us,
+                    data.SerializeToString(),
+                    dispatch_id,
+                ),
+            )
+        return _dispatch(dispatch_id, row[0], now_us, end_us, data)
+
+    def get(self, microgrid_id: int, dispatch_id: int) -> pb.Dispatch | None:
+        """Read one dispatch.
+
+        Args:
+            microgrid_id: Its microgrid.
+            dispatch_id: Its id.
+
+        Returns:
+            The dispatch, or None if there is no such dispatch in that microgrid.
+        """
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM dispatches WHERE microgrid_id = ? AND id = ?",
+            (microgrid_id, dispatch_id),
+        ).fetchone()
+        return None if row is None else _from_row(row)
+
+    def delete(self, microgrid_id: int, dispatch_id: int) -> pb.Dispatch | None:
+        """Delete one dispatch.
+
+        Args:
+            microgrid_id: Its microgrid.
+            dispatch_id: Its id.
+
+        Returns:
+            The dispatch as it was, or None if there was no such dispatch.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM dispatches WHERE microgrid_id = ? AND id = ?",
+                (microgrid_id, dispatch_id),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM dispatches WHERE id = ?", (dispatch_id,))
+        return _from_row(row)
+
+    def query(
+        self,
+        microgrid_id: int,
+        where: SqlFilter,
+        *,
+        sort_field: int = pb.SORT_FIELD_UNSPECIFIED,
+        descending: bool = True,
+        after: PageKey | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[int, pb.Dispatch]]:
+        """Select dispatches of a microgrid in sort order.
+
+        Args:
+            microgrid_id: The microgrid.
+            where: The conditions.
+            sort_field: A `SortField` value; unspecified sorts by create time.
+            descending: Sort order.
+            after: Start after this key (keyset pagination).
+            limit: At most this many rows.
+
+        Returns:
+            (sort value, dispatch) pairs, sort value in microseconds.
+        """
+        column = _SORT_COLUMNS.get(sort_field, "create_time")
+        clauses, params = _where(microgrid_id, where)
+        if after is not None:
+            op = "<" if descending else ">"
+            clauses.append(f"({column}, id) {op} (?, ?)")
+            params.extend((after.value, after.id))
+        order = "DESC" if descending else "ASC"
+        sql = (
+            f"SELECT {column}, {_COLUMNS} FROM dispatches WHERE {' AND '.join(clauses)}"
+            f" ORDER BY {column} {order}, id {order}"
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [(row[0], _from_row(row[1:])) for row in self._db.execute(sql, params)]
+
+    def count(self, microgrid_id: int, where: SqlFilter) -> int:
+        """Count the dispatches of a microgrid that meet the conditions.
+
+        Args:
+            microgrid_id: The microgrid.
+            where: The conditions.
+
+        Returns:
+            How many there are.
+        """
+        clauses, params = _where(microgrid_id, where)
+        row = self._db.execute(
+            f"SELECT COUNT(*) FROM dispatches WHERE {' AND '.join(clauses)}", params
+        ).fetchone()
+        return int(row[0])
+
+
+def _where(microgrid_id: int, where: SqlFilter) -> tuple[list[str], list[object]]:
+    clauses = ["microgrid_id = ?"]
+    params: list[object] = [microgrid_id]
+    if where.is_active is not None:
+        clauses.append("is_active = ?")
+        params.append(int(where.is_active))
+    if where.is_dry_run is not None:
+        clauses.append("is_dry_run = ?")
+        params.append(int(where.is_dry_run))
+    if where.dispatch_ids:
+        clauses.append(f"id IN ({', '.join('?' * len(where.dispatch_ids))})")
+        params.extend(where.dispatch_ids)
+    for column, low, high in (
+        ("start_time", where.start_from, where.start_to),
+        ("update_time", where.update_from, where.update_to),
+    ):
+        if low is not None:
+            clauses.append(f"{column} >= ?")
+            params.append(low)
+        if high is not None:
+            clauses.append(f"{column} < ?")
+            params.append(high)
+    # A dispatch without end (NULL) ends after every bound.
+    if where.end_from is not None:
+        clauses.append("(end_time IS NULL OR end_time >= ?)")
+        params.append(where.end_from)
+    if where.end_to is not None:
+        clauses.append("(end_time IS NOT NULL AND end_time < ?)")
+        params.append(where.end_to)
+    return clauses, params
+
+
+def _from_row(row: Sequence[object]) -> pb.Dispatch:
+    dispatch_id, create_us, update_us, end_us, blob = row
+    data = pb.DispatchData()
+    assert isinstance(blob, bytes)
+    data.ParseFromString(blob)
+    assert isinstance(dispatch_id, int) and isinstance(create_us, int)
+    assert isinstance(update_us, int) and (end_us is None or isinstance(end_us, int))
+    return _dispatch(dispatch_id, create_us, update_us, end_us, data)
+
+
+def _dispatch(
+    dispatch_id: int, create_us: int, update_us: int, end_us: int | None, data: pb.DispatchData
+) -> pb.Dispatch:
+    metadata = pb.DispatchMetadata(
+        dispatch_id=dispatch_id,
+        create_time=_timestamp(create_us),
+        update_time=_timestamp(update_us),
+        end_time=None if end_us is None else _timestamp(end_us),
+    )
+    return pb.Dispatch(metadata=metadata, data=data)
