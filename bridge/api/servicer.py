@@ -393,11 +393,6 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             sort_field, descending, page_size = token.sort_field, token.descending, token.page_size
             after: PageKey | None = token.key
         else:
-            if params.page_size < 0:
-                raise _Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"page_size must not be negative, got {params.page_size}",
-                )
             page_size = min(params.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
             sort_field = request.sort_options.sort_field
             if sort_field not in pb.SortField.values():
