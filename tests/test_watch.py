@@ -1,0 +1,405 @@
+"""`dispatch-bridge watch`: the pure rendering, and `--once` against a real broker."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from actor_sdk import wire
+from bridge.watch import WatchState, format_span, parse_broker_url, render, runs_within
+from tests.fixtures.api_server import dispatch_bridge_command
+from tests.fixtures.broker import Broker
+from tests.fixtures.processes import ProcessFactory, free_port
+
+NOW = datetime(2026, 11, 28, 7, 3, 20, tzinfo=UTC)
+LAYOUT = wire.TopicLayout.for_microgrid(1)
+
+
+def make_dispatch(
+    dispatch_id: int,
+    start: datetime,
+    duration: int | None,
+    *,
+    dispatch_type: str = "EXAMPLE_TYPE",
+    recurrence: wire.Recurrence | None = None,
+    active: bool = True,
+    until: datetime | None = None,
+) -> wire.Dispatch:
+    return wire.Dispatch(
+        id=dispatch_id,
+        type=dispatch_type,
+        start_time=start,
+        duration=duration,
+        target=wire.Target(ids=(7, 8)),
+        active=active,
+        dry_run=False,
+        payload={"power_w": 5000},
+        recurrence=recurrence,
+        create_time=start - timedelta(hours=1),
+        update_time=start - timedelta(hours=1),
+        end_time=None,
+        running=until is not None,
+        until=until,
+        next_run=None,
+    )
+
+
+MINUTELY = wire.Recurrence(frequency="MINUTELY", interval=1)
+
+
+def sample_state() -> WatchState:
+    """Two types: one running now with a minutely rule and a later one; two overlapping."""
+    running = make_dispatch(1, NOW - timedelta(minutes=5), 900, until=NOW + timedelta(minutes=10))
+    dispatches = [
+        running,
+        make_dispatch(2, NOW - timedelta(hours=1), 20, recurrence=MINUTELY),
+        make_dispatch(3, NOW + timedelta(minutes=1), 600),
+        make_dispatch(4, NOW + timedelta(minutes=30), 3600, dispatch_type="SET.POWER"),
+        make_dispatch(5, NOW + timedelta(minutes=50), 1800, dispatch_type="SET.POWER"),
+    ]
+    state = WatchState(LAYOUT)
+    for dispatch in dispatches:
+        state.apply(LAYOUT.dispatch(dispatch.type, dispatch.id), wire.encode(dispatch), NOW)
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=1,
+        type="EXAMPLE_TYPE",
+        running=(running,),
+        next_change=NOW + timedelta(seconds=40),
+        as_of=NOW,
+        session=2,
+        seq=7,
+    )
+    state.apply(LAYOUT.running("EXAMPLE_TYPE"), wire.encode(snapshot), NOW)
+    status = wire.BridgeStatus(
+        state="online",
+        upstream="connected",
+        synced_at=NOW - timedelta(seconds=12),
+        session=2,
+        bridge="edge-1",
+        version="0.1.0",
+        dispatches=5,
+    )
+    state.apply(LAYOUT.status, wire.encode(status), NOW)
+    return state
+
+
+# --- Pure parts ------------------------------------------------------------------
+
+
+def test_render_shows_status_running_dispatch_time_left_and_next_change() -> None:
+    text = "\n".join(render(sample_state(), now=NOW, width=80))
+
+    assert "bridge ONLINE" in text
+    assert "upstream connected" in text
+    assert "synced 07:03:08Z (12s ago)" in text
+    assert "session 2" in text
+    assert "EXAMPLE_TYPE: 1 running, next change 07:04:00Z (in 40s)" in text
+    assert "RUN #1 until 07:13:20Z, 10m00s left" in text
+    assert "SET.POWER: no running snapshot" in text
+
+
+@pytest.mark.parametrize("width", [80, 60, 40, 20])
+def test_render_never_exceeds_the_width(width: int) -> None:
+    state = sample_state()
+    state.apply(LAYOUT.root + "/X/running", b"not json at all " * 20, NOW)
+
+    lines = render(state, now=NOW, width=width)
+
+    assert lines
+    assert all(len(line) <= width for line in lines), [ln for ln in lines if len(ln) > width]
+
+
+def test_timeline_bars_mark_when_each_dispatch_runs() -> None:
+    # 3 h over 76 cells at width 80: cell = 142.1 s.
+    lines = render(sample_state(), now=NOW, width=80)
+    bars = {m[1]: m[2] for line in lines if (m := re.match(r"^\s*(#\d+|any) \|(.*)$", line))}
+
+    cell = timedelta(hours=3) / 76
+    # #1 runs until now + 10 min: 4 full cells (568 s), then part of the fifth.
+    assert bars["#1"].startswith("####+.")
+    assert set(bars["#1"][5:]) == {"."}
+    # #2 runs 20 s of every minute: every cell partly.
+    assert set(bars["#2"]) == {"+"}
+    # #4 starts at +30 min: cell 12 partly (1800 / 142.1 = 12.7).
+    assert bars["#4"].index("+") == int(timedelta(minutes=30) / cell)
+    assert bars["#4"][:12] == "." * 12
+    # Both SET.POWER dispatches overlap: one line shows their union.
+    assert len([line for line in lines if line.startswith("any |")]) == 2
+
+
+def test_timeline_steps_recurrences_through_the_schedule_core() -> None:
+    dispatch = make_dispatch(2, NOW - timedelta(hours=1), 20, recurrence=MINUTELY)
+
+    runs = runs_within(dispatch, NOW, NOW + timedelta(minutes=3))
+
+    # Start second :20, 20 s each: the run at 07:03:20 ends 07:03:40, then 07:04:20, ...
+    assert runs == [
+        (NOW, NOW + timedelta(seconds=20)),
+        (NOW + timedelta(seconds=60), NOW + timedelta(seconds=80)),
+        (NOW + timedelta(seconds=120), NOW + timedelta(seconds=140)),
+    ]
+
+
+def test_inactive_and_past_dispatches_have_no_bar_and_are_counted() -> None:
+    state = WatchState(LAYOUT)
+    for dispatch in (
+        make_dispatch(8, NOW + timedelta(minutes=5), 60, active=False),
+        make_dispatch(9, NOW - timedelta(hours=2), 60),
+    ):
+        state.apply(LAYOUT.dispatch(dispatch.type, dispatch.id), wire.encode(dispatch), NOW)
+
+    text = "\n".join(render(state, now=NOW, width=80))
+
+    assert "#8 |" not in text and "#9 |" not in text
+    assert "2 other dispatch(es) not running in the next 3h00m" in text
+
+
+def test_garbage_payloads_and_foreign_topics_become_warnings() -> None:
+    state = sample_state()
+    state.apply(LAYOUT.running("EXAMPLE_TYPE"), b'{"truncated": ', NOW)
+    state.apply(LAYOUT.root + "/not%ZZtype/running", b"{}", NOW)
+    state.apply(LAYOUT.status, b"\xff\xfe", NOW)
+
+    lines = render(state, now=NOW, width=80)
+
+    warnings = [line for line in lines if line.startswith("! ")]
+    assert len(warnings) == 3
+    # The last good snapshot is kept.
+    assert any("RUN #1" in line for line in lines)
+
+
+def test_hostile_type_names_cannot_reach_the_terminal() -> None:
+    hostile = "EVIL\x1b[2J\x07TYPE"
+    state = WatchState(LAYOUT)
+    dispatch = make_dispatch(3, NOW + timedelta(minutes=1), 60, dispatch_type=hostile)
+    state.apply(LAYOUT.dispatch(hostile, 3), wire.encode(dispatch), NOW)
+
+    text = "\n".join(render(state, now=NOW, width=80))
+
+    assert "\x1b" not in text and "\x07" not in text
+    assert "EVIL?[2J?TYPE" in text
+
+
+def test_empty_payloads_clear_dispatches_snapshots_and_status() -> None:
+    state = sample_state()
+    for topic in (
+        LAYOUT.dispatch("SET.POWER", 4),
+        LAYOUT.dispatch("SET.POWER", 5),
+        LAYOUT.running("EXAMPLE_TYPE"),
+        LAYOUT.status,
+    ):
+        state.apply(topic, b"", NOW)
+
+    assert "SET.POWER" not in state.dispatches
+    assert state.snapshots == {}
+    assert state.status is None
+    assert "bridge: no status published" in "\n".join(render(state, now=NOW))
+
+
+def test_overdue_and_stale_snapshots_are_flagged() -> None:
+    later = NOW + timedelta(minutes=15)
+
+    text = "\n".join(render(sample_state(), now=later, width=80))
+
+    assert "OVERDUE by 5m00s" in text
+    assert "snapshot is stale" in text
+
+
+def test_format_span_and_broker_url() -> None:
+    assert format_span(timedelta(seconds=45)) == "45s"
+    assert format_span(timedelta(hours=2, minutes=7)) == "2h07m"
+    assert format_span(timedelta(days=3, hours=4)) == "3d04h"
+    target = parse_broker_url("mqtts://actor:p%40ss@edge:8884")
+    assert (target.host, target.port, target.username, target.password, target.tls) == (
+        "edge",
+        8884,
+        "actor",
+        "p@ss",
+        True,
+    )
+    assert "p@ss" not in target.describe()
+    with pytest.raises(ValueError, match="mqtt://"):
+        parse_broker_url("http://edge")
+
+
+# --- Against a real broker ----------------------------------------------------------
+
+
+async def publish_retained(broker: Broker, messages: dict[str, bytes]) -> None:
+    async with aiomqtt.Client(**broker.client_kwargs("bridge")) as client:
+        for topic, payload in messages.items():
+            await client.publish(topic, payload, qos=1, retain=True)
+
+
+def watch_once(broker: Broker, *extra: str, user: str = "actor", **kwargs: Any) -> Any:
+    return subprocess.run(
+        [
+            *dispatch_bridge_command(),
+            "watch",
+            "--broker",
+            broker.url(user),
+            "--microgrid-id",
+            "1",
+            "--once",
+            "--width",
+            "80",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **kwargs,
+    )
+
+
+async def test_watch_once_prints_what_the_retained_topics_say(mqtt_broker: Broker) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    running = make_dispatch(11, now - timedelta(minutes=1), 600, until=now + timedelta(minutes=9))
+    later = make_dispatch(12, now + timedelta(minutes=20), 300)
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=1,
+        type="EXAMPLE_TYPE",
+        running=(running,),
+        next_change=running.until,
+        as_of=now,
+        session=4,
+        seq=1,
+    )
+    status = wire.BridgeStatus(
+        state="online",
+        upstream="connected",
+        synced_at=now,
+        session=4,
+        bridge="edge-test",
+        version="0.1.0",
+        dispatches=2,
+    )
+    await publish_retained(
+        mqtt_broker,
+        {
+            LAYOUT.status: wire.encode(status),
+            LAYOUT.running("EXAMPLE_TYPE"): wire.encode(snapshot),
+            LAYOUT.dispatch("EXAMPLE_TYPE", 11): wire.encode(running),
+            LAYOUT.dispatch("EXAMPLE_TYPE", 12): wire.encode(later),
+            LAYOUT.root + "/GARBAGE/running": b"\x00not json",
+            # Another microgrid's tree is not shown.
+            "microgrid/2/dispatch/status": wire.encode(status),
+        },
+    )
+
+    result = watch_once(mqtt_broker)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "bridge ONLINE" in out and "session 4" in out
+    assert f"next change {running.until:%H:%M:%S}Z" in out
+    assert re.search(rf"RUN #11 until {running.until:%H:%M:%S}Z, (9m00s|8m5\ds) left", out)
+    assert re.search(r"^ *#11 \|#", out, re.MULTILINE)
+    assert re.search(r"^ *#12 \|\.{8}", out, re.MULTILINE)
+    assert "! microgrid/1/dispatch/GARBAGE/running: invalid running snapshot" in out
+    assert all(len(line) <= 80 for line in out.splitlines())
+
+
+async def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker) -> None:
+    result = watch_once(mqtt_broker)
+
+    assert result.returncode == 0, result.stderr
+    assert "bridge: no status published" in result.stdout
+    assert "no dispatches published" in result.stdout
+
+
+def test_watch_once_exits_1_when_the_broker_is_unreachable() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [
+            *dispatch_bridge_command(),
+            "watch",
+            "--broker",
+            f"mqtt://actor:secret-pw@127.0.0.1:{port}",
+            "--microgrid-id",
+            "1",
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert f"cannot connect to the broker mqtt://actor@127.0.0.1:{port}" in result.stderr
+    assert "secret-pw" not in result.stderr
+
+
+def test_watch_once_exits_1_on_wrong_credentials(mqtt_broker: Broker) -> None:
+    mqtt_broker.require_acl()
+    url = f"mqtt://actor:wrong@{mqtt_broker.host}:{mqtt_broker.port}"
+    result = subprocess.run(
+        [*dispatch_bridge_command(), "watch", "--broker", url, "--microgrid-id", "1", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--microgrid-id", "1"], "no broker"),
+        (["--broker", "mqtt://h:1883"], "no microgrid"),
+        (["--broker", "http://h", "--microgrid-id", "1"], "invalid broker URL"),
+        (["--broker", "mqtt://h", "--microgrid-id", "x"], "invalid microgrid-id"),
+    ],
+)
+def test_watch_usage_errors_exit_2(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*dispatch_bridge_command(), "watch", "--once", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+async def test_live_watch_redraws_when_a_message_arrives_and_stops_on_sigint(
+    mqtt_broker: Broker, process_factory: ProcessFactory
+) -> None:
+    watch = process_factory(
+        [
+            *dispatch_bridge_command(),
+            "watch",
+            "--broker",
+            mqtt_broker.url("actor"),
+            "--microgrid-id",
+            "1",
+            "--width",
+            "60",
+        ],
+        name="watch",
+    )
+    watch.wait_for_output(r"connected to mqtt://actor@", timeout=20)
+    now = datetime.now(UTC).replace(microsecond=0)
+    dispatch = make_dispatch(21, now + timedelta(minutes=2), 300)
+
+    await publish_retained(
+        mqtt_broker, {LAYOUT.dispatch("EXAMPLE_TYPE", 21): wire.encode(dispatch)}
+    )
+
+    watch.wait_for_output(r"#21 \|[.+]*#", timeout=20)
+    watch.signal(signal.SIGINT)
+    assert watch.wait(20) == 0
