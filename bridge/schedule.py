@@ -1,0 +1,890 @@
+"""The pure schedule: given dispatches and an instant, what runs and when that changes.
+
+Everything that decides whether a dispatch runs lives in this file. It never
+reads the clock and never does I/O: the caller passes `now` in and acts on the
+answer (the way h11 keeps HTTP free of sockets).
+
+The results equal `frequenz-client-dispatch`'s `Dispatch.started_at(now)`,
+`Dispatch._until(now)` and `Dispatch.next_run_after(now)` for every valid
+dispatch, quirks included:
+
+* `next_run` ignores `active`: an inactive dispatch still has a `next_run`.
+* `duration: None` runs from `start_time` on for ever and ignores the
+  recurrence; its `next_run` is `start_time` until that instant, then `None`.
+* `duration: 0` (or less) never runs.
+* Frequency `UNSPECIFIED` makes a dispatch a one-off, whatever else its
+  recurrence says.
+* Occurrences follow `dateutil.rrule` with the rule's `dtstart` = `start_time`
+  truncated to the second: `by...` lists expand or limit, MONTHLY and YEARLY
+  rules without `by...` lists skip months lacking the start's day (a monthly
+  rule started on January 31 has no February occurrence), `count` counts
+  occurrences, `until` is inclusive, weeks start on Monday, times are UTC and
+  the seconds of every occurrence are the start's seconds. A dispatch never
+  runs before its own `start_time`, even when the first occurrence is the same
+  second truncated.
+* A run is the latest occurrence `o <= now` with `now < o + duration`;
+  back-to-back or overlapping runs therefore merge.
+
+Invalid recurrence rules, where the reference raises or walks to the year
+9999: interval below 1, a weekday `UNSPECIFIED` (or any unknown name), a
+`by...` value out of range (minutes 0-59, hours 0-23, month days 1-31 or
+-31..-1, months 1-12), an HOURLY rule whose `byhours` the interval can never
+reach, or a MINUTELY rule whose `byhours`/`byminutes` it can never reach. Such
+a dispatch never runs: `run_state` gives `running=False`, `next_run=None`,
+`changes_at=None` (with `duration: None` the recurrence is ignored, as by the
+reference). `run_state` and `running_at` never raise for them, so one bad
+dispatch cannot stop a whole set; `validate` raises `InvalidRecurrence` with
+the reason, for callers that want to refuse or log such rules.
+
+Cost: one-offs and rules without `by...` lists of MINUTELY to WEEKLY use
+closed-form arithmetic; other rules walk calendar months near `now` (never
+the occurrences since the start), with small bounded caches shared by rules
+of the same shape. A `count` end is turned once into the instant of the last
+occurrence, by whole days, and cached.
+
+`changes_at` is exact, except for rules with `by...` lists (or MONTHLY and
+YEARLY rules) whose runs chain back to back over more than `CHAIN_LIMIT` days
+(e.g. an endless HOURLY rule limited to minute 0 with a duration of an hour):
+there it is the end of the last run examined, an instant at least
+`CHAIN_LIMIT - 1` days ahead at which the state does not change yet and from
+which the caller recomputes.
+"""
+
+# Calendar arithmetic reads best as one flat function per question, with early
+# returns for each case: the branch and return counts follow the calendar.
+# ruff: noqa: PLR0911, PLR0912, PLR0915
+
+from __future__ import annotations
+
+import calendar
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from itertools import pairwise
+from math import gcd
+
+from actor_sdk import wire
+
+__all__ = [
+    "CHAIN_LIMIT",
+    "InvalidRecurrence",
+    "RunState",
+    "end_time",
+    "run_state",
+    "running_at",
+    "validate",
+]
+
+CHAIN_LIMIT = 1000
+"""The most days of back-to-back runs `changes_at` follows before it gives a recheck instant."""
+
+
+class InvalidRecurrence(ValueError):
+    """A recurrence rule that can never produce an occurrence as written.
+
+    Raised only by `validate`; the other functions treat such a dispatch as
+    never running.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """The schedule state of one dispatch at one instant.
+
+    Attributes:
+        running: Whether it runs at that instant (`Dispatch.started_at(now)`).
+        until: The end of the current run when running; `None` when not
+            running or when the run is endless.
+        next_run: The first start at or after that instant
+            (`Dispatch.next_run_after(now)`), whether active or not.
+        changes_at: The next instant after `now` at which `running` flips;
+            `None` if it never does again.
+    """
+
+    running: bool
+    until: datetime | None
+    next_run: datetime | None
+    changes_at: datetime | None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_DAY = 86400
+_MAX_YEAR = 9999
+
+_MINUTELY, _HOURLY, _DAILY, _WEEKLY, _MONTHLY, _YEARLY = range(6)
+_FREQUENCIES = {
+    "MINUTELY": _MINUTELY,
+    "HOURLY": _HOURLY,
+    "DAILY": _DAILY,
+    "WEEKLY": _WEEKLY,
+    "MONTHLY": _MONTHLY,
+    "YEARLY": _YEARLY,
+}
+_FIXED_PERIOD = {_MINUTELY: 60, _HOURLY: 3600, _DAILY: _DAY, _WEEKLY: 7 * _DAY}
+_WEEKDAYS = {
+    name: index
+    for index, name in enumerate(
+        ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
+    )
+}
+
+
+def _seconds(instant: datetime) -> tuple[int, int]:
+    """Split an aware instant into whole seconds since the epoch and microseconds."""
+    delta = instant - _EPOCH
+    return delta.days * _DAY + delta.seconds, delta.microseconds
+
+
+def _instant(seconds: int) -> datetime:
+    return _EPOCH + timedelta(seconds=seconds)
+
+
+# --- Compiled rules ---------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _passing_days(
+    weekdays: frozenset[int], positive: frozenset[int], negative: frozenset[int], shape: int
+) -> tuple[int, ...]:
+    """Days of a month (1-based) that pass the weekday and month-day filters.
+
+    `shape` is `length * 7 + weekday of the 1st`; the month filter is applied
+    by the caller.
+    """
+    length, first_weekday = divmod(shape, 7)
+    days = []
+    for day in range(1, length + 1):
+        if weekdays and (first_weekday + day - 1) % 7 not in weekdays:
+            continue
+        if (positive or negative) and day not in positive and day - length - 1 not in negative:
+            continue
+        days.append(day)
+    return tuple(days)
+
+
+@lru_cache(maxsize=512)
+def _phase_slots(
+    per_day: int,
+    interval: int,
+    hours: frozenset[int] | None,
+    minutes: frozenset[int] | None,
+    phase: int,
+) -> tuple[int, ...]:
+    """Units of a day (hours or minutes) selected by the interval and the filters.
+
+    A unit `u` of the day is selected when `u ≡ phase (mod interval)`, its hour
+    is in `hours` and (minutely rules) its minute in `minutes`.
+    """
+    if per_day == 24:
+        return tuple(unit for unit in range(phase, 24, interval) if hours is None or unit in hours)
+    slots = []
+    for hour in range(24) if hours is None else sorted(hours):
+        first = (phase - 60 * hour) % interval
+        for minute in range(first, 60, interval):
+            if minutes is None or minute in minutes:
+                slots.append(60 * hour + minute)
+    return tuple(slots)
+
+
+def _max_gap(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int) -> int:
+    """Return the largest gap in seconds between consecutive occurrences within one day."""
+    return _max_gap_cached(slots, offsets, unit) if len(slots) > 1 or len(offsets) > 1 else 0
+
+
+@lru_cache(maxsize=512)
+def _max_gap_cached(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int) -> int:
+    gap = max((b - a for a, b in pairwise(offsets)), default=0)
+    step = max((b - a for a, b in pairwise(slots)), default=0)
+    if step:
+        gap = max(gap, step * unit + offsets[0] - offsets[-1])
+    return gap
+
+
+class _Rule:
+    """A valid recurrence compiled for one start instant.
+
+    Instants are whole seconds since the epoch. `first` is the rule's dtstart
+    (the start truncated to the second), `last` the last occurrence allowed by
+    `until`/`count` (`None`: endless); `empty` marks a rule without any.
+    """
+
+    __slots__ = (
+        "_day_cache",
+        "anchor",
+        "daylist",
+        "empty",
+        "first",
+        "first_day",
+        "frequency",
+        "hours",
+        "interval",
+        "last",
+        "minutes",
+        "months",
+        "negative",
+        "offsets",
+        "per_day",
+        "period",
+        "positive",
+        "unit",
+        "weekdays",
+    )
+
+    def __init__(self, frequency: int, interval: int, first: int) -> None:
+        self.frequency = frequency
+        self.interval = interval
+        self.first = first
+        self.first_day = first // _DAY
+        self.last: int | None = None
+        self.empty = False
+        self.period = 0
+        self.months: frozenset[int] | None = None
+        self.weekdays: frozenset[int] = frozenset()
+        self.positive: frozenset[int] = frozenset()
+        self.negative: frozenset[int] = frozenset()
+        self.daylist = False
+        self.hours: frozenset[int] | None = None
+        self.minutes: frozenset[int] | None = None
+        self.per_day = 1
+        self.unit = _DAY
+        self.offsets: tuple[int, ...] = ()
+        self.anchor = 0
+        self._day_cache: dict[int, tuple[int, ...]] = {}
+
+    # -- days --
+
+    def slots(self, day: int) -> tuple[int, ...]:
+        """Return the selected units of a day that passed the day filters."""
+        frequency = self.frequency
+        if frequency == _DAILY:
+            return (0,) if (day - self.first_day) % self.interval == 0 else ()
+        if frequency == _WEEKLY:
+            return (0,) if ((day + 3) // 7 - self.anchor) % self.interval == 0 else ()
+        if frequency >= _MONTHLY:
+            return (0,)
+        per_day = self.per_day
+        phase = (self.anchor - day * per_day) % self.interval
+        if self.interval >= per_day:
+            if phase >= per_day:
+                return ()
+            if per_day == 24:
+                ok = self.hours is None or phase in self.hours
+            else:
+                ok = (self.hours is None or phase // 60 in self.hours) and (
+                    self.minutes is None or phase % 60 in self.minutes
+                )
+            return (phase,) if ok else ()
+        return _phase_slots(per_day, self.interval, self.hours, self.minutes, phase)
+
+    def _month_days(self, length: int, first_weekday: int) -> tuple[int, ...]:
+        shape = length * 7 + first_weekday
+        days = self._day_cache.get(shape)
+        if days is None:
+            days = _passing_days(self.weekdays, self.positive, self.negative, shape)
+            self._day_cache[shape] = days
+        return days
+
+    def _skip_month(self, year: int, month: int) -> tuple[int, int] | None:
+        """Return the first month at or after (year, month) the rule may use, if it differs."""
+        if self.frequency == _YEARLY:
+            skip = (self.anchor - year) % self.interval
+            if skip:
+                return year + skip, 1
+        elif self.frequency == _MONTHLY:
+            index = year * 12 + month - 1
+            skip = (self.anchor - index) % self.interval
+            if skip:
+                year, month = divmod(index + skip, 12)
+                return year, month + 1
+        if self.months is not None and month not in self.months:
+            return (year + 1, 1) if month == 12 else (year, month + 1)
+        return None
+
+    def _skip_month_back(self, year: int, month: int) -> tuple[int, int] | None:
+        """Mirror of `_skip_month`: the last usable month at or before (year, month)."""
+        if self.frequency == _YEARLY:
+            skip = (year - self.anchor) % self.interval
+            if skip:
+                return year - skip, 12
+        elif self.frequency == _MONTHLY:
+            index = year * 12 + month - 1
+            skip = (index - self.anchor) % self.interval
+            if skip:
+                year, month = divmod(index - skip, 12)
+                return year, month + 1
+        if self.months is not None and month not in self.months:
+            return (year - 1, 12) if month == 1 else (year, month - 1)
+        return None
+
+    def next_day(self, day: int) -> int | None:
+        """Return the first day at or after `day` holding occurrences of the rule."""
+        day = max(day, self.first_day)
+        start = date.fromordinal(day + _EPOCH_ORDINAL)
+        year, month, from_day = start.year, start.month, start.day
+        while year <= _MAX_YEAR:
+            skipped = self._skip_month(year, month)
+            if skipped is not None:
+                (year, month), from_day = skipped, 1
+                continue
+            month_start = date(year, month, 1).toordinal() - _EPOCH_ORDINAL
+            length = calendar.monthrange(year, month)[1]
+            if self.daylist:
+                days = self._month_days(length, (month_start + 3) % 7)
+                for month_day in days[bisect_left(days, from_day) :]:
+                    if self.slots(month_start + month_day - 1):
+                        return month_start + month_day - 1
+            elif self.frequency == _DAILY:
+                candidate = month_start + from_day - 1
+                candidate += (self.first_day - candidate) % self.interval
+                if candidate < month_start + length:
+                    return candidate
+            else:
+                for candidate in range(month_start + from_day - 1, month_start + length):
+                    if self.slots(candidate):
+                        return candidate
+            year, month, from_day = (year + 1, 1, 1) if month == 12 else (year, month + 1, 1)
+        return None
+
+    def prev_day(self, day: int) -> int | None:
+        """Return the last day at or before `day`, not before the start, with occurrences."""
+        first_day = self.first_day
+        if day < first_day:
+            return None
+        start = date.fromordinal(day + _EPOCH_ORDINAL)
+        year, month, to_day = start.year, start.month, start.day
+        first = date.fromordinal(first_day + _EPOCH_ORDINAL)
+        first_month = (first.year, first.month)
+        while (year, month) >= first_month:
+            skipped = self._skip_month_back(year, month)
+            if skipped is not None:
+                (year, month), to_day = skipped, 31
+                continue
+            month_start = date(year, month, 1).toordinal() - _EPOCH_ORDINAL
+            to_day = min(to_day, calendar.monthrange(year, month)[1])
+            if self.daylist:
+                length = calendar.monthrange(year, month)[1]
+                days = self._month_days(length, (month_start + 3) % 7)
+                for month_day in reversed(days[: bisect_right(days, to_day)]):
+                    candidate = month_start + month_day - 1
+                    if candidate < first_day:
+                        return None
+                    if self.slots(candidate):
+                        return candidate
+            elif self.frequency == _DAILY:
+                candidate = month_start + to_day - 1
+                candidate -= (candidate - first_day) % self.interval
+                if candidate >= month_start:
+                    return candidate if candidate >= first_day else None
+            else:
+                for candidate in range(month_start + to_day - 1, month_start - 1, -1):
+                    if candidate < first_day:
+                        return None
+                    if self.slots(candidate):
+                        return candidate
+            year, month, to_day = (year - 1, 12, 31) if month == 1 else (year, month - 1, 31)
+        return None
+
+    # -- instants --
+
+    def _last_in_day(self, day: int, at: int) -> int | None:
+        """Return the last occurrence of `day` at or before `at` (no bounds applied)."""
+        slots = self.slots(day)
+        if not slots:
+            return None
+        base = day * _DAY
+        unit, offsets = self.unit, self.offsets
+        relative = at - base
+        if relative >= _DAY:
+            return base + slots[-1] * unit + offsets[-1]
+        if relative < 0:
+            return None
+        which, rest = divmod(relative, unit)
+        index = bisect_right(slots, which) - 1
+        if index < 0:
+            return None
+        if slots[index] == which:
+            offset = bisect_right(offsets, rest) - 1
+            if offset >= 0:
+                return base + which * unit + offsets[offset]
+            index -= 1
+            if index < 0:
+                return None
+        return base + slots[index] * unit + offsets[-1]
+
+    def _first_in_day(self, day: int, at: int) -> int | None:
+        """Return the first occurrence of `day` at or after `at` (no bounds applied)."""
+        slots = self.slots(day)
+        if not slots:
+            return None
+        base = day * _DAY
+        unit, offsets = self.unit, self.offsets
+        relative = at - base
+        if relative < 0:
+            return base + slots[0] * unit + offsets[0]
+        if relative >= _DAY:
+            return None
+        which, rest = divmod(relative, unit)
+        index = bisect_left(slots, which)
+        if index == len(slots):
+            return None
+        if slots[index] == which:
+            offset = bisect_left(offsets, rest)
+            if offset < len(offsets):
+                return base + which * unit + offsets[offset]
+            index += 1
+            if index == len(slots):
+                return None
+        return base + slots[index] * unit + offsets[0]
+
+    def _unbounded_prev(self, at: int) -> int | None:
+        if self.period:
+            if at < self.first:
+                return None
+            return at - (at - self.first) % self.period
+        day = at // _DAY
+        found = self.prev_day(day)
+        while found is not None:
+            result = self._last_in_day(found, at)
+            if result is not None:
+                return result if result >= self.first else None
+            found = self.prev_day(found - 1)
+        return None
+
+    def _unbounded_next(self, at: int) -> int | None:
+        at = max(at, self.first)
+        if self.period:
+            return at + (self.first - at) % self.period
+        found = self.next_day(at // _DAY)
+        while found is not None:
+            result = self._first_in_day(found, at)
+            if result is not None:
+                return result
+            found = self.next_day(found + 1)
+        return None
+
+    def widest_gap(self) -> int | None:
+        """Return the widest gap between occurrences if every day has the same ones.
+
+        `None` when days differ (day filters, or a phase that moves from day
+        to day), and the caller must walk.
+        """
+        if self.months is not None or self.daylist:
+            return None
+        offsets = self.offsets
+        spread = offsets[-1] - offsets[0]
+        if self.frequency == _DAILY:
+            return max(_max_gap((0,), offsets, _DAY), self.interval * _DAY - spread)
+        if self.frequency >= _WEEKLY or self.per_day % self.interval:
+            return None
+        slots = self.slots(self.first_day)
+        if not slots:
+            return None
+        across = (slots[0] + self.per_day - slots[-1]) * self.unit - spread
+        return max(_max_gap(slots, offsets, self.unit), across)
+
+    def chain_in_day(self, latest: int, duration: int) -> int:
+        """Return the last occurrence of the day of `latest` reached by back-to-back runs.
+
+        Runs chain while the next occurrence starts no later than the end of
+        the current one (`gap <= duration`).
+        """
+        day = latest // _DAY
+        slots = self.slots(day)
+        unit, offsets = self.unit, self.offsets
+        base = day * _DAY
+        bound = base + _DAY - 1 if self.last is None else min(self.last, base + _DAY - 1)
+        if _max_gap(slots, offsets, unit) <= duration:
+            found = self._last_in_day(day, bound)
+            return latest if found is None or found < latest else found
+        which = (latest - base) // unit
+        current = latest
+        for slot in slots[bisect_left(slots, which) :]:
+            for offset in offsets:
+                instant = base + slot * unit + offset
+                if instant <= current:
+                    continue
+                if instant > bound or instant - current > duration:
+                    return current
+                current = instant
+        return current
+
+    def prev(self, at: int) -> int | None:
+        """Return the last occurrence at or before `at`."""
+        if self.empty:
+            return None
+        if self.last is not None and at > self.last:
+            at = self.last
+        return self._unbounded_prev(at)
+
+    def next(self, at: int) -> int | None:
+        """Return the first occurrence at or after `at`."""
+        if self.empty:
+            return None
+        found = self._unbounded_next(at)
+        if found is None or (self.last is not None and found > self.last):
+            return None
+        return found
+
+    def nth(self, count: int) -> int | None:
+        """Return the `count`-th occurrence (1-based), walking whole days."""
+        if self.period:
+            return self.first + (count - 1) * self.period
+        remaining = count
+        day = self.first_day
+        per_slot = len(self.offsets)
+        while True:
+            found = self.next_day(day)
+            if found is None:
+                return None
+            slots = self.slots(found)
+            if found == self.first_day:
+                instants = [
+                    found * _DAY + slot * self.unit + offset
+                    for slot in slots
+                    for offset in self.offsets
+                ]
+                instants = [instant for instant in instants if instant >= self.first]
+                if remaining <= len(instants):
+                    return instants[remaining - 1]
+                remaining -= len(instants)
+            else:
+                total = len(slots) * per_slot
+                if remaining <= total:
+                    slot, offset = divmod(remaining - 1, per_slot)
+                    return found * _DAY + slots[slot] * self.unit + self.offsets[offset]
+                remaining -= total
+            if self.last is not None and found * _DAY > self.last:
+                return None
+            day = found + 1
+
+
+def _problem(rule: wire.Recurrence, start: datetime) -> str | None:
+    """Say why a recurrence with a real frequency is invalid, or return None."""
+    if rule.interval < 1:
+        return f"interval {rule.interval} is not at least 1"
+    for name in rule.byweekdays:
+        if name not in _WEEKDAYS:
+            return f"weekday {name} is not a day of the week"
+    if any(not 0 <= value <= 59 for value in rule.byminutes):
+        return f"byminutes {list(rule.byminutes)} has a value outside 0..59"
+    if any(not 0 <= value <= 23 for value in rule.byhours):
+        return f"byhours {list(rule.byhours)} has a value outside 0..23"
+    if any(value == 0 or not -31 <= value <= 31 for value in rule.bymonthdays):
+        return f"bymonthdays {list(rule.bymonthdays)} has a value outside 1..31 / -31..-1"
+    if any(not 1 <= value <= 12 for value in rule.bymonths):
+        return f"bymonths {list(rule.bymonths)} has a value outside 1..12"
+    frequency = _FREQUENCIES[rule.frequency]
+    if frequency == _HOURLY and rule.byhours:
+        step = gcd(rule.interval, 24)
+        if all((hour - start.hour) % step for hour in rule.byhours):
+            return f"an HOURLY interval of {rule.interval} never reaches byhours"
+    if frequency == _MINUTELY and (rule.byhours or rule.byminutes):
+        step = gcd(rule.interval, 1440)
+        origin = start.hour * 60 + start.minute
+        hours = rule.byhours or range(24)
+        minutes = rule.byminutes or range(60)
+        if all((60 * hour + minute - origin) % step for hour in hours for minute in minutes):
+            return f"a MINUTELY interval of {rule.interval} never reaches byhours/byminutes"
+    return None
+
+
+def _compile(rule: wire.Recurrence, start: datetime) -> _Rule | None:
+    """Compile a recurrence with a real frequency; `None` if it is invalid."""
+    if _problem(rule, start) is not None:
+        return None
+    return _compile_valid(rule, start)
+
+
+@lru_cache(maxsize=4096)
+def _compile_cached(rule: wire.Recurrence, start: datetime) -> _Rule | None:
+    return _compile(rule, start)
+
+
+def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
+    frequency = _FREQUENCIES[rule.frequency]
+    first, _ = _seconds(start)
+    compiled = _Rule(frequency, rule.interval, first)
+    first_time = _instant(first)
+    has_lists = bool(
+        rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
+    )
+    if frequency in _FIXED_PERIOD and not has_lists:
+        compiled.period = _FIXED_PERIOD[frequency] * rule.interval
+    else:
+        months = set(rule.bymonths)
+        monthdays = set(rule.bymonthdays)
+        weekdays = {_WEEKDAYS[name] for name in rule.byweekdays}
+        if not monthdays and not weekdays:
+            # dateutil's defaults when no day-level list is given.
+            if frequency == _YEARLY:
+                months = months or {first_time.month}
+                monthdays = {first_time.day}
+            elif frequency == _MONTHLY:
+                monthdays = {first_time.day}
+            elif frequency == _WEEKLY:
+                weekdays = {first_time.weekday()}
+        compiled.months = frozenset(months) if months else None
+        compiled.weekdays = frozenset(weekdays)
+        compiled.positive = frozenset(day for day in monthdays if day > 0)
+        compiled.negative = frozenset(day for day in monthdays if day < 0)
+        compiled.daylist = bool(weekdays or monthdays)
+        second = first_time.second
+        if frequency == _MINUTELY:
+            compiled.per_day, compiled.unit = 1440, 60
+            compiled.hours = frozenset(rule.byhours) if rule.byhours else None
+            compiled.minutes = frozenset(rule.byminutes) if rule.byminutes else None
+            compiled.offsets = (second,)
+            compiled.anchor = first // 60
+        elif frequency == _HOURLY:
+            compiled.per_day, compiled.unit = 24, 3600
+            compiled.hours = frozenset(rule.byhours) if rule.byhours else None
+            minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
+            compiled.offsets = tuple(60 * minute + second for minute in minutes)
+            compiled.anchor = first // 3600
+        else:
+            hours = sorted(set(rule.byhours)) if rule.byhours else [first_time.hour]
+            minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
+            compiled.offsets = tuple(
+                3600 * hour + 60 * minute + second for hour in hours for minute in minutes
+            )
+            if frequency == _WEEKLY:
+                compiled.anchor = (compiled.first_day + 3) // 7
+            elif frequency == _MONTHLY:
+                compiled.anchor = first_time.year * 12 + first_time.month - 1
+            elif frequency == _YEARLY:
+                compiled.anchor = first_time.year
+    end = rule.end
+    if end is not None:
+        last: int | None = None
+        if end.until is not None:
+            last, _ = _seconds(end.until)
+            if last < first:
+                compiled.empty = True
+                return compiled
+            compiled.last = last
+        if end.count is not None:
+            if end.count <= 0:
+                compiled.empty = True
+                return compiled
+            nth = compiled.nth(end.count)
+            if nth is not None and (last is None or nth < last):
+                compiled.last = nth
+    if compiled.last is not None and compiled._unbounded_prev(compiled.last) is None:
+        compiled.empty = True
+    return compiled
+
+
+def _rule_of(dispatch: wire.Dispatch) -> _Rule | None:
+    """Compile the recurrence of a recurring dispatch; `None` if invalid."""
+    rule = dispatch.recurrence
+    assert rule is not None
+    if rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths:
+        return _compile_cached(rule, dispatch.start_time)
+    if rule.end is not None and rule.end.count is not None and rule.frequency in _LONG:
+        return _compile_cached(rule, dispatch.start_time)
+    # Rules without lists compile in about a microsecond: caching them would only cost memory.
+    return _compile(rule, dispatch.start_time)
+
+
+_LONG = frozenset({"MONTHLY", "YEARLY"})
+
+
+def _is_one_off(dispatch: wire.Dispatch) -> bool:
+    rule = dispatch.recurrence
+    return rule is None or rule.frequency == "UNSPECIFIED"
+
+
+# --- Public functions -------------------------------------------------------
+
+
+def validate(dispatch: wire.Dispatch) -> None:
+    """Check that a dispatch's recurrence rule can produce occurrences as written.
+
+    One-offs, frequency `UNSPECIFIED` and `duration: None` (which ignores the
+    recurrence) always pass.
+
+    Args:
+        dispatch: The dispatch.
+
+    Raises:
+        InvalidRecurrence: The rule is invalid; the message says why.
+    """
+    if _is_one_off(dispatch) or dispatch.duration is None:
+        return
+    assert dispatch.recurrence is not None
+    problem = _problem(dispatch.recurrence, dispatch.start_time)
+    if problem is not None:
+        raise InvalidRecurrence(f"dispatch {dispatch.id}: {problem}")
+
+
+def _chain_end(rule: _Rule, latest: int, duration: int) -> int | None:
+    """Return when the run starting at occurrence `latest` ends, merged runs included."""
+    if rule.period:
+        if duration < rule.period:
+            return latest + duration
+        if rule.last is None:
+            return None
+        return rule.prev(rule.last) + duration  # type: ignore[operator]
+    widest = rule.widest_gap()
+    if widest is not None and widest <= duration:
+        if rule.last is None:
+            return None
+        return rule.prev(rule.last) + duration  # type: ignore[operator]
+    end = latest + duration
+    for _ in range(CHAIN_LIMIT):
+        # Follow the runs chained back to back within the day, then cross to
+        # the next day holding occurrences; one step per day.
+        latest = rule.chain_in_day(latest, duration)
+        end = latest + duration
+        found = rule.next(latest + 1)
+        if found is None or found > end:
+            return end
+        latest = found
+    return end
+
+
+def _recurring_state(
+    dispatch: wire.Dispatch, rule: _Rule | None, now: datetime, now_s: int, now_us: int
+) -> RunState:
+    duration = dispatch.duration
+    assert duration is not None
+    if rule is None:
+        return RunState(False, None, None, None)
+    next_found = rule.next(now_s + 1 if now_us else now_s)
+    next_run = None if next_found is None else _instant(next_found)
+    start = dispatch.start_time
+    if not dispatch.active or duration <= 0:
+        return RunState(False, None, next_run, None)
+    if now >= start:
+        latest = rule.prev(now_s)
+        if latest is not None and now_s < latest + duration:
+            end = _chain_end(rule, latest, duration)
+            return RunState(
+                True,
+                _instant(latest + duration),
+                next_run,
+                None if end is None else _instant(end),
+            )
+        found = rule.next(now_s + 1)
+        return RunState(False, None, next_run, None if found is None else _instant(found))
+    # Not started yet: the first flip is at the start itself if the first
+    # occurrence (the start truncated to the second) still runs then.
+    start_s, _ = _seconds(start)
+    latest = rule.prev(start_s)
+    if latest is not None and start_s < latest + duration:
+        return RunState(False, None, next_run, start)
+    found = rule.next(start_s + 1)
+    return RunState(False, None, next_run, None if found is None else _instant(found))
+
+
+def _one_off_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
+    start = dispatch.start_time
+    next_run = start if now <= start else None
+    duration = dispatch.duration
+    if duration is None:
+        if not dispatch.active:
+            return RunState(False, None, next_run, None)
+        if now < start:
+            return RunState(False, None, next_run, start)
+        return RunState(True, None, next_run, None)
+    if not dispatch.active or duration <= 0:
+        return RunState(False, None, next_run, None)
+    if now < start:
+        return RunState(False, None, next_run, start)
+    end = start + timedelta(seconds=duration)
+    if now < end:
+        return RunState(True, end, next_run, end)
+    return RunState(False, None, next_run, None)
+
+
+def run_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
+    """Compute the schedule state of one dispatch at one instant.
+
+    Args:
+        dispatch: The dispatch.
+        now: The instant, timezone-aware.
+
+    Returns:
+        Whether it runs, until when, its next start and its next change.
+    """
+    if dispatch.duration is None or _is_one_off(dispatch):
+        return _one_off_state(dispatch, now)
+    now_s, now_us = _seconds(now)
+    return _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
+
+
+def running_at(
+    dispatches: Iterable[wire.Dispatch], now: datetime
+) -> tuple[list[wire.Dispatch], datetime | None]:
+    """Tell which dispatches of a set run at an instant, and when that set next changes.
+
+    Args:
+        dispatches: The dispatches, e.g. all of one type.
+        now: The instant, timezone-aware.
+
+    Returns:
+        The running dispatches sorted by id, and the earliest instant after
+        `now` at which any of them starts or stops running (`None`: never).
+    """
+    running: list[wire.Dispatch] = []
+    change: datetime | None = None
+    now_s, now_us = _seconds(now)
+    for dispatch in dispatches:
+        if not dispatch.active:
+            continue
+        duration = dispatch.duration
+        rule = dispatch.recurrence
+        start = dispatch.start_time
+        if rule is None or rule.frequency == "UNSPECIFIED" or duration is None:
+            # The cheap path: one-offs (and endless runs) need no rule at all.
+            if now < start:
+                if (duration is None or duration > 0) and (change is None or start < change):
+                    change = start
+                continue
+            if duration is None:
+                running.append(dispatch)
+                continue
+            end = start + timedelta(seconds=duration)
+            if now < end:
+                running.append(dispatch)
+                if change is None or end < change:
+                    change = end
+            continue
+        state = _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
+        if state.running:
+            running.append(dispatch)
+        if state.changes_at is not None and (change is None or state.changes_at < change):
+            change = state.changes_at
+    running.sort(key=_by_id)
+    return running, change
+
+
+def _by_id(dispatch: wire.Dispatch) -> int:
+    return dispatch.id
+
+
+def end_time(dispatch: wire.Dispatch) -> datetime | None:
+    """Return the end of a dispatch's last run ever, whether active or not.
+
+    Args:
+        dispatch: The dispatch.
+
+    Returns:
+        For a one-off, `start_time + duration`; for a rule ended by `count` or
+        `until`, the end of its last occurrence; `None` for endless dispatches
+        (`duration: None` or a rule without end) and for rules that never
+        occur (invalid, or ended before their first occurrence).
+    """
+    duration = dispatch.duration
+    if duration is None:
+        return None
+    if _is_one_off(dispatch):
+        return dispatch.start_time + timedelta(seconds=duration)
+    rule = _rule_of(dispatch)
+    if rule is None or rule.empty or rule.last is None:
+        return None
+    last = rule.prev(rule.last)
+    return None if last is None else _instant(last + duration)
