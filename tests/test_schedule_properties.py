@@ -53,15 +53,28 @@ def _subset(values: list[int] | list[str], most: int) -> st.SearchStrategy[tuple
     return st.lists(st.sampled_from(values), max_size=most, unique=True).map(tuple)
 
 
+# Built once: building strategies inside composites costs more than the tests.
+LISTS = {
+    "byminutes": _subset(list(range(60)), 3),
+    "byhours": _subset(list(range(24)), 3),
+    "byweekdays": _subset(WEEKDAYS, 3),
+    "bymonthdays": _subset(MONTH_DAYS, 3),
+    "bymonths": _subset(list(range(1, 13)), 4),
+}
+ANY_START = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31), timezones=st.just(UTC)
+)
+SPECIAL_START = st.sampled_from(SPECIAL_STARTS)
+FREQUENCY = st.sampled_from(FREQUENCIES)
+SMALL_INTERVAL = st.integers(1, 4)
+ANY_INTERVAL = st.integers(1, 30)
+
+
 @st.composite
 def starts(draw: st.DrawFn) -> datetime:
     if draw(st.integers(0, 3)) == 0:
-        return draw(st.sampled_from(SPECIAL_STARTS))
-    start = draw(
-        st.datetimes(
-            min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31), timezones=st.just(UTC)
-        )
-    )
+        return draw(SPECIAL_START)
+    start = draw(ANY_START)
     if draw(st.integers(0, 3)):
         start = start.replace(microsecond=0)
     return start
@@ -74,16 +87,13 @@ def recurrences(draw: st.DrawFn, start: datetime) -> wire.Recurrence | None:
         return None
     if kind == 1:
         return wire.Recurrence(frequency="UNSPECIFIED", interval=draw(st.integers(0, 3)))
-    frequency = draw(st.sampled_from(FREQUENCIES))
+    frequency = draw(FREQUENCY)
     with_lists = draw(st.booleans())
-    interval = draw(st.integers(1, 4) if with_lists else st.integers(1, 30))
+    interval = draw(SMALL_INTERVAL if with_lists else ANY_INTERVAL)
     fields: dict[str, tuple] = {}  # type: ignore[type-arg]
     if with_lists:
-        fields["byminutes"] = draw(_subset(list(range(60)), 3))
-        fields["byhours"] = draw(_subset(list(range(24)), 3))
-        fields["byweekdays"] = draw(_subset(WEEKDAYS, 3))
-        fields["bymonthdays"] = draw(_subset(MONTH_DAYS, 3))
-        fields["bymonths"] = draw(_subset(list(range(1, 13)), 4))
+        for name, values in LISTS.items():
+            fields[name] = draw(values)
     end = None
     match draw(st.integers(0, 3)):
         case 1:
@@ -103,14 +113,14 @@ def dispatches(draw: st.DrawFn, dispatch_id: int = 1) -> wire.Dispatch:
     recurrence = draw(recurrences(start))
     frequency = "MINUTELY" if recurrence is None else recurrence.frequency
     period = PERIOD.get(frequency, 3600) * (recurrence.interval if recurrence else 1)
-    duration = draw(
-        st.one_of(
-            st.none(),
-            st.just(0),
-            st.integers(1, 3 * max(1, period)),
-            st.integers(1, 120),
-        )
-    )
+    duration: int | None = None
+    match draw(st.integers(0, 3)):
+        case 1:
+            duration = 0
+        case 2:
+            duration = draw(st.integers(1, 3 * max(1, period)))
+        case 3:
+            duration = draw(st.integers(1, 120))
     return dispatch(
         start=start,
         duration=duration,
