@@ -656,6 +656,10 @@ def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
                 compiled.anchor = first_time.year * 12 + first_time.month - 1
             elif frequency == _YEARLY:
                 compiled.anchor = first_time.year
+    if compiled.daylist and not _ever_passes(compiled):
+        # E.g. February 30: the reference walks to the year 9999 to say so.
+        compiled.empty = True
+        return compiled
     end = rule.end
     if end is not None:
         last: int | None = None
@@ -675,6 +679,19 @@ def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
     if compiled.last is not None and compiled._unbounded_prev(compiled.last) is None:
         compiled.empty = True
     return compiled
+
+
+_MONTH_LENGTHS = {2: (28, 29), 4: (30,), 6: (30,), 9: (30,), 11: (30,)}
+
+
+def _ever_passes(rule: _Rule) -> bool:
+    """Tell whether any day of any year passes the rule's day filters."""
+    for month in range(1, 13) if rule.months is None else sorted(rule.months):
+        for length in _MONTH_LENGTHS.get(month, (31,)):
+            for first_weekday in range(7):
+                if rule._month_days(length, first_weekday):
+                    return True
+    return False
 
 
 def _rule_of(dispatch: wire.Dispatch) -> _Rule | None:
