@@ -1,1 +1,45 @@
-"""Actor SDK: manage actors from the schedule a dispatch-bridge publishes over MQTT."""
+"""Actor SDK: manage actors from the schedule a dispatch-bridge publishes over MQTT.
+
+A drop-in for `frequenz-dispatch`'s managing API: the same names and shapes, with a
+broker URL where that library takes a Dispatch API URL.
+
+```python
+from actor_sdk import MergeByType, manage
+
+await manage(broker="mqtt://actor:secret@edge-host:1883", microgrid_id=1,
+             dispatch_type="EXAMPLE_TYPE", actor_factory=create_actor,
+             merge_strategy=MergeByType(), retry_interval=timedelta(seconds=10))
+```
+"""
+
+from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
+from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatcher import Dispatcher
+from actor_sdk._errors import BrokerUrlError, SdkError
+from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
+from actor_sdk._manage import manage
+from actor_sdk._merge_strategies import (
+    DispatchActorId,
+    MergeByType,
+    MergeByTypeTarget,
+    MergeStrategy,
+)
+
+__all__ = [
+    "Actor",
+    "ActorFactory",
+    "BrokerUrlError",
+    "Created",
+    "Deleted",
+    "Dispatch",
+    "DispatchActorId",
+    "DispatchEvent",
+    "DispatchInfo",
+    "Dispatcher",
+    "MergeByType",
+    "MergeByTypeTarget",
+    "MergeStrategy",
+    "SdkError",
+    "Updated",
+    "manage",
+]

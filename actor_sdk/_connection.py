@@ -1,0 +1,209 @@
+"""Connecting to the broker: URL and credentials, TLS, reconnect delays, clock skew."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+
+from actor_sdk._errors import BrokerUrlError
+
+__all__ = ["BrokerSettings", "SkewMonitor", "reconnect_delay"]
+
+_logger = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+
+
+def _env_secret(name: str) -> str | None:
+    """Read `NAME`, or the file named by `NAME_FILE` (one trailing newline dropped)."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").removesuffix("\n")
+        except OSError as error:
+            raise BrokerUrlError(f"{name}_FILE={path!r} cannot be read: {error}") from None
+    return None
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to connect; build it with `from_url`."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls_context: ssl.SSLContext | None = None
+    keepalive: int = 15
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        keepalive: int = 15,
+    ) -> BrokerSettings:
+        """Parse `mqtt://user:pass@host:port` or `mqtts://...`.
+
+        Credentials come from the arguments, else the URL, else the environment
+        (`MQTT_USERNAME`, `MQTT_PASSWORD` or `MQTT_PASSWORD_FILE`).
+
+        Args:
+            url: The broker URL.
+            username: The user name (overrides the URL's).
+            password: The password (overrides the URL's).
+            tls_context: The TLS settings to use (implies TLS).
+            ca_file: CA bundle to verify the broker with (`mqtts://`).
+            cert_file: Client certificate (`mqtts://`).
+            key_file: Key of the client certificate.
+            keepalive: MQTT keepalive in seconds: how soon a dead connection is noticed.
+
+        Returns:
+            The settings.
+
+        Raises:
+            BrokerUrlError: The URL or an option is not usable.
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as error:
+            raise BrokerUrlError(f"broker URL is invalid: {error}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise BrokerUrlError(
+                f"broker URL scheme {parts.scheme!r} is not supported: use mqtt:// or mqtts://"
+            )
+        if not parts.hostname:
+            raise BrokerUrlError("broker URL has no host: expected mqtt://user:pass@host:port")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise BrokerUrlError("broker URL must not have a path, query or fragment")
+        if keepalive < 1:
+            raise BrokerUrlError(f"keepalive must be at least 1 s, not {keepalive}")
+        user = username or (unquote(parts.username) if parts.username else None)
+        secret = password or (unquote(parts.password) if parts.password else None)
+        user = user or os.environ.get("MQTT_USERNAME") or None
+        if secret is None and user is not None:
+            secret = _env_secret("MQTT_PASSWORD")
+        if tls_context is None and (scheme in ("mqtts", "ssl") or ca_file or cert_file):
+            try:
+                tls_context = ssl.create_default_context(cafile=ca_file)
+                if cert_file:
+                    tls_context.load_cert_chain(cert_file, key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise BrokerUrlError(f"TLS settings are not usable: {error}") from None
+        return cls(
+            host=parts.hostname,
+            port=port or _DEFAULT_PORTS[scheme],
+            username=user,
+            password=secret,
+            tls_context=tls_context,
+            keepalive=keepalive,
+        )
+
+    def describe(self) -> str:
+        """Return `host:port` (with the scheme), never the credentials."""
+        scheme = "mqtts" if self.tls_context is not None else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def new_client(self) -> aiomqtt.Client:
+        """Return a fresh MQTT 3.1.1 client (aiomqtt does not reconnect: one per connection).
+
+        Returns:
+            The unconnected client.
+        """
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=True,
+            keepalive=self.keepalive,
+            tls_context=self.tls_context,
+            timeout=10,
+            # Retained state of a whole microgrid arrives at once: never drop any.
+            max_queued_incoming_messages=0,
+        )
+
+
+def reconnect_delay(
+    attempt: int,
+    *,
+    first: float,
+    cap: float,
+    rng: random.Random | None = None,
+) -> float:
+    """Return the wait before reconnect attempt `attempt` (0 for the first retry).
+
+    Doubles from `first` up to `cap`, then draws uniformly from the upper half of
+    that value, so that many SDKs cut off together do not reconnect in lockstep.
+
+    Args:
+        attempt: How many attempts failed in a row, minus one.
+        first: The base delay in seconds.
+        cap: The longest delay in seconds.
+        rng: The random source (tests pass a seeded one).
+
+    Returns:
+        Seconds to wait.
+    """
+    ceiling = min(cap, first * 2.0 ** min(attempt, 32))
+    jitter = (rng or random).uniform(0, ceiling / 2)
+    return ceiling / 2 + jitter
+
+
+class SkewMonitor:
+    """Notices when the bridge's clock and ours disagree by more than a threshold."""
+
+    def __init__(self, threshold: timedelta = timedelta(seconds=1)) -> None:
+        """Create a monitor.
+
+        Args:
+            threshold: The skew worth a log line.
+        """
+        self._threshold = threshold
+        self._logged: timedelta | None = None
+
+    def observe(self, bridge_time: datetime, local_time: datetime) -> str | None:
+        """Compare a fresh message's `as_of` with the local clock.
+
+        Args:
+            bridge_time: The `as_of` of a message that was just published.
+            local_time: The local clock when it arrived.
+
+        Returns:
+            A line to log when the skew crossed the threshold or changed by more than
+            it since the last line; None otherwise.
+        """
+        skew = local_time - bridge_time
+        if abs(skew) <= self._threshold:
+            if self._logged is None:
+                return None
+            self._logged = None
+            return f"clock skew to the bridge back within {self._threshold.total_seconds():g} s"
+        if self._logged is not None and abs(skew - self._logged) <= self._threshold:
+            return None
+        self._logged = skew
+        direction = "ahead of" if skew > timedelta(0) else "behind"
+        return (
+            f"local clock is {abs(skew.total_seconds()):.1f} s {direction} the bridge's: "
+            "runs start and stop by the bridge's clock; check NTP on both hosts"
+        )

@@ -1,0 +1,703 @@
+"""The `Dispatcher`: the thin async shell around the view and the planner.
+
+One task keeps a broker connection (a fresh aiomqtt client per connection, capped and
+jittered backoff between attempts), subscribes to the retained topics of the
+microgrid, and feeds every message to the `BridgeView`. Another sleeps until the next
+local deadline (a run's `until` while the view is not live, a factory retry). Both
+call `_reconcile`, which reads the clock once, asks `confirmed_running` and each
+type's `ActorPlanner` what to do, and does it: create, start, update and stop actors,
+and send running state messages. Decisions live in `_planner.py` and `_view.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import ssl
+from collections.abc import Callable, Generator, Hashable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self, cast
+
+import aiomqtt
+from frequenz.channels import BroadcastChannel, Receiver, Sender
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk import wire
+from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
+from actor_sdk._connection import BrokerSettings, SkewMonitor, reconnect_delay
+from actor_sdk._dispatch import Dispatch
+from actor_sdk._event import Created, DispatchEvent
+from actor_sdk._merge_strategies import MergeStrategy
+from actor_sdk._planner import (
+    STOPPED,
+    STOPPED_UNCONFIRMED,
+    Action,
+    ActorPlanner,
+    StartActor,
+    StopActor,
+    UpdateActor,
+    confirmed_running,
+    running_state_changes,
+)
+from actor_sdk._receivers import PrimedReceiver
+from actor_sdk._view import BridgeView
+
+__all__ = ["Dispatcher"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _RunningActor:
+    actor: Actor
+    sender: Sender[DispatchInfo]
+    dispatch: Dispatch
+
+
+@dataclass
+class _ManagedType:
+    dispatch_type: str
+    factory: ActorFactory
+    retry_interval: timedelta
+    planner: ActorPlanner
+    actors: dict[Hashable, _RunningActor] = field(default_factory=dict)
+    retry_due: dict[Hashable, datetime] = field(default_factory=dict)
+
+
+@dataclass
+class _StateSubscription:
+    sender: Sender[Dispatch]
+    strategy: MergeStrategy | None
+
+
+class Dispatcher:
+    """Manages actors of a microgrid from the schedule a dispatch-bridge publishes.
+
+    A drop-in for `frequenz.dispatch.Dispatcher`'s managing API: an async context
+    manager (starts, waits for the first sync, stops on exit), awaitable (until
+    stopped), with `start_managing`, `stop_managing`, `is_managed`,
+    `new_lifecycle_events_receiver`, `new_running_state_event_receiver` and
+    `wait_for_initialization`.
+
+    Example:
+        ```python
+        async with Dispatcher(microgrid_id=1, broker="mqtt://actor:pw@edge:1883") as d:
+            await d.start_managing("EXAMPLE_TYPE", actor_factory=create_actor)
+            await d
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        microgrid_id: int,
+        broker: str,
+        topic_root: str = wire.DEFAULT_TOPIC_ROOT,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        keepalive: int = 15,
+        reconnect_delay: timedelta = timedelta(seconds=0.5),
+        max_reconnect_delay: timedelta = timedelta(seconds=30),
+        sync_timeout: timedelta = timedelta(seconds=3),
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """Create a dispatcher; nothing connects before `start()`.
+
+        Args:
+            microgrid_id: The microgrid whose dispatches to follow.
+            broker: `mqtt://user:pass@host:port` or `mqtts://...`; credentials may
+                also come from `username`/`password` or `MQTT_USERNAME`,
+                `MQTT_PASSWORD` / `MQTT_PASSWORD_FILE`.
+            topic_root: The topic root; `{microgrid_id}` is replaced.
+            username: The broker user (overrides the URL's).
+            password: The broker password (overrides the URL's).
+            tls_context: TLS settings (implies TLS).
+            ca_file: CA bundle for `mqtts://`.
+            cert_file: Client certificate for `mqtts://`.
+            key_file: Key of the client certificate.
+            keepalive: MQTT keepalive in seconds (how soon a silent broker is noticed).
+            reconnect_delay: The first wait before reconnecting; doubles per failure.
+            max_reconnect_delay: The longest wait before reconnecting.
+            sync_timeout: How long to wait for the retained bridge status after
+                subscribing, before taking the retained state as complete.
+            clock: The wall clock (UTC); tests may pass another.
+
+        Raises:
+            BrokerUrlError: The broker URL or a TLS option is not usable.
+        """
+        self._microgrid_id = microgrid_id
+        self._settings = BrokerSettings.from_url(
+            broker,
+            username=username,
+            password=password,
+            tls_context=tls_context,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            keepalive=keepalive,
+        )
+        try:
+            self._layout = wire.TopicLayout.for_microgrid(microgrid_id, topic_root)
+        except wire.WireError as error:
+            from actor_sdk._errors import BrokerUrlError  # noqa: PLC0415
+
+            raise BrokerUrlError(str(error)) from None
+        self._reconnect_first = reconnect_delay.total_seconds()
+        self._reconnect_cap = max_reconnect_delay.total_seconds()
+        self._sync_timeout = sync_timeout.total_seconds()
+        self._clock = clock
+        self._view = BridgeView(microgrid_id)
+        self._skew = SkewMonitor()
+        self._effective: dict[str, dict[DispatchId, Dispatch]] = {}
+        self._managed: dict[str, _ManagedType] = {}
+        self._state_subscriptions: dict[str, list[_StateSubscription]] = {}
+        self._lifecycle_senders: dict[str, list[Sender[DispatchEvent]]] = {}
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._deadline: datetime | None = None
+        self._initialized = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._was_live = False
+
+    # --- service -----------------------------------------------------------------
+
+    @property
+    def microgrid_id(self) -> int:
+        """The microgrid this dispatcher follows."""
+        return self._microgrid_id
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the dispatcher runs (started and not stopped)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the dispatcher has a live view: connected, in sync, bridge online."""
+        return self._view.live
+
+    def start(self) -> None:
+        """Start connecting and managing in the background (no-op when running)."""
+        if self.is_running:
+            return
+        self._task = asyncio.create_task(self._run(), name=f"dispatcher-{self._microgrid_id}")
+
+    def cancel(self, msg: str | None = None) -> None:
+        """Ask the dispatcher to stop; `wait()` for it to finish.
+
+        Args:
+            msg: The cancellation message.
+        """
+        if self._task is not None:
+            self._task.cancel(msg)
+
+    async def stop(self, msg: str | None = None) -> None:
+        """Stop every managed actor, disconnect, and close every receiver.
+
+        Args:
+            msg: The cancellation message.
+        """
+        self.cancel(msg)
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Wait until the dispatcher stopped (it runs until stopped or cancelled).
+
+        Raises:
+            BaseException: Whatever made the dispatcher fail (never a broker outage).
+        """
+        if self._task is None:
+            return
+        await asyncio.wait({self._task})
+        if not self._task.cancelled() and (error := self._task.exception()) is not None:
+            raise error
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait until the dispatcher stopped, as `await dispatcher`.
+
+        Returns:
+            An iterator for `await`.
+        """
+        return self.wait().__await__()
+
+    async def __aenter__(self) -> Self:
+        """Start and wait for the first sync with the broker.
+
+        Returns:
+            This dispatcher.
+        """
+        self.start()
+        await self.wait_for_initialization()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """Stop (every managed actor is stopped)."""
+        await self.stop()
+
+    async def wait_for_initialization(self) -> None:
+        """Wait until the retained state was received once after the first connect.
+
+        Raises:
+            BaseException: The dispatcher failed before that.
+        """
+        if self._task is None:
+            await self._initialized.wait()
+            return
+        waiter = asyncio.ensure_future(self._initialized.wait())
+        try:
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self._initialized.is_set():
+            await self.wait()
+
+    # --- managing ----------------------------------------------------------------
+
+    def is_managed(self, dispatch_type: str) -> bool:
+        """Return whether actors of a type are managed.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            True between `start_managing` and `stop_managing` of the type.
+        """
+        return dispatch_type in self._managed
+
+    async def start_managing(
+        self,
+        dispatch_type: str,
+        *,
+        actor_factory: ActorFactory,
+        merge_strategy: MergeStrategy | None = None,
+        retry_interval: timedelta = timedelta(seconds=60),
+    ) -> None:
+        """Create, start, update and stop actors for the dispatches of a type.
+
+        Args:
+            dispatch_type: The type.
+            actor_factory: Makes an actor from a `DispatchInfo` and a receiver of
+                later updates; may be a coroutine function.
+            merge_strategy: Which dispatches share an actor: `MergeByType`,
+                `MergeByTypeTarget`, a subclass; None is one actor per dispatch.
+            retry_interval: How long to wait before calling a failed factory again.
+        """
+        if dispatch_type in self._managed:
+            _logger.debug("type %r is already managed; ignoring", dispatch_type)
+            return
+        identity: Callable[[Dispatch], Hashable] = (
+            (lambda dispatch: dispatch.id) if merge_strategy is None else merge_strategy.identity
+        )
+        self._managed[dispatch_type] = _ManagedType(
+            dispatch_type=dispatch_type,
+            factory=actor_factory,
+            retry_interval=retry_interval,
+            planner=ActorPlanner(identity),
+        )
+        _logger.info("managing actors of type %r", dispatch_type)
+        await self._reconcile()
+
+    async def stop_managing(self, dispatch_type: str) -> None:
+        """Stop managing a type: its actors are stopped.
+
+        Args:
+            dispatch_type: The type.
+        """
+        async with self._lock:
+            managed = self._managed.pop(dispatch_type, None)
+            if managed is not None:
+                await self._stop_all(managed, "Stopped managing this dispatch type")
+
+    # --- receivers ---------------------------------------------------------------
+
+    def new_lifecycle_events_receiver(self, dispatch_type: str) -> Receiver[DispatchEvent]:
+        """Return a receiver of `Created`, `Updated` and `Deleted` events of a type.
+
+        It starts with a `Created` for every dispatch of the type known now.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            The receiver.
+        """
+        known = sorted(self._view.dispatches(dispatch_type).values(), key=lambda d: d.id)
+        sender, receiver = BroadcastChannel[DispatchEvent](
+            name=f"lifecycle-{dispatch_type}", limit=1024
+        )
+        self._lifecycle_senders.setdefault(dispatch_type, []).append(sender)
+        return PrimedReceiver([Created(dispatch) for dispatch in known], receiver)
+
+    async def new_running_state_event_receiver(
+        self,
+        dispatch_type: str,
+        *,
+        merge_strategy: MergeStrategy | None = None,
+    ) -> Receiver[Dispatch]:
+        """Return a receiver of dispatches whose running state or parameters changed.
+
+        It starts with every dispatch of the type that runs now; then a message comes
+        when a dispatch starts, stops (`started` False), or changes a runtime
+        parameter (target, payload, dry_run, duration, start or end) while running.
+        With a merge strategy, its `filter` decides what passes (with `MergeByType`,
+        a stop passes only when no other dispatch of its group still runs).
+
+        Args:
+            dispatch_type: The type.
+            merge_strategy: The merge strategy; None passes everything.
+
+        Returns:
+            The receiver.
+        """
+        async with self._lock:
+            sender, receiver = BroadcastChannel[Dispatch](
+                name=f"running-state-{dispatch_type}", limit=1024
+            )
+            subscription = _StateSubscription(sender, merge_strategy)
+            current = self._effective.get(dispatch_type, {})
+            for message in running_state_changes({}, current, lambda d: d):
+                await subscription.sender.send(message)
+            self._state_subscriptions.setdefault(dispatch_type, []).append(subscription)
+        return receiver
+
+    # --- the loops ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._connection_loop(), name="dispatcher-connection")
+                group.create_task(self._timer_loop(), name="dispatcher-timer")
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        async with self._lock:
+            for managed in list(self._managed.values()):
+                await self._stop_all(managed, "Dispatcher stopped")
+            self._managed.clear()
+            for senders in self._lifecycle_senders.values():
+                for sender in senders:
+                    await sender.aclose()
+            for subscriptions in self._state_subscriptions.values():
+                for subscription in subscriptions:
+                    await subscription.sender.aclose()
+            self._lifecycle_senders.clear()
+            self._state_subscriptions.clear()
+
+    async def _connection_loop(self) -> None:
+        where = self._settings.describe()
+        failures = 0
+        while True:
+            connected = False
+            try:
+                async with self._settings.new_client() as client:
+                    connected = True
+                    failures = 0
+                    _logger.info("connected to the broker at %s", where)
+                    await self._session(client)
+            except aiomqtt.MqttError as error:
+                if connected:
+                    _logger.warning("lost the broker connection to %s: %s", where, error)
+                else:
+                    _logger.warning("cannot connect to the broker at %s: %s", where, error)
+            self._view.lost_connection()
+            await self._reconcile()
+            delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)
+            failures += 1
+            _logger.info("reconnecting to %s in %.1f s", where, delay)
+            await asyncio.sleep(delay)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        root = self._layout.root
+        self._view.begin_sync()
+        # The status comes in a later SUBSCRIBE: the broker queues it behind the
+        # retained messages of the first one, so it marks the end of the sync.
+        await client.subscribe([(f"{root}/+/running", 1), (f"{root}/+/dispatches/+", 1)])
+        await client.subscribe(self._layout.status, qos=1)
+        loop = asyncio.get_running_loop()
+        sync_deadline = loop.time() + self._sync_timeout
+        messages = client.messages
+        while True:
+            if self._view.in_sync:
+                message = await anext(messages)
+            else:
+                try:
+                    message = await asyncio.wait_for(
+                        anext(messages), max(0.0, sync_deadline - loop.time())
+                    )
+                except TimeoutError:
+                    _logger.warning(
+                        "no retained bridge status on %s within %.1f s: taking the retained "
+                        "state received so far as complete; nothing starts until the "
+                        "bridge is online",
+                        self._layout.status,
+                        self._sync_timeout,
+                    )
+                    await self._finish_sync()
+                    continue
+            await self._on_message(message)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            deadline = self._deadline
+            if deadline is None:
+                await self._wakeup.wait()
+                continue
+            delay = (deadline - self._clock()).total_seconds()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    # A millisecond late, so that `until <= now` holds on wake-up.
+                    await asyncio.wait_for(self._wakeup.wait(), delay + 0.001)
+                if self._wakeup.is_set():
+                    continue
+            await self._reconcile()
+
+    # --- messages ----------------------------------------------------------------
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        raw = message.payload
+        payload = raw if isinstance(raw, bytes) else (b"" if raw is None else str(raw).encode())
+        try:
+            ref = self._layout.parse(topic)
+            match ref.kind:
+                case wire.TopicKind.STATUS:
+                    changed = self._view.apply_status(payload)
+                    if changed:
+                        self._log_status()
+                    if not self._view.in_sync:
+                        await self._finish_sync()
+                    elif changed:
+                        await self._reconcile()
+                case wire.TopicKind.RUNNING:
+                    assert ref.dispatch_type is not None
+                    snapshot = self._view.apply_running(ref.dispatch_type, payload)
+                    if snapshot is not None and not message.retain:
+                        self._check_skew(snapshot.as_of)
+                    if self._view.in_sync and (snapshot is not None or not payload):
+                        await self._reconcile()
+                case wire.TopicKind.DISPATCH:
+                    assert ref.dispatch_type is not None and ref.dispatch_id is not None
+                    events = self._view.apply_dispatch(ref.dispatch_type, ref.dispatch_id, payload)
+                    await self._publish_lifecycle(events)
+                case wire.TopicKind.EVENTS:
+                    pass
+        except wire.WireError as error:
+            _logger.warning("ignoring the message on topic %s: %s", topic, error)
+
+    def _check_skew(self, bridge_time: datetime) -> None:
+        line = self._skew.observe(bridge_time, self._clock())
+        if line is not None:
+            _logger.warning("%s", line)
+
+    def _log_status(self) -> None:
+        status = self._view.status
+        if status is None:
+            _logger.warning("the retained bridge status was cleared: no live view")
+        elif status.state == "online":
+            _logger.info(
+                "bridge %r is online (session %d, upstream %s)",
+                status.bridge,
+                status.session,
+                status.upstream,
+            )
+        else:
+            _logger.warning(
+                "bridge %r is offline (session %d): nothing new starts, running actors "
+                "stop at the end of their run",
+                status.bridge,
+                status.session,
+            )
+
+    async def _finish_sync(self) -> None:
+        events = self._view.end_sync()
+        await self._publish_lifecycle(events)
+        _logger.info(
+            "in sync with the retained state of microgrid %d (%s)",
+            self._microgrid_id,
+            "live" if self._view.live else "bridge not online",
+        )
+        self._initialized.set()
+        await self._reconcile()
+
+    async def _publish_lifecycle(self, events: list[DispatchEvent]) -> None:
+        for event in events:
+            for sender in self._lifecycle_senders.get(event.dispatch.type, ()):
+                await sender.send(event)
+
+    # --- reconciling -------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            live = self._view.live
+            if live != self._was_live:
+                self._was_live = live
+                _logger.info("view of the bridge is %s", "live" if live else "NOT live")
+            types = (
+                self._view.types()
+                | self._effective.keys()
+                | self._managed.keys()
+                | self._state_subscriptions.keys()
+            )
+            deadline: datetime | None = None
+            for dispatch_type in sorted(types):
+                previous = self._effective.get(dispatch_type, {})
+                confirmed = confirmed_running(
+                    self._view.running(dispatch_type), previous.keys(), now=now, live=live
+                )
+                current = {dispatch.id: dispatch for dispatch in confirmed}
+                if current:
+                    self._effective[dispatch_type] = current
+                else:
+                    self._effective.pop(dispatch_type, None)
+                await self._notify_running_state(dispatch_type, previous, current)
+                managed = self._managed.get(dispatch_type)
+                if managed is not None:
+                    reason = STOPPED if live else STOPPED_UNCONFIRMED
+                    await self._execute(
+                        managed, managed.planner.reconcile(confirmed, reason=reason)
+                    )
+                    if live:
+                        await self._retry(managed, now)
+                    deadline = _earliest(deadline, *managed.retry_due.values())
+                if not live:
+                    deadline = _earliest(deadline, *(d.until for d in confirmed))
+            self._deadline = deadline
+            self._wakeup.set()
+
+    async def _notify_running_state(
+        self,
+        dispatch_type: str,
+        previous: dict[DispatchId, Dispatch],
+        current: dict[DispatchId, Dispatch],
+    ) -> None:
+        subscriptions = self._state_subscriptions.get(dispatch_type)
+        if not subscriptions:
+            return
+
+        def stopped(dispatch: Dispatch) -> Dispatch:
+            known = self._view.dispatch(dispatch_type, int(dispatch.id))
+            if known is None:
+                return dispatch.with_state(running=False, deleted=True)
+            return known.with_state(running=False)
+
+        messages = running_state_changes(previous, current, stopped)
+        if not messages:
+            return
+        context: dict[DispatchId, Dispatch] = {
+            dispatch.id: dispatch.with_state(running=False)
+            for dispatch in self._view.dispatches(dispatch_type).values()
+        }
+        context.update(current)
+        for subscription in subscriptions:
+            for message in messages:
+                strategy = subscription.strategy
+                if strategy is None or strategy.filter(context, message):
+                    await subscription.sender.send(message)
+
+    async def _execute(self, managed: _ManagedType, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case StopActor(key=key, reason=reason):
+                    running = managed.actors.pop(key, None)
+                    managed.retry_due.pop(key, None)
+                    if running is not None:
+                        await self._stop_actor(managed, running, reason)
+                case UpdateActor(key=key, dispatch=dispatch):
+                    running = managed.actors.get(key)
+                    if running is not None:
+                        _logger.info(
+                            "updating the actor of type %r to dispatch %s",
+                            managed.dispatch_type,
+                            int(dispatch.id),
+                        )
+                        running.dispatch = dispatch
+                        await running.sender.send(DispatchInfo.from_dispatch(dispatch))
+                case StartActor(key=key, dispatch=dispatch):
+                    await self._start_actor(managed, key, dispatch)
+
+    async def _start_actor(self, managed: _ManagedType, key: Hashable, dispatch: Dispatch) -> None:
+        # Limit 1: an actor that is slow to read gets the latest information only.
+        sender, receiver = BroadcastChannel[DispatchInfo](
+            name=f"dispatch-info-{managed.dispatch_type}-{key}",
+            resend_latest=True,
+            limit=1,
+            warn_on_overflow=False,
+        )
+        try:
+            created = managed.factory(DispatchInfo.from_dispatch(dispatch), receiver)
+            # Await coroutines only: a frequenz-sdk actor is awaitable itself.
+            if inspect.iscoroutine(created) or isinstance(created, asyncio.Future):
+                actor: Actor = await created
+            else:
+                actor = cast(Actor, created)
+            actor.start()
+        except Exception:
+            retry_at = self._clock() + managed.retry_interval
+            _logger.exception(
+                "creating or starting the actor for dispatch %s of type %r failed; "
+                "retrying at %s while it runs",
+                int(dispatch.id),
+                managed.dispatch_type,
+                retry_at.isoformat(),
+            )
+            managed.planner.start_failed(key)
+            managed.retry_due[key] = retry_at
+            await sender.aclose()
+            return
+        managed.retry_due.pop(key, None)
+        managed.actors[key] = _RunningActor(actor, sender, dispatch)
+        _logger.info(
+            "started the actor of type %r for dispatch %s (until %s)",
+            managed.dispatch_type,
+            int(dispatch.id),
+            dispatch.until.isoformat() if dispatch.until else "changed",
+        )
+
+    async def _stop_actor(self, managed: _ManagedType, running: _RunningActor, reason: str) -> None:
+        _logger.info(
+            "stopping the actor of type %r (dispatch %s): %s",
+            managed.dispatch_type,
+            int(running.dispatch.id),
+            reason,
+        )
+        try:
+            await running.actor.stop(reason)
+        except Exception:
+            _logger.exception("stopping the actor of type %r failed", managed.dispatch_type)
+        finally:
+            await running.sender.aclose()
+
+    async def _retry(self, managed: _ManagedType, now: datetime) -> None:
+        waiting = managed.planner.waiting_keys
+        for key in [key for key in managed.retry_due if key not in waiting]:
+            del managed.retry_due[key]
+        for key, due in list(managed.retry_due.items()):
+            if due <= now and (start := managed.planner.retry(key)) is not None:
+                await self._start_actor(managed, key, start.dispatch)
+
+    async def _stop_all(self, managed: _ManagedType, reason: str) -> None:
+        managed.planner.stop_all(reason)
+        managed.retry_due.clear()
+        for key in list(managed.actors):
+            await self._stop_actor(managed, managed.actors.pop(key), reason)
+
+
+def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:
+    for candidate in candidates:
+        if candidate is not None and (current is None or candidate < current):
+            current = candidate
+    return current

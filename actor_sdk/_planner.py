@@ -1,0 +1,290 @@
+"""The SDK's decisions, without I/O and without a clock: everything here is pure.
+
+Three questions, three answers:
+
+* `confirmed_running`: of what the bridge reported as running, what may run now?
+  (the fail-safe: nothing new without a live view, nothing past its end)
+* `ActorPlanner.reconcile`: given what runs, which actors to start, update, stop?
+  (the merge: one actor per identity; its information follows a running dispatch)
+* `running_state_changes`: which running state messages does a change produce?
+
+The async shell (`_dispatcher.py`) reads the clock, feeds these, and carries out
+the actions they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping, Set
+from dataclasses import dataclass
+from datetime import datetime
+
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk._dispatch import Dispatch, runtime_state
+
+__all__ = [
+    "Action",
+    "ActorPlanner",
+    "StartActor",
+    "StopActor",
+    "UpdateActor",
+    "confirmed_running",
+    "running_state_changes",
+]
+
+STOPPED = "Dispatch stopped"
+STOPPED_UNCONFIRMED = "Dispatch stopped at its end: no live view of the bridge"
+
+
+def confirmed_running(
+    reported: Iterable[Dispatch],
+    previous: Set[DispatchId],
+    *,
+    now: datetime,
+    live: bool,
+) -> tuple[Dispatch, ...]:
+    """Return the reported running dispatches that may run now.
+
+    With a live view (connected, in sync, bridge online), the bridge is trusted for
+    what already runs; a dispatch that is new to the running set is not started when
+    its `until` has already passed. Without a live view, nothing new starts, and
+    what runs stops at its own `until` (the local timer stands in for the bridge).
+
+    Args:
+        reported: The dispatches the latest accepted snapshot says run.
+        previous: The ids that were running at the last decision.
+        now: The current instant.
+        live: Whether the view of the bridge is live and online.
+
+    Returns:
+        The dispatches that run, in the order given.
+    """
+    confirmed = []
+    for dispatch in reported:
+        if not dispatch.started:
+            continue
+        known = dispatch.id in previous
+        if not live and not known:
+            continue
+        ended = dispatch.until is not None and dispatch.until <= now
+        if ended and not (live and known):
+            continue
+        confirmed.append(dispatch)
+    return tuple(confirmed)
+
+
+@dataclass(frozen=True)
+class StartActor:
+    """Create and start the actor of `key` for `dispatch`."""
+
+    key: Hashable
+    dispatch: Dispatch
+
+
+@dataclass(frozen=True)
+class UpdateActor:
+    """Send the running actor of `key` the information of `dispatch`."""
+
+    key: Hashable
+    dispatch: Dispatch
+
+
+@dataclass(frozen=True)
+class StopActor:
+    """Stop the actor of `key`; `dispatch` is the one it last ran for."""
+
+    key: Hashable
+    dispatch: Dispatch
+    reason: str
+
+
+Action = StartActor | UpdateActor | StopActor
+
+
+def _run_start(dispatch: Dispatch) -> datetime:
+    """When the current run of a dispatch began, as far as the dispatch tells."""
+    if dispatch.until is not None and dispatch.duration is not None:
+        return dispatch.until - dispatch.duration
+    return dispatch.start_time
+
+
+@dataclass
+class _Group:
+    """The dispatches one actor serves, most recently started or changed last."""
+
+    members: dict[DispatchId, Dispatch]
+    shown: Dispatch
+    """What the actor was started with or last updated to."""
+    has_actor: bool = True
+
+    @property
+    def current(self) -> Dispatch:
+        """The dispatch the actor should reflect: the newest member."""
+        return next(reversed(self.members.values()))
+
+
+class ActorPlanner:
+    """Decides actor starts, updates and stops for one dispatch type.
+
+    Dispatches with equal identities share an actor. The actor's information
+    always comes from a running member of its group: the one that started or
+    changed most recently; when that one stops while others still run, the actor
+    is updated to the newest remaining one (never left with a finished dispatch's
+    parameters). A group whose start failed waits for `retry()`.
+    """
+
+    def __init__(self, identity: Callable[[Dispatch], Hashable]) -> None:
+        """Create a planner.
+
+        Args:
+            identity: Maps a dispatch to the key of the actor that serves it.
+        """
+        self._identity = identity
+        self._groups: dict[Hashable, _Group] = {}
+
+    @property
+    def running_keys(self) -> frozenset[Hashable]:
+        """The keys whose actor runs (or is being started)."""
+        return frozenset(key for key, group in self._groups.items() if group.has_actor)
+
+    def members(self, key: Hashable) -> tuple[DispatchId, ...]:
+        """Return the ids of the dispatches a group serves, oldest first.
+
+        Args:
+            key: The group's key.
+
+        Returns:
+            The ids; empty for an unknown key.
+        """
+        group = self._groups.get(key)
+        return () if group is None else tuple(group.members)
+
+    def reconcile(self, running: Iterable[Dispatch], *, reason: str = STOPPED) -> list[Action]:
+        """Bring the groups to match the running dispatches.
+
+        Args:
+            running: Every dispatch of the type that runs now.
+            reason: The stop message for actors whose group no longer runs.
+
+        Returns:
+            The actions, stops first, then starts and updates.
+        """
+        wanted: dict[Hashable, list[Dispatch]] = {}
+        for dispatch in sorted(running, key=lambda d: (_run_start(d), d.id)):
+            wanted.setdefault(self._identity(dispatch), []).append(dispatch)
+
+        stops: list[Action] = []
+        for key in [key for key in self._groups if key not in wanted]:
+            group = self._groups.pop(key)
+            if group.has_actor:
+                stops.append(StopActor(key, group.shown, reason))
+
+        others: list[Action] = []
+        for key, dispatches in wanted.items():
+            existing = self._groups.get(key)
+            if existing is None:
+                members = {d.id: d for d in dispatches}
+                self._groups[key] = _Group(members=members, shown=dispatches[-1])
+                others.append(StartActor(key, dispatches[-1]))
+                continue
+            group = existing
+            by_id = {d.id: d for d in dispatches}
+            kept = {
+                i: by_id[i]
+                for i, old in group.members.items()
+                if i in by_id and runtime_state(old) == runtime_state(by_id[i])
+            }
+            # Changed members move to the end (newest), then new ones in start order.
+            changed = [d for d in dispatches if d.id in group.members and d.id not in kept]
+            added = [d for d in dispatches if d.id not in group.members]
+            group.members = kept | {d.id: d for d in changed + added}
+            current = group.current
+            if runtime_state(current) == runtime_state(group.shown) and (
+                current.id == group.shown.id
+            ):
+                continue
+            group.shown = current
+            others.append(
+                UpdateActor(key, current) if group.has_actor else StartActor(key, current)
+            )
+            if not group.has_actor:
+                group.has_actor = True
+        return stops + others
+
+    def start_failed(self, key: Hashable) -> None:
+        """Record that the actor of `key` could not be created or started.
+
+        Args:
+            key: The group's key.
+        """
+        group = self._groups.get(key)
+        if group is not None:
+            group.has_actor = False
+
+    def retry(self, key: Hashable) -> StartActor | None:
+        """Return a start for a group that should run but has no actor (a failed start).
+
+        Marks it as started; the caller reports a failure again with `start_failed`.
+
+        Args:
+            key: The group's key.
+
+        Returns:
+            The start, or None when the group has an actor or no longer runs.
+        """
+        group = self._groups.get(key)
+        if group is None or group.has_actor:
+            return None
+        group.shown = group.current
+        group.has_actor = True
+        return StartActor(key, group.shown)
+
+    @property
+    def waiting_keys(self) -> frozenset[Hashable]:
+        """The keys of groups that should run but have no actor."""
+        return frozenset(key for key, group in self._groups.items() if not group.has_actor)
+
+    def stop_all(self, reason: str) -> list[StopActor]:
+        """Forget every group and return a stop for each running actor.
+
+        Args:
+            reason: The stop message.
+
+        Returns:
+            The stops.
+        """
+        stops = [
+            StopActor(key, group.shown, reason)
+            for key, group in self._groups.items()
+            if group.has_actor
+        ]
+        self._groups.clear()
+        return stops
+
+
+def running_state_changes(
+    previous: Mapping[DispatchId, Dispatch],
+    current: Mapping[DispatchId, Dispatch],
+    stopped: Callable[[Dispatch], Dispatch],
+) -> list[Dispatch]:
+    """Return the running state messages for a change of the running set.
+
+    A message for every dispatch that started, and for every running one whose
+    runtime parameters changed, then one for every dispatch that stopped.
+
+    Args:
+        previous: The running dispatches before, by id.
+        current: The running dispatches now, by id.
+        stopped: Makes the stop message of a dispatch that no longer runs.
+
+    Returns:
+        The messages, in that order.
+    """
+    messages = [
+        dispatch
+        for dispatch_id, dispatch in current.items()
+        if dispatch_id not in previous
+        or runtime_state(previous[dispatch_id]) != runtime_state(dispatch)
+    ]
+    messages += [stopped(d) for dispatch_id, d in previous.items() if dispatch_id not in current]
+    return messages

@@ -1,0 +1,282 @@
+"""What the SDK knows of the bridge, built from the retained topics; pure (no I/O, no clock).
+
+The view takes raw payloads in topic order and keeps:
+
+* the bridge status (the latest `online`, or an `offline` of the same or a newer session;
+  an `offline` of an older session is a stale will and is ignored),
+* per type, the latest accepted running snapshot: a snapshot is accepted when its
+  `(session, seq)` is newer than the last one of that type; a higher session always
+  wins; a lower session only when the bridge's current online status carries it
+  (a bridge whose state dir was wiped starts counting again),
+* every dispatch from the retained `T/dispatches/ID` topics, from which the lifecycle
+  events come. The non-retained `T/events` topic is not used: retained state survives
+  reconnects, a missed event does not.
+
+After a (re)connect the SDK calls `begin_sync`, feeds the retained messages, and calls
+`end_sync` at the barrier (the retained status, which the broker sends after the
+retained messages of the earlier subscription): whatever was not delivered again has
+been cleared meanwhile (a type with no running snapshot runs nothing; a dispatch whose
+topic is gone was deleted).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from actor_sdk import wire
+from actor_sdk._dispatch import Dispatch, definition, from_wire
+from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
+
+__all__ = ["BridgeView", "is_newer"]
+
+_logger = logging.getLogger(__name__)
+
+
+def is_newer(
+    session: int,
+    seq: int,
+    last: tuple[int, int] | None,
+    online_session: int | None,
+) -> bool:
+    """Tell whether a snapshot supersedes the last accepted one of its type.
+
+    Args:
+        session: The snapshot's bridge session.
+        seq: The snapshot's sequence number.
+        last: `(session, seq)` of the last accepted snapshot, None if none.
+        online_session: The session of the bridge's current online status, if any.
+
+    Returns:
+        True to accept it.
+    """
+    if last is None or session > last[0]:
+        return True
+    if session == last[0]:
+        return seq > last[1]
+    return session == online_session
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    session: int
+    seq: int
+    as_of: datetime | None
+    running: tuple[Dispatch, ...]
+
+
+class BridgeView:
+    """The SDK's picture of one microgrid's topics."""
+
+    def __init__(self, microgrid_id: int) -> None:
+        """Create an empty view.
+
+        Args:
+            microgrid_id: The microgrid whose topics are fed in.
+        """
+        self._microgrid_id = microgrid_id
+        self.status: wire.BridgeStatus | None = None
+        self.in_sync = False
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._dispatches: dict[tuple[str, int], Dispatch] = {}
+        self._seen_types: set[str] = set()
+        self._seen_dispatches: set[tuple[str, int]] = set()
+
+    @property
+    def live(self) -> bool:
+        """Whether the view is in sync with the broker and the bridge says it is online."""
+        return self.in_sync and self.status is not None and self.status.state == "online"
+
+    def types(self) -> set[str]:
+        """Return every type that has a running snapshot or a dispatch."""
+        return set(self._snapshots) | {dispatch_type for dispatch_type, _ in self._dispatches}
+
+    def running(self, dispatch_type: str) -> tuple[Dispatch, ...]:
+        """Return the dispatches of a type the latest accepted snapshot says run.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            The dispatches, sorted by id.
+        """
+        snapshot = self._snapshots.get(dispatch_type)
+        return () if snapshot is None else snapshot.running
+
+    def dispatches(self, dispatch_type: str) -> dict[int, Dispatch]:
+        """Return the known dispatches of a type, by id.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            The dispatches.
+        """
+        return {i: d for (t, i), d in self._dispatches.items() if t == dispatch_type}
+
+    def dispatch(self, dispatch_type: str, dispatch_id: int) -> Dispatch | None:
+        """Return one known dispatch.
+
+        Args:
+            dispatch_type: Its type.
+            dispatch_id: Its id.
+
+        Returns:
+            The dispatch, None when unknown.
+        """
+        return self._dispatches.get((dispatch_type, dispatch_id))
+
+    # --- connection --------------------------------------------------------------
+
+    def begin_sync(self) -> None:
+        """Start receiving the retained state again (after a connect)."""
+        self.in_sync = False
+        self._seen_types.clear()
+        self._seen_dispatches.clear()
+
+    def end_sync(self) -> list[DispatchEvent]:
+        """Finish a sync: what was not delivered again is gone.
+
+        Returns:
+            A `Deleted` for each dispatch whose retained topic disappeared.
+        """
+        for dispatch_type, snapshot in self._snapshots.items():
+            if dispatch_type not in self._seen_types and snapshot.running:
+                _logger.info(
+                    "type %r has no retained running snapshot any more: nothing of it runs",
+                    dispatch_type,
+                )
+                self._snapshots[dispatch_type] = _Snapshot(
+                    snapshot.session, snapshot.seq, snapshot.as_of, ()
+                )
+        events: list[DispatchEvent] = []
+        for key in [k for k in self._dispatches if k not in self._seen_dispatches]:
+            gone = self._dispatches.pop(key)
+            events.append(Deleted(gone.with_state(running=False, deleted=True)))
+        self.in_sync = True
+        return events
+
+    def lost_connection(self) -> None:
+        """Record that the broker connection is gone: the view is no longer live."""
+        self.in_sync = False
+
+    # --- messages ----------------------------------------------------------------
+
+    def apply_status(self, payload: bytes) -> bool:
+        """Apply a status payload.
+
+        Args:
+            payload: The raw payload; empty when the retained status was cleared.
+
+        Returns:
+            True when the status changed.
+
+        Raises:
+            WireError: The payload is not a status.
+        """
+        if not payload:
+            changed = self.status is not None
+            self.status = None
+            return changed
+        status = wire.decode_status(payload)
+        current = self.status
+        if current is not None and status.state == "offline" and status.session < current.session:
+            _logger.info(
+                "ignoring a stale offline status of bridge session %d (current session %d)",
+                status.session,
+                current.session,
+            )
+            return False
+        self.status = status
+        return status != current
+
+    def apply_running(self, dispatch_type: str, payload: bytes) -> wire.RunningSnapshot | None:
+        """Apply a running snapshot of a type.
+
+        Args:
+            dispatch_type: The type from the topic.
+            payload: The raw payload; empty when the retained snapshot was cleared.
+
+        Returns:
+            The snapshot when accepted; None when it was old, a duplicate, or a clearing.
+
+        Raises:
+            WireError: The payload is not a running snapshot of this type and microgrid,
+                or names a target the client library does not know.
+        """
+        self._seen_types.add(dispatch_type)
+        if not payload:
+            snapshot = self._snapshots.get(dispatch_type)
+            if snapshot is not None and snapshot.running:
+                self._snapshots[dispatch_type] = _Snapshot(
+                    snapshot.session, snapshot.seq, snapshot.as_of, ()
+                )
+            return None
+        message = wire.decode_running(payload)
+        if message.type != dispatch_type or message.microgrid_id != self._microgrid_id:
+            raise wire.WireError(
+                f"snapshot of type {message.type!r}, microgrid {message.microgrid_id} "
+                f"on the topic of type {dispatch_type!r}, microgrid {self._microgrid_id}"
+            )
+        last = self._snapshots.get(dispatch_type)
+        online = self.status.session if self.status and self.status.state == "online" else None
+        if not is_newer(
+            message.session, message.seq, None if last is None else (last.session, last.seq), online
+        ):
+            return None
+        running = []
+        for item in message.running:
+            try:
+                if item.type != dispatch_type:
+                    raise wire.WireError(f"dispatch {item.id} is of type {item.type!r}")
+                running.append(from_wire(item, as_of=message.as_of))
+            except wire.WireError as error:
+                _logger.warning(
+                    "ignoring dispatch %d in the running snapshot of type %r: %s",
+                    item.id,
+                    dispatch_type,
+                    error,
+                )
+        self._snapshots[dispatch_type] = _Snapshot(
+            message.session, message.seq, message.as_of, tuple(running)
+        )
+        return message
+
+    def apply_dispatch(
+        self, dispatch_type: str, dispatch_id: int, payload: bytes
+    ) -> list[DispatchEvent]:
+        """Apply the retained message of one dispatch.
+
+        Args:
+            dispatch_type: The type from the topic.
+            dispatch_id: The id from the topic.
+            payload: The raw payload; empty when the dispatch was deleted.
+
+        Returns:
+            The lifecycle events it causes (none when only its computed state changed).
+
+        Raises:
+            WireError: The payload is not this dispatch, or names an unknown target.
+        """
+        key = (dispatch_type, dispatch_id)
+        self._seen_dispatches.add(key)
+        known = self._dispatches.get(key)
+        if not payload:
+            if known is None:
+                return []
+            del self._dispatches[key]
+            return [Deleted(known.with_state(running=False, deleted=True))]
+        message = wire.decode_dispatch(payload)
+        if message.id != dispatch_id or message.type != dispatch_type:
+            raise wire.WireError(
+                f"dispatch {message.id} of type {message.type!r} on the topic of "
+                f"dispatch {dispatch_id} of type {dispatch_type!r}"
+            )
+        dispatch = from_wire(message)
+        self._dispatches[key] = dispatch
+        if known is None:
+            return [Created(dispatch)]
+        if definition(known) != definition(dispatch):
+            return [Updated(dispatch)]
+        return []

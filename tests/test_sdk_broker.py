@@ -1,0 +1,402 @@
+"""Actor SDK against a real Mosquitto, with a scripted publisher in place of the bridge.
+
+Each test publishes status, running snapshots and dispatch topics as the `bridge`
+user (wire structs) and watches what the SDK's actors do. Windows are seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from actor_sdk import (
+    Created,
+    Deleted,
+    Dispatcher,
+    DispatchEvent,
+    MergeByType,
+    MergeByTypeTarget,
+    Updated,
+    wire,
+)
+from tests.fixtures.broker import Broker
+from tests.fixtures.sdk import (
+    ActorLog,
+    ScriptedBridge,
+    TcpProxy,
+    new_microgrid_id,
+    utcnow,
+    wire_dispatch,
+)
+
+T = "SDK_TEST"
+
+
+@contextlib.asynccontextmanager
+async def dispatcher_for(
+    bridge: ScriptedBridge, url: str | None = None, **options: object
+) -> AsyncIterator[Dispatcher]:
+    options.setdefault("reconnect_delay", timedelta(seconds=0.1))
+    options.setdefault("max_reconnect_delay", timedelta(seconds=0.5))
+    options.setdefault("sync_timeout", timedelta(seconds=1))
+    dispatcher = Dispatcher(
+        microgrid_id=bridge.microgrid_id,
+        broker=url or bridge.broker.url("actor"),
+        **options,  # type: ignore[arg-type]
+    )
+    async with dispatcher:
+        yield dispatcher
+
+
+async def test_starts_an_actor_with_the_payload_target_and_dry_run_then_stops_it(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    d1 = wire_dispatch(
+        1, T, payload={"power_w": 5000}, target=wire.Target(ids=(7, 8)), dry_run=True
+    )
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await scripted_bridge.running(T, [d1])
+        start = await log.wait_count("start", 1)
+        assert start.info is not None
+        assert start.info.options == {"power_w": 5000}
+        assert set(start.info.target) == {7, 8}
+        assert start.info.dry_run is True
+        assert start.info._src.started
+        assert start.info._src.until == d1.until
+
+        await scripted_bridge.running(T, [])
+        stop = await log.wait_count("stop", 1)
+        assert stop.msg == "Dispatch stopped"
+    assert len(log.of("start")) == 1
+
+
+async def test_a_running_dispatch_changed_is_an_update_not_a_restart(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 1})])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await log.wait_count("start", 1)
+        changed = wire_dispatch(1, T, payload={"v": 2}, target=wire.Target(ids=(9,)))
+        await scripted_bridge.running(T, [changed])
+        update = await log.wait_count("update", 1)
+        assert update.info is not None
+        assert update.info.options == {"v": 2}
+        assert set(update.info.target) == {9}
+        # The same snapshot again (a republish) changes nothing.
+        await scripted_bridge.running(T, [changed])
+        await scripted_bridge.running(T, [])
+        await log.wait_count("stop", 1)
+    assert [r.kind for r in log.records] == ["start", "update", "stop"]
+
+
+async def test_old_and_duplicate_snapshots_are_ignored_and_a_new_session_wins(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online", session=5)
+    d1 = wire_dispatch(1, T)
+    await scripted_bridge.running(T, [d1], session=5, seq=10)
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await log.wait_count("start", 1)
+        await scripted_bridge.running(T, [], session=5, seq=9)  # older
+        await scripted_bridge.running(T, [], session=5, seq=10)  # duplicate
+        await scripted_bridge.running(T, [], session=4, seq=99)  # older session
+        d2 = wire_dispatch(2, T)
+        await scripted_bridge.running(T, [d1, d2], session=5, seq=11)  # marker: newer
+        await log.wait_count("start", 2)
+        assert log.running_dispatch_ids() == [1, 2]
+        await scripted_bridge.status("online", session=6)
+        await scripted_bridge.running(T, [d2], session=6, seq=1)  # new session, low seq
+        await log.wait_count("stop", 1)
+        assert log.running_dispatch_ids() == [2]
+
+
+async def test_garbage_is_logged_with_its_topic_and_ignored(
+    scripted_bridge: ScriptedBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    layout = scripted_bridge.layout
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        with caplog.at_level(logging.WARNING, logger="actor_sdk"):
+            await scripted_bridge.raw(layout.running(T), b"{not json", retain=False)
+            await scripted_bridge.raw(layout.dispatch(T, 3), b"[1,2]", retain=False)
+            await scripted_bridge.raw(f"{layout.root}/bad%2/running", b"{}", retain=False)
+            await scripted_bridge.running(T, [wire_dispatch(1, T)])
+            await log.wait_count("start", 1)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(layout.running(T) in m for m in messages), messages
+        assert any(layout.dispatch(T, 3) in m for m in messages), messages
+        assert any("bad%2" in m for m in messages), messages
+
+
+async def test_nothing_starts_while_the_bridge_is_offline(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("offline")
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await scripted_bridge.running(T, [wire_dispatch(1, T), wire_dispatch(2, T)])
+        # The status is the bridge's word: once online, the snapshot is confirmed.
+        await asyncio.sleep(0.3)  # nothing to await: asserting that nothing happens
+        assert log.records == []
+        await scripted_bridge.status("online")
+        await log.wait_count("start", 2)
+
+
+async def test_a_snapshot_whose_run_already_ended_is_not_started(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    past = utcnow() - timedelta(seconds=30)
+    ended = wire_dispatch(1, T, start=past, duration=10)
+    await scripted_bridge.running(T, [ended])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await scripted_bridge.running(T, [ended, wire_dispatch(2, T)])
+        await log.wait_count("start", 1)
+        assert log.running_dispatch_ids() == [2]
+
+
+async def test_bridge_offline_stops_the_actor_at_its_until(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    until = utcnow() + timedelta(seconds=1.5)
+    d1 = wire_dispatch(1, T, duration=None, until=None)
+    d1 = wire_dispatch(1, T, start=until - timedelta(seconds=10), duration=10)
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await scripted_bridge.running(T, [d1])
+        await log.wait_count("start", 1)
+        await scripted_bridge.status("offline")
+        stop = await log.wait_count("stop", 1, within=5)
+        stopped_at = utcnow()
+        assert stop.msg is not None and "no live view" in stop.msg
+        assert d1.until is not None
+        assert abs((stopped_at - d1.until).total_seconds()) < 0.5
+
+
+async def test_lost_broker_connection_stops_the_actor_at_its_until_and_reconnect_reconciles(
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+) -> None:
+    log = ActorLog()
+    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
+    await proxy.start()
+    try:
+        await scripted_bridge.status("online")
+        start = utcnow() - timedelta(seconds=8)
+        d1 = wire_dispatch(1, T, start=start, duration=10)  # ends in about 2 s
+        d2 = wire_dispatch(2, T, duration=60)
+        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
+            await dispatcher.start_managing(T, actor_factory=log.factory)
+            await scripted_bridge.running(T, [d1, d2])
+            await log.wait_count("start", 2)
+            await proxy.cut()
+            # Disconnected: d1 stops at its own until, d2 (60 s) keeps running.
+            stop = await log.wait_count("stop", 1, within=5)
+            assert stop.dispatch_id == 1
+            assert d1.until is not None
+            assert abs((utcnow() - d1.until).total_seconds()) < 0.5
+            # Meanwhile the bridge stops d2 and starts d3.
+            d3 = wire_dispatch(3, T, duration=60)
+            await scripted_bridge.running(T, [d3])
+            await proxy.resume()
+            await log.wait_for(lambda lg: lg.running_dispatch_ids() == [3], what="only d3")
+            assert [r.dispatch_id for r in log.of("start")] == [1, 2, 3]
+            assert sorted(r.dispatch_id for r in log.of("stop")) == [1, 2]
+    finally:
+        await proxy.close()
+
+
+async def test_a_type_whose_running_snapshot_was_cleared_while_disconnected_stops(
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+) -> None:
+    log = ActorLog()
+    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
+    await proxy.start()
+    try:
+        await scripted_bridge.status("online")
+        await scripted_bridge.running(T, [wire_dispatch(1, T, duration=None)])
+        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
+            await dispatcher.start_managing(T, actor_factory=log.factory)
+            await log.wait_count("start", 1)
+            await proxy.cut()
+            await scripted_bridge.raw(scripted_bridge.layout.running(T), b"")
+            await scripted_bridge.status("online")  # republished after the clearing
+            await proxy.resume()
+            await log.wait_count("stop", 1)
+    finally:
+        await proxy.close()
+
+
+async def test_lifecycle_events_from_the_retained_dispatch_topics(
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+) -> None:
+    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
+    await proxy.start()
+    try:
+        await scripted_bridge.status("online")
+        await scripted_bridge.dispatch(wire_dispatch(1, T, running=False))
+        await scripted_bridge.dispatch(wire_dispatch(2, T, running=False))
+        await scripted_bridge.dispatch(wire_dispatch(3, "OTHER", running=False))
+        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
+            events = dispatcher.new_lifecycle_events_receiver(T)
+
+            async def next_event() -> DispatchEvent:
+                return await asyncio.wait_for(events.receive(), 5)
+
+            first = [await next_event(), await next_event()]
+            assert [(type(e), int(e.dispatch.id)) for e in first] == [(Created, 1), (Created, 2)]
+            # Only the computed state changes: no event. The payload changes: Updated.
+            await scripted_bridge.dispatch(wire_dispatch(1, T, running=True))
+            await scripted_bridge.dispatch(wire_dispatch(1, T, payload={"new": True}))
+            updated = await next_event()
+            assert isinstance(updated, Updated) and updated.dispatch.payload == {"new": True}
+            await scripted_bridge.delete(T, 1)
+            deleted = await next_event()
+            assert isinstance(deleted, Deleted) and deleted.dispatch.deleted
+            # Deleted while disconnected: learnt at the resync.
+            await proxy.cut()
+            await scripted_bridge.delete(T, 2)
+            await proxy.resume()
+            gone = await next_event()
+            assert isinstance(gone, Deleted) and int(gone.dispatch.id) == 2
+    finally:
+        await proxy.close()
+
+
+async def test_running_state_receiver_with_merge_holds_back_a_stop_while_another_runs(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    await scripted_bridge.status("online")
+    d1, d2 = wire_dispatch(1, T), wire_dispatch(2, T)
+    await scripted_bridge.running(T, [d1])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        merged = await dispatcher.new_running_state_event_receiver(T, merge_strategy=MergeByType())
+        plain = await dispatcher.new_running_state_event_receiver(T)
+
+        async def take(receiver: object, count: int) -> list[tuple[int, bool]]:
+            got = []
+            for _ in range(count):
+                message = await asyncio.wait_for(receiver.receive(), 5)  # type: ignore[attr-defined]
+                got.append((int(message.id), message.started))
+            return got
+
+        assert await take(merged, 1) == [(1, True)]
+        await scripted_bridge.running(T, [d1, d2])
+        await scripted_bridge.running(T, [d2])
+        await scripted_bridge.running(T, [])
+        assert await take(plain, 4) == [(1, True), (2, True), (1, False), (2, False)]
+        assert await take(merged, 2) == [(2, True), (2, False)]
+
+
+async def test_a_failing_factory_is_retried_every_retry_interval(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog(fail_next=2)
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(
+            T, actor_factory=log.factory, retry_interval=timedelta(seconds=0.5)
+        )
+        await log.wait_count("start", 1, within=5)
+    calls = log.factory_calls
+    assert len(calls) == 3
+    assert 0.45 <= calls[1] - calls[0] <= 0.8
+    assert 0.45 <= calls[2] - calls[1] <= 0.8
+
+
+async def test_merge_by_type_keeps_one_actor_that_always_reflects_a_running_dispatch(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    d1 = wire_dispatch(1, T, payload={"p": 1})
+    d2 = wire_dispatch(2, T, payload={"p": 2}, start=utcnow() + timedelta(seconds=1))
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory, merge_strategy=MergeByType())
+        await scripted_bridge.running(T, [d1])
+        await log.wait_count("start", 1)
+        await scripted_bridge.running(T, [d1, d2])
+        update = await log.wait_count("update", 1)
+        assert update.info is not None and update.info.options == {"p": 2}
+        await scripted_bridge.running(T, [d1])  # the newer one ends first
+        back = await log.wait_count("update", 2)
+        assert back.info is not None and back.info.options == {"p": 1}
+        await scripted_bridge.running(T, [])
+        await log.wait_count("stop", 1)
+    assert [r.kind for r in log.records] == ["start", "update", "update", "stop"]
+
+
+async def test_merge_by_type_target_and_dry_run_make_separate_actors(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    a1 = wire_dispatch(1, T, target=wire.Target(ids=(1,)))
+    a2 = wire_dispatch(2, T, target=wire.Target(ids=(1,)))
+    b3 = wire_dispatch(3, T, target=wire.Target(ids=(2,)))
+    dry4 = wire_dispatch(4, T, target=wire.Target(ids=(1,)), dry_run=True)
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(
+            T, actor_factory=log.factory, merge_strategy=MergeByTypeTarget()
+        )
+        await scripted_bridge.running(T, [a1, a2, b3, dry4])
+        await log.wait_count("start", 3)
+        assert len(log.running) == 3
+        await scripted_bridge.running(T, [a1, a2, dry4])
+        await log.wait_count("stop", 1)
+        assert log.of("stop")[0].dispatch_id == 3
+        assert len(log.running) == 2
+
+
+async def test_clock_skew_is_logged_once(
+    scripted_bridge: ScriptedBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        with caplog.at_level(logging.WARNING, logger="actor_sdk"):
+            skewed = utcnow() - timedelta(seconds=5)
+            for n in range(3):
+                await scripted_bridge.running(T, [wire_dispatch(n + 1, T)], as_of=skewed)
+            await log.wait_for(lambda lg: lg.running_dispatch_ids() == [3], what="d3 only")
+        skew_lines = [r for r in caplog.records if "clock" in r.getMessage()]
+        assert len(skew_lines) == 1, [r.getMessage() for r in skew_lines]
+
+
+async def test_broker_restart_is_survived(mqtt_broker: Broker) -> None:
+    log = ActorLog()
+    async with ScriptedBridge(mqtt_broker, new_microgrid_id()) as bridge:
+        await bridge.status("online")
+        await bridge.running(T, [wire_dispatch(1, T, duration=60)])
+    async with dispatcher_for(bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await log.wait_count("start", 1)
+        mqtt_broker.restart()
+        async with ScriptedBridge(mqtt_broker, bridge.microgrid_id) as again:
+            again.session = 2
+            await again.status("online")
+            await again.running(T, [wire_dispatch(2, T, duration=60)])
+            await log.wait_for(lambda lg: lg.running_dispatch_ids() == [2], what="d2 only")
+    assert [r.dispatch_id for r in log.of("start")] == [1, 2]
