@@ -4,4 +4,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.processes",
     "tests.fixtures.broker",
     "tests.fixtures.api_server",
+    "tests.fixtures.sdk",
 ]
