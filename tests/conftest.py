@@ -4,5 +4,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.processes",
     "tests.fixtures.broker",
     "tests.fixtures.api_server",
+    "tests.fixtures.bridge",
     "tests.fixtures.sdk",
 ]

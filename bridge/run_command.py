@@ -1,0 +1,379 @@
+"""`dispatch-bridge run`: the bridge, from the Dispatch API to retained MQTT topics.
+
+Settings (flag / environment / key in the `[bridge]` table of `--config`;
+flags win over the environment, which wins over the file):
+
+| setting | flag | environment | TOML |
+|---|---|---|---|
+| microgrids | `--microgrid-id N` (repeatable, or `1,2`) | `MICROGRID_ID` | `microgrid_id` |
+| Dispatch API URL | `--dispatch-url URL` | `DISPATCH_API_URL` | `dispatch_url` |
+| API key | — | `DISPATCH_API_AUTH_KEY` (or `_FILE`) | `auth_key` |
+| signing secret | — | `DISPATCH_API_SIGN_SECRET` (or `_FILE`) | `sign_secret` |
+| broker | `--broker URL` | `MQTT_URL` | `broker` |
+| broker user | — | `MQTT_USERNAME` (or `_FILE`) | `mqtt_username` |
+| broker password | — | `MQTT_PASSWORD` (or `_FILE`) | `mqtt_password` |
+| broker CA file | `--broker-ca-file PATH` | `MQTT_CA_FILE` | `broker_ca_file` |
+| state directory | `--state-dir PATH` | `DISPATCH_BRIDGE_STATE_DIR` | `state_dir` |
+| topic root | `--topic-root TEMPLATE` | `DISPATCH_BRIDGE_TOPIC_ROOT` | `topic_root` |
+| bridge name | `--name NAME` | `DISPATCH_BRIDGE_NAME` | `name` |
+
+Secrets have no flags (a command line is visible to every user of the host),
+and never appear in logs or error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from actor_sdk import wire
+from bridge import __version__
+from bridge.config import ConfigError, SettingsSource
+from bridge.publisher import BrokerSettings, Publisher, parse_broker_url
+from bridge.service import MicrogridService, ScheduleCore
+from bridge.store import CacheWriter, DispatchCache, SessionCounter
+from bridge.upstream import Upstream, UpstreamSettings
+
+__all__ = ["BridgeSettings", "add_arguments", "load_settings", "run"]
+
+_logger = logging.getLogger("bridge")
+
+DEFAULT_STATE_DIR = "/var/lib/dispatch-bridge"
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """Everything `dispatch-bridge run` needs, resolved from all sources."""
+
+    microgrid_ids: tuple[int, ...]
+    upstream: UpstreamSettings
+    broker: BrokerSettings
+    state_dir: Path
+    topic_root: str
+    name: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of `dispatch-bridge run`.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    parser.add_argument(
+        "--microgrid-id",
+        dest="microgrid_id",
+        metavar="N",
+        action="append",
+        help="microgrid to serve; repeat the flag or give a comma list to serve several, "
+        "each with its own pipeline and broker connection (env MICROGRID_ID)",
+    )
+    parser.add_argument(
+        "--dispatch-url",
+        metavar="URL",
+        help="Dispatch API, e.g. grpc://dispatch.example.com:443 or "
+        "grpc://127.0.0.1:50051?ssl=false (env DISPATCH_API_URL)",
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="MQTT broker, mqtt://host:port or mqtts://host:port (TLS); user and password may "
+        "be given as MQTT_USERNAME / MQTT_PASSWORD instead of in the URL (env MQTT_URL)",
+    )
+    parser.add_argument(
+        "--broker-ca-file",
+        metavar="PATH",
+        help="CA certificates to verify an mqtts:// broker with; default: the system's "
+        "(env MQTT_CA_FILE)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="PATH",
+        help="directory for the offline cache of dispatches and the session counter "
+        f"(env DISPATCH_BRIDGE_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--topic-root",
+        metavar="TEMPLATE",
+        help="topic root, {microgrid_id} is replaced (env DISPATCH_BRIDGE_TOPIC_ROOT; "
+        f"default {wire.DEFAULT_TOPIC_ROOT})",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="this bridge's name in the status topic and its MQTT client id "
+        "(env DISPATCH_BRIDGE_NAME; default: the host name)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
+    )
+    parser.epilog = (
+        "Secrets come from the environment or files, never from flags: DISPATCH_API_AUTH_KEY "
+        "and DISPATCH_API_SIGN_SECRET for the Dispatch API, MQTT_USERNAME and MQTT_PASSWORD "
+        "for the broker (each also as <NAME>_FILE, a file holding the value, or in the "
+        "config file). SIGTERM or SIGINT publishes the offline status and exits 0."
+    )
+
+
+def _parse_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _parse_ids(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    ids: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError("expected a microgrid id")
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            try:
+                number = int(part)
+            except ValueError:
+                raise ValueError(f"{part.strip()!r} is not a whole number") from None
+            if number <= 0:
+                raise ValueError(f"microgrid id {number} must be positive")
+            if number not in ids:
+                ids.append(number)
+    if not ids:
+        raise ValueError("no microgrid id given")
+    return tuple(ids)
+
+
+def _parse_dispatch_url(value: Any) -> str:
+    text = _parse_text(value)
+    parts = urlsplit(text)
+    if parts.scheme != "grpc" or not parts.hostname:
+        raise ValueError("expected grpc://host[:port][?ssl=false]")
+    return text
+
+
+def _parse_broker(value: Any) -> BrokerSettings:
+    return parse_broker_url(_parse_text(value))
+
+
+def _parse_root(value: Any) -> str:
+    text = _parse_text(value)
+    try:
+        wire.TopicLayout.for_microgrid(1, text)
+    except (wire.WireError, KeyError, IndexError) as error:
+        raise ValueError(str(error) or "invalid template") from None
+    return text
+
+
+def load_settings(args: argparse.Namespace) -> BridgeSettings:
+    """Resolve the settings from flags, environment and config file.
+
+    Args:
+        args: The parsed flags.
+
+    Returns:
+        The settings.
+
+    Raises:
+        ConfigError: A setting is missing or invalid (one message per mistake).
+    """
+    source = SettingsSource.load(vars(args), getattr(args, "config", None), table="bridge")
+    ids = source.get("microgrid_id", env="MICROGRID_ID", parse=_parse_ids, default=None)
+    if ids is None:
+        raise ConfigError(
+            "no microgrid: give --microgrid-id N (or MICROGRID_ID, or microgrid_id in [bridge])"
+        )
+    url = source.get(
+        "dispatch_url", env="DISPATCH_API_URL", parse=_parse_dispatch_url, default=None
+    )
+    if url is None:
+        raise ConfigError(
+            "no Dispatch API: give --dispatch-url URL (or DISPATCH_API_URL, or dispatch_url in "
+            "[bridge])"
+        )
+    key = source.get(
+        "auth_key", env="DISPATCH_API_AUTH_KEY", parse=_parse_text, default=None, secret=True
+    )
+    if key is None:
+        raise ConfigError(
+            "no Dispatch API key: set DISPATCH_API_AUTH_KEY (or DISPATCH_API_AUTH_KEY_FILE, or "
+            "auth_key in [bridge])"
+        )
+    secret = source.get(
+        "sign_secret", env="DISPATCH_API_SIGN_SECRET", parse=_parse_text, default=None, secret=True
+    )
+    broker = source.get("broker", env="MQTT_URL", parse=_parse_broker, default=None, secret=True)
+    if broker is None:
+        raise ConfigError(
+            "no MQTT broker: give --broker mqtt://host:port (or MQTT_URL, or broker in [bridge])"
+        )
+    username = source.get(
+        "mqtt_username", env="MQTT_USERNAME", parse=_parse_text, default=None, secret=True
+    )
+    password = source.get(
+        "mqtt_password", env="MQTT_PASSWORD", parse=_parse_text, default=None, secret=True
+    )
+    ca_file = source.get("broker_ca_file", env="MQTT_CA_FILE", parse=_parse_text, default=None)
+    if ca_file is not None:
+        if not broker.tls:
+            raise ConfigError("--broker-ca-file is set but the broker URL is not mqtts://")
+        if not Path(ca_file).is_file():
+            raise ConfigError(f"--broker-ca-file {ca_file}: no such file")
+    broker = replace(
+        broker,
+        username=username if username is not None else broker.username,
+        password=password if password is not None else broker.password,
+        ca_file=ca_file,
+    )
+    if broker.password is not None and broker.username is None:
+        raise ConfigError("an MQTT password is set but no user name: set MQTT_USERNAME too")
+    state_dir = source.get(
+        "state_dir", env="DISPATCH_BRIDGE_STATE_DIR", parse=_parse_text, default=DEFAULT_STATE_DIR
+    )
+    root = source.get(
+        "topic_root",
+        env="DISPATCH_BRIDGE_TOPIC_ROOT",
+        parse=_parse_root,
+        default=wire.DEFAULT_TOPIC_ROOT,
+    )
+    if len(ids) > 1 and "{microgrid_id}" not in root:
+        raise ConfigError(
+            f"--topic-root {root!r} has no {{microgrid_id}} but {len(ids)} microgrids are served: "
+            "their topics would collide"
+        )
+    name = source.get(
+        "name", env="DISPATCH_BRIDGE_NAME", parse=_parse_text, default=socket.gethostname()
+    )
+    return BridgeSettings(
+        microgrid_ids=ids,
+        upstream=UpstreamSettings(url, key, secret),
+        broker=broker,
+        state_dir=Path(state_dir),
+        topic_root=root,
+        name=name,
+    )
+
+
+class _Pipeline:
+    """Upstream, service, cache and publisher of one microgrid."""
+
+    def __init__(self, settings: BridgeSettings, microgrid_id: int) -> None:
+        self.microgrid_id = microgrid_id
+        layout = wire.TopicLayout.for_microgrid(microgrid_id, settings.topic_root)
+        directory = settings.state_dir / f"microgrid-{microgrid_id}"
+        self.publisher = Publisher(
+            settings.broker,
+            microgrid_id=microgrid_id,
+            layout=layout,
+            sessions=SessionCounter(directory),
+            bridge_name=settings.name,
+        )
+        core = ScheduleCore(microgrid_id, layout)
+        cache = DispatchCache(directory, microgrid_id)
+        loaded = cache.load()
+        synced_at = None
+        self.service = MicrogridService(core, self.publisher, had_state=loaded is not None)
+        if loaded is not None:
+            dispatches, synced_at = loaded
+            self.service.synced_at = synced_at
+            core.load(dispatches, self.service.now())
+            _logger.info(
+                "microgrid %d: loaded %d dispatches from the cache %s (last synced %s)",
+                microgrid_id,
+                len(dispatches),
+                cache.path,
+                "never" if synced_at is None else synced_at.isoformat(),
+            )
+        self.cache_writer = CacheWriter(
+            cache, lambda: (core.dispatches(), self.service.synced_at), self.service.now
+        )
+        self.service.on_change = self.cache_writer.mark
+        self.upstream = Upstream(settings.upstream, microgrid_id, self.service.put)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.service.start()
+        self.tasks = [
+            asyncio.create_task(self.publisher.run(), name=f"publisher-{self.microgrid_id}"),
+            asyncio.create_task(self.service.run(), name=f"service-{self.microgrid_id}"),
+            asyncio.create_task(self.upstream.run(), name=f"upstream-{self.microgrid_id}"),
+            asyncio.create_task(self.cache_writer.run(), name=f"cache-{self.microgrid_id}"),
+        ]
+
+    async def stop(self) -> None:
+        publisher_task = self.tasks[0]
+        for task in self.tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self.tasks[1:], return_exceptions=True)
+        await self.cache_writer.flush()
+        self.publisher.stop()
+        try:
+            await asyncio.wait_for(publisher_task, 10)
+        except TimeoutError:
+            _logger.warning(
+                "microgrid %d: the broker connection did not close in time", self.microgrid_id
+            )
+        except Exception as error:
+            _logger.warning(
+                "microgrid %d: closing the broker connection: %s", self.microgrid_id, error
+            )
+
+
+async def _run(settings: BridgeSettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    _logger.info(
+        "dispatch-bridge %s %r starting: microgrids %s, Dispatch API %s, broker %s, state dir %s",
+        __version__,
+        settings.name,
+        ", ".join(map(str, settings.microgrid_ids)),
+        settings.upstream.url,
+        settings.broker.describe(),
+        settings.state_dir,
+    )
+    pipelines = [_Pipeline(settings, microgrid_id) for microgrid_id in settings.microgrid_ids]
+    for pipeline in pipelines:
+        pipeline.start()
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        tasks = [task for p in pipelines for task in p.tasks]
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if waiter not in done:
+            for task in done:
+                error = task.exception()
+                _logger.error(
+                    "%s ended unexpectedly (%r): stopping the bridge", task.get_name(), error
+                )
+            code = 1
+        else:
+            _logger.info("signal received: publishing offline status and stopping")
+        await asyncio.gather(*(p.stop() for p in pipelines), return_exceptions=True)
+        _logger.info("dispatch-bridge stopped")
+        return code
+    finally:
+        waiter.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `dispatch-bridge run` until SIGTERM or SIGINT.
+
+    Args:
+        args: The parsed flags.
+
+    Returns:
+        0 after a clean stop, 1 if a part of the bridge failed.
+    """
+    settings = load_settings(args)
+    return asyncio.run(_run(settings))

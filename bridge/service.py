@@ -1,0 +1,668 @@
+"""The loop of one microgrid: dispatches in, retained topics out, one clock read per step.
+
+Two layers live here:
+
+* `ScheduleCore`, synchronous and pure: it holds the dispatches of one
+  microgrid, asks `bridge.schedule` what runs, and returns an `Outbox` of
+  the topics to set or clear, the events to send and the transitions to log.
+  It never reads the clock: every method takes `now`.
+* `MicrogridService`, the thin async shell: it reads the clock once per step,
+  feeds the core what the upstream delivered, hands the outbox to the
+  publisher, marks the cache dirty, and sleeps until the next scheduled
+  change or the next upstream item, whichever comes first.
+
+A step costs O(changes): each type keeps a heap of `(changes_at, id)` with
+lazy deletion (an entry is valid only while it equals the dispatch's current
+`changes_at`), and a set of its running ids.
+
+Decisions worth knowing:
+
+* A type that has no dispatch left keeps its `running` topic, with an empty
+  snapshot (`running: []`), instead of having it cleared: a subscriber of a
+  type always finds a decodable snapshot that says "nothing runs". Only
+  `dispatches/ID` topics are ever cleared.
+* A dispatch that changes type clears its old `dispatches/ID` topic, and
+  both types get a new running snapshot.
+* Lifecycle events are sent for stream events and for what a re-sync finds
+  changed; not for the very first sync of a bridge that had no cache (every
+  dispatch would look "created").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+import msgspec
+
+from actor_sdk import wire
+from bridge import schedule
+
+__all__ = [
+    "EventKind",
+    "LinkChanged",
+    "MicrogridService",
+    "Outbox",
+    "ScheduleCore",
+    "StreamEvent",
+    "Synced",
+    "Transition",
+    "UpstreamItem",
+    "strip_state",
+]
+
+_logger = logging.getLogger("bridge.service")
+
+EventKind = Literal["created", "updated", "deleted"]
+RetainedValue = bytes | wire.RunningSnapshot
+
+
+def strip_state(dispatch: wire.Dispatch) -> wire.Dispatch:
+    """Return the dispatch without its computed state (as the API defines it).
+
+    Args:
+        dispatch: A dispatch, possibly with `running`, `until`, `next_run` set.
+
+    Returns:
+        The same dispatch with `running=False`, `until=None`, `next_run=None`.
+    """
+    if not dispatch.running and dispatch.until is None and dispatch.next_run is None:
+        return dispatch
+    return msgspec.structs.replace(dispatch, running=False, until=None, next_run=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A dispatch started or stopped running (for the log)."""
+
+    dispatch_type: str
+    dispatch_id: int
+    started: bool
+    until: datetime | None
+
+
+@dataclass(slots=True)
+class Outbox:
+    """What one step of the core decided: topics to set or clear, events, transitions.
+
+    `retained` maps a topic to its new payload, or to None to clear it; the
+    order is the order of the decisions (dispatch topics before the running
+    snapshots they feed).
+    """
+
+    retained: dict[str, RetainedValue | None] = field(default_factory=dict)
+    events: list[tuple[str, bytes]] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    changed: bool = False
+    """Whether the set of dispatches changed (the cache must be saved)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """How many lifecycle events of each kind were decided."""
+
+    def __bool__(self) -> bool:
+        return bool(self.retained or self.events or self.transitions or self.changed)
+
+
+class ScheduleCore:
+    """The dispatches of one microgrid and their schedule; pure and synchronous."""
+
+    def __init__(self, microgrid_id: int, layout: wire.TopicLayout) -> None:
+        """Create an empty core.
+
+        Args:
+            microgrid_id: The microgrid.
+            layout: Its topics.
+        """
+        self.microgrid_id = microgrid_id
+        self.layout = layout
+        self._dispatches: dict[int, wire.Dispatch] = {}
+        self._states: dict[int, schedule.RunState] = {}
+        self._ids_by_type: dict[str, set[int]] = {}
+        self._running: dict[str, set[int]] = {}
+        self._heaps: dict[str, list[tuple[datetime, int]]] = {}
+        self._types: set[str] = set()
+        self._dirty_types: dict[str, None] = {}
+
+    # ---- queries --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._dispatches)
+
+    def dispatches(self) -> list[wire.Dispatch]:
+        """Every dispatch held, without computed state.
+
+        Returns:
+            The dispatches, in no particular order.
+        """
+        return list(self._dispatches.values())
+
+    def get(self, dispatch_id: int) -> wire.Dispatch | None:
+        """The dispatch with this id, without computed state.
+
+        Args:
+            dispatch_id: The id.
+
+        Returns:
+            The dispatch, or None.
+        """
+        return self._dispatches.get(dispatch_id)
+
+    def state(self, dispatch_id: int) -> schedule.RunState | None:
+        """The run state of a dispatch as of the last step.
+
+        Args:
+            dispatch_id: The id.
+
+        Returns:
+            The state, or None if the dispatch is unknown.
+        """
+        return self._states.get(dispatch_id)
+
+    def running_ids(self, dispatch_type: str) -> list[int]:
+        """The ids of the running dispatches of a type, sorted, as of the last step.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            The ids.
+        """
+        return sorted(self._running.get(dispatch_type, ()))
+
+    def next_change(self) -> datetime | None:
+        """The earliest instant at which any dispatch starts or stops running.
+
+        Returns:
+            The instant, or None when nothing is scheduled to change.
+        """
+        earliest: datetime | None = None
+        for dispatch_type in list(self._heaps):
+            head = self._head(dispatch_type)
+            if head is not None and (earliest is None or head < earliest):
+                earliest = head
+        return earliest
+
+    # ---- inputs ---------------------------------------------------------------
+
+    def load(self, dispatches: Iterable[wire.Dispatch], now: datetime) -> Outbox:
+        """Replace everything held with these dispatches, without events.
+
+        Used for the cache at start and for the first sync of a bridge with
+        no cache: every topic is set, no lifecycle event is sent.
+
+        Args:
+            dispatches: The dispatches.
+            now: The current instant.
+
+        Returns:
+            The topics to set or clear.
+        """
+        return self.sync(dispatches, now, events=False)
+
+    def sync(self, dispatches: Iterable[wire.Dispatch], now: datetime, *, events: bool) -> Outbox:
+        """Replace everything held with a full list, publishing the differences.
+
+        Args:
+            dispatches: Every dispatch of the microgrid, as just listed.
+            now: The current instant.
+            events: Whether to send lifecycle events for what differs.
+
+        Returns:
+            What to publish.
+        """
+        out = Outbox()
+        incoming = {d.id: strip_state(d) for d in dispatches}
+        for dispatch_id in [i for i in self._dispatches if i not in incoming]:
+            old = self._dispatches[dispatch_id]
+            self._remove(dispatch_id, now, out)
+            if events:
+                self._event(out, "deleted", old, schedule.RunState(False, None, None, None), now)
+        for dispatch in incoming.values():
+            held = self._dispatches.get(dispatch.id)
+            if held == dispatch:
+                continue
+            self._put(dispatch, now, out)
+            if events:
+                kind: EventKind = "created" if held is None else "updated"
+                self._event(out, kind, dispatch, self._states[dispatch.id], now)
+        self._flush_types(now, out)
+        return out
+
+    def apply(
+        self, kind: EventKind, dispatch: wire.Dispatch, now: datetime, *, only_newer: bool = False
+    ) -> Outbox:
+        """Apply one stream event.
+
+        A deletion always applies, even when its `update_time` equals the
+        held one (the API may send it so).
+
+        Args:
+            kind: What happened.
+            dispatch: The dispatch as the event carries it.
+            now: The current instant.
+            only_newer: Skip a create or update whose `update_time` is not
+                newer than the held one (for events buffered during a list).
+
+        Returns:
+            What to publish.
+        """
+        out = Outbox()
+        dispatch = strip_state(dispatch)
+        held = self._dispatches.get(dispatch.id)
+        if kind == "deleted":
+            if held is None:
+                return out
+            self._remove(dispatch.id, now, out)
+            self._event(out, "deleted", dispatch, schedule.RunState(False, None, None, None), now)
+        else:
+            if held is not None and only_newer and dispatch.update_time <= held.update_time:
+                return out
+            if held == dispatch:
+                return out
+            self._put(dispatch, now, out)
+            event_kind: EventKind = "created" if held is None else "updated"
+            self._event(out, event_kind, dispatch, self._states[dispatch.id], now)
+        self._flush_types(now, out)
+        return out
+
+    def advance(self, now: datetime) -> Outbox:
+        """Apply every scheduled change due at or before `now`.
+
+        Args:
+            now: The current instant.
+
+        Returns:
+            What to publish (nothing when no change is due).
+        """
+        out = Outbox()
+        for dispatch_type, heap in self._heaps.items():
+            while heap and heap[0][0] <= now:
+                when, dispatch_id = heapq.heappop(heap)
+                state = self._states.get(dispatch_id)
+                dispatch = self._dispatches.get(dispatch_id)
+                if (
+                    state is None
+                    or dispatch is None
+                    or state.changes_at != when
+                    or dispatch.type != dispatch_type
+                ):
+                    continue
+                new = schedule.run_state(dispatch, now)
+                self._states[dispatch_id] = new
+                running = self._running.setdefault(dispatch_type, set())
+                if new.running != state.running:
+                    if new.running:
+                        running.add(dispatch_id)
+                    else:
+                        running.discard(dispatch_id)
+                    out.transitions.append(
+                        Transition(dispatch_type, dispatch_id, new.running, new.until)
+                    )
+                if new.changes_at is not None:
+                    heapq.heappush(heap, (new.changes_at, dispatch_id))
+                out.retained[self.layout.dispatch(dispatch_type, dispatch_id)] = self._encode(
+                    dispatch, new
+                )
+                self._dirty_types[dispatch_type] = None
+        self._flush_types(now, out)
+        return out
+
+    def all_topics(self, now: datetime) -> Outbox:
+        """Every retained topic as of the last step (for a full republish).
+
+        Args:
+            now: The current instant (the `as_of` of the snapshots).
+
+        Returns:
+            Every dispatch topic and every running snapshot.
+        """
+        out = Outbox()
+        for dispatch_id, dispatch in self._dispatches.items():
+            out.retained[self.layout.dispatch(dispatch.type, dispatch_id)] = self._encode(
+                dispatch, self._states[dispatch_id]
+            )
+        for dispatch_type in self._types:
+            self._dirty_types[dispatch_type] = None
+        self._flush_types(now, out)
+        return out
+
+    # ---- internals ------------------------------------------------------------
+
+    def _put(self, dispatch: wire.Dispatch, now: datetime, out: Outbox) -> None:
+        held = self._dispatches.get(dispatch.id)
+        if held is not None and held.type != dispatch.type:
+            self._remove(dispatch.id, now, out)
+        dispatch_type = dispatch.type
+        state = schedule.run_state(dispatch, now)
+        self._dispatches[dispatch.id] = dispatch
+        self._states[dispatch.id] = state
+        self._ids_by_type.setdefault(dispatch_type, set()).add(dispatch.id)
+        self._types.add(dispatch_type)
+        running = self._running.setdefault(dispatch_type, set())
+        if state.running:
+            running.add(dispatch.id)
+        else:
+            running.discard(dispatch.id)
+        if state.changes_at is not None:
+            heapq.heappush(
+                self._heaps.setdefault(dispatch_type, []), (state.changes_at, dispatch.id)
+            )
+        topic = self.layout.dispatch(dispatch_type, dispatch.id)
+        out.retained.pop(topic, None)
+        out.retained[topic] = self._encode(dispatch, state)
+        self._dirty_types[dispatch_type] = None
+        out.changed = True
+
+    def _remove(self, dispatch_id: int, now: datetime, out: Outbox) -> None:
+        del now  # removal does not depend on time; kept for symmetry
+        dispatch = self._dispatches.pop(dispatch_id)
+        self._states.pop(dispatch_id, None)
+        self._ids_by_type.get(dispatch.type, set()).discard(dispatch_id)
+        self._running.get(dispatch.type, set()).discard(dispatch_id)
+        topic = self.layout.dispatch(dispatch.type, dispatch_id)
+        out.retained.pop(topic, None)
+        out.retained[topic] = None
+        self._dirty_types[dispatch.type] = None
+        out.changed = True
+
+    def _head(self, dispatch_type: str) -> datetime | None:
+        heap = self._heaps[dispatch_type]
+        while heap:
+            when, dispatch_id = heap[0]
+            state = self._states.get(dispatch_id)
+            dispatch = self._dispatches.get(dispatch_id)
+            if (
+                state is not None
+                and dispatch is not None
+                and state.changes_at == when
+                and dispatch.type == dispatch_type
+            ):
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def _flush_types(self, now: datetime, out: Outbox) -> None:
+        for dispatch_type in self._dirty_types:
+            running = tuple(
+                self._with_state(self._dispatches[i], self._states[i])
+                for i in sorted(self._running.get(dispatch_type, ()))
+            )
+            heap = self._heaps.get(dispatch_type)
+            next_change = None if heap is None else self._head(dispatch_type)
+            topic = self.layout.running(dispatch_type)
+            out.retained.pop(topic, None)
+            out.retained[topic] = wire.RunningSnapshot(
+                microgrid_id=self.microgrid_id,
+                type=dispatch_type,
+                running=running,
+                next_change=next_change,
+                as_of=now,
+                session=0,
+                seq=0,
+            )
+        self._dirty_types.clear()
+
+    @staticmethod
+    def _with_state(dispatch: wire.Dispatch, state: schedule.RunState) -> wire.Dispatch:
+        return msgspec.structs.replace(
+            dispatch, running=state.running, until=state.until, next_run=state.next_run
+        )
+
+    def _encode(self, dispatch: wire.Dispatch, state: schedule.RunState) -> bytes:
+        return wire.encode(self._with_state(dispatch, state))
+
+    def _event(
+        self,
+        out: Outbox,
+        kind: EventKind,
+        dispatch: wire.Dispatch,
+        state: schedule.RunState,
+        now: datetime,
+    ) -> None:
+        payload = wire.encode(
+            wire.DispatchEvent(event=kind, dispatch=self._with_state(dispatch, state), as_of=now)
+        )
+        out.events.append((self.layout.events(dispatch.type), payload))
+        out.counts[kind] = out.counts.get(kind, 0) + 1
+
+
+# --- The async shell ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Synced:
+    """The upstream listed every dispatch of the microgrid."""
+
+    dispatches: list[wire.Dispatch]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """The upstream streamed a change (or replays one buffered during a list)."""
+
+    kind: EventKind
+    dispatch: wire.Dispatch
+    buffered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChanged:
+    """The upstream connected or lost its connection."""
+
+    connected: bool
+    reason: str = ""
+
+
+UpstreamItem = Synced | StreamEvent | LinkChanged
+
+
+class Sink(Protocol):
+    """Where the service sends topics: the publisher, or a fake in tests."""
+
+    def set(self, topic: str, payload: RetainedValue) -> None:
+        """Hold and publish a retained topic."""
+
+    def clear(self, topic: str) -> None:
+        """Clear a retained topic."""
+
+    def event(self, topic: str, payload: bytes) -> None:
+        """Send a non-retained event."""
+
+    def set_status(
+        self,
+        *,
+        upstream: Literal["connected", "disconnected"],
+        synced_at: datetime | None,
+        dispatches: int,
+    ) -> None:
+        """Publish the bridge status."""
+
+
+_SPIN_S = 0.002
+"""How long before a scheduled change the loop stops sleeping and yields instead."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MicrogridService:
+    """Runs the schedule of one microgrid: feed it upstream items, it publishes."""
+
+    def __init__(
+        self,
+        core: ScheduleCore,
+        sink: Sink,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        on_change: Callable[[], None] = lambda: None,
+        synced_at: datetime | None = None,
+        had_state: bool = False,
+    ) -> None:
+        """Create the service.
+
+        Args:
+            core: The schedule core (possibly loaded from the cache).
+            sink: Where topics go.
+            clock: Returns the current instant; read once per step.
+            on_change: Called whenever the set of dispatches changed (saves the cache).
+            synced_at: When the held dispatches were last synced with the API.
+            had_state: Whether the core holds a previous state (then the
+                first sync sends lifecycle events for what differs).
+        """
+        self.core = core
+        self._sink = sink
+        self._clock = clock
+        self.on_change = on_change
+        self.synced_at = synced_at
+        self._had_state = had_state
+        self._upstream: Literal["connected", "disconnected"] = "disconnected"
+        self._inbox: deque[UpstreamItem] = deque()
+        self._wakeup = asyncio.Event()
+        self.steps = 0
+
+    def now(self) -> datetime:
+        """Read the service's clock.
+
+        Returns:
+            The current instant.
+        """
+        return self._clock()
+
+    def put(self, item: UpstreamItem) -> None:
+        """Hand the service an upstream item (never blocks).
+
+        Args:
+            item: What the upstream delivered.
+        """
+        self._inbox.append(item)
+        self._wakeup.set()
+
+    def start(self, now: datetime | None = None) -> None:
+        """Publish everything held (e.g. from the cache) and the status.
+
+        Args:
+            now: The current instant; read from the clock when None.
+        """
+        now = self._clock() if now is None else now
+        self._deliver(self.core.all_topics(now))
+        self._publish_status()
+
+    async def run(self) -> None:
+        """Step until cancelled: apply upstream items, publish changes on time."""
+        while True:
+            now = self._clock()
+            self.step(now)
+            wake = self.core.next_change()
+            if self._inbox:
+                continue
+            self._wakeup.clear()
+            if wake is None:
+                await self._wakeup.wait()
+                continue
+            delay = (wake - now).total_seconds()
+            if delay <= 0:
+                continue
+            if delay <= _SPIN_S:
+                # The event loop's timers fire up to a millisecond late (epoll rounds
+                # up): the last stretch is yielded away instead, re-reading the clock.
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), delay - _SPIN_S)
+
+    def step(self, now: datetime) -> None:
+        """One step at `now`: apply every queued upstream item, then due changes.
+
+        Args:
+            now: The current instant (one clock read).
+        """
+        self.steps += 1
+        while self._inbox:
+            self._handle(self._inbox.popleft(), now)
+        self._deliver(self.core.advance(now))
+
+    def _handle(self, item: UpstreamItem, now: datetime) -> None:
+        match item:
+            case LinkChanged(connected=connected, reason=reason):
+                self._upstream = "connected" if connected else "disconnected"
+                if not connected:
+                    _logger.warning(
+                        "microgrid %d: Dispatch API disconnected (%s); publishing the schedule "
+                        "from the %d dispatches held, reconnecting",
+                        self.core.microgrid_id,
+                        reason,
+                        len(self.core),
+                    )
+                self._publish_status()
+            case Synced(dispatches=dispatches):
+                before = len(self.core)
+                out = self.core.sync(dispatches, now, events=self._had_state)
+                self._had_state = True
+                self.synced_at = now
+                created = out.counts.get("created", 0)
+                updated = out.counts.get("updated", 0)
+                deleted = out.counts.get("deleted", 0)
+                _logger.info(
+                    "microgrid %d: synced %d dispatches from the Dispatch API (held before: %d; "
+                    "created %d, updated %d, deleted %d)",
+                    self.core.microgrid_id,
+                    len(self.core),
+                    before,
+                    created,
+                    updated,
+                    deleted,
+                )
+                self._deliver(out)
+                self.on_change()
+                self._publish_status()
+            case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
+                out = self.core.apply(kind, dispatch, now, only_newer=buffered)
+                if out:
+                    _logger.info(
+                        "microgrid %d: dispatch %d of type %r %s",
+                        self.core.microgrid_id,
+                        dispatch.id,
+                        dispatch.type,
+                        kind,
+                    )
+                    self._deliver(out)
+                    self._publish_status()
+
+    def _deliver(self, out: Outbox) -> None:
+        for transition in out.transitions:
+            if transition.started:
+                _logger.info(
+                    "microgrid %d: dispatch %d of type %r started, until %s",
+                    self.core.microgrid_id,
+                    transition.dispatch_id,
+                    transition.dispatch_type,
+                    "changed" if transition.until is None else transition.until.isoformat(),
+                )
+            else:
+                _logger.info(
+                    "microgrid %d: dispatch %d of type %r stopped",
+                    self.core.microgrid_id,
+                    transition.dispatch_id,
+                    transition.dispatch_type,
+                )
+        for topic, payload in out.events:
+            self._sink.event(topic, payload)
+        for topic, value in out.retained.items():
+            if value is None:
+                self._sink.clear(topic)
+            else:
+                self._sink.set(topic, value)
+        if out.changed:
+            self.on_change()
+
+    def _publish_status(self) -> None:
+        self._sink.set_status(
+            upstream=self._upstream, synced_at=self.synced_at, dispatches=len(self.core)
+        )

@@ -1,0 +1,244 @@
+"""The Dispatch API side of one microgrid: stream first, then list, then diff on every restart.
+
+Each connection attempt, with a fresh `DispatchApiClient` (a fresh gRPC
+channel, so gRPC's own reconnect backoff never delays ours):
+
+1. Open `StreamMicrogridDispatches` and wait for its initial metadata (the
+   local API server sends it once the subscription is registered; a server
+   that sends none is waited for at most `stream_ready_timeout`). Events that
+   arrive from now on are buffered.
+2. List every dispatch of the microgrid (all pages) and hand the list over as
+   `Synced`: the service diffs it against what it holds, so what was created,
+   updated or deleted while disconnected is published as such.
+3. Replay the buffered events, marked `buffered` (a create or update not newer
+   than the listed state is skipped; a delete always applies), then pass
+   events on as they come.
+4. When the stream ends or fails: report `LinkChanged(False)`, wait with
+   capped, jittered backoff, go to 1.
+
+Why the stub and not `DispatchApiClient.stream()`: the client's stream
+(a `GrpcStreamBroadcaster`) reports `StreamStarted` before the call is
+established, retries on its own schedule, and stops for good when the server
+ends the stream cleanly; the bridge must know when the subscription is live
+(to list after it, with no gap) and must list again after every restart. The
+client still provides the channel, authentication, signing and `list()`.
+
+`grpc.aio.AioRpcError` never leaves this module: it becomes `UpstreamError`,
+which is logged with what happens next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import grpc
+from frequenz.api.dispatch.v1 import dispatch_pb2
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.common.streaming import Event
+from frequenz.client.dispatch import DispatchApiClient
+from frequenz.client.dispatch.types import DispatchEvent
+
+from actor_sdk import wire
+from bridge.publisher import Backoff
+from bridge.service import EventKind, LinkChanged, StreamEvent, Synced, UpstreamItem
+
+__all__ = ["Upstream", "UpstreamError", "UpstreamSettings"]
+
+_logger = logging.getLogger("bridge.upstream")
+
+_KINDS: dict[Event, EventKind] = {
+    Event.CREATED: "created",
+    Event.UPDATED: "updated",
+    Event.DELETED: "deleted",
+}
+
+
+class UpstreamError(Exception):
+    """The Dispatch API could not be reached, or refused or ended a call."""
+
+
+class UpstreamSettings:
+    """How to reach the Dispatch API; secrets are kept out of `repr`."""
+
+    def __init__(self, url: str, auth_key: str, sign_secret: str | None) -> None:
+        """Create the settings.
+
+        Args:
+            url: The server URL, e.g. `grpc://host:port?ssl=false`.
+            auth_key: The API key.
+            sign_secret: The signing secret, if requests are signed.
+        """
+        self.url = url
+        self.auth_key = auth_key
+        self.sign_secret = sign_secret
+
+    def __repr__(self) -> str:
+        return f"UpstreamSettings(url={self.url!r})"
+
+
+class Upstream:
+    """Feeds one microgrid's service with the Dispatch API's dispatches and changes."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        microgrid_id: int,
+        sink: Callable[[UpstreamItem], None],
+        *,
+        page_size: int = 1000,
+        stream_ready_timeout: float = 3.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        """Create the upstream; `run()` connects.
+
+        Args:
+            settings: The Dispatch API.
+            microgrid_id: The microgrid.
+            sink: Receives what the upstream delivers (never blocks).
+            page_size: Dispatches per list page.
+            stream_ready_timeout: The longest wait for the stream's initial metadata.
+            backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).
+        """
+        self._settings = settings
+        self.microgrid_id = microgrid_id
+        self._sink = sink
+        self._page_size = page_size
+        self._stream_ready_timeout = stream_ready_timeout
+        self._backoff = backoff or Backoff()
+        self.syncs = 0
+        self._buffer: list[StreamEvent] = []
+        self._live = False
+
+    async def run(self) -> None:
+        """Connect, sync and stream until cancelled; reconnect on every failure."""
+        while True:
+            try:
+                await self._session()
+                reason = "the server ended the stream"
+            except UpstreamError as error:
+                reason = str(error)
+            except Exception as error:  # never let the upstream die: log and retry
+                _logger.exception(
+                    "microgrid %d: unexpected Dispatch API failure", self.microgrid_id
+                )
+                reason = f"unexpected error {type(error).__name__}: {error}"
+            self._sink(LinkChanged(False, reason))
+            delay = self._backoff.next()
+            _logger.warning(
+                "microgrid %d: Dispatch API %s: %s; reconnecting in %.1f s, then listing again",
+                self.microgrid_id,
+                self._settings.url,
+                reason,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        client = DispatchApiClient(
+            server_url=self._settings.url,
+            auth_key=self._settings.auth_key,
+            sign_secret=self._settings.sign_secret,
+            call_timeout=timedelta(seconds=30),
+        )
+        try:
+            await self._stream_and_list(client)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+
+    async def _stream_and_list(self, client: DispatchApiClient) -> None:
+        request = dispatch_pb2.StreamMicrogridDispatchesRequest(microgrid_id=self.microgrid_id)
+        self._buffer = []
+        self._live = False
+        try:
+            call = client.stub.StreamMicrogridDispatches(request)
+        except Exception as error:
+            raise UpstreamError(f"cannot open the stream: {error}") from None
+        reader = asyncio.create_task(self._read(call))
+        try:
+            try:
+                await asyncio.wait_for(call.initial_metadata(), self._stream_ready_timeout)
+            except TimeoutError:
+                _logger.debug("no initial metadata on the stream: listing anyway")
+            self._check_reader(reader, "before the list")
+            listed = await self._list_all(client)
+            self._check_reader(reader, "during the list")
+            _logger.info(
+                "microgrid %d: connected to the Dispatch API %s; listed %d dispatches",
+                self.microgrid_id,
+                self._settings.url,
+                len(listed),
+            )
+            self._sink(LinkChanged(True))
+            self._sink(Synced(listed))
+            self.syncs += 1
+            for item in self._buffer:
+                self._sink(item)
+            self._buffer.clear()
+            self._live = True
+            self._backoff.reset()
+            await reader
+        except grpc.aio.AioRpcError as error:
+            raise UpstreamError(_describe_rpc(error)) from None
+        finally:
+            reader.cancel()
+            call.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    @staticmethod
+    def _check_reader(reader: asyncio.Task[None], when: str) -> None:
+        if reader.done():
+            reader.result()  # raises the stream's error, if any
+            raise UpstreamError(f"the server ended the stream {when}")
+
+    async def _read(
+        self, call: AsyncIterator[dispatch_pb2.StreamMicrogridDispatchesResponse]
+    ) -> None:
+        async for message in call:
+            try:
+                event = DispatchEvent.from_protobuf(message)
+                kind = _KINDS[event.event]
+                dispatch = wire.from_client(event.dispatch)
+            except Exception as error:  # a malformed event must not end the stream
+                _logger.error(
+                    "microgrid %d: ignoring a stream event that cannot be read: %s",
+                    self.microgrid_id,
+                    error,
+                )
+                continue
+            item = StreamEvent(kind, dispatch, buffered=not self._live)
+            if self._live:
+                self._sink(item)
+            else:
+                self._buffer.append(item)
+
+    async def _list_all(self, client: DispatchApiClient) -> list[wire.Dispatch]:
+        listed: list[wire.Dispatch] = []
+        pages = client.list(MicrogridId(self.microgrid_id), page_size=self._page_size)
+        async for page in pages:
+            for dispatch in page:
+                try:
+                    listed.append(wire.from_client(dispatch))
+                except Exception as error:
+                    _logger.error(
+                        "microgrid %d: ignoring dispatch %s that cannot be converted: %s",
+                        self.microgrid_id,
+                        dispatch.id,
+                        error,
+                    )
+        return listed
+
+
+def _describe_rpc(error: grpc.aio.AioRpcError) -> str:
+    code = error.code()
+    details = error.details() or ""
+    hint = ""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        hint = " (check DISPATCH_API_AUTH_KEY and DISPATCH_API_SIGN_SECRET)"
+    name = code.name if code is not None else "UNKNOWN"
+    return f"{name}: {details[:300]}{hint}"
