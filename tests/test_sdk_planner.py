@@ -1,0 +1,228 @@
+"""Unit tests of the SDK's pure decisions: fail-safe filter, actor planner, running state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk import Dispatch, MergeByType, MergeByTypeTarget, wire
+from actor_sdk._dispatch import from_wire
+from actor_sdk._planner import (
+    ActorPlanner,
+    StartActor,
+    StopActor,
+    UpdateActor,
+    confirmed_running,
+    running_state_changes,
+)
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def dispatch(
+    dispatch_id: int,
+    *,
+    started_ago: float = 10,
+    duration: int | None = 60,
+    running: bool = True,
+    payload: dict[str, Any] | None = None,
+    ids: tuple[int, ...] = (1,),
+    dry_run: bool = False,
+    dispatch_type: str = "T",
+) -> Dispatch:
+    start = NOW - timedelta(seconds=started_ago)
+    until = None if duration is None or not running else start + timedelta(seconds=duration)
+    return from_wire(
+        wire.Dispatch(
+            id=dispatch_id,
+            type=dispatch_type,
+            start_time=start,
+            duration=duration,
+            target=wire.Target(ids=ids),
+            active=True,
+            dry_run=dry_run,
+            payload=payload if payload is not None else {"n": dispatch_id},
+            create_time=start,
+            update_time=start,
+            end_time=None,
+            running=running,
+            until=until,
+            next_run=None,
+        ),
+        as_of=NOW,
+    )
+
+
+def ids(dispatches: tuple[Dispatch, ...]) -> list[int]:
+    return [int(d.id) for d in dispatches]
+
+
+# --- confirmed_running ------------------------------------------------------------------
+
+
+def test_live_view_confirms_what_the_bridge_reports() -> None:
+    reported = [dispatch(1), dispatch(2, duration=None)]
+    assert ids(confirmed_running(reported, set(), now=NOW, live=True)) == [1, 2]
+
+
+def test_a_new_run_whose_until_passed_is_never_started() -> None:
+    ended = dispatch(1, started_ago=70)
+    assert confirmed_running([ended], set(), now=NOW, live=True) == ()
+
+
+def test_live_view_keeps_a_known_run_past_its_until_until_the_bridge_stops_it() -> None:
+    # Back-to-back merges depend on it: the bridge's next snapshot decides.
+    ended = dispatch(1, started_ago=70)
+    assert ids(confirmed_running([ended], {DispatchId(1)}, now=NOW, live=True)) == [1]
+
+
+def test_without_a_live_view_nothing_new_starts() -> None:
+    assert confirmed_running([dispatch(1)], set(), now=NOW, live=False) == ()
+
+
+def test_without_a_live_view_a_known_run_continues_until_its_until() -> None:
+    known = {DispatchId(1), DispatchId(2)}
+    runs = [dispatch(1), dispatch(2, duration=None)]
+    assert ids(confirmed_running(runs, known, now=NOW, live=False)) == [1, 2]
+    later = NOW + timedelta(seconds=50)
+    assert ids(confirmed_running(runs, known, now=later, live=False)) == [2]
+
+
+def test_a_dispatch_not_started_in_a_snapshot_is_ignored() -> None:
+    assert confirmed_running([dispatch(1, running=False)], set(), now=NOW, live=True) == ()
+
+
+# --- the planner ---------------------------------------------------------------------
+
+
+def test_one_actor_per_dispatch_without_a_strategy() -> None:
+    planner = ActorPlanner(lambda d: d.id)
+    actions = planner.reconcile([dispatch(1), dispatch(2)])
+    assert [type(a) for a in actions] == [StartActor, StartActor]
+    assert planner.reconcile([dispatch(2)]) == [
+        StopActor(DispatchId(1), dispatch(1), "Dispatch stopped")
+    ]
+
+
+def test_an_unchanged_snapshot_does_nothing_and_a_change_is_an_update() -> None:
+    planner = ActorPlanner(lambda d: d.id)
+    planner.reconcile([dispatch(1)])
+    assert planner.reconcile([dispatch(1)]) == []
+    changed = dispatch(1, payload={"n": 99})
+    assert planner.reconcile([changed]) == [UpdateActor(DispatchId(1), changed)]
+
+
+def test_merge_by_type_shares_one_actor_and_follows_the_newest_running_dispatch() -> None:
+    planner = ActorPlanner(MergeByType().identity)
+    older, newer = dispatch(1, started_ago=20), dispatch(2, started_ago=5)
+    [start] = planner.reconcile([older])
+    assert isinstance(start, StartActor)
+    assert planner.reconcile([older, newer]) == [UpdateActor(start.key, newer)]
+    # The newer one ends first: the actor goes back to the one that still runs.
+    assert planner.reconcile([older]) == [UpdateActor(start.key, older)]
+    assert planner.reconcile([]) == [StopActor(start.key, older, "Dispatch stopped")]
+
+
+def test_back_to_back_dispatches_of_one_group_do_not_stop_the_actor() -> None:
+    planner = ActorPlanner(MergeByType().identity)
+    first, second = dispatch(1, started_ago=60), dispatch(2, started_ago=0)
+    [start] = planner.reconcile([first])
+    assert planner.reconcile([second]) == [UpdateActor(start.key, second)]
+
+
+def test_a_change_of_a_member_makes_it_the_one_the_actor_reflects() -> None:
+    planner = ActorPlanner(MergeByType().identity)
+    older, newer = dispatch(1, started_ago=20), dispatch(2, started_ago=5)
+    [start] = planner.reconcile([older, newer])
+    assert isinstance(start, StartActor) and start.dispatch == newer
+    changed = dispatch(1, started_ago=20, payload={"x": 1})
+    assert planner.reconcile([changed, newer]) == [UpdateActor(start.key, changed)]
+
+
+def test_merge_by_type_target_and_dry_run_split_groups() -> None:
+    planner = ActorPlanner(MergeByTypeTarget().identity)
+    actions = planner.reconcile(
+        [
+            dispatch(1, ids=(1,)),
+            dispatch(2, ids=(1,)),
+            dispatch(3, ids=(2,)),
+            dispatch(4, dry_run=True),
+        ]
+    )
+    assert [type(a) for a in actions] == [StartActor] * 3
+
+
+def test_dry_run_flip_moves_a_dispatch_to_another_actor() -> None:
+    planner = ActorPlanner(MergeByType().identity)
+    [real] = planner.reconcile([dispatch(1)])
+    actions = planner.reconcile([dispatch(1, dry_run=True)])
+    assert [type(a) for a in actions] == [StopActor, StartActor]
+    assert actions[0].key == real.key and actions[1].key != real.key
+
+
+def test_a_failed_start_waits_for_retry_and_is_forgotten_when_the_run_ends() -> None:
+    planner = ActorPlanner(lambda d: d.id)
+    [start] = planner.reconcile([dispatch(1)])
+    planner.start_failed(start.key)
+    assert planner.waiting_keys == {start.key}
+    assert planner.reconcile([dispatch(1)]) == []  # a republish does not retry
+    assert planner.retry(start.key) == StartActor(start.key, dispatch(1))
+    assert planner.retry(start.key) is None
+    planner.start_failed(start.key)
+    assert planner.reconcile([]) == []  # no actor to stop
+    assert planner.retry(start.key) is None
+
+
+def test_a_failed_start_is_tried_again_at_once_when_its_dispatch_changes() -> None:
+    planner = ActorPlanner(lambda d: d.id)
+    [start] = planner.reconcile([dispatch(1)])
+    planner.start_failed(start.key)
+    changed = dispatch(1, payload={"fixed": True})
+    assert planner.reconcile([changed]) == [StartActor(start.key, changed)]
+
+
+def test_stop_all_stops_only_running_actors() -> None:
+    planner = ActorPlanner(lambda d: d.id)
+    planner.reconcile([dispatch(1), dispatch(2)])
+    planner.start_failed(DispatchId(2))
+    assert [a.key for a in planner.stop_all("bye")] == [DispatchId(1)]
+    assert planner.running_keys == frozenset()
+
+
+# --- running state messages ----------------------------------------------------------
+
+
+def test_running_state_changes_report_starts_updates_then_stops() -> None:
+    before = {DispatchId(1): dispatch(1), DispatchId(2): dispatch(2)}
+    after = {DispatchId(2): dispatch(2, payload={"v": 2}), DispatchId(3): dispatch(3)}
+    messages = running_state_changes(before, after, lambda d: d.with_state(running=False))
+    assert [(int(m.id), m.started) for m in messages] == [(2, True), (3, True), (1, False)]
+    assert running_state_changes(after, after, lambda d: d) == []
+
+
+def test_dispatch_state_comes_from_the_bridge_not_the_clock() -> None:
+    d = dispatch(1, started_ago=10_000, running=True)  # long past by the local clock
+    assert d.started and d.until is not None
+    stopped = d.with_state(running=False, deleted=True)
+    assert not stopped.started and stopped.until is None and stopped.deleted
+
+
+def test_merge_by_type_filter_holds_back_a_stop_while_another_runs() -> None:
+    strategy = MergeByType()
+    running, stopping = dispatch(1), dispatch(2).with_state(running=False)
+    context = {DispatchId(1): running, DispatchId(2): stopping}
+    assert strategy.filter(context, running)
+    assert not strategy.filter(context, stopping)
+    assert strategy.filter({DispatchId(2): stopping}, stopping)
+
+
+def test_identities_are_stable_and_equal_for_equal_groups() -> None:
+    assert MergeByType().identity(dispatch(1)) == MergeByType().identity(dispatch(2))
+    assert MergeByType().identity(dispatch(1)) != MergeByType().identity(dispatch(2, dry_run=True))
+    by_target = MergeByTypeTarget()
+    assert by_target.identity(dispatch(1, ids=(1, 2))) == by_target.identity(
+        dispatch(2, ids=(2, 1))
+    )
+    assert by_target.identity(dispatch(1, ids=(1,))) != by_target.identity(dispatch(2, ids=(2,)))

@@ -1,0 +1,223 @@
+"""Unit tests of the SDK's view of the topics, the connection settings and the backoff."""
+
+from __future__ import annotations
+
+import random
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from actor_sdk import BrokerUrlError, Created, Deleted, SdkError, Updated, wire
+from actor_sdk._connection import BrokerSettings, SkewMonitor, reconnect_delay
+from actor_sdk._view import BridgeView, is_newer
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+MG = 3
+
+
+def wire_dispatch(dispatch_id: int, *, payload: dict[str, int] | None = None) -> wire.Dispatch:
+    return wire.Dispatch(
+        id=dispatch_id,
+        type="T",
+        start_time=NOW,
+        duration=60,
+        target=wire.Target(ids=(1,)),
+        active=True,
+        dry_run=False,
+        payload=payload or {},
+        create_time=NOW,
+        update_time=NOW,
+        end_time=None,
+        running=True,
+        until=NOW + timedelta(seconds=60),
+        next_run=None,
+    )
+
+
+def snapshot(*ids: int, session: int = 1, seq: int = 1, type_: str = "T", mg: int = MG) -> bytes:
+    return wire.encode(
+        wire.RunningSnapshot(
+            microgrid_id=mg,
+            type=type_,
+            running=tuple(wire_dispatch(i) for i in ids),
+            next_change=None,
+            as_of=NOW,
+            session=session,
+            seq=seq,
+        )
+    )
+
+
+def status(state: str = "online", session: int = 1) -> bytes:
+    return wire.encode(
+        wire.BridgeStatus(
+            state=state,  # type: ignore[arg-type]
+            upstream="connected",
+            synced_at=None,
+            session=session,
+            bridge="b",
+            version="1",
+            dispatches=0,
+        )
+    )
+
+
+def running_ids(view: BridgeView) -> list[int]:
+    return [int(d.id) for d in view.running("T")]
+
+
+@pytest.mark.parametrize(
+    ("session", "seq", "last", "online", "expected"),
+    [
+        (1, 1, None, None, True),
+        (1, 2, (1, 1), None, True),
+        (1, 1, (1, 1), None, False),
+        (1, 0, (1, 1), None, False),
+        (2, 0, (1, 9), None, True),
+        (1, 50, (2, 1), None, False),
+        (1, 50, (2, 1), 1, True),  # the bridge restarted counting: its online status says so
+    ],
+)
+def test_snapshot_ordering(
+    session: int, seq: int, last: tuple[int, int] | None, online: int | None, expected: bool
+) -> None:
+    assert is_newer(session, seq, last, online) is expected
+
+
+def test_view_is_live_only_in_sync_with_an_online_bridge() -> None:
+    view = BridgeView(MG)
+    view.begin_sync()
+    view.apply_status(status("online"))
+    assert not view.live
+    view.end_sync()
+    assert view.live
+    view.apply_status(status("offline"))
+    assert not view.live
+    view.apply_status(status("online", session=2))
+    view.lost_connection()
+    assert not view.live
+
+
+def test_a_stale_offline_will_is_ignored() -> None:
+    view = BridgeView(MG)
+    view.apply_status(status("online", session=4))
+    assert not view.apply_status(status("offline", session=3))
+    assert view.status is not None and view.status.state == "online"
+
+
+def test_old_snapshots_are_ignored_and_a_clearing_empties_the_type() -> None:
+    view = BridgeView(MG)
+    assert view.apply_running("T", snapshot(1, seq=5)) is not None
+    assert view.apply_running("T", snapshot(seq=4)) is None
+    assert view.apply_running("T", snapshot(seq=5)) is None
+    assert running_ids(view) == [1]
+    assert view.apply_running("T", b"") is None
+    assert running_ids(view) == []
+    assert view.apply_running("T", snapshot(2, seq=6)) is not None
+    assert running_ids(view) == [2]
+
+
+def test_snapshot_of_another_type_or_microgrid_is_garbage() -> None:
+    view = BridgeView(MG)
+    with pytest.raises(wire.WireError):
+        view.apply_running("T", snapshot(1, type_="U"))
+    with pytest.raises(wire.WireError):
+        view.apply_running("T", snapshot(1, mg=MG + 1))
+    with pytest.raises(wire.WireError):
+        view.apply_running("T", b"\xff garbage")
+
+
+def test_a_resync_clears_types_and_deletes_dispatches_not_delivered_again() -> None:
+    view = BridgeView(MG)
+    view.begin_sync()
+    view.apply_running("T", snapshot(1))
+    view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
+    view.apply_dispatch("T", 2, wire.encode(wire_dispatch(2)))
+    view.end_sync()
+    view.lost_connection()
+    view.begin_sync()
+    view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
+    events = view.end_sync()
+    assert [(type(e), int(e.dispatch.id)) for e in events] == [(Deleted, 2)]
+    assert running_ids(view) == []
+
+
+def test_lifecycle_events_follow_the_definition_not_the_computed_state() -> None:
+    view = BridgeView(MG)
+    [created] = view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
+    assert isinstance(created, Created)
+    same = wire_dispatch(1)
+    assert (
+        view.apply_dispatch("T", 1, wire.encode(msgspec.structs.replace(same, running=False))) == []
+    )
+    [updated] = view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1, payload={"a": 1})))
+    assert isinstance(updated, Updated)
+    [deleted] = view.apply_dispatch("T", 1, b"")
+    assert isinstance(deleted, Deleted) and deleted.dispatch.deleted
+    assert view.apply_dispatch("T", 1, b"") == []
+    with pytest.raises(wire.WireError):
+        view.apply_dispatch("T", 5, wire.encode(wire_dispatch(1)))
+
+
+# --- connection settings ------------------------------------------------------------
+
+
+def test_broker_url_with_credentials() -> None:
+    settings = BrokerSettings.from_url("mqtt://act%40or:p%3Ass@edge:1884")
+    assert (settings.host, settings.port, settings.username, settings.password) == (
+        "edge",
+        1884,
+        "act@or",
+        "p:ss",
+    )
+    assert settings.tls_context is None
+    assert "p:ss" not in settings.describe()
+
+
+def test_broker_url_defaults_and_tls() -> None:
+    assert BrokerSettings.from_url("mqtt://edge").port == 1883
+    secure = BrokerSettings.from_url("mqtts://edge")
+    assert secure.port == 8883 and isinstance(secure.tls_context, ssl.SSLContext)
+
+
+def test_credentials_from_the_environment_and_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("MQTT_USERNAME", "actor")
+    monkeypatch.delenv("MQTT_PASSWORD", raising=False)
+    monkeypatch.setenv("MQTT_PASSWORD_FILE", str(secret))
+    settings = BrokerSettings.from_url("mqtt://edge:1883")
+    assert (settings.username, settings.password) == ("actor", "from-file")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://edge", "mqtt://", "mqtt://edge:99999", "mqtt://edge/path", "edge:1883"]
+)
+def test_bad_broker_urls_are_refused_with_one_error_type(url: str) -> None:
+    with pytest.raises(BrokerUrlError) as caught:
+        BrokerSettings.from_url(url)
+    assert isinstance(caught.value, SdkError)
+
+
+def test_reconnect_delay_grows_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [reconnect_delay(n, first=0.5, cap=8, rng=rng) for n in range(10)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert all(4 <= d <= 8 for d in delays[5:])
+    assert len(set(delays[5:])) == 5  # jittered, not lockstep
+
+
+def test_skew_is_reported_once_per_change() -> None:
+    monitor = SkewMonitor()
+    assert monitor.observe(NOW, NOW + timedelta(seconds=0.5)) is None
+    first = monitor.observe(NOW, NOW + timedelta(seconds=3))
+    assert first is not None and "3.0 s ahead" in first
+    assert monitor.observe(NOW, NOW + timedelta(seconds=3.4)) is None
+    assert monitor.observe(NOW, NOW - timedelta(seconds=3)) is not None
+    assert monitor.observe(NOW, NOW) is not None  # back within the threshold
+    assert monitor.observe(NOW, NOW) is None
