@@ -196,6 +196,7 @@ class Publisher:
         window: int = 20,
         scan_timeout: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        backoff: Backoff | None = None,
     ) -> None:
         """Create the publisher; `run()` connects.
 
@@ -208,6 +209,7 @@ class Publisher:
             window: The most publishes in flight at once.
             scan_timeout: How long the stale-topic scan waits, in seconds.
             clock: Returns now (for the `as_of` of replacement snapshots).
+            backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).
         """
         self._settings = settings
         self.microgrid_id = microgrid_id
@@ -244,7 +246,7 @@ class Publisher:
         self.connected = asyncio.Event()
         self.connections = 0
         self.published = 0
-        self._backoff = Backoff()
+        self._backoff = backoff or Backoff()
 
     # ---- the synchronous face (never blocks) ----------------------------------
 

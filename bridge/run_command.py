@@ -16,6 +16,7 @@ flags win over the environment, which wins over the file):
 | state directory | `--state-dir PATH` | `DISPATCH_BRIDGE_STATE_DIR` | `state_dir` |
 | topic root | `--topic-root TEMPLATE` | `DISPATCH_BRIDGE_TOPIC_ROOT` | `topic_root` |
 | bridge name | `--name NAME` | `DISPATCH_BRIDGE_NAME` | `name` |
+| longest retry wait | `--retry-max SECONDS` | `DISPATCH_BRIDGE_RETRY_MAX` | `retry_max` |
 
 Secrets have no flags (a command line is visible to every user of the host),
 and never appear in logs or error messages.
@@ -37,7 +38,7 @@ from urllib.parse import urlsplit
 from actor_sdk import wire
 from bridge import __version__
 from bridge.config import ConfigError, SettingsSource
-from bridge.publisher import BrokerSettings, Publisher, parse_broker_url
+from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
 from bridge.service import MicrogridService, ScheduleCore
 from bridge.store import CacheWriter, DispatchCache, SessionCounter
 from bridge.upstream import Upstream, UpstreamSettings
@@ -59,6 +60,7 @@ class BridgeSettings:
     state_dir: Path
     topic_root: str
     name: str
+    retry_max: float = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="this bridge's name in the status topic and its MQTT client id "
         "(env DISPATCH_BRIDGE_NAME; default: the host name)",
+    )
+    parser.add_argument(
+        "--retry-max",
+        metavar="SECONDS",
+        help="longest wait between reconnect attempts to the Dispatch API and the broker; "
+        "waits start at 0.5 s and double, with jitter (env DISPATCH_BRIDGE_RETRY_MAX; "
+        "default 30)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
@@ -169,6 +178,15 @@ def _parse_root(value: Any) -> str:
     except (wire.WireError, KeyError, IndexError) as error:
         raise ValueError(str(error) or "invalid template") from None
     return text
+
+
+def _parse_seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    seconds = float(value)
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError("must be between 0.1 and 3600 seconds")
+    return seconds
 
 
 def load_settings(args: argparse.Namespace) -> BridgeSettings:
@@ -250,7 +268,11 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
     name = source.get(
         "name", env="DISPATCH_BRIDGE_NAME", parse=_parse_text, default=socket.gethostname()
     )
+    retry_max = source.get(
+        "retry_max", env="DISPATCH_BRIDGE_RETRY_MAX", parse=_parse_seconds, default=30.0
+    )
     return BridgeSettings(
+        retry_max=retry_max,
         microgrid_ids=ids,
         upstream=UpstreamSettings(url, key, secret),
         broker=broker,
@@ -273,6 +295,7 @@ class _Pipeline:
             layout=layout,
             sessions=SessionCounter(directory),
             bridge_name=settings.name,
+            backoff=Backoff(cap=settings.retry_max),
         )
         core = ScheduleCore(microgrid_id, layout)
         cache = DispatchCache(directory, microgrid_id)
@@ -294,7 +317,12 @@ class _Pipeline:
             cache, lambda: (core.dispatches(), self.service.synced_at), self.service.now
         )
         self.service.on_change = self.cache_writer.mark
-        self.upstream = Upstream(settings.upstream, microgrid_id, self.service.put)
+        self.upstream = Upstream(
+            settings.upstream,
+            microgrid_id,
+            self.service.put,
+            backoff=Backoff(cap=settings.retry_max),
+        )
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.recurrence import Frequency, RecurrenceRule
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
@@ -80,13 +81,13 @@ def flips(messages: list[Received], topic: str, dispatch_id: int) -> list[tuple[
 
 
 async def wait_flips(
-    tap: MqttTap, topic: str, dispatch_id: int, count: int, timeout: float
+    tap: MqttTap, topic: str, dispatch_id: int, count: int, within: float
 ) -> list[tuple[float, bool]]:
     """Wait (without blocking the loop) until `count` flips of a dispatch were seen."""
     return await asyncio.to_thread(
         tap.wait_for,
         lambda messages: f if len(f := flips(messages, topic, dispatch_id)) >= count else None,
-        timeout,
+        within,
         f"{count} start/stop flips of dispatch {dispatch_id}",
     )
 
@@ -102,6 +103,100 @@ def assert_on_time(
         assert -0.005 <= late <= ON_TIME_S, f"flip at {instant} seen {late * 1000:.1f} ms late"
         lateness.append(late)
     return lateness
+
+
+async def check_updates_and_delete(
+    client: DispatchApiClient, tap: MqttTap, broker: Broker, layout: wire.TopicLayout
+) -> None:
+    """Payload, active and duration updates, and a delete, take effect at once."""
+    mg = MicrogridId(MICROGRID)
+    # Updates and deletes take effect at once, on a long-running dispatch.
+    upd = await client.create(
+        microgrid_id=mg,
+        type="UPD",
+        start_time=datetime.now(UTC) + timedelta(seconds=2),
+        duration=timedelta(hours=1),
+        target=TargetIds(3),
+        payload={"step": 1},
+    )
+    upd_id = int(upd.id)
+    upd_running = layout.running("UPD")
+    await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [upd_id], 10)
+    await client.update(
+        microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"payload": {"step": 2}}
+    )
+    await asyncio.to_thread(
+        tap.wait_latest,
+        upd_running,
+        lambda p: bool(p) and wire.decode_running(p).running[0].payload == {"step": 2},
+        3,
+    )
+    assert wire.decode_dispatch(tap.latest(layout.dispatch("UPD", upd_id)) or b"").payload == {
+        "step": 2
+    }
+    await client.update(
+        microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"active": False}
+    )
+    await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [], 3)
+    await client.update(
+        microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"active": True}
+    )
+    await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [upd_id], 3)
+    # Shortened so that its run is over: stops at once.
+    await client.update(
+        microgrid_id=mg,
+        dispatch_id=DispatchId(upd_id),
+        new_fields={"duration": timedelta(seconds=1)},
+    )
+    await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [], 3)
+    state = wire.decode_dispatch(tap.latest(layout.dispatch("UPD", upd_id)) or b"")
+    assert state.duration == 1 and not state.running
+
+    # Delete clears the retained topic (an empty retained message).
+    await client.delete(microgrid_id=mg, dispatch_id=DispatchId(upd_id))
+    upd_topic = layout.dispatch("UPD", upd_id)
+    await asyncio.to_thread(tap.wait_latest, upd_topic, lambda p: p == b"", 3)
+    assert upd_topic not in retained_snapshot(broker, layout.everything)
+    events = [wire.decode_event(m.payload) for m in tap.on(layout.events("UPD"))]
+    assert [e.event for e in events] == [
+        "created",
+        "updated",
+        "updated",
+        "updated",
+        "updated",
+        "deleted",
+    ]
+
+
+async def check_hostile_type(
+    client: DispatchApiClient, tap: MqttTap, broker: Broker, layout: wire.TopicLayout
+) -> None:
+    """A type with `/ . + #` and a space goes under its encoded level; nothing else changes."""
+    mg = MicrogridId(MICROGRID)
+    # A hostile type name lands under its encoded level, and nothing else changes.
+    before = retained_snapshot(broker, layout.everything)
+    seen_before = len(tap.messages())
+    hostile = await client.create(
+        microgrid_id=mg,
+        type=HOSTILE,
+        start_time=datetime.now(UTC) + timedelta(hours=1),
+        duration=timedelta(seconds=10),
+        target=TargetIds(9),
+    )
+    level = f"{layout.root}/a%2Fb%2Ec%2B%23d%20e"
+    hostile_topic = f"{level}/dispatches/{int(hostile.id)}"
+    payload = await asyncio.to_thread(tap.wait_latest, hostile_topic, bool, 5)
+    assert wire.decode_dispatch(payload).type == HOSTILE
+    await asyncio.to_thread(tap.wait_latest, f"{level}/running", lambda p: running_ids(p) == [], 5)
+    others = (f"{layout.root}/ONE_OFF/", f"{layout.root}/REC/")
+    new_topics = {m.topic for m in tap.messages()[seen_before:] if not m.topic.startswith(others)}
+    assert new_topics == {hostile_topic, f"{level}/running", f"{level}/events", layout.status}
+    after = retained_snapshot(broker, layout.everything)
+    changed = {t for t in before.keys() | after.keys() if before.get(t) != after.get(t)}
+    # The one-off may have switched meanwhile; everything else is as it was.
+    changed = {t for t in changed if not t.startswith(others)}
+    assert changed == {hostile_topic, f"{level}/running", layout.status}
+    assert wire.decode_type(level.rsplit("/", 1)[1]) == HOSTILE
 
 
 async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
@@ -161,96 +256,8 @@ async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
         assert published.target == wire.Target(ids=(7, 8))
         assert retained_snapshot(mqtt_broker, topic)[topic] == payload
 
-        # Updates and deletes take effect at once, on a long-running dispatch.
-        upd = await client.create(
-            microgrid_id=mg,
-            type="UPD",
-            start_time=datetime.now(UTC) + timedelta(seconds=2),
-            duration=timedelta(hours=1),
-            target=TargetIds(3),
-            payload={"step": 1},
-        )
-        upd_id = int(upd.id)
-        upd_running = layout.running("UPD")
-        await asyncio.to_thread(
-            tap.wait_latest, upd_running, lambda p: running_ids(p) == [upd_id], 10
-        )
-        await client.update(
-            microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"payload": {"step": 2}}
-        )
-        payload = await asyncio.to_thread(
-            tap.wait_latest,
-            upd_running,
-            lambda p: bool(p) and wire.decode_running(p).running[0].payload == {"step": 2},
-            3,
-        )
-        assert wire.decode_dispatch(tap.latest(layout.dispatch("UPD", upd_id)) or b"").payload == {
-            "step": 2
-        }
-        await client.update(
-            microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"active": False}
-        )
-        await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [], 3)
-        await client.update(
-            microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"active": True}
-        )
-        await asyncio.to_thread(
-            tap.wait_latest, upd_running, lambda p: running_ids(p) == [upd_id], 3
-        )
-        # Shortened so that its run is over: stops at once.
-        await client.update(
-            microgrid_id=mg,
-            dispatch_id=DispatchId(upd_id),
-            new_fields={"duration": timedelta(seconds=1)},
-        )
-        await asyncio.to_thread(tap.wait_latest, upd_running, lambda p: running_ids(p) == [], 3)
-        state = wire.decode_dispatch(tap.latest(layout.dispatch("UPD", upd_id)) or b"")
-        assert state.duration == 1 and not state.running
-
-        # Delete clears the retained topic (an empty retained message).
-        await client.delete(microgrid_id=mg, dispatch_id=DispatchId(upd_id))
-        upd_topic = layout.dispatch("UPD", upd_id)
-        await asyncio.to_thread(tap.wait_latest, upd_topic, lambda p: p == b"", 3)
-        assert upd_topic not in retained_snapshot(mqtt_broker, layout.everything)
-        events = [wire.decode_event(m.payload) for m in tap.on(layout.events("UPD"))]
-        assert [e.event for e in events] == [
-            "created",
-            "updated",
-            "updated",
-            "updated",
-            "updated",
-            "deleted",
-        ]
-
-        # A hostile type name lands under its encoded level, and nothing else changes.
-        before = retained_snapshot(mqtt_broker, layout.everything)
-        seen_before = len(tap.messages())
-        hostile = await client.create(
-            microgrid_id=mg,
-            type=HOSTILE,
-            start_time=datetime.now(UTC) + timedelta(hours=1),
-            duration=timedelta(seconds=10),
-            target=TargetIds(9),
-        )
-        level = f"{layout.root}/a%2Fb%2Ec%2B%23d%20e"
-        hostile_topic = f"{level}/dispatches/{int(hostile.id)}"
-        payload = await asyncio.to_thread(tap.wait_latest, hostile_topic, bool, 5)
-        assert wire.decode_dispatch(payload).type == HOSTILE
-        await asyncio.to_thread(
-            tap.wait_latest, f"{level}/running", lambda p: running_ids(p) == [], 5
-        )
-        others = (f"{layout.root}/ONE_OFF/", f"{layout.root}/REC/")
-        new_topics = {
-            m.topic for m in tap.messages()[seen_before:] if not m.topic.startswith(others)
-        }
-        assert new_topics == {hostile_topic, f"{level}/running", f"{level}/events", layout.status}
-        after = retained_snapshot(mqtt_broker, layout.everything)
-        changed = {t for t in before.keys() | after.keys() if before.get(t) != after.get(t)}
-        # The one-off may have switched meanwhile; everything else is as it was.
-        changed -= {layout.running("ONE_OFF"), layout.dispatch("ONE_OFF", one_id)}
-        changed -= {layout.running("REC"), layout.dispatch("REC", rec_id)}
-        assert changed == {hostile_topic, f"{level}/running", layout.status}
-        assert wire.decode_type(level.rsplit("/", 1)[1]) == HOSTILE
+        await check_updates_and_delete(client, tap, mqtt_broker, layout)
+        await check_hostile_type(client, tap, mqtt_broker, layout)
 
         # The one-off starts and stops on time.
         one_running = layout.running("ONE_OFF")

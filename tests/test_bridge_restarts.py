@@ -1,0 +1,235 @@
+"""Restart paths of the bridge, end to end: the cache, the API server, the broker, crashes.
+
+Real processes only (API server, Mosquitto, `dispatch-bridge run`,
+`mosquitto_sub`); faults are real too (SIGTERM, kill -9, a database changed
+while its server is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import DispatchId, TargetIds
+
+from actor_sdk import wire
+from bridge.service import strip_state
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from tests.fixtures.broker import Broker
+from tests.fixtures.processes import wait_until
+
+pytestmark = pytest.mark.slow
+
+MICROGRID = 3
+ON_TIME_S = 0.5
+
+
+def status_of(tap: MqttTap, layout: wire.TopicLayout) -> wire.BridgeStatus | None:
+    payload = tap.latest(layout.status)
+    return wire.decode_status(payload) if payload else None
+
+
+def running_ids(payload: bytes | None) -> list[int] | None:
+    if not payload:
+        return None
+    return [d.id for d in wire.decode_running(payload).running]
+
+
+async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_reconciles(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+) -> None:
+    tap = mqtt_tap_factory(mqtt_broker, f"microgrid/{MICROGRID}/dispatch/#")
+    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,))
+    bridge.wait_synced()
+    layout = bridge.layout()
+    mg = MicrogridId(MICROGRID)
+    async with api_server.client() as client:
+        soon = await client.create(
+            microgrid_id=mg,
+            type="CACHED",
+            start_time=datetime.now(UTC) + timedelta(seconds=12),
+            duration=timedelta(seconds=2),
+            target=TargetIds(1),
+        )
+        doomed = await client.create(
+            microgrid_id=mg,
+            type="DOOMED",
+            start_time=datetime.now(UTC) + timedelta(hours=2),
+            duration=timedelta(seconds=60),
+            target=TargetIds(2),
+        )
+    soon_id, doomed_id = int(soon.id), int(doomed.id)
+    doomed_topic = layout.dispatch("DOOMED", doomed_id)
+    await asyncio.to_thread(tap.wait_latest, doomed_topic, bool)
+    cache = bridge.state_dir / f"microgrid-{MICROGRID}" / "dispatches.json"
+    wait_until(lambda: cache.exists() and b"DOOMED" in cache.read_bytes(), 5, "the cache")
+    first = status_of(tap, layout)
+    assert first is not None and first.state == "online"
+
+    # SIGTERM: offline status, exit 0.
+    assert bridge.stop() == 0
+    offline = status_of(tap, layout)
+    assert offline is not None and offline.state == "offline"
+    assert offline.session == first.session
+
+    # The API goes away; meanwhile a dispatch is deleted behind the bridge's back.
+    api_server.stop()
+    with sqlite3.connect(api_server.db_path) as db:
+        assert db.execute("DELETE FROM dispatches WHERE id = ?", (doomed_id,)).rowcount == 1
+
+    bridge.start()
+    online = await asyncio.to_thread(
+        tap.wait_for,
+        lambda _: s if (s := status_of(tap, layout)) and s.state == "online" else None,
+        10,
+        "the restarted bridge online",
+    )
+    assert online.session > first.session
+    assert online.upstream == "disconnected"
+    assert online.dispatches == 2
+    assert "loaded 2 dispatches from the cache" in bridge.output()
+
+    # From the cache alone, the dispatch starts and stops on time.
+    topic = layout.running("CACHED")
+
+    def flips(_: object) -> list[tuple[float, bool]] | None:
+        seen = [m for m in tap.on(topic) if m.payload]
+        result: list[tuple[float, bool]] = []
+        state = False
+        for message in seen:
+            now_running = soon_id in (running_ids(message.payload) or [])
+            if now_running != state:
+                result.append((message.at, now_running))
+                state = now_running
+        return result if len(result) >= 2 else None
+
+    observed = await asyncio.to_thread(tap.wait_for, flips, 20, "the cached dispatch to run")
+    start = soon.start_time.timestamp()
+    assert 0 <= observed[0][0] - start <= ON_TIME_S
+    assert 0 <= observed[1][0] - (start + 2) <= ON_TIME_S
+    assert wire.decode_status(tap.latest(layout.status) or b"").upstream == "disconnected"
+    assert doomed_topic in retained_snapshot(mqtt_broker, layout.everything)
+
+    # The API comes back: the bridge lists, diffs, and clears what was deleted.
+    api_server.start()
+    await asyncio.to_thread(tap.wait_latest, doomed_topic, lambda p: p == b"", 15)
+    status = await asyncio.to_thread(
+        tap.wait_for,
+        lambda _: s if (s := status_of(tap, layout)) and s.upstream == "connected" else None,
+        5,
+        "upstream connected",
+    )
+    assert status.dispatches == 1
+    deleted = [wire.decode_event(m.payload) for m in tap.on(layout.events("DOOMED"))]
+    assert [e.event for e in deleted] == ["created", "deleted"]
+    tree = retained_snapshot(mqtt_broker, layout.everything)
+    assert doomed_topic not in tree
+    assert running_ids(tree[layout.running("DOOMED")]) == []
+    assert b"DOOMED" not in cache.read_bytes() or wait_until(
+        lambda: b"DOOMED" not in cache.read_bytes(), 5, "the cache to drop the deleted dispatch"
+    )
+
+
+async def test_broker_killed_and_rolled_back_gets_every_retained_topic_right_again(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+) -> None:
+    mqtt_broker.require_control()
+    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,))
+    bridge.wait_synced()
+    layout = bridge.layout()
+    mg = MicrogridId(MICROGRID)
+    async with api_server.client() as client:
+        created = [
+            await client.create(
+                microgrid_id=mg,
+                type=kind,
+                start_time=datetime.now(UTC) + timedelta(seconds=offset),
+                duration=timedelta(hours=1),
+                target=TargetIds(index),
+                payload={"n": index},
+            )
+            for index, (kind, offset) in enumerate(
+                [("KEEP", 1), ("KEEP", 3600), ("GONE", 1), ("LATE", 3600)]
+            )
+        ]
+        keep_a, keep_b, gone, late = (int(d.id) for d in created)
+        await client.delete(microgrid_id=mg, dispatch_id=DispatchId(late))
+        tap = mqtt_tap_factory(mqtt_broker, f"microgrid/{MICROGRID}/dispatch/#")
+        await asyncio.to_thread(
+            tap.wait_latest,
+            layout.running("GONE"),
+            lambda p: running_ids(p) == [gone],
+            10,
+        )
+        # A clean restart saves the broker's state with GONE in it...
+        mqtt_broker.restart()
+        bridge.process.wait_for_output(r"session 2\)", 15)
+        # ... then GONE is deleted and NEW created, and the broker dies before its autosave.
+        await client.delete(microgrid_id=mg, dispatch_id=DispatchId(gone))
+        new = await client.create(
+            microgrid_id=mg,
+            type="NEW",
+            start_time=datetime.now(UTC) + timedelta(hours=3),
+            duration=timedelta(seconds=5),
+            target=TargetIds(5),
+        )
+        tap2 = mqtt_tap_factory(mqtt_broker, f"microgrid/{MICROGRID}/dispatch/NEW/#")
+        await asyncio.to_thread(tap2.wait_latest, layout.running("NEW"), bool, 10)
+        mqtt_broker.kill9()
+        killed = time.monotonic()
+        mqtt_broker.start()
+        truth = {int(d.id): wire.from_client(d) async for d in _all(client, mg)}
+
+    expected_dispatch_topics = {layout.dispatch(d.type, i) for i, d in truth.items()}
+    assert {keep_a, keep_b, int(new.id)} == set(truth)
+
+    def correct() -> dict[str, bytes] | None:
+        tree = retained_snapshot(mqtt_broker, layout.everything)
+        dispatch_topics = {t for t in tree if "/dispatches/" in t}
+        if dispatch_topics != expected_dispatch_topics:
+            return None
+        status = wire.decode_status(tree[layout.status])
+        if status.state != "online" or status.session < 3:
+            return None
+        return tree
+
+    tree = await asyncio.to_thread(wait_until, correct, 15, "every retained topic right")
+    elapsed = time.monotonic() - killed
+    status = wire.decode_status(tree[layout.status])
+    for dispatch_id, dispatch in truth.items():
+        published = wire.decode_dispatch(tree[layout.dispatch(dispatch.type, dispatch_id)])
+        assert strip_state(published) == dispatch
+    keep = wire.decode_running(tree[layout.running("KEEP")])
+    assert [d.id for d in keep.running] == [keep_a]
+    assert keep.session == status.session
+    assert running_ids(tree[layout.running("GONE")]) == []
+    assert running_ids(tree[layout.running("NEW")]) == []
+    print(f"broker kill -9 and restart: every retained topic right after {elapsed:.2f} s")
+
+    # The bridge crashes: the broker publishes its will, offline with the same session.
+    tap3 = mqtt_tap_factory(mqtt_broker, layout.status)
+    await asyncio.to_thread(
+        tap3.wait_latest, layout.status, lambda p: wire.decode_status(p).state == "online", 5
+    )
+    bridge.kill9()
+    payload = await asyncio.to_thread(
+        tap3.wait_latest, layout.status, lambda p: wire.decode_status(p).state == "offline", 10
+    )
+    assert wire.decode_status(payload).session == status.session
+
+
+async def _all(client: object, mg: MicrogridId):  # type: ignore[no-untyped-def]
+    async for page in client.list(microgrid_id=mg):  # type: ignore[attr-defined]
+        for dispatch in page:
+            yield dispatch
