@@ -10,18 +10,27 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
 from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
+from frequenz.api.common.v1alpha8.types.interval_pb2 import Interval
 from frequenz.api.dispatch.v1 import dispatch_pb2 as pb
 from frequenz.channels import Receiver
+from frequenz.client.base.conversion import to_timestamp
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.common.microgrid.electrical_components import ElectricalComponentCategory
 from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, RecurrenceRule, Weekday
-from frequenz.client.dispatch.types import Dispatch, DispatchEvent, TargetCategories, TargetIds
+from frequenz.client.dispatch.types import (
+    BatteryType,
+    Dispatch,
+    DispatchEvent,
+    TargetCategories,
+    TargetIds,
+)
 
 from bridge.api import create_dispatch
 from tests.fixtures.api_server import ApiServerHandle, raw_stub, signed_metadata
@@ -549,3 +558,53 @@ async def test_dispatches_survive_restart_and_kill9(api_server: ApiServerHandle)
         }
         newest = await client.create(microgrid, "NEWEST", soon(10), None, TargetIds(1))
         assert int(newest.id) > int(after_restart.id)
+
+
+async def test_list_raw_filters_recurring_update_time_and_sort(
+    api_server_module: ApiServerHandle, catalogue: tuple[MicrogridId, dict[str, Dispatch]]
+) -> None:
+    microgrid, made = catalogue
+
+    async def listed(**request: Any) -> list[int]:
+        async with raw_stub(api_server_module) as stub:
+            response = await stub.ListMicrogridDispatches(
+                pb.ListMicrogridDispatchesRequest(microgrid_id=int(microgrid), **request),
+                metadata=signed_metadata("ListMicrogridDispatches"),
+            )
+        return [d.metadata.dispatch_id for d in response.dispatches]
+
+    by_start = pb.SortOptions(
+        sort_field=pb.SORT_FIELD_START_TIME, sort_order=pb.SORT_ORDER_ASCENDING
+    )
+    assert await listed(sort_options=by_start) == [int(made[n].id) for n in "abcd"]
+    assert set(await listed(filter=pb.DispatchFilter(is_recurring=True))) == idset(made, "d")
+    assert set(await listed(filter=pb.DispatchFilter(is_recurring=False))) == idset(made, "abc")
+    since_d = Interval(start_time=to_timestamp(made["d"].update_time))
+    assert await listed(filter=pb.DispatchFilter(update_time_interval=since_d)) == [
+        int(made["d"].id)
+    ]
+
+
+async def test_category_without_type_matches_every_type(client: DispatchApiClient) -> None:
+    microgrid = new_microgrid()
+    any_battery = await client.create(
+        microgrid, "ANY", soon(5), None, TargetCategories(ElectricalComponentCategory.BATTERY)
+    )
+    li_ion = await client.create(
+        microgrid, "LI", soon(5), None, TargetCategories(BatteryType.LI_ION)
+    )
+    await client.create(
+        microgrid, "INV", soon(5), None, TargetCategories(ElectricalComponentCategory.INVERTER)
+    )
+    battery = TargetCategories(ElectricalComponentCategory.BATTERY)
+    assert await ids(client, microgrid, target_components=[battery]) == {
+        int(any_battery.id),
+        int(li_ion.id),
+    }
+    only_li_ion = TargetCategories(BatteryType.LI_ION)
+    assert await ids(client, microgrid, target_components=[only_li_ion]) == {
+        int(any_battery.id),
+        int(li_ion.id),
+    }
+    sodium = TargetCategories(BatteryType.NA_ION)
+    assert await ids(client, microgrid, target_components=[sodium]) == {int(any_battery.id)}

@@ -10,6 +10,7 @@ a test can run in-process:
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
@@ -129,7 +130,7 @@ async def serve(
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
         store = DispatchStore(path)
-    except (OSError, Exception) as error:
+    except (OSError, sqlite3.Error) as error:
         raise ServerStartError(f"cannot open database {path}: {error}") from error
     hub = StreamHub(queue_size=stream_queue_size)
     servicer = DispatchServicer(

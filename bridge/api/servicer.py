@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 from frequenz.api.common.v1alpha8.pagination.pagination_info_pb2 import PaginationInfo
 from frequenz.api.common.v1alpha8.streaming import event_pb2
+from frequenz.api.common.v1alpha8.types.interval_pb2 import Interval
 from frequenz.api.dispatch.v1 import dispatch_pb2 as pb
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 from frequenz.client.dispatch.types import Dispatch as ClientDispatch
@@ -34,7 +35,7 @@ from frequenz.client.dispatch.types import Dispatch as ClientDispatch
 from actor_sdk import wire
 from bridge import schedule
 from bridge.api.auth import Authenticator, AuthError
-from bridge.api.store import DispatchStore, PageKey, SqlFilter
+from bridge.api.store import DispatchStore, PageKey, SqlFilter, TargetWanted
 from bridge.api.streams import Closing, Overflowed, StreamHub
 from bridge.api.validation import InvalidRequest, apply_update, validate_data
 
@@ -386,12 +387,13 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
         self, request: pb.ListMicrogridDispatchesRequest
     ) -> pb.ListMicrogridDispatchesResponse:
         microgrid_id = self._microgrid(request.microgrid_id)
-        where, in_python = _split_filter(request.filter)
+        where = _sql_filter(request.filter)
         params = request.pagination_params
+        after: PageKey | None = None
         if params.page_token:
             token = _PageToken.decode(params.page_token)
             sort_field, descending, page_size = token.sort_field, token.descending, token.page_size
-            after: PageKey | None = token.key
+            after = token.key
         else:
             page_size = min(params.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
             sort_field = request.sort_options.sort_field
@@ -401,45 +403,28 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
                 )
             # The API's default order is newest first.
             descending = request.sort_options.sort_order != pb.SORT_ORDER_ASCENDING
-            after = None
-        if in_python is None:
-            total = self._store.count(microgrid_id, where)
-            rows = self._store.query(
-                microgrid_id,
-                where,
-                sort_field=sort_field,
-                descending=descending,
-                after=after,
-                limit=page_size + 1,
-            )
-        else:
-            matching = [
-                row
-                for row in self._store.query(
-                    microgrid_id, where, sort_field=sort_field, descending=descending
-                )
-                if in_python(row[1])
-            ]
-            total = len(matching)
-            if after is not None:
-                matching = [
-                    row
-                    for row in matching
-                    if _beyond((row[0], row[1].metadata.dispatch_id), after, descending)
-                ]
-            rows = matching[: page_size + 1]
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        next_token = None
-        if more:
-            value, last = rows[-1]
-            next_token = _PageToken(
-                sort_field, descending, page_size, PageKey(value, last.metadata.dispatch_id)
-            ).encode()
-        return pb.ListMicrogridDispatchesResponse(
-            dispatches=[dispatch for _, dispatch in rows],
-            pagination_info=PaginationInfo(total_items=total, next_page_token=next_token),
+        total = self._store.count(microgrid_id, where)
+        rows = self._store.query(
+            microgrid_id,
+            where,
+            sort_field=sort_field,
+            descending=descending,
+            after=after,
+            limit=page_size + 1,
         )
+        next_token = None
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            key = PageKey(rows[-1].sort_value, rows[-1].id)
+            next_token = _PageToken(sort_field, descending, page_size, key).encode()
+        info = PaginationInfo(total_items=total, next_page_token=next_token)
+        # The stored bytes are serialized `Dispatch` messages: a page is their
+        # concatenation as field 1, parsed once in C instead of row by row.
+        parts = [_field_bytes(1, row.dispatch) for row in rows]
+        parts.append(_field_bytes(2, info.SerializeToString()))
+        response = pb.ListMicrogridDispatchesResponse()
+        response.ParseFromString(b"".join(parts))
+        return response
 
     async def StreamMicrogridDispatches(
         self, request: pb.StreamMicrogridDispatchesRequest, context: grpc.aio.ServicerContext
@@ -508,29 +493,41 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             _logger.debug("%s microgrid=%d closed (peer %s)", method, microgrid_id, context.peer())
 
 
-def _beyond(key: tuple[int, int], after: PageKey, descending: bool) -> bool:
-    return key < (after.value, after.id) if descending else key > (after.value, after.id)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
-def _split_filter(
-    filter_: pb.DispatchFilter,
-) -> tuple[SqlFilter, Callable[[pb.Dispatch], bool] | None]:
-    """Split a filter into what SQL answers and a predicate for the rest."""
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    """Encode a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
-    def bounds(name: str) -> tuple[int | None, int | None]:
-        if not filter_.HasField(name):  # type: ignore[arg-type]
-            return None, None
-        interval = getattr(filter_, name)
-        low = interval.start_time.ToMicroseconds() if interval.HasField("start_time") else None
-        high = interval.end_time.ToMicroseconds() if interval.HasField("end_time") else None
-        return low, high
 
-    start_from, start_to = bounds("start_time_interval")
-    end_from, end_to = bounds("end_time_interval")
-    update_from, update_to = bounds("update_time_interval")
-    where = SqlFilter(
+def _bounds(filter_: pb.DispatchFilter, name: str) -> tuple[int | None, int | None]:
+    if not filter_.HasField(name):  # type: ignore[arg-type]
+        return None, None
+    interval: Interval = getattr(filter_, name)
+    low = interval.start_time.ToMicroseconds() if interval.HasField("start_time") else None
+    high = interval.end_time.ToMicroseconds() if interval.HasField("end_time") else None
+    return low, high
+
+
+def _sql_filter(filter_: pb.DispatchFilter) -> SqlFilter:
+    """Translate the API's list filter into the store's."""
+    start_from, start_to = _bounds(filter_, "start_time_interval")
+    end_from, end_to = _bounds(filter_, "end_time_interval")
+    update_from, update_to = _bounds(filter_, "update_time_interval")
+    targets = [TargetWanted.from_protobuf(target) for target in filter_.targets]
+    return SqlFilter(
         is_active=filter_.is_active if filter_.HasField("is_active") else None,
         is_dry_run=filter_.is_dry_run if filter_.HasField("is_dry_run") else None,
+        is_recurring=(
+            filter_.is_recurring if filter_.WhichOneof("recurrence") == "is_recurring" else None
+        ),
         dispatch_ids=tuple(filter_.dispatch_ids),
         start_from=start_from,
         start_to=start_to,
@@ -538,67 +535,6 @@ def _split_filter(
         end_to=end_to,
         update_from=update_from,
         update_to=update_to,
+        queries=tuple(q for q in filter_.queries if q),
+        targets=tuple(t for t in targets if t.ids or t.categories),
     )
-    targets = list(filter_.targets)
-    queries = [q for q in filter_.queries if q]
-    recurring = filter_.is_recurring if filter_.WhichOneof("recurrence") == "is_recurring" else None
-    if not targets and not queries and recurring is None:
-        return where, None
-
-    def predicate(dispatch: pb.Dispatch) -> bool:
-        if targets and not any(_targets_overlap(t, dispatch.data.target) for t in targets):
-            return False
-        if queries and not any(_query_matches(q, dispatch) for q in queries):
-            return False
-        if recurring is not None:
-            is_recurring = (
-                dispatch.data.HasField("recurrence")
-                and dispatch.data.recurrence.freq != pb.RecurrenceRule.FREQUENCY_UNSPECIFIED
-            )
-            if is_recurring != recurring:
-                return False
-        return True
-
-    return where, predicate
-
-
-def _query_matches(query: str, dispatch: pb.Dispatch) -> bool:
-    """`#N` matches the id N; any other text is a substring of the type."""
-    if query.startswith("#"):
-        try:
-            return dispatch.metadata.dispatch_id == int(query[1:])
-        except ValueError:
-            pass
-    return query in dispatch.data.type
-
-
-def _categories(target: pb.TargetComponents) -> set[tuple[int, int]]:
-    """Each targeted category as (category, subtype), subtype 0 meaning any."""
-    kind = target.WhichOneof("components")
-    if kind == "component_categories":
-        return {(category, 0) for category in target.component_categories.categories}
-    if kind == "component_categories_types":
-        return {
-            (c.category, c.battery or c.inverter or c.ev_charger)
-            for c in target.component_categories_types.categories
-        }
-    return set()
-
-
-def _targets_overlap(wanted: pb.TargetComponents, target: pb.TargetComponents) -> bool:
-    """Whether a dispatch's target shares a component id or category with a filter target.
-
-    A filter category without a type matches every type of that category.
-    """
-    wanted_kind = wanted.WhichOneof("components")
-    kind = target.WhichOneof("components")
-    if wanted_kind == "component_ids" or kind == "component_ids":
-        if wanted_kind != kind:
-            return False
-        return bool(set(wanted.component_ids.ids) & set(target.component_ids.ids))
-    have = _categories(target)
-    for category, subtype in _categories(wanted):
-        for have_category, have_subtype in have:
-            if have_category == category and subtype in (0, have_subtype):
-                return True
-    return False
