@@ -40,6 +40,20 @@ def running_ids(payload: bytes | None) -> list[int] | None:
     return [d.id for d in wire.decode_running(payload).running]
 
 
+def flips(tap: MqttTap, topic: str, dispatch_id: int) -> list[tuple[float, bool]]:
+    """When a dispatch appeared in / vanished from the running snapshots of `topic`."""
+    result: list[tuple[float, bool]] = []
+    state = False
+    for message in tap.on(topic):
+        if not message.payload:
+            continue
+        now_running = dispatch_id in (running_ids(message.payload) or [])
+        if now_running != state:
+            result.append((message.at, now_running))
+            state = now_running
+    return result
+
+
 async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_reconciles(
     api_server: ApiServerHandle,
     mqtt_broker: Broker,
@@ -100,18 +114,12 @@ async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_r
     # From the cache alone, the dispatch starts and stops on time.
     topic = layout.running("CACHED")
 
-    def flips(_: object) -> list[tuple[float, bool]] | None:
-        seen = [m for m in tap.on(topic) if m.payload]
-        result: list[tuple[float, bool]] = []
-        state = False
-        for message in seen:
-            now_running = soon_id in (running_ids(message.payload) or [])
-            if now_running != state:
-                result.append((message.at, now_running))
-                state = now_running
-        return result if len(result) >= 2 else None
-
-    observed = await asyncio.to_thread(tap.wait_for, flips, 20, "the cached dispatch to run")
+    observed = await asyncio.to_thread(
+        tap.wait_for,
+        lambda _: f if len(f := flips(tap, topic, soon_id)) >= 2 else None,
+        20,
+        "the cached dispatch to run",
+    )
     start = soon.start_time.timestamp()
     assert 0 <= observed[0][0] - start <= ON_TIME_S
     assert 0 <= observed[1][0] - (start + 2) <= ON_TIME_S

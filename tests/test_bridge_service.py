@@ -1,0 +1,348 @@
+"""The bridge's schedule core and loop (`bridge.service`), with a fake clock and a fake sink."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+from actor_sdk import wire
+from bridge.service import (
+    LinkChanged,
+    MicrogridService,
+    Outbox,
+    ScheduleCore,
+    StreamEvent,
+    Synced,
+    strip_state,
+)
+from tests.fixtures.processes import async_wait_until
+
+T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+LAYOUT = wire.TopicLayout.for_microgrid(5)
+S = timedelta(seconds=1)
+
+
+def dispatch(
+    dispatch_id: int,
+    *,
+    kind: str = "T",
+    start: datetime = T0,
+    duration: int | None = 60,
+    active: bool = True,
+    payload: dict[str, Any] | None = None,
+    recurrence: wire.Recurrence | None = None,
+    updated: datetime = T0 - timedelta(hours=1),
+) -> wire.Dispatch:
+    return wire.Dispatch(
+        id=dispatch_id,
+        type=kind,
+        start_time=start,
+        duration=duration,
+        target=wire.Target(ids=(1,)),
+        active=active,
+        dry_run=False,
+        payload=payload or {},
+        recurrence=recurrence,
+        create_time=T0 - timedelta(hours=1),
+        update_time=updated,
+        end_time=None,
+        running=False,
+        until=None,
+        next_run=None,
+    )
+
+
+def snapshot(out: Outbox, kind: str) -> wire.RunningSnapshot:
+    value = out.retained[LAYOUT.running(kind)]
+    assert isinstance(value, wire.RunningSnapshot)
+    return value
+
+
+def published(out: Outbox, kind: str, dispatch_id: int) -> wire.Dispatch | None:
+    value = out.retained[LAYOUT.dispatch(kind, dispatch_id)]
+    assert value is None or isinstance(value, bytes)
+    return None if value is None else wire.decode_dispatch(value)
+
+
+def events(out: Outbox) -> list[tuple[str, int]]:
+    decoded = [wire.decode_event(payload) for _, payload in out.events]
+    return [(e.event, e.dispatch.id) for e in decoded]
+
+
+def test_load_sets_every_topic_without_events() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    out = core.load([dispatch(1), dispatch(2, start=T0 + 10 * S), dispatch(3, kind="U")], T0)
+    assert out.events == []
+    assert set(out.retained) == {
+        LAYOUT.dispatch("T", 1),
+        LAYOUT.dispatch("T", 2),
+        LAYOUT.dispatch("U", 3),
+        LAYOUT.running("T"),
+        LAYOUT.running("U"),
+    }
+    running = snapshot(out, "T")
+    assert [d.id for d in running.running] == [1]
+    assert running.running[0].until == T0 + 60 * S
+    assert running.next_change == T0 + 10 * S
+    assert running.as_of == T0
+    first = published(out, "T", 1)
+    assert first is not None and first.running and first.until == T0 + 60 * S
+    second = published(out, "T", 2)
+    assert second is not None and not second.running and second.next_run == T0 + 10 * S
+    assert core.next_change() == T0 + 10 * S
+
+
+def test_a_change_is_due_at_its_instant_and_not_a_microsecond_before() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, start=T0 + 10 * S, duration=5)], T0)
+    assert not core.advance(T0 + 10 * S - timedelta(microseconds=1))
+    out = core.advance(T0 + 10 * S)
+    assert [(t.dispatch_id, t.started) for t in out.transitions] == [(1, True)]
+    assert [d.id for d in snapshot(out, "T").running] == [1]
+    assert snapshot(out, "T").next_change == T0 + 15 * S
+    assert core.next_change() == T0 + 15 * S
+    out = core.advance(T0 + 15 * S)
+    assert [(t.dispatch_id, t.started) for t in out.transitions] == [(1, False)]
+    assert snapshot(out, "T").running == ()
+    assert snapshot(out, "T").next_change is None
+    assert core.next_change() is None
+
+
+def test_a_late_step_catches_up_with_every_due_change() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, start=T0 + S, duration=2), dispatch(2, start=T0 + 2 * S)], T0)
+    out = core.advance(T0 + 5 * S)
+    # 1 started and stopped (its run is over): nothing runs but 2.
+    assert [d.id for d in snapshot(out, "T").running] == [2]
+    assert core.running_ids("T") == [2]
+
+
+def test_recurring_dispatch_keeps_switching_and_the_heap_stays_small() -> None:
+    rule = wire.Recurrence(frequency="MINUTELY", interval=1)
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, duration=3, recurrence=rule)], T0 - S)
+    flips = []
+    now = T0 - S
+    for _ in range(200):
+        when = core.next_change()
+        assert when is not None and when > now
+        now = when
+        out = core.advance(now)
+        flips += [(now, t.started) for t in out.transitions]
+    assert flips[:4] == [(T0, True), (T0 + 3 * S, False), (T0 + 60 * S, True), (T0 + 63 * S, False)]
+    assert len(flips) == 200
+    assert len(core._heaps["T"]) <= 2
+
+
+def test_update_takes_effect_at_once_with_an_updated_event() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, payload={"p": 1})], T0)
+    out = core.apply("updated", dispatch(1, payload={"p": 2}, updated=T0), T0 + S)
+    assert events(out) == [("updated", 1)]
+    assert snapshot(out, "T").running[0].payload == {"p": 2}
+    assert snapshot(out, "T").as_of == T0 + S
+    out = core.apply("updated", dispatch(1, active=False, updated=T0 + S), T0 + 2 * S)
+    assert snapshot(out, "T").running == ()
+    again = published(out, "T", 1)
+    assert again is not None and not again.running and not again.active
+    assert core.next_change() is None
+
+
+def test_an_identical_update_publishes_nothing() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1)], T0)
+    assert not core.apply("updated", dispatch(1), T0 + S)
+
+
+def test_delete_clears_the_dispatch_topic_and_empties_the_running_snapshot() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1), dispatch(2, kind="U", start=T0 + 5 * S)], T0)
+    # Same update_time as held: a delete still applies.
+    out = core.apply("deleted", dispatch(1), T0 + S)
+    assert out.retained[LAYOUT.dispatch("T", 1)] is None
+    assert snapshot(out, "T").running == ()
+    assert events(out) == [("deleted", 1)]
+    assert core.get(1) is None and len(core) == 1
+    # A stale heap entry of the deleted dispatch never fires.
+    assert core.next_change() == T0 + 5 * S
+    assert not core.apply("deleted", dispatch(1), T0 + 2 * S)
+
+
+def test_type_change_clears_the_old_topic_and_updates_both_snapshots() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, kind="OLD")], T0)
+    out = core.apply("updated", dispatch(1, kind="NEW", updated=T0), T0 + S)
+    assert out.retained[LAYOUT.dispatch("OLD", 1)] is None
+    moved = published(out, "NEW", 1)
+    assert moved is not None and moved.running
+    assert snapshot(out, "OLD").running == ()
+    assert [d.id for d in snapshot(out, "NEW").running] == [1]
+    assert core.running_ids("OLD") == []
+    # The old type's heap entries no longer fire for it.
+    out = core.advance(T0 + 60 * S)
+    assert list(out.retained) == [LAYOUT.dispatch("NEW", 1), LAYOUT.running("NEW")]
+
+
+def test_sync_diffs_created_updated_deleted_and_leaves_the_rest_alone() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1), dispatch(2), dispatch(3)], T0)
+    out = core.sync(
+        [dispatch(1, payload={"x": 1}, updated=T0), dispatch(3), dispatch(4)], T0 + S, events=True
+    )
+    assert sorted(events(out)) == [("created", 4), ("deleted", 2), ("updated", 1)]
+    assert out.retained[LAYOUT.dispatch("T", 2)] is None
+    assert LAYOUT.dispatch("T", 3) not in out.retained
+    assert [d.id for d in snapshot(out, "T").running] == [1, 3, 4]
+    assert out.counts == {"created": 1, "updated": 1, "deleted": 1}
+
+
+def test_buffered_events_older_than_the_list_are_skipped_but_deletes_apply() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1, payload={"v": 2}, updated=T0)], T0)
+    stale = dispatch(1, payload={"v": 1}, updated=T0 - S)
+    assert not core.apply("updated", stale, T0 + S, only_newer=True)
+    assert not core.apply("created", dispatch(1, updated=T0), T0 + S, only_newer=True)
+    out = core.apply("deleted", dispatch(1, updated=T0), T0 + S, only_newer=True)
+    assert events(out) == [("deleted", 1)]
+
+
+def test_computed_state_in_the_input_is_ignored() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    lying = msgspec.structs.replace(
+        dispatch(1, start=T0 + 100 * S), running=True, until=T0, next_run=T0
+    )
+    out = core.load([lying], T0)
+    assert snapshot(out, "T").running == ()
+    assert core.get(1) == strip_state(lying)
+
+
+def test_a_step_costs_the_changes_not_all_dispatches() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    many = [dispatch(i, kind=f"K{i % 10}", start=T0 + timedelta(days=1)) for i in range(1, 5001)]
+    core.load([*many, dispatch(9999, kind="SOON", start=T0 + S, duration=1)], T0)
+    out = core.advance(T0 + S)
+    assert list(out.retained) == [LAYOUT.dispatch("SOON", 9999), LAYOUT.running("SOON")]
+
+
+def test_all_topics_republishes_every_dispatch_and_type() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1), dispatch(2, kind="U")], T0)
+    core.apply("deleted", dispatch(2, kind="U"), T0)
+    out = core.all_topics(T0 + S)
+    assert set(out.retained) == {LAYOUT.dispatch("T", 1), LAYOUT.running("T"), LAYOUT.running("U")}
+    assert snapshot(out, "U").running == ()
+
+
+# --- the async shell --------------------------------------------------------------
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.retained: dict[str, Any] = {}
+        self.log: list[tuple[datetime, str, Any]] = []
+        self.events: list[tuple[str, bytes]] = []
+        self.status: dict[str, Any] = {}
+
+    def set(self, topic: str, payload: Any) -> None:
+        self.retained[topic] = payload
+        self.log.append((datetime.now(UTC), topic, payload))
+
+    def clear(self, topic: str) -> None:
+        self.retained.pop(topic, None)
+        self.log.append((datetime.now(UTC), topic, None))
+
+    def event(self, topic: str, payload: bytes) -> None:
+        self.events.append((topic, payload))
+
+    def set_status(
+        self,
+        *,
+        upstream: Literal["connected", "disconnected"],
+        synced_at: datetime | None,
+        dispatches: int,
+    ) -> None:
+        self.status = {"upstream": upstream, "synced_at": synced_at, "dispatches": dispatches}
+
+
+def test_service_steps_apply_upstream_items_with_one_clock_read() -> None:
+    reads: list[datetime] = []
+
+    def clock() -> datetime:
+        reads.append(T0)
+        return T0
+
+    sink = FakeSink()
+    saved: list[int] = []
+    service = MicrogridService(
+        ScheduleCore(5, LAYOUT), sink, clock=clock, on_change=lambda: saved.append(1)
+    )
+    service.start()
+    assert sink.status["upstream"] == "disconnected"
+    service.put(LinkChanged(True))
+    service.put(Synced([dispatch(1), dispatch(2)]))
+    service.put(StreamEvent("created", dispatch(3, kind="U")))
+    reads.clear()
+    service.step(service.now())
+    assert len(reads) == 1
+    assert sink.status == {"upstream": "connected", "synced_at": T0, "dispatches": 3}
+    # The first sync of a bridge without a cache sends no events; the stream's do.
+    assert [wire.decode_event(p).event for _, p in sink.events] == ["created"]
+    assert saved
+    service.put(LinkChanged(False, "test"))
+    service.step(T0)
+    assert sink.status["upstream"] == "disconnected"
+    service.put(Synced([dispatch(1)]))
+    service.step(T0)
+    assert sorted(wire.decode_event(p).event for _, p in sink.events) == [
+        "created",
+        "deleted",
+        "deleted",
+    ]
+    assert LAYOUT.dispatch("T", 2) not in sink.retained
+
+
+async def test_service_publishes_a_scheduled_start_at_its_instant() -> None:
+    sink = FakeSink()
+    service = MicrogridService(ScheduleCore(5, LAYOUT), sink)
+    start = datetime.now(UTC) + timedelta(milliseconds=150)
+    service.put(Synced([dispatch(1, start=start, duration=1)]))
+    task = asyncio.create_task(service.run())
+    try:
+        topic = LAYOUT.running("T")
+
+        async def started() -> datetime:
+            while True:
+                for at, logged, value in sink.log:
+                    if (
+                        logged == topic
+                        and isinstance(value, wire.RunningSnapshot)
+                        and value.running
+                    ):
+                        return at
+                await asyncio.sleep(0.005)
+
+        at = await asyncio.wait_for(started(), 5)
+    finally:
+        task.cancel()
+    late = (at - start).total_seconds()
+    assert 0 <= late < 0.05, f"published {late * 1000:.1f} ms after its instant"
+    value = sink.retained[topic]
+    assert value.as_of >= start
+
+
+async def test_service_wakes_for_an_upstream_item_while_sleeping() -> None:
+    sink = FakeSink()
+    service = MicrogridService(ScheduleCore(5, LAYOUT), sink)
+    service.put(Synced([dispatch(1, start=datetime.now(UTC) + timedelta(hours=1))]))
+    task = asyncio.create_task(service.run())
+    try:
+        await async_wait_until(lambda: service.steps > 0, 5, "the first step")
+        service.put(StreamEvent("deleted", dispatch(1)))
+        await async_wait_until(
+            lambda: LAYOUT.dispatch("T", 1) not in sink.retained, 2, "the delete"
+        )
+    finally:
+        task.cancel()
