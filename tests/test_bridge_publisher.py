@@ -1,0 +1,185 @@
+"""The MQTT publisher (`bridge.publisher`) in-process against a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from actor_sdk import wire
+from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
+from bridge.store import SessionCounter
+from tests.fixtures.bridge import retained_snapshot
+from tests.fixtures.broker import Broker
+from tests.fixtures.processes import async_wait_until, free_port
+
+MICROGRID = 6
+LAYOUT = wire.TopicLayout.for_microgrid(MICROGRID)
+
+
+def broker_settings(broker: Broker) -> BrokerSettings:
+    return BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        username=broker.username("bridge"),
+        password=broker.bridge_password,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(publisher: Publisher) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(publisher.run())
+    try:
+        yield task
+    finally:
+        publisher.stop(grace=1)
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            task.cancel()
+
+
+def make(broker_or_settings: Broker | BrokerSettings, state: Path) -> Publisher:
+    settings = (
+        broker_settings(broker_or_settings)
+        if isinstance(broker_or_settings, Broker)
+        else broker_or_settings
+    )
+    return Publisher(
+        settings,
+        microgrid_id=MICROGRID,
+        layout=LAYOUT,
+        sessions=SessionCounter(state),
+        bridge_name="pub-test",
+        backoff=Backoff(initial=0.1, cap=0.5),
+    )
+
+
+async def snapshot(broker: Broker) -> dict[str, bytes]:
+    return await asyncio.to_thread(retained_snapshot, broker, LAYOUT.everything)
+
+
+async def test_newest_state_wins_after_an_outage_and_nothing_blocks(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    publisher = make(mqtt_broker, tmp_path)
+    a, b = LAYOUT.dispatch("T", 1), LAYOUT.dispatch("T", 2)
+    async with running(publisher):
+        publisher.set(a, b"v0")
+        publisher.set(b, b"keep")
+        await asyncio.wait_for(publisher.connected.wait(), 10)
+        await async_wait_until(lambda: publisher.pending == 0, 5, "the first publishes")
+        await asyncio.to_thread(mqtt_broker.stop)
+        for value in range(1, 101):
+            publisher.set(a, f"v{value}".encode())  # never blocks while the broker is down
+        publisher.clear(b)
+        await asyncio.to_thread(mqtt_broker.start)
+        await async_wait_until(lambda: publisher.session == 2, 15, "the reconnect")
+
+        async def settled() -> dict[str, bytes] | None:
+            tree = await snapshot(mqtt_broker)
+            return tree if tree.get(a) == b"v100" and b not in tree else None
+
+        tree = await async_wait_until(settled, 15, "the newest state")
+    status = wire.decode_status(tree[LAYOUT.status])
+    assert status.state == "online" and status.session == 2
+    final = wire.decode_status((await snapshot(mqtt_broker))[LAYOUT.status])
+    assert final.state == "offline" and final.session == 2
+
+
+async def test_stale_topics_on_the_broker_are_cleared_or_emptied_on_connect(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    stale_dispatch = LAYOUT.dispatch("GONE", 99)
+    stale_running = LAYOUT.running("GONE")
+    async with aiomqtt.Client(**mqtt_broker.client_kwargs("admin")) as admin:
+        await admin.publish(stale_dispatch, b'{"old": true}', qos=1, retain=True)
+        await admin.publish(stale_running, b'{"old": true}', qos=1, retain=True)
+        await admin.publish("microgrid/7/dispatch/X/dispatches/1", b"other", qos=1, retain=True)
+    publisher = make(mqtt_broker, tmp_path)
+    kept = LAYOUT.dispatch("KEPT", 1)
+    publisher.set(kept, b"kept")
+    async with running(publisher):
+
+        async def cleaned() -> dict[str, bytes] | None:
+            tree = await snapshot(mqtt_broker)
+            if stale_dispatch in tree or tree.get(stale_running, b"").startswith(b'{"old'):
+                return None
+            return tree if kept in tree else None
+
+        tree = await async_wait_until(cleaned, 10, "the stale topics dealt with")
+    empty = wire.decode_running(tree[stale_running])
+    assert empty.running == () and empty.type == "GONE" and empty.session == 1
+    # Another microgrid's tree is not ours to touch.
+    other = await asyncio.to_thread(retained_snapshot, mqtt_broker, "microgrid/7/dispatch/#")
+    assert other == {"microgrid/7/dispatch/X/dispatches/1": b"other"}
+
+
+async def test_session_grows_across_publishers_and_seq_within_a_session(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    sessions = []
+    for _ in range(2):
+        publisher = make(mqtt_broker, tmp_path)
+        snap = wire.RunningSnapshot(
+            microgrid_id=MICROGRID,
+            type="T",
+            running=(),
+            next_change=None,
+            as_of=datetime(2026, 1, 1, tzinfo=UTC),
+            session=0,
+            seq=0,
+        )
+        async with running(publisher):
+            publisher.set(LAYOUT.running("T"), snap)
+            publisher.set(LAYOUT.running("T"), snap)
+            await asyncio.wait_for(publisher.connected.wait(), 10)
+            await async_wait_until(lambda p=publisher: p.pending == 0, 5, "published")
+            publisher.set(LAYOUT.running("T"), snap)
+            await async_wait_until(lambda p=publisher: p.pending == 0, 5, "published")
+            tree = await snapshot(mqtt_broker)
+        published = wire.decode_running(tree[LAYOUT.running("T")])
+        sessions.append((published.session, published.seq))
+    assert sessions[0][0] == 1 and sessions[1][0] == 2
+    assert sessions[0][1] == 2 and sessions[1][1] == 2
+
+
+async def test_falls_back_to_mqtt_3_1_1_when_the_broker_refuses_v5(tmp_path: Path) -> None:
+    embedded = pytest.importorskip("bridge.embedded_broker")
+    port = free_port()
+    users = {"bridge": "bridge-pw", "admin": "admin-pw"}
+    async with embedded.embedded_broker("127.0.0.1", port, users, writers={"bridge", "admin"}):
+        settings = BrokerSettings(
+            host="127.0.0.1", port=port, username="bridge", password="bridge-pw"
+        )
+        publisher = make(settings, tmp_path)
+        publisher.set(LAYOUT.dispatch("T", 1), b"hello")
+        async with running(publisher):
+            await asyncio.wait_for(publisher.connected.wait(), 15)
+            await async_wait_until(lambda: publisher.pending == 0, 5, "published")
+            async with aiomqtt.Client(
+                "127.0.0.1", port, username="admin", password="admin-pw"
+            ) as reader:
+                await reader.subscribe(LAYOUT.dispatch("T", 1), qos=1)
+                message = await asyncio.wait_for(anext(aiter(reader.messages)), 5)
+        assert message.payload == b"hello"
+
+
+def test_broker_url_defaults() -> None:
+    assert parse_broker_url("mqtts://h").port == 8883
+    assert parse_broker_url("mqtt://h").port == 1883
+    assert not parse_broker_url("mqtt://h").tls
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    backoff = Backoff(initial=1, cap=8)
+    delays = [backoff.next() for _ in range(10)]
+    assert 0.5 <= delays[0] <= 1
+    assert all(4 <= d <= 8 for d in delays[4:])
+    backoff.reset()
+    assert backoff.next() <= 1
