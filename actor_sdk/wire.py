@@ -212,7 +212,8 @@ def _decode(decoder: msgspec.json.Decoder[_T], what: str, data: bytes | bytearra
         raise WireError(f"{what} payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES} bytes")
     try:
         return decoder.decode(data)
-    except (msgspec.DecodeError, RecursionError) as error:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise WireError(f"invalid {what} payload: {error}") from None
 
 
@@ -617,11 +618,16 @@ def to_client(dispatch: Dispatch) -> client_types.Dispatch:
         raise WireError(
             f"dispatch {dispatch.id}: unknown target category or type {error}"
         ) from None
+    try:
+        dispatch_id = client_types.DispatchId(dispatch.id)  # ValueError when negative
+        duration = None if dispatch.duration is None else timedelta(seconds=dispatch.duration)
+    except (OverflowError, ValueError) as error:
+        raise WireError(f"dispatch {dispatch.id}: id or duration out of range: {error}") from None
     return client_types.Dispatch(
-        id=client_types.DispatchId(dispatch.id),
+        id=dispatch_id,
         type=dispatch.type,
         start_time=dispatch.start_time,
-        duration=None if dispatch.duration is None else timedelta(seconds=dispatch.duration),
+        duration=duration,
         target=target,
         active=dispatch.active,
         dry_run=dispatch.dry_run,
