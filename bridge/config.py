@@ -10,6 +10,7 @@ echoed in an error message.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,7 +103,8 @@ class SettingsSource:
         try:
             return parse(raw)
         except (ValueError, TypeError) as error:
-            shown = "" if secret else f" {raw!r}"
+            # A URL's user:password part is a secret even in a setting that is not.
+            shown = "" if secret else " " + re.sub(r"//[^/@\s]*@", "//***@", repr(raw))
             raise ConfigError(
                 f"invalid {key.replace('_', '-')}{shown} from {origin}: {error}"
             ) from None
