@@ -123,7 +123,6 @@ _FREQUENCIES = {
     "MONTHLY": _MONTHLY,
     "YEARLY": _YEARLY,
 }
-_FIXED_PERIOD = {_MINUTELY: 60, _HOURLY: 3600, _DAILY: _DAY, _WEEKLY: 7 * _DAY}
 _WEEKDAYS = {
     name: index
     for index, name in enumerate(
@@ -139,13 +138,19 @@ def _seconds(instant: datetime) -> tuple[int, int]:
 
 
 def _instant(seconds: int) -> datetime:
-    return _EPOCH + timedelta(seconds=seconds)
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@lru_cache(maxsize=4096)
+def _month_info(year: int, month: int) -> tuple[int, int]:
+    """Return the day index (since the epoch) of a month's first day, and its length."""
+    return date(year, month, 1).toordinal() - _EPOCH_ORDINAL, calendar.monthrange(year, month)[1]
 
 
 # --- Compiled rules ---------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=8192)
 def _passing_days(
     weekdays: frozenset[int], positive: frozenset[int], negative: frozenset[int], shape: int
 ) -> tuple[int, ...]:
@@ -203,6 +208,64 @@ def _max_gap_cached(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int)
     return gap
 
 
+class _Fixed:
+    """A rule without `by...` lists of MINUTELY to WEEKLY: every `period` seconds from `first`.
+
+    Same interface as `_Rule`, by closed-form arithmetic.
+    """
+
+    __slots__ = ("empty", "first", "last", "period")
+
+    def __init__(self, first: int, period: int, last: int | None, empty: bool) -> None:
+        self.first = first
+        self.period = period
+        self.last = last
+        self.empty = empty
+
+    def prev(self, at: int) -> int | None:
+        """Return the last occurrence at or before `at`."""
+        if self.empty:
+            return None
+        last = self.last
+        if last is not None and at > last:
+            at = last
+        if at < self.first:
+            return None
+        return at - (at - self.first) % self.period
+
+    def next(self, at: int) -> int | None:
+        """Return the first occurrence at or after `at`."""
+        if self.empty:
+            return None
+        first = self.first
+        at = max(at, first)
+        found = at + (first - at) % self.period
+        last = self.last
+        if last is not None and found > last:
+            return None
+        return found
+
+
+def _fixed(rule: wire.Recurrence, start: datetime, unit: int) -> _Fixed | None:
+    """Compile a rule without `by...` lists of MINUTELY to WEEKLY; `None` if invalid."""
+    interval = rule.interval
+    if interval < 1:
+        return None
+    first, _ = _seconds(start)
+    period = unit * interval
+    end = rule.end
+    last: int | None = None
+    empty = False
+    if end is not None:
+        if end.until is not None:
+            last, _ = _seconds(end.until)
+        if end.count is not None:
+            by_count = first + (end.count - 1) * period
+            last = by_count if last is None else min(last, by_count)
+        empty = last is not None and last < first
+    return _Fixed(first, period, last, empty)
+
+
 class _Rule:
     """A valid recurrence compiled for one start instant.
 
@@ -212,7 +275,6 @@ class _Rule:
     """
 
     __slots__ = (
-        "_day_cache",
         "anchor",
         "daylist",
         "empty",
@@ -252,7 +314,6 @@ class _Rule:
         self.unit = _DAY
         self.offsets: tuple[int, ...] = ()
         self.anchor = 0
-        self._day_cache: dict[int, tuple[int, ...]] = {}
 
     # -- days --
 
@@ -280,12 +341,9 @@ class _Rule:
         return _phase_slots(per_day, self.interval, self.hours, self.minutes, phase)
 
     def _month_days(self, length: int, first_weekday: int) -> tuple[int, ...]:
-        shape = length * 7 + first_weekday
-        days = self._day_cache.get(shape)
-        if days is None:
-            days = _passing_days(self.weekdays, self.positive, self.negative, shape)
-            self._day_cache[shape] = days
-        return days
+        return _passing_days(
+            self.weekdays, self.positive, self.negative, length * 7 + first_weekday
+        )
 
     def _skip_month(self, year: int, month: int) -> tuple[int, int] | None:
         """Return the first month at or after (year, month) the rule may use, if it differs."""
@@ -329,8 +387,7 @@ class _Rule:
             if skipped is not None:
                 (year, month), from_day = skipped, 1
                 continue
-            month_start = date(year, month, 1).toordinal() - _EPOCH_ORDINAL
-            length = calendar.monthrange(year, month)[1]
+            month_start, length = _month_info(year, month)
             if self.daylist:
                 days = self._month_days(length, (month_start + 3) % 7)
                 for month_day in days[bisect_left(days, from_day) :]:
@@ -362,10 +419,9 @@ class _Rule:
             if skipped is not None:
                 (year, month), to_day = skipped, 31
                 continue
-            month_start = date(year, month, 1).toordinal() - _EPOCH_ORDINAL
-            to_day = min(to_day, calendar.monthrange(year, month)[1])
+            month_start, length = _month_info(year, month)
+            to_day = min(to_day, length)
             if self.daylist:
-                length = calendar.monthrange(year, month)[1]
                 days = self._month_days(length, (month_start + 3) % 7)
                 for month_day in reversed(days[: bisect_right(days, to_day)]):
                     candidate = month_start + month_day - 1
@@ -440,10 +496,6 @@ class _Rule:
         return base + slots[index] * unit + offsets[0]
 
     def _unbounded_prev(self, at: int) -> int | None:
-        if self.period:
-            if at < self.first:
-                return None
-            return at - (at - self.first) % self.period
         day = at // _DAY
         found = self.prev_day(day)
         while found is not None:
@@ -455,8 +507,6 @@ class _Rule:
 
     def _unbounded_next(self, at: int) -> int | None:
         at = max(at, self.first)
-        if self.period:
-            return at + (self.first - at) % self.period
         found = self.next_day(at // _DAY)
         while found is not None:
             result = self._first_in_day(found, at)
@@ -529,36 +579,66 @@ class _Rule:
         return found
 
     def nth(self, count: int) -> int | None:
-        """Return the `count`-th occurrence (1-based), walking whole days."""
-        if self.period:
-            return self.first + (count - 1) * self.period
+        """Return the `count`-th occurrence (1-based), counting whole days of whole months."""
         remaining = count
-        day = self.first_day
-        per_slot = len(self.offsets)
-        while True:
-            found = self.next_day(day)
-            if found is None:
+        first_day, first, unit, offsets = self.first_day, self.first, self.unit, self.offsets
+        per_slot = len(offsets)
+        start = date.fromordinal(first_day + _EPOCH_ORDINAL)
+        year, month = start.year, start.month
+        frequency, interval = self.frequency, self.interval
+        uniform_days = frequency >= _MONTHLY or (frequency >= _DAILY and interval == 1)
+        uniform_units = frequency <= _HOURLY and self.per_day % interval == 0
+        while year <= _MAX_YEAR:
+            skipped = self._skip_month(year, month)
+            if skipped is not None:
+                year, month = skipped
+                continue
+            month_start, length = _month_info(year, month)
+            if self.last is not None and month_start * _DAY > self.last:
                 return None
-            slots = self.slots(found)
-            if found == self.first_day:
-                instants = [
-                    found * _DAY + slot * self.unit + offset
-                    for slot in slots
-                    for offset in self.offsets
+            if month_start > first_day and (uniform_days or uniform_units):
+                # Every day of this month alike: count the month at once.
+                if self.daylist:
+                    days_in = len(self._month_days(length, (month_start + 3) % 7))
+                else:
+                    days_in = length
+                total = days_in * per_slot * (len(self.slots(month_start)) if uniform_units else 1)
+                if remaining > total:
+                    remaining -= total
+                    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+                    continue
+            if self.daylist:
+                days = [
+                    month_start + month_day - 1
+                    for month_day in self._month_days(length, (month_start + 3) % 7)
                 ]
-                instants = [instant for instant in instants if instant >= self.first]
-                if remaining <= len(instants):
-                    return instants[remaining - 1]
-                remaining -= len(instants)
             else:
+                days = list(range(month_start, month_start + length))
+            for day in days:
+                if day < first_day:
+                    continue
+                slots = self.slots(day)
+                if not slots:
+                    continue
+                base = day * _DAY
+                if day == first_day:
+                    instants = [
+                        base + slot * unit + offset
+                        for slot in slots
+                        for offset in offsets
+                        if base + slot * unit + offset >= first
+                    ]
+                    if remaining <= len(instants):
+                        return instants[remaining - 1]
+                    remaining -= len(instants)
+                    continue
                 total = len(slots) * per_slot
                 if remaining <= total:
                     slot, offset = divmod(remaining - 1, per_slot)
-                    return found * _DAY + slots[slot] * self.unit + self.offsets[offset]
+                    return base + slots[slot] * unit + offsets[offset]
                 remaining -= total
-            if self.last is not None and found * _DAY > self.last:
-                return None
-            day = found + 1
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return None
 
 
 def _problem(rule: wire.Recurrence, start: datetime) -> str | None:
@@ -598,7 +678,7 @@ def _compile(rule: wire.Recurrence, start: datetime) -> _Rule | None:
     return _compile_valid(rule, start)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=16384)
 def _compile_cached(rule: wire.Recurrence, start: datetime) -> _Rule | None:
     return _compile(rule, start)
 
@@ -608,54 +688,48 @@ def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
     first, _ = _seconds(start)
     compiled = _Rule(frequency, rule.interval, first)
     first_time = _instant(first)
-    has_lists = bool(
-        rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
-    )
-    if frequency in _FIXED_PERIOD and not has_lists:
-        compiled.period = _FIXED_PERIOD[frequency] * rule.interval
+    months = set(rule.bymonths)
+    monthdays = set(rule.bymonthdays)
+    weekdays = {_WEEKDAYS[name] for name in rule.byweekdays}
+    if not monthdays and not weekdays:
+        # dateutil's defaults when no day-level list is given.
+        if frequency == _YEARLY:
+            months = months or {first_time.month}
+            monthdays = {first_time.day}
+        elif frequency == _MONTHLY:
+            monthdays = {first_time.day}
+        elif frequency == _WEEKLY:
+            weekdays = {first_time.weekday()}
+    compiled.months = frozenset(months) if months else None
+    compiled.weekdays = frozenset(weekdays)
+    compiled.positive = frozenset(day for day in monthdays if day > 0)
+    compiled.negative = frozenset(day for day in monthdays if day < 0)
+    compiled.daylist = bool(weekdays or monthdays)
+    second = first_time.second
+    if frequency == _MINUTELY:
+        compiled.per_day, compiled.unit = 1440, 60
+        compiled.hours = frozenset(rule.byhours) if rule.byhours else None
+        compiled.minutes = frozenset(rule.byminutes) if rule.byminutes else None
+        compiled.offsets = (second,)
+        compiled.anchor = first // 60
+    elif frequency == _HOURLY:
+        compiled.per_day, compiled.unit = 24, 3600
+        compiled.hours = frozenset(rule.byhours) if rule.byhours else None
+        minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
+        compiled.offsets = tuple(60 * minute + second for minute in minutes)
+        compiled.anchor = first // 3600
     else:
-        months = set(rule.bymonths)
-        monthdays = set(rule.bymonthdays)
-        weekdays = {_WEEKDAYS[name] for name in rule.byweekdays}
-        if not monthdays and not weekdays:
-            # dateutil's defaults when no day-level list is given.
-            if frequency == _YEARLY:
-                months = months or {first_time.month}
-                monthdays = {first_time.day}
-            elif frequency == _MONTHLY:
-                monthdays = {first_time.day}
-            elif frequency == _WEEKLY:
-                weekdays = {first_time.weekday()}
-        compiled.months = frozenset(months) if months else None
-        compiled.weekdays = frozenset(weekdays)
-        compiled.positive = frozenset(day for day in monthdays if day > 0)
-        compiled.negative = frozenset(day for day in monthdays if day < 0)
-        compiled.daylist = bool(weekdays or monthdays)
-        second = first_time.second
-        if frequency == _MINUTELY:
-            compiled.per_day, compiled.unit = 1440, 60
-            compiled.hours = frozenset(rule.byhours) if rule.byhours else None
-            compiled.minutes = frozenset(rule.byminutes) if rule.byminutes else None
-            compiled.offsets = (second,)
-            compiled.anchor = first // 60
-        elif frequency == _HOURLY:
-            compiled.per_day, compiled.unit = 24, 3600
-            compiled.hours = frozenset(rule.byhours) if rule.byhours else None
-            minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
-            compiled.offsets = tuple(60 * minute + second for minute in minutes)
-            compiled.anchor = first // 3600
-        else:
-            hours = sorted(set(rule.byhours)) if rule.byhours else [first_time.hour]
-            minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
-            compiled.offsets = tuple(
-                3600 * hour + 60 * minute + second for hour in hours for minute in minutes
-            )
-            if frequency == _WEEKLY:
-                compiled.anchor = (compiled.first_day + 3) // 7
-            elif frequency == _MONTHLY:
-                compiled.anchor = first_time.year * 12 + first_time.month - 1
-            elif frequency == _YEARLY:
-                compiled.anchor = first_time.year
+        hours = sorted(set(rule.byhours)) if rule.byhours else [first_time.hour]
+        minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
+        compiled.offsets = tuple(
+            3600 * hour + 60 * minute + second for hour in hours for minute in minutes
+        )
+        if frequency == _WEEKLY:
+            compiled.anchor = (compiled.first_day + 3) // 7
+        elif frequency == _MONTHLY:
+            compiled.anchor = first_time.year * 12 + first_time.month - 1
+        elif frequency == _YEARLY:
+            compiled.anchor = first_time.year
     if compiled.daylist and not _ever_passes(compiled):
         # E.g. February 30: the reference walks to the year 9999 to say so.
         compiled.empty = True
@@ -694,19 +768,19 @@ def _ever_passes(rule: _Rule) -> bool:
     return False
 
 
-def _rule_of(dispatch: wire.Dispatch) -> _Rule | None:
+_FIXED_BY_NAME = {"MINUTELY": 60, "HOURLY": 3600, "DAILY": _DAY, "WEEKLY": 7 * _DAY}
+
+
+def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Rule | None:
     """Compile the recurrence of a recurring dispatch; `None` if invalid."""
     rule = dispatch.recurrence
     assert rule is not None
-    if rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths:
-        return _compile_cached(rule, dispatch.start_time)
-    if rule.end is not None and rule.end.count is not None and rule.frequency in _LONG:
-        return _compile_cached(rule, dispatch.start_time)
-    # Rules without lists compile in about a microsecond: caching them would only cost memory.
-    return _compile(rule, dispatch.start_time)
-
-
-_LONG = frozenset({"MONTHLY", "YEARLY"})
+    if not (rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths):
+        unit = _FIXED_BY_NAME.get(rule.frequency)
+        if unit is not None:
+            # About a microsecond: caching would only cost memory.
+            return _fixed(rule, dispatch.start_time, unit)
+    return _compile_cached(rule, dispatch.start_time)
 
 
 def _is_one_off(dispatch: wire.Dispatch) -> bool:
@@ -737,19 +811,20 @@ def validate(dispatch: wire.Dispatch) -> None:
         raise InvalidRecurrence(f"dispatch {dispatch.id}: {problem}")
 
 
-def _chain_end(rule: _Rule, latest: int, duration: int) -> int | None:
+def _chain_end(rule: _Fixed | _Rule, latest: int, duration: int) -> int | None:
     """Return when the run starting at occurrence `latest` ends, merged runs included."""
-    if rule.period:
+    if isinstance(rule, _Fixed):
         if duration < rule.period:
             return latest + duration
-        if rule.last is None:
-            return None
-        return rule.prev(rule.last) + duration  # type: ignore[operator]
-    widest = rule.widest_gap()
+        widest: int | None = rule.period
+    else:
+        widest = rule.widest_gap()
     if widest is not None and widest <= duration:
+        # Every gap is covered: the runs merge up to the last one, if any.
         if rule.last is None:
             return None
         return rule.prev(rule.last) + duration  # type: ignore[operator]
+    assert isinstance(rule, _Rule)
     end = latest + duration
     for _ in range(CHAIN_LIMIT):
         # Follow the runs chained back to back within the day, then cross to
@@ -763,8 +838,39 @@ def _chain_end(rule: _Rule, latest: int, duration: int) -> int | None:
     return end
 
 
+_AT_START = -1
+"""`_recurring_core`'s change marker for "at `start_time` itself" (not a whole second)."""
+
+
+def _recurring_core(
+    rule: _Fixed | _Rule,
+    start: datetime,
+    duration: int,
+    now: datetime,
+    now_s: int,
+) -> tuple[int | None, int | None]:
+    """Compute an active recurring dispatch with a positive duration at `now`.
+
+    Returns:
+        The latest occurrence when running (else `None`), and the next change
+        in whole seconds (`None`: never; `_AT_START`: at `start`).
+    """
+    if now >= start:
+        latest = rule.prev(now_s)
+        if latest is not None and now_s < latest + duration:
+            return latest, _chain_end(rule, latest, duration)
+        return None, rule.next(now_s + 1)
+    # Not started yet: the first flip is at the start itself if the first
+    # occurrence (the start truncated to the second) still runs then.
+    start_s, _ = _seconds(start)
+    latest = rule.prev(start_s)
+    if latest is not None and start_s < latest + duration:
+        return None, _AT_START
+    return None, rule.next(start_s + 1)
+
+
 def _recurring_state(
-    dispatch: wire.Dispatch, rule: _Rule | None, now: datetime, now_s: int, now_us: int
+    dispatch: wire.Dispatch, rule: _Fixed | _Rule | None, now: datetime, now_s: int, now_us: int
 ) -> RunState:
     duration = dispatch.duration
     assert duration is not None
@@ -772,29 +878,20 @@ def _recurring_state(
         return RunState(False, None, None, None)
     next_found = rule.next(now_s + 1 if now_us else now_s)
     next_run = None if next_found is None else _instant(next_found)
-    start = dispatch.start_time
     if not dispatch.active or duration <= 0:
         return RunState(False, None, next_run, None)
-    if now >= start:
-        latest = rule.prev(now_s)
-        if latest is not None and now_s < latest + duration:
-            end = _chain_end(rule, latest, duration)
-            return RunState(
-                True,
-                _instant(latest + duration),
-                next_run,
-                None if end is None else _instant(end),
-            )
-        found = rule.next(now_s + 1)
-        return RunState(False, None, next_run, None if found is None else _instant(found))
-    # Not started yet: the first flip is at the start itself if the first
-    # occurrence (the start truncated to the second) still runs then.
-    start_s, _ = _seconds(start)
-    latest = rule.prev(start_s)
-    if latest is not None and start_s < latest + duration:
-        return RunState(False, None, next_run, start)
-    found = rule.next(start_s + 1)
-    return RunState(False, None, next_run, None if found is None else _instant(found))
+    latest, change = _recurring_core(rule, dispatch.start_time, duration, now, now_s)
+    if change is None:
+        changes_at = None
+    elif change == _AT_START:
+        changes_at = dispatch.start_time
+    else:
+        changes_at = next_run if change == next_found else _instant(change)
+    if latest is None:
+        return RunState(False, None, next_run, changes_at)
+    until_s = latest + duration
+    until = changes_at if change == until_s else _instant(until_s)
+    return RunState(True, until, next_run, changes_at)
 
 
 def _one_off_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
@@ -847,8 +944,10 @@ def running_at(
         `now` at which any of them starts or stops running (`None`: never).
     """
     running: list[wire.Dispatch] = []
-    change: datetime | None = None
-    now_s, now_us = _seconds(now)
+    change: datetime | None = None  # earliest change at a datetime
+    change_s: int | None = None  # earliest change in whole seconds
+    now_s, _ = _seconds(now)
+    one_second = timedelta(seconds=1)
     for dispatch in dispatches:
         if not dispatch.active:
             continue
@@ -864,17 +963,33 @@ def running_at(
             if duration is None:
                 running.append(dispatch)
                 continue
-            end = start + timedelta(seconds=duration)
+            if duration <= 0:
+                continue
+            end = start + one_second * duration
             if now < end:
                 running.append(dispatch)
                 if change is None or end < change:
                     change = end
             continue
-        state = _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
-        if state.running:
+        if duration <= 0:
+            continue
+        compiled = _rule_of(dispatch)
+        if compiled is None:
+            continue
+        latest, found = _recurring_core(compiled, start, duration, now, now_s)
+        if latest is not None:
             running.append(dispatch)
-        if state.changes_at is not None and (change is None or state.changes_at < change):
-            change = state.changes_at
+        if found is None:
+            continue
+        if found == _AT_START:
+            if change is None or start < change:
+                change = start
+        elif change_s is None or found < change_s:
+            change_s = found
+    if change_s is not None:
+        at = _instant(change_s)
+        if change is None or at < change:
+            change = at
     running.sort(key=_by_id)
     return running, change
 
