@@ -208,6 +208,11 @@ def _max_gap_cached(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int)
     return gap
 
 
+_MINUS_INFINITY = -(1 << 62)
+_PLUS_INFINITY = 1 << 62
+_NO_WINDOW: tuple[int, int, int | None, int | None] = (0, 0, None, None)
+
+
 class _Fixed:
     """A rule without `by...` lists of MINUTELY to WEEKLY: every `period` seconds from `first`.
 
@@ -275,6 +280,8 @@ class _Rule:
     """
 
     __slots__ = (
+        "_chain_memo",
+        "_window",
         "anchor",
         "daylist",
         "empty",
@@ -314,6 +321,8 @@ class _Rule:
         self.unit = _DAY
         self.offsets: tuple[int, ...] = ()
         self.anchor = 0
+        self._window = _NO_WINDOW
+        self._chain_memo = (0, 0, 0)
 
     # -- days --
 
@@ -560,6 +569,35 @@ class _Rule:
                     return current
                 current = instant
         return current
+
+    def around(self, at: int) -> tuple[int | None, int | None]:
+        """Return the last occurrence at or before `at` and the first one after it.
+
+        Remembers the answer: every instant between those two occurrences has
+        the same answer, so the next call (the bridge's next step) usually
+        costs nothing.
+        """
+        low, high, before, after = self._window
+        if low <= at < high:
+            return before, after
+        before = self.prev(at)
+        after = self.next(at + 1)
+        self._window = (
+            _MINUS_INFINITY if before is None else before,
+            _PLUS_INFINITY if after is None else after,
+            before,
+            after,
+        )
+        return before, after
+
+    def chain_end(self, latest: int, duration: int) -> int | None:
+        """Return `_chain_end` for this rule, remembering the last answer."""
+        memo_latest, memo_duration, memo_end = self._chain_memo
+        if memo_latest == latest and memo_duration == duration and latest:
+            return memo_end if memo_end >= 0 else None
+        end = _chain_end(self, latest, duration)
+        self._chain_memo = (latest, duration, -1 if end is None else end)
+        return end
 
     def prev(self, at: int) -> int | None:
         """Return the last occurrence at or before `at`."""
@@ -856,6 +894,11 @@ def _recurring_core(
         in whole seconds (`None`: never; `_AT_START`: at `start`).
     """
     if now >= start:
+        if isinstance(rule, _Rule):
+            latest, after = rule.around(now_s)
+            if latest is not None and now_s < latest + duration:
+                return latest, rule.chain_end(latest, duration)
+            return None, after
         latest = rule.prev(now_s)
         if latest is not None and now_s < latest + duration:
             return latest, _chain_end(rule, latest, duration)
@@ -876,7 +919,11 @@ def _recurring_state(
     assert duration is not None
     if rule is None:
         return RunState(False, None, None, None)
-    next_found = rule.next(now_s + 1 if now_us else now_s)
+    if isinstance(rule, _Rule):
+        latest, after = rule.around(now_s)
+        next_found = latest if latest == now_s and not now_us else after
+    else:
+        next_found = rule.next(now_s + 1 if now_us else now_s)
     next_run = None if next_found is None else _instant(next_found)
     if not dispatch.active or duration <= 0:
         return RunState(False, None, next_run, None)
@@ -930,6 +977,54 @@ def run_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
     return _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
 
 
+_RUNS_FOR_EVER = -(1 << 62)
+_AT_START_FIXED = 1 << 62
+
+
+def _fixed_change(
+    rule: wire.Recurrence, unit: int, start: datetime, duration: int, *, now: datetime, now_s: int
+) -> int | None:
+    """`running_at`'s allocation-free path for active rules without lists, MINUTELY..WEEKLY.
+
+    Returns:
+        `None`: not running and never changes; `-(end + 1)`: running until
+        `end` (`_RUNS_FOR_EVER`: no end); `_AT_START_FIXED`: starts at
+        `start`; otherwise not running, starts at that whole second.
+    """
+    interval = rule.interval
+    if interval < 1:
+        return None
+    delta = start - _EPOCH
+    first = delta.days * _DAY + delta.seconds
+    period = unit * interval
+    last = None
+    end = rule.end
+    if end is not None:
+        if end.until is not None:
+            delta = end.until - _EPOCH
+            last = delta.days * _DAY + delta.seconds
+        if end.count is not None:
+            by_count = first + (end.count - 1) * period
+            last = by_count if last is None else min(last, by_count)
+        if last is not None and last < first:
+            return None
+    if now < start:
+        # The first occurrence is the start truncated to the second: it runs then.
+        return _AT_START_FIXED
+    at = now_s if last is None or now_s <= last else last
+    latest = at - (at - first) % period
+    if now_s < latest + duration:
+        if duration < period:
+            return -(latest + duration) - 1
+        if last is None:
+            return _RUNS_FOR_EVER
+        return -(last - (last - first) % period + duration) - 1
+    found = now_s + 1 + (first - now_s - 1) % period
+    if last is not None and found > last:
+        return None
+    return found
+
+
 def running_at(
     dispatches: Iterable[wire.Dispatch], now: datetime
 ) -> tuple[list[wire.Dispatch], datetime | None]:
@@ -973,6 +1068,27 @@ def running_at(
             continue
         if duration <= 0:
             continue
+        if not (
+            rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
+        ):
+            unit = _FIXED_BY_NAME.get(rule.frequency)
+            if unit is not None:
+                found = _fixed_change(rule, unit, start, duration, now=now, now_s=now_s)
+                if found is None:
+                    continue
+                if found < 0:
+                    # Running: the change is encoded as -(end + 1).
+                    running.append(dispatch)
+                    if found == _RUNS_FOR_EVER:
+                        continue
+                    found = -found - 1
+                elif found == _AT_START_FIXED:
+                    if change is None or start < change:
+                        change = start
+                    continue
+                if change_s is None or found < change_s:
+                    change_s = found
+                continue
         compiled = _rule_of(dispatch)
         if compiled is None:
             continue
