@@ -366,8 +366,10 @@ class _Rule:
             if skip:
                 year, month = divmod(index + skip, 12)
                 return year, month + 1
-        if self.months is not None and month not in self.months:
-            return (year + 1, 1) if month == 12 else (year, month + 1)
+        months = self.months
+        if months is not None and month not in months:
+            later = [allowed for allowed in months if allowed > month]
+            return (year, min(later)) if later else (year + 1, min(months))
         return None
 
     def _skip_month_back(self, year: int, month: int) -> tuple[int, int] | None:
@@ -382,8 +384,10 @@ class _Rule:
             if skip:
                 year, month = divmod(index - skip, 12)
                 return year, month + 1
-        if self.months is not None and month not in self.months:
-            return (year - 1, 12) if month == 1 else (year, month - 1)
+        months = self.months
+        if months is not None and month not in months:
+            earlier = [allowed for allowed in months if allowed < month]
+            return (year, max(earlier)) if earlier else (year - 1, max(months))
         return None
 
     def next_day(self, day: int) -> int | None:
@@ -701,6 +705,8 @@ def _problem(rule: wire.Recurrence, start: datetime) -> str | None:
             return f"an HOURLY interval of {rule.interval} never reaches byhours"
     if frequency == _MINUTELY and (rule.byhours or rule.byminutes):
         step = gcd(rule.interval, 1440)
+        if step == 1:
+            return None
         origin = start.hour * 60 + start.minute
         hours = rule.byhours or range(24)
         minutes = rule.byminutes or range(60)
