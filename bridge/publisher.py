@@ -41,8 +41,10 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import math
 import random
 import re
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,6 +55,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import msgspec
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk import wire
 from bridge import __version__
@@ -168,8 +171,10 @@ class _Stale:
         self.marker = marker
         self.topics: set[str] = set()
         self.done = asyncio.Event()
+        self.received = 0
 
     def feed(self, message: aiomqtt.Message) -> None:
+        self.received += 1
         topic = message.topic.value
         if topic == self.status_topic:
             if message.payload == self.marker:
@@ -194,7 +199,7 @@ class Publisher:
         sessions: SessionCounter,
         bridge_name: str,
         window: int = 20,
-        scan_timeout: float = 5.0,
+        scan_timeout: float = 3.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
     ) -> None:
@@ -207,7 +212,8 @@ class Publisher:
             sessions: The persisted session counter of this microgrid.
             bridge_name: The `bridge` field of the status.
             window: The most publishes in flight at once.
-            scan_timeout: How long the stale-topic scan waits, in seconds.
+            scan_timeout: How long the stale-topic scan waits for the next message
+                before it gives up, in seconds.
             clock: Returns now (for the `as_of` of replacement snapshots).
             backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).
         """
@@ -418,6 +424,9 @@ class Publisher:
             timeout=10,
             tls_context=tls_context,
             max_inflight_messages=self._window,
+            queue_type=self._queue_type(),
+            # Without it, Nagle holds back publishes while PUBACKs are pending.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             logger=logging.getLogger("bridge.publisher.mqtt"),
         )
         client.pending_calls_threshold = self._window * 4 + 16
@@ -436,24 +445,22 @@ class Publisher:
         )
         online = self._status_payload("online", self._session)
         await client.publish(self.layout.status, online, qos=1, retain=True)
-        monitor = asyncio.create_task(self._monitor(client))
-        tasks: list[asyncio.Task[Any]] = [monitor]
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(self._monitor(client))]
         try:
-            stale = await self._find_stale(client, online, monitor)
-            self._republish_all(stale)
+            # Republishing starts at once; the scan runs beside it (the broker sends
+            # a subscription's retained messages before any later publish of ours).
+            self._requeue_all()
+            tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
             self._backoff.reset()
             self.connected.set()
-            tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
+            self._apply_stale(await self._find_stale(client, online, tasks))
             stopper = asyncio.create_task(self._stop.wait())
             tasks.append(stopper)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
                 await self._close(client, tasks)
                 return
-            for task in done:
-                error = task.exception()
-                if error is not None:
-                    raise error
+            _raise_first(done)
             raise aiomqtt.MqttError("publisher task ended unexpectedly")
         finally:
             self.connected.clear()
@@ -485,46 +492,85 @@ class Publisher:
         )
 
     async def _monitor(self, client: aiomqtt.Client) -> None:
-        # Iterating the messages is also how a lost connection shows up while idle.
-        async for message in client.messages:
-            if self._scan is not None:
-                self._scan.feed(message)
+        # Nothing is ever queued (see `_queue_type`): iterating only shows when the
+        # connection is lost, also while idle.
+        async for _ in client.messages:
+            pass
+
+    def _queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        publisher = self
+
+        class _ScanFeed(asyncio.Queue[aiomqtt.Message]):
+            """Hands each incoming message straight to the scan, unqueued.
+
+            Much cheaper than aiomqtt's message iterator (a task per message)
+            when a tree of 100,000 retained topics arrives.
+            """
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                scan = publisher._scan
+                if scan is not None:
+                    scan.feed(item)
+
+        return _ScanFeed
 
     async def _find_stale(
-        self, client: aiomqtt.Client, marker: bytes, monitor: asyncio.Task[None]
+        self, client: aiomqtt.Client, marker: bytes, tasks: list[asyncio.Task[Any]]
     ) -> builtins.set[str]:
         root = self.layout.root
         scan = _Stale(self.layout.status, marker)
         self._scan = scan
         try:
-            await client.subscribe([(f"{root}/+/dispatches/+", 1), (f"{root}/+/running", 1)])
+            filters = [f"{root}/+/dispatches/+", f"{root}/+/running"]
+            if self._protocol == aiomqtt.ProtocolVersion.V5:
+                # Our own republishing runs meanwhile: no need to read it back.
+                options = SubscribeOptions(qos=1, noLocal=True)
+                await client.subscribe([(topic, options) for topic in filters])
+            else:
+                await client.subscribe([(topic, 1) for topic in filters])
             # Subscribed second: its retained message comes after all of the first's.
             await client.subscribe(self.layout.status, qos=1)
             waiter = asyncio.create_task(scan.done.wait())
-            done, _ = await asyncio.wait(
-                [waiter, monitor], timeout=self._scan_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            if monitor in done:
-                monitor.result()  # raises the disconnect
+            try:
+                # Give up only when the broker stops sending for `scan_timeout` s:
+                # a large tree takes a while to arrive.
+                seen = -1
+                while not scan.done.is_set() and scan.received != seen:
+                    seen = scan.received
+                    done, _ = await asyncio.wait(
+                        [waiter, *tasks],
+                        timeout=self._scan_timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    _raise_first(done - {waiter})
+            finally:
+                waiter.cancel()
             if not scan.done.is_set():
                 _logger.warning(
-                    "microgrid %d: the stale-topic scan did not complete within %.0f s; "
-                    "clearing only the %d stale topics seen",
+                    "microgrid %d: the stale-topic scan got nothing for %.0f s and no end "
+                    "marker; clearing only the %d stale topics seen",
                     self.microgrid_id,
                     self._scan_timeout,
                     len(scan.topics),
                 )
-            await client.unsubscribe(
-                [f"{root}/+/dispatches/+", f"{root}/+/running", self.layout.status]
-            )
+            await client.unsubscribe([*filters, self.layout.status])
         finally:
             self._scan = None
         return scan.topics
 
-    def _republish_all(self, retained_on_broker: builtins.set[str]) -> None:
+    def _requeue_all(self) -> None:
         previous = list(self._pending)
         self._pending.clear()
+        for topic in self._held:
+            self._pending[topic] = None
+        for key in previous:
+            self._pending.pop(key, None)
+            self._pending[key] = None
+        if self._pending:
+            self._idle.clear()
+            self._wakeup.set()
+
+    def _apply_stale(self, retained_on_broker: builtins.set[str]) -> None:
         cleared = replaced = 0
         for topic in retained_on_broker:
             if topic in self._held:
@@ -534,32 +580,28 @@ class Publisher:
             except wire.WireError:
                 continue
             if ref.kind == wire.TopicKind.DISPATCH:
-                self._pending[topic] = None
+                self._mark(topic)
                 cleared += 1
             elif ref.kind == wire.TopicKind.RUNNING and ref.dispatch_type is not None:
-                self._held[topic] = wire.RunningSnapshot(
-                    microgrid_id=self.microgrid_id,
-                    type=ref.dispatch_type,
-                    running=(),
-                    next_change=None,
-                    as_of=self._clock(),
-                    session=0,
-                    seq=0,
+                self.set(
+                    topic,
+                    wire.RunningSnapshot(
+                        microgrid_id=self.microgrid_id,
+                        type=ref.dispatch_type,
+                        running=(),
+                        next_change=None,
+                        as_of=self._clock(),
+                        session=0,
+                        seq=0,
+                    ),
                 )
                 replaced += 1
-        for topic in self._held:
-            self._pending[topic] = None
-        for key in previous:
-            self._pending.pop(key, None)
-            self._pending[key] = None
-        if self._pending:
-            self._idle.clear()
-            self._wakeup.set()
         _logger.info(
-            "microgrid %d: republishing %d retained topics; clearing %d stale dispatch topics, "
-            "emptying %d stale running topics",
+            "microgrid %d: republishing %d retained topics; %d retained topics found on the "
+            "broker; clearing %d stale dispatch topics, emptying %d stale running topics",
             self.microgrid_id,
             len(self._held),
+            len(retained_on_broker),
             cleared,
             replaced,
         )
@@ -588,12 +630,12 @@ class Publisher:
             try:
                 if isinstance(key, int):
                     topic, payload = self._events[key]
-                    await client.publish(topic, payload, qos=1, retain=False)
+                    await client.publish(topic, payload, qos=1, retain=False, timeout=math.inf)
                     self._events.pop(key, None)
                 else:
                     value = self._held.get(key)
                     payload = b"" if value is None else self._materialize(value)
-                    await client.publish(key, payload, qos=1, retain=True)
+                    await client.publish(key, payload, qos=1, retain=True, timeout=math.inf)
                 self.published += 1
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer
@@ -606,6 +648,13 @@ class Publisher:
                 self._in_flight -= 1
                 if self._in_flight == 0 and not self._pending:
                     self._idle.set()
+
+
+def _raise_first(done: builtins.set[asyncio.Task[Any]]) -> None:
+    for task in done:
+        error = task.exception()
+        if error is not None:
+            raise error
 
 
 def _describe(error: BaseException) -> str:

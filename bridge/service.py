@@ -110,7 +110,13 @@ class Outbox:
 
 
 class ScheduleCore:
-    """The dispatches of one microgrid and their schedule; pure and synchronous."""
+    """The dispatches of one microgrid and their schedule; pure and synchronous.
+
+    Each dispatch is held once, as published: with its `running`, `until` and
+    `next_run` as of the last step that touched it. Running snapshots reuse
+    those structs, so a transition costs the dispatches of its type that run,
+    not a copy of each.
+    """
 
     def __init__(self, microgrid_id: int, layout: wire.TopicLayout) -> None:
         """Create an empty core.
@@ -122,11 +128,10 @@ class ScheduleCore:
         self.microgrid_id = microgrid_id
         self.layout = layout
         self._dispatches: dict[int, wire.Dispatch] = {}
-        self._states: dict[int, schedule.RunState] = {}
-        self._ids_by_type: dict[str, set[int]] = {}
+        self._changes_at: dict[int, datetime] = {}
         self._running: dict[str, set[int]] = {}
         self._heaps: dict[str, list[tuple[datetime, int]]] = {}
-        self._types: set[str] = set()
+        self._levels: dict[str, str] = {}
         self._dirty_types: dict[str, None] = {}
 
     # ---- queries --------------------------------------------------------------
@@ -135,7 +140,7 @@ class ScheduleCore:
         return len(self._dispatches)
 
     def dispatches(self) -> list[wire.Dispatch]:
-        """Every dispatch held, without computed state.
+        """Every dispatch held, with its state as of the step that last touched it.
 
         Returns:
             The dispatches, in no particular order.
@@ -151,10 +156,11 @@ class ScheduleCore:
         Returns:
             The dispatch, or None.
         """
-        return self._dispatches.get(dispatch_id)
+        held = self._dispatches.get(dispatch_id)
+        return None if held is None else strip_state(held)
 
     def state(self, dispatch_id: int) -> schedule.RunState | None:
-        """The run state of a dispatch as of the last step.
+        """The run state of a dispatch as of the step that last touched it.
 
         Args:
             dispatch_id: The id.
@@ -162,7 +168,12 @@ class ScheduleCore:
         Returns:
             The state, or None if the dispatch is unknown.
         """
-        return self._states.get(dispatch_id)
+        held = self._dispatches.get(dispatch_id)
+        if held is None:
+            return None
+        return schedule.RunState(
+            held.running, held.until, held.next_run, self._changes_at.get(dispatch_id)
+        )
 
     def running_ids(self, dispatch_type: str) -> list[int]:
         """The ids of the running dispatches of a type, sorted, as of the last step.
@@ -182,7 +193,7 @@ class ScheduleCore:
             The instant, or None when nothing is scheduled to change.
         """
         earliest: datetime | None = None
-        for dispatch_type in list(self._heaps):
+        for dispatch_type in self._heaps:
             head = self._head(dispatch_type)
             if head is not None and (earliest is None or head < earliest):
                 earliest = head
@@ -217,20 +228,18 @@ class ScheduleCore:
             What to publish.
         """
         out = Outbox()
-        incoming = {d.id: strip_state(d) for d in dispatches}
+        incoming = {d.id: d for d in dispatches}
         for dispatch_id in [i for i in self._dispatches if i not in incoming]:
-            old = self._dispatches[dispatch_id]
-            self._remove(dispatch_id, now, out)
+            old = self._remove(dispatch_id, out)
             if events:
-                self._event(out, "deleted", old, schedule.RunState(False, None, None, None), now)
+                self._event(out, "deleted", _stopped(old), now)
         for dispatch in incoming.values():
             held = self._dispatches.get(dispatch.id)
-            if held == dispatch:
+            if held is not None and _same(held, dispatch):
                 continue
-            self._put(dispatch, now, out)
+            put = self._put(dispatch, now, out)
             if events:
-                kind: EventKind = "created" if held is None else "updated"
-                self._event(out, kind, dispatch, self._states[dispatch.id], now)
+                self._event(out, "created" if held is None else "updated", put, now)
         self._flush_types(now, out)
         return out
 
@@ -253,21 +262,19 @@ class ScheduleCore:
             What to publish.
         """
         out = Outbox()
-        dispatch = strip_state(dispatch)
         held = self._dispatches.get(dispatch.id)
         if kind == "deleted":
             if held is None:
                 return out
-            self._remove(dispatch.id, now, out)
-            self._event(out, "deleted", dispatch, schedule.RunState(False, None, None, None), now)
+            self._remove(dispatch.id, out)
+            self._event(out, "deleted", _stopped(dispatch), now)
         else:
             if held is not None and only_newer and dispatch.update_time <= held.update_time:
                 return out
-            if held == dispatch:
+            if held is not None and _same(held, dispatch):
                 return out
-            self._put(dispatch, now, out)
-            event_kind: EventKind = "created" if held is None else "updated"
-            self._event(out, event_kind, dispatch, self._states[dispatch.id], now)
+            put = self._put(dispatch, now, out)
+            self._event(out, "created" if held is None else "updated", put, now)
         self._flush_types(now, out)
         return out
 
@@ -284,19 +291,16 @@ class ScheduleCore:
         for dispatch_type, heap in self._heaps.items():
             while heap and heap[0][0] <= now:
                 when, dispatch_id = heapq.heappop(heap)
-                state = self._states.get(dispatch_id)
-                dispatch = self._dispatches.get(dispatch_id)
+                held = self._dispatches.get(dispatch_id)
                 if (
-                    state is None
-                    or dispatch is None
-                    or state.changes_at != when
-                    or dispatch.type != dispatch_type
+                    held is None
+                    or self._changes_at.get(dispatch_id) != when
+                    or held.type != dispatch_type
                 ):
                     continue
-                new = schedule.run_state(dispatch, now)
-                self._states[dispatch_id] = new
+                new = schedule.run_state(held, now)
                 running = self._running.setdefault(dispatch_type, set())
-                if new.running != state.running:
+                if new.running != held.running:
                     if new.running:
                         running.add(dispatch_id)
                     else:
@@ -304,10 +308,15 @@ class ScheduleCore:
                     out.transitions.append(
                         Transition(dispatch_type, dispatch_id, new.running, new.until)
                     )
-                if new.changes_at is not None:
+                if new.changes_at is None:
+                    del self._changes_at[dispatch_id]
+                else:
+                    self._changes_at[dispatch_id] = new.changes_at
                     heapq.heappush(heap, (new.changes_at, dispatch_id))
-                out.retained[self.layout.dispatch(dispatch_type, dispatch_id)] = self._encode(
-                    dispatch, new
+                updated = _with_state(held, new)
+                self._dispatches[dispatch_id] = updated
+                out.retained[self._dispatch_topic(dispatch_type, dispatch_id)] = wire.encode(
+                    updated
                 )
                 self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
@@ -323,79 +332,84 @@ class ScheduleCore:
             Every dispatch topic and every running snapshot.
         """
         out = Outbox()
-        for dispatch_id, dispatch in self._dispatches.items():
-            out.retained[self.layout.dispatch(dispatch.type, dispatch_id)] = self._encode(
-                dispatch, self._states[dispatch_id]
-            )
-        for dispatch_type in self._types:
+        for dispatch_id, held in self._dispatches.items():
+            out.retained[self._dispatch_topic(held.type, dispatch_id)] = wire.encode(held)
+        for dispatch_type in self._running:
             self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
         return out
 
     # ---- internals ------------------------------------------------------------
 
-    def _put(self, dispatch: wire.Dispatch, now: datetime, out: Outbox) -> None:
+    def _put(self, dispatch: wire.Dispatch, now: datetime, out: Outbox) -> wire.Dispatch:
         held = self._dispatches.get(dispatch.id)
         if held is not None and held.type != dispatch.type:
-            self._remove(dispatch.id, now, out)
+            self._remove(dispatch.id, out)
         dispatch_type = dispatch.type
         state = schedule.run_state(dispatch, now)
-        self._dispatches[dispatch.id] = dispatch
-        self._states[dispatch.id] = state
-        self._ids_by_type.setdefault(dispatch_type, set()).add(dispatch.id)
-        self._types.add(dispatch_type)
+        put = _with_state(dispatch, state)
+        self._dispatches[dispatch.id] = put
         running = self._running.setdefault(dispatch_type, set())
         if state.running:
             running.add(dispatch.id)
         else:
             running.discard(dispatch.id)
-        if state.changes_at is not None:
+        if state.changes_at is None:
+            self._changes_at.pop(dispatch.id, None)
+        else:
+            self._changes_at[dispatch.id] = state.changes_at
             heapq.heappush(
                 self._heaps.setdefault(dispatch_type, []), (state.changes_at, dispatch.id)
             )
-        topic = self.layout.dispatch(dispatch_type, dispatch.id)
+        topic = self._dispatch_topic(dispatch_type, dispatch.id)
         out.retained.pop(topic, None)
-        out.retained[topic] = self._encode(dispatch, state)
+        out.retained[topic] = wire.encode(put)
         self._dirty_types[dispatch_type] = None
         out.changed = True
+        return put
 
-    def _remove(self, dispatch_id: int, now: datetime, out: Outbox) -> None:
-        del now  # removal does not depend on time; kept for symmetry
-        dispatch = self._dispatches.pop(dispatch_id)
-        self._states.pop(dispatch_id, None)
-        self._ids_by_type.get(dispatch.type, set()).discard(dispatch_id)
-        self._running.get(dispatch.type, set()).discard(dispatch_id)
-        topic = self.layout.dispatch(dispatch.type, dispatch_id)
+    def _remove(self, dispatch_id: int, out: Outbox) -> wire.Dispatch:
+        held = self._dispatches.pop(dispatch_id)
+        self._changes_at.pop(dispatch_id, None)
+        self._running.get(held.type, set()).discard(dispatch_id)
+        topic = self._dispatch_topic(held.type, dispatch_id)
         out.retained.pop(topic, None)
         out.retained[topic] = None
-        self._dirty_types[dispatch.type] = None
+        self._dirty_types[held.type] = None
         out.changed = True
+        return held
 
     def _head(self, dispatch_type: str) -> datetime | None:
         heap = self._heaps[dispatch_type]
         while heap:
             when, dispatch_id = heap[0]
-            state = self._states.get(dispatch_id)
-            dispatch = self._dispatches.get(dispatch_id)
+            held = self._dispatches.get(dispatch_id)
             if (
-                state is not None
-                and dispatch is not None
-                and state.changes_at == when
-                and dispatch.type == dispatch_type
+                held is not None
+                and self._changes_at.get(dispatch_id) == when
+                and held.type == dispatch_type
             ):
                 return when
             heapq.heappop(heap)
         return None
 
+    def _level(self, dispatch_type: str) -> str:
+        level = self._levels.get(dispatch_type)
+        if level is None:
+            level = self._levels[dispatch_type] = (
+                f"{self.layout.root}/{wire.encode_type(dispatch_type)}"
+            )
+        return level
+
+    def _dispatch_topic(self, dispatch_type: str, dispatch_id: int) -> str:
+        return f"{self._level(dispatch_type)}/dispatches/{dispatch_id}"
+
     def _flush_types(self, now: datetime, out: Outbox) -> None:
         for dispatch_type in self._dirty_types:
-            running = tuple(
-                self._with_state(self._dispatches[i], self._states[i])
-                for i in sorted(self._running.get(dispatch_type, ()))
-            )
-            heap = self._heaps.get(dispatch_type)
-            next_change = None if heap is None else self._head(dispatch_type)
-            topic = self.layout.running(dispatch_type)
+            held = self._dispatches
+            running = tuple(map(held.__getitem__, sorted(self._running.get(dispatch_type, ()))))
+            next_change = self._head(dispatch_type) if dispatch_type in self._heaps else None
+            topic = f"{self._level(dispatch_type)}/running"
             out.retained.pop(topic, None)
             out.retained[topic] = wire.RunningSnapshot(
                 microgrid_id=self.microgrid_id,
@@ -408,28 +422,33 @@ class ScheduleCore:
             )
         self._dirty_types.clear()
 
-    @staticmethod
-    def _with_state(dispatch: wire.Dispatch, state: schedule.RunState) -> wire.Dispatch:
-        return msgspec.structs.replace(
-            dispatch, running=state.running, until=state.until, next_run=state.next_run
-        )
-
-    def _encode(self, dispatch: wire.Dispatch, state: schedule.RunState) -> bytes:
-        return wire.encode(self._with_state(dispatch, state))
-
-    def _event(
-        self,
-        out: Outbox,
-        kind: EventKind,
-        dispatch: wire.Dispatch,
-        state: schedule.RunState,
-        now: datetime,
-    ) -> None:
-        payload = wire.encode(
-            wire.DispatchEvent(event=kind, dispatch=self._with_state(dispatch, state), as_of=now)
-        )
-        out.events.append((self.layout.events(dispatch.type), payload))
+    def _event(self, out: Outbox, kind: EventKind, dispatch: wire.Dispatch, now: datetime) -> None:
+        payload = wire.encode(wire.DispatchEvent(event=kind, dispatch=dispatch, as_of=now))
+        out.events.append((f"{self._level(dispatch.type)}/events", payload))
         out.counts[kind] = out.counts.get(kind, 0) + 1
+
+
+def _with_state(dispatch: wire.Dispatch, state: schedule.RunState) -> wire.Dispatch:
+    if (dispatch.running, dispatch.until, dispatch.next_run) == (
+        state.running,
+        state.until,
+        state.next_run,
+    ):
+        return dispatch
+    return msgspec.structs.replace(
+        dispatch, running=state.running, until=state.until, next_run=state.next_run
+    )
+
+
+def _stopped(dispatch: wire.Dispatch) -> wire.Dispatch:
+    return strip_state(dispatch)
+
+
+def _same(held: wire.Dispatch, incoming: wire.Dispatch) -> bool:
+    """Whether two dispatches are equal, computed state aside."""
+    if held.update_time != incoming.update_time:
+        return False
+    return strip_state(held) == strip_state(incoming)
 
 
 # --- The async shell ------------------------------------------------------------
