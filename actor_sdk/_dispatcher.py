@@ -433,9 +433,10 @@ class Dispatcher:
                 message = await anext(messages)
             else:
                 try:
-                    message = await asyncio.wait_for(
-                        anext(messages), max(0.0, sync_deadline - loop.time())
-                    )
+                    # asyncio.timeout, not wait_for: wait_for of Python 3.11 can swallow
+                    # a cancellation that coincides with the result.
+                    async with asyncio.timeout_at(sync_deadline):
+                        message = await anext(messages)
                 except TimeoutError:
                     _logger.warning(
                         "no retained bridge status on %s within %.1f s: taking the retained "
@@ -459,10 +460,15 @@ class Dispatcher:
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     # A millisecond late, so that `until <= now` holds on wake-up.
-                    await asyncio.wait_for(self._wakeup.wait(), delay + 0.001)
+                    async with asyncio.timeout(delay + 0.001):
+                        await self._wakeup.wait()
                 if self._wakeup.is_set():
                     continue
             await self._reconcile()
+            if self._deadline is not None and self._deadline <= self._clock():
+                # Never spin: a deadline that a reconcile did not move waits a little.
+                _logger.debug("deadline %s did not move; pausing", self._deadline)
+                await asyncio.sleep(0.05)
 
     # --- messages ----------------------------------------------------------------
 
@@ -572,7 +578,8 @@ class Dispatcher:
                     )
                     if live:
                         await self._retry(managed, now)
-                    deadline = _earliest(deadline, *managed.retry_due.values())
+                    if live:  # retries wait for a live view: no deadline without one
+                        deadline = _earliest(deadline, *managed.retry_due.values())
                 if not live:
                     deadline = _earliest(deadline, *(d.until for d in confirmed))
             self._deadline = deadline

@@ -204,11 +204,11 @@ class ActorPlanner:
             ):
                 continue
             group.shown = current
-            others.append(
-                UpdateActor(key, current) if group.has_actor else StartActor(key, current)
-            )
-            if not group.has_actor:
+            if group.has_actor:
+                others.append(UpdateActor(key, current))
+            else:
                 group.has_actor = True
+                others.append(StartActor(key, current))
         return stops + others
 
     def start_failed(self, key: Hashable) -> None:

@@ -400,3 +400,19 @@ async def test_broker_restart_is_survived(mqtt_broker: Broker) -> None:
             await again.running(T, [wire_dispatch(2, T, duration=60)])
             await log.wait_for(lambda lg: lg.running_dispatch_ids() == [2], what="d2 only")
     assert [r.dispatch_id for r in log.of("start")] == [1, 2]
+
+
+async def test_retries_wait_for_a_live_view(scripted_bridge: ScriptedBridge) -> None:
+    log = ActorLog(fail_next=1)
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(
+            T, actor_factory=log.factory, retry_interval=timedelta(seconds=0.3)
+        )
+        await log.wait_for(lambda lg: len(lg.factory_calls) == 1, what="the failed call")
+        await scripted_bridge.status("offline")
+        await asyncio.sleep(0.8)  # past the retry: nothing to await, nothing may happen
+        assert len(log.factory_calls) == 1
+        await scripted_bridge.status("online")
+        await log.wait_count("start", 1)
