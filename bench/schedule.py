@@ -1,8 +1,9 @@
 """Benchmark: the schedule core against frequenz-client-dispatch, on the same machine.
 
-Run alone: `.venv/bin/python bench/schedule.py` (about a minute: the reference
-walks every past occurrence), or `--quick` (a second or two: the reference is
-timed only where it is cheap and extrapolated elsewhere, marked as such).
+Run alone: `.venv/bin/python bench/schedule.py` (a few minutes: the reference
+walks every past occurrence), or `--quick` (a few seconds: fewer loops, the
+reference timed only where it is cheap and extrapolated elsewhere, marked as
+such, and `running_at` over 20,000 dispatches instead of 100,000).
 
 A query of ours is one `run_state(dispatch, now)`: running, until, next_run
 and changes_at. A query of the reference is `started_at(now)` (which calls
@@ -70,7 +71,7 @@ def per_call(call: Callable[[], object], least_seconds: float, most_calls: int) 
 
 
 def ours_per_query(d: wire.Dispatch, quick: bool) -> float:
-    loops = 2_000 if quick else 20_000
+    loops = 500 if quick else 20_000
     started = time.perf_counter()
     for _ in range(loops):
         schedule.run_state(d, NOW)
@@ -84,7 +85,7 @@ def reference_per_query(d: wire.Dispatch, quick: bool) -> float:
         ref.started_at(NOW)
         ref.next_run_after(NOW)
 
-    return per_call(query, 0.05 if quick else 0.5, 200 if quick else 2_000)
+    return per_call(query, 0.02 if quick else 0.5, 100 if quick else 2_000)
 
 
 @dataclass
@@ -164,7 +165,8 @@ def varied(count: int, seed: int = 42) -> list[wire.Dispatch]:
         active = rng.random() < 0.9
         if rng.random() < 0.7:
             start = NOW + timedelta(seconds=rng.randint(-30 * 86400, 30 * 86400))
-            duration = rng.choice([None, 0, *([rng.randint(60, 4 * 3600)] * 18)])
+            pick = rng.random()
+            duration = None if pick < 0.05 else 0 if pick < 0.1 else rng.randint(60, 4 * 3600)
             dispatches.append(make(index, start, duration, active=active))
             continue
         frequency = rng.choice(frequencies)
@@ -195,7 +197,7 @@ def varied(count: int, seed: int = 42) -> list[wire.Dispatch]:
             end=end,
             **fields,  # type: ignore[arg-type]
         )
-        duration = rng.choice([None, *([rng.randint(1, 2 * period)] * 19)])
+        duration = None if rng.random() < 0.05 else rng.randint(1, 2 * period)
         dispatches.append(make(index, start, duration, rule, active=active))
     return dispatches
 
@@ -221,6 +223,8 @@ def running_rows(quick: bool, count: int = 100_000) -> tuple[list[Row], str]:
     agree = sorted(d.id for d in reference_running) == [d.id for d in ours_running]
     reference = sample_seconds * len(dispatches) / sample_size
     shown = f"~{fmt_time(reference)} (extrapolated from {sample_size:,})"
+    budget = RUNNING_BUDGET_S * count / 100_000
+    budget_text = f"≤ {budget:g} s" + ("" if count == 100_000 else " (0.3 s per 100k)")
     what = f"running_at, {count:,} varied dispatches ({recurring:.0%} recurring)"
     rows = [
         Row(
@@ -228,14 +232,14 @@ def running_rows(quick: bool, count: int = 100_000) -> tuple[list[Row], str]:
             fmt_time(cold),
             shown,
             f"{reference / cold:,.0f}x",
-            f"≤ {RUNNING_BUDGET_S} s",
+            budget_text,
         ),
         Row(
             f"{what}, rules cached",
             fmt_time(ours),
             shown,
             f"{reference / ours:,.0f}x",
-            f"≤ {RUNNING_BUDGET_S} s",
+            budget_text,
         ),
     ]
     note = (
@@ -269,7 +273,7 @@ def main() -> int:
     args = parser.parse_args()
     warnings.simplefilter("ignore", DeprecationWarning)
     rows = query_rows(args.quick)
-    more, note = running_rows(args.quick)
+    more, note = running_rows(args.quick, 20_000 if args.quick else 100_000)
     print_table(rows + more)
     print()
     print(note)
