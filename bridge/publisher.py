@@ -47,7 +47,7 @@ import re
 import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -61,7 +61,7 @@ from actor_sdk import wire
 from bridge import __version__
 from bridge.store import SessionCounter
 
-__all__ = ["Backoff", "BrokerSettings", "Publisher", "PublisherError", "parse_broker_url"]
+__all__ = ["Backoff", "BrokerError", "BrokerSettings", "Publisher", "parse_broker_url"]
 
 _logger = logging.getLogger("bridge.publisher")
 
@@ -70,8 +70,39 @@ _Key = str | int
 """A pending item: a retained topic (str) or an event number (int)."""
 
 
-class PublisherError(Exception):
-    """A broker setting is unusable (raised at configuration time only)."""
+class BrokerError(Exception):
+    """The broker could not be reached, refused the connection, or the connection broke.
+
+    The publisher's own error: `aiomqtt.MqttError` is translated into it where
+    it crosses in, and the connection loop turns it into a reconnect.
+    """
+
+    def __init__(self, message: str, *, refused_protocol: bool = False) -> None:
+        """Create the error.
+
+        Args:
+            message: What happened, for the log.
+            refused_protocol: The broker refused the MQTT protocol version.
+        """
+        super().__init__(message)
+        self.refused_protocol = refused_protocol
+
+
+@contextlib.contextmanager
+def _broker_errors() -> Iterator[None]:
+    """Translate `aiomqtt.MqttError` into `BrokerError`."""
+    try:
+        yield
+    except aiomqtt.MqttError as error:
+        raise BrokerError(_describe(error), refused_protocol=_refused_protocol(error)) from error
+
+
+def _refused_protocol(error: aiomqtt.MqttError) -> bool:
+    if isinstance(error, aiomqtt.MqttCodeError):
+        code = error.rc if isinstance(error.rc, int) else getattr(error.rc, "value", None)
+        # 1: 3.1.1 "unacceptable protocol version"; 132: v5 "unsupported protocol version".
+        return code in (1, 132)
+    return False
 
 
 @dataclass(frozen=True)
@@ -349,30 +380,35 @@ class Publisher:
             session = self._sessions.peek_next()
             client = self._new_client(session)
             try:
-                async with client:
-                    self._sessions.commit(session)
-                    self._session = session
-                    self._seq = 0
-                    self.connections += 1
-                    await self._serve(client)
-                    return
-            except aiomqtt.MqttError as error:
-                self.connected.clear()
-                if self._stop.is_set():
-                    return
-                if self._maybe_fall_back(error):
+                with _broker_errors():
+                    async with client:
+                        self._sessions.commit(session)
+                        self._session = session
+                        self._seq = 0
+                        self.connections += 1
+                        await self._serve(client)
+                        return
+            except BrokerError as error:
+                reason = str(error)
+                if not self._stop.is_set() and self._maybe_fall_back(error):
                     continue
-                delay = self._backoff.next()
-                _logger.warning(
-                    "microgrid %d: MQTT broker %s: %s; reconnecting in %.1f s (changes are "
-                    "kept and published newest last once connected)",
-                    self.microgrid_id,
-                    self._settings.describe(),
-                    _describe(error),
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+            except Exception as error:  # never let the publisher die: log, reconnect
+                _logger.exception("microgrid %d: unexpected MQTT failure", self.microgrid_id)
+                reason = f"unexpected {type(error).__name__}: {error}"
+            self.connected.clear()
+            if self._stop.is_set():
+                return
+            delay = self._backoff.next()
+            _logger.warning(
+                "microgrid %d: MQTT broker %s: %s; reconnecting in %.1f s (changes are "
+                "kept and published newest last once connected)",
+                self.microgrid_id,
+                self._settings.describe(),
+                reason,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
 
     def stop(self, grace: float = 3.0) -> None:
         """Ask `run()` to flush what is pending, publish the offline status and disconnect.
@@ -383,25 +419,17 @@ class Publisher:
         self._grace = grace
         self._stop.set()
 
-    def _maybe_fall_back(self, error: aiomqtt.MqttError) -> bool:
-        if self._protocol != aiomqtt.ProtocolVersion.V5 or not self._refused_protocol(error):
+    def _maybe_fall_back(self, error: BrokerError) -> bool:
+        if self._protocol != aiomqtt.ProtocolVersion.V5 or not error.refused_protocol:
             return False
         _logger.warning(
             "microgrid %d: MQTT broker %s refused MQTT v5 (%s): using MQTT 3.1.1",
             self.microgrid_id,
             self._settings.describe(),
-            _describe(error),
+            error,
         )
         self._protocol = aiomqtt.ProtocolVersion.V311
         return True
-
-    @staticmethod
-    def _refused_protocol(error: aiomqtt.MqttError) -> bool:
-        if isinstance(error, aiomqtt.MqttCodeError):
-            code = error.rc if isinstance(error.rc, int) else getattr(error.rc, "value", None)
-            # 1: 3.1.1 "unacceptable protocol version"; 132: v5 "unsupported protocol version".
-            return code in (1, 132)
-        return False
 
     def _new_client(self, session: int) -> aiomqtt.Client:
         settings = self._settings

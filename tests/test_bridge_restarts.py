@@ -241,3 +241,50 @@ async def _all(client: object, mg: MicrogridId):  # type: ignore[no-untyped-def]
     async for page in client.list(microgrid_id=mg):  # type: ignore[attr-defined]
         for dispatch in page:
             yield dispatch
+
+
+async def test_one_bridge_serves_two_microgrids_and_reports_the_api_link_in_each_status(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+) -> None:
+    tap = mqtt_tap_factory(mqtt_broker, "microgrid/+/dispatch/#")
+    bridge = bridge_factory(api_server, mqtt_broker, (11, 12))
+    bridge.wait_synced(2)
+    ids = {}
+    async with api_server.client() as client:
+        for microgrid in (11, 12):
+            created = await client.create(
+                microgrid_id=MicrogridId(microgrid),
+                type=f"KIND_{microgrid}",
+                start_time=datetime.now(UTC) + timedelta(hours=1),
+                duration=timedelta(minutes=5),
+                target=TargetIds(microgrid),
+            )
+            ids[microgrid] = int(created.id)
+    layouts = {m: wire.TopicLayout.for_microgrid(m) for m in (11, 12)}
+    for microgrid, layout in layouts.items():
+        topic = layout.dispatch(f"KIND_{microgrid}", ids[microgrid])
+        payload = await asyncio.to_thread(tap.wait_latest, topic, bool)
+        assert wire.decode_dispatch(payload).id == ids[microgrid]
+    # Each microgrid's tree holds only its own dispatch.
+    tree = retained_snapshot(mqtt_broker, "microgrid/+/dispatch/+/dispatches/+")
+    assert set(tree) == {layouts[m].dispatch(f"KIND_{m}", ids[m]) for m in (11, 12)}
+
+    def upstream_is(state: str) -> bool:
+        statuses = [status_of(tap, layout) for layout in layouts.values()]
+        return all(s is not None and s.upstream == state for s in statuses)
+
+    await asyncio.to_thread(tap.wait_for, lambda _: upstream_is("connected"), 10, "connected")
+    api_server.kill9()
+    await asyncio.to_thread(
+        tap.wait_for, lambda _: upstream_is("disconnected"), 10, "upstream disconnected"
+    )
+    api_server.start()
+    await asyncio.to_thread(
+        tap.wait_for, lambda _: upstream_is("connected"), 15, "upstream connected again"
+    )
+    sessions = {status_of(tap, layout).session for layout in layouts.values()}  # type: ignore[union-attr]
+    assert sessions == {1}
+    assert "reconnecting in" in bridge.output()
