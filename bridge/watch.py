@@ -34,23 +34,22 @@ import sys
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
 from actor_sdk import wire
 from bridge import schedule
 from bridge.config import ConfigError, SettingsSource
+from bridge.publisher import BrokerSettings, parse_broker_url
 
 __all__ = [
-    "BrokerTarget",
     "WatchState",
     "add_arguments",
+    "broker_client",
     "collect_snapshot",
-    "parse_broker_url",
     "render",
     "run",
     "runs_within",
@@ -476,81 +475,29 @@ def render(
 # --- Broker connection -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BrokerTarget:
-    """Where and how to connect: host, port, credentials, TLS."""
-
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-    def describe(self) -> str:
-        """Name the broker without its password.
-
-        Returns:
-            `mqtt://user@host:port` or similar.
-        """
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
-
-    def client(self, identifier: str) -> aiomqtt.Client:
-        """Build a fresh aiomqtt client for one connection.
-
-        Args:
-            identifier: The MQTT client id.
-
-        Returns:
-            The client (not yet connected).
-        """
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            username=self.username,
-            password=self.password,
-            identifier=identifier,
-            clean_session=True,
-            tls_context=ssl.create_default_context() if self.tls else None,
-            timeout=10,
-        )
-
-
-def parse_broker_url(url: str) -> BrokerTarget:
-    """Parse `mqtt://[user[:pass]@]host[:port]` (or `mqtts://`, port 8883).
+def broker_client(settings: BrokerSettings, identifier: str) -> aiomqtt.Client:
+    """Build a fresh aiomqtt client for one read-only connection.
 
     Args:
-        url: The URL.
+        settings: The broker, parsed by the bridge's own `parse_broker_url`.
+        identifier: The MQTT client id.
 
     Returns:
-        The target.
-
-    Raises:
-        ValueError: The URL is not of that form (the message never shows a password).
+        The client (not yet connected).
     """
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError("expected mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ValueError("the port is not a number in 0-65535") from None
-    if not parts.hostname:
-        raise ValueError("no host in the broker URL")
-    if parts.path not in ("", "/"):
-        raise ValueError("a broker URL has no path")
-    return BrokerTarget(
-        host=parts.hostname,
-        port=port,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=tls,
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=identifier,
+        clean_session=True,
+        tls_context=ssl.create_default_context(cafile=settings.ca_file) if settings.tls else None,
+        timeout=10,
     )
 
 
-def _connect_failure(error: aiomqtt.MqttError, target: BrokerTarget) -> str:
+def _connect_failure(error: aiomqtt.MqttError, target: BrokerSettings) -> str:
     return f"cannot connect to the broker {target.describe()}: {error}"
 
 
@@ -561,7 +508,7 @@ def _is_auth_failure(error: aiomqtt.MqttError) -> bool:
 
 
 async def collect_snapshot(
-    target: BrokerTarget,
+    target: BrokerSettings,
     layout: wire.TopicLayout,
     *,
     quiet: float = 0.5,
@@ -589,7 +536,7 @@ async def collect_snapshot(
     """
     state = WatchState(layout)
     loop = asyncio.get_running_loop()
-    async with target.client(f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}") as client:
+    async with broker_client(target, f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}") as client:
         await client.subscribe(layout.everything, qos=1)
         deadline = loop.time() + max_wait
         messages = aiter(client.messages)
@@ -625,7 +572,7 @@ class _Screen:
 
 
 async def _live(
-    target: BrokerTarget,
+    target: BrokerSettings,
     layout: wire.TopicLayout,
     horizon: timedelta,
     width: int | None,
@@ -661,8 +608,8 @@ async def _live(
     try:
         while True:
             try:
-                async with target.client(
-                    f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}"
+                async with broker_client(
+                    target, f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}"
                 ) as client:
                     # The broker resends every retained topic: start from scratch.
                     state = WatchState(layout, warnings=state.warnings, events=state.events)
@@ -709,6 +656,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mqtt://user:pass@host:port or mqtts://... (env MQTT_URL); a read-only user is enough",
     )
     parser.add_argument(
+        "--broker-ca-file",
+        metavar="PATH",
+        help="CA certificates to verify an mqtts:// broker with (env MQTT_CA_FILE)",
+    )
+    parser.add_argument(
         "--microgrid-id", metavar="M", help="the microgrid to watch (env MICROGRID_ID)"
     )
     parser.add_argument(
@@ -752,7 +704,7 @@ def _positive_int(value: Any) -> int:
 
 @dataclass(frozen=True)
 class _Settings:
-    target: BrokerTarget
+    target: BrokerSettings
     layout: wire.TopicLayout
     horizon: timedelta
 
@@ -771,9 +723,12 @@ def _load_settings(args: argparse.Namespace) -> _Settings:
         "mqtt_password", env="MQTT_PASSWORD", parse=str, default=None, secret=True
     )
     if target.username is None and username is not None:
-        target = BrokerTarget(target.host, target.port, username, password, target.tls)
+        target = replace(target, username=username, password=password)
     elif target.password is None and password is not None:
-        target = BrokerTarget(target.host, target.port, target.username, password, target.tls)
+        target = replace(target, password=password)
+    ca_file = source.get("broker_ca_file", env="MQTT_CA_FILE", parse=str, default=None)
+    if ca_file is not None:
+        target = replace(target, ca_file=ca_file)
     microgrid = source.get("microgrid_id", env="MICROGRID_ID", parse=_positive_int, default=None)
     if microgrid is None:
         raise ConfigError("no microgrid: give --microgrid-id M (or MICROGRID_ID)")

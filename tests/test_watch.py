@@ -10,12 +10,16 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
-from bridge.watch import WatchState, format_span, parse_broker_url, render, runs_within
-from tests.fixtures.api_server import dispatch_bridge_command
+from bridge.api import create_dispatch
+from bridge.publisher import parse_broker_url
+from bridge.watch import WatchState, format_span, render, runs_within
+from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
+from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
-from tests.fixtures.processes import ProcessFactory, free_port
+from tests.fixtures.processes import ProcessFactory, free_port, wait_until
 
 NOW = datetime(2026, 11, 28, 7, 3, 20, tzinfo=UTC)
 LAYOUT = wire.TopicLayout.for_microgrid(1)
@@ -224,7 +228,7 @@ def test_format_span_and_broker_url() -> None:
         True,
     )
     assert "p@ss" not in target.describe()
-    with pytest.raises(ValueError, match="mqtt://"):
+    with pytest.raises(ValueError, match="scheme"):
         parse_broker_url("http://edge")
 
 
@@ -403,3 +407,53 @@ async def test_live_watch_redraws_when_a_message_arrives_and_stops_on_sigint(
     watch.wait_for_output(r"#21 \|[.+]*#", timeout=20)
     watch.signal(signal.SIGINT)
     assert watch.wait(20) == 0
+
+
+async def test_watch_once_against_a_running_bridge_shows_what_is_really_there(
+    api_server: ApiServerHandle, mqtt_broker: Broker, bridge_factory: BridgeFactory
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with api_server.client() as client:
+        running = await create_dispatch(
+            client,
+            microgrid_id=1,
+            type="SET.POWER",
+            start_time=now - timedelta(minutes=1),
+            duration=timedelta(minutes=10),
+            target=TargetIds(3),
+        )
+        later = await create_dispatch(
+            client,
+            microgrid_id=1,
+            type="SET.POWER",
+            start_time=now + timedelta(minutes=30),
+            duration=timedelta(minutes=5),
+            target=TargetIds(4),
+        )
+    bridge = bridge_factory(api_server, mqtt_broker)
+    bridge.wait_synced()
+    layout = bridge.layout()
+
+    def published() -> wire.RunningSnapshot | None:
+        retained = retained_snapshot(mqtt_broker, layout.everything)
+        raw = retained.get(layout.running("SET.POWER"))
+        have_both = all(
+            layout.dispatch("SET.POWER", int(d.id)) in retained for d in (running, later)
+        )
+        return wire.decode_running(raw) if raw and have_both else None
+
+    snapshot = wait_until(published, 20, "the bridge to publish both dispatches")
+
+    result = watch_once(mqtt_broker)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert [d.id for d in snapshot.running] == [int(running.id)]
+    until = snapshot.running[0].until
+    assert until is not None and snapshot.next_change == until
+    assert f"SET.POWER: 1 running, next change {until:%H:%M:%S}Z" in out
+    assert f"RUN #{int(running.id)} until {until:%H:%M:%S}Z" in out
+    # The later one has a bar that starts idle; the running one starts running.
+    assert re.search(rf"^ *#{int(running.id)} \|#", out, re.MULTILINE)
+    assert re.search(rf"^ *#{int(later.id)} \|\.+[+#]", out, re.MULTILINE)
+    assert "bridge ONLINE, upstream connected" in out
