@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import calendar
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -107,6 +107,30 @@ class RunState:
     until: datetime | None
     next_run: datetime | None
     changes_at: datetime | None
+
+
+def _slot_setter(name: str) -> Callable[[RunState, object], None]:
+    setter: Callable[[RunState, object], None] = RunState.__dict__[name].__set__
+    return setter
+
+
+_set_running = _slot_setter("running")
+_set_until = _slot_setter("until")
+_set_next_run = _slot_setter("next_run")
+_set_changes_at = _slot_setter("changes_at")
+_new_state = object.__new__
+
+
+def _state(
+    running: bool, until: datetime | None, next_run: datetime | None, changes_at: datetime | None
+) -> RunState:
+    """Build a `RunState` without the frozen dataclass's slow `__init__` (same value)."""
+    state: RunState = _new_state(RunState)
+    _set_running(state, running)
+    _set_until(state, until)
+    _set_next_run(state, next_run)
+    _set_changes_at(state, changes_at)
+    return state
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -924,7 +948,7 @@ def _recurring_state(
     duration = dispatch.duration
     assert duration is not None
     if rule is None:
-        return RunState(False, None, None, None)
+        return _state(False, None, None, None)
     if isinstance(rule, _Rule):
         latest, after = rule.around(now_s)
         next_found = latest if latest == now_s and not now_us else after
@@ -932,7 +956,7 @@ def _recurring_state(
         next_found = rule.next(now_s + 1 if now_us else now_s)
     next_run = None if next_found is None else _instant(next_found)
     if not dispatch.active or duration <= 0:
-        return RunState(False, None, next_run, None)
+        return _state(False, None, next_run, None)
     latest, change = _recurring_core(rule, dispatch.start_time, duration, now, now_s)
     if change is None:
         changes_at = None
@@ -941,10 +965,10 @@ def _recurring_state(
     else:
         changes_at = next_run if change == next_found else _instant(change)
     if latest is None:
-        return RunState(False, None, next_run, changes_at)
+        return _state(False, None, next_run, changes_at)
     until_s = latest + duration
     until = changes_at if change == until_s else _instant(until_s)
-    return RunState(True, until, next_run, changes_at)
+    return _state(True, until, next_run, changes_at)
 
 
 def _one_off_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
@@ -953,18 +977,18 @@ def _one_off_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
     duration = dispatch.duration
     if duration is None:
         if not dispatch.active:
-            return RunState(False, None, next_run, None)
+            return _state(False, None, next_run, None)
         if now < start:
-            return RunState(False, None, next_run, start)
-        return RunState(True, None, next_run, None)
+            return _state(False, None, next_run, start)
+        return _state(True, None, next_run, None)
     if not dispatch.active or duration <= 0:
-        return RunState(False, None, next_run, None)
+        return _state(False, None, next_run, None)
     if now < start:
-        return RunState(False, None, next_run, start)
+        return _state(False, None, next_run, start)
     end = start + timedelta(seconds=duration)
     if now < end:
-        return RunState(True, end, next_run, end)
-    return RunState(False, None, next_run, None)
+        return _state(True, end, next_run, end)
+    return _state(False, None, next_run, None)
 
 
 def run_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
@@ -980,7 +1004,68 @@ def run_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
     if dispatch.duration is None or _is_one_off(dispatch):
         return _one_off_state(dispatch, now)
     now_s, now_us = _seconds(now)
+    rule = dispatch.recurrence
+    assert rule is not None
+    if not (rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths):
+        unit = _FIXED_BY_NAME.get(rule.frequency)
+        if unit is not None:
+            return _fixed_state(dispatch, rule, unit, now=now, now_s=now_s, now_us=now_us)
     return _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
+
+
+def _fixed_state(
+    dispatch: wire.Dispatch,
+    rule: wire.Recurrence,
+    unit: int,
+    *,
+    now: datetime,
+    now_s: int,
+    now_us: int,
+) -> RunState:
+    """`run_state` for rules without lists, MINUTELY..WEEKLY, in whole seconds."""
+    interval = rule.interval
+    if interval < 1:
+        return _state(False, None, None, None)
+    start = dispatch.start_time
+    delta = start - _EPOCH
+    first = delta.days * _DAY + delta.seconds
+    period = unit * interval
+    last = None
+    end = rule.end
+    if end is not None:
+        if end.until is not None:
+            delta = end.until - _EPOCH
+            last = delta.days * _DAY + delta.seconds
+        if end.count is not None:
+            by_count = first + (end.count - 1) * period
+            last = by_count if last is None else min(last, by_count)
+        if last is not None and last < first:
+            return _state(False, None, None, None)
+    at = max(now_s + 1 if now_us else now_s, first)
+    next_found: int | None = at + (first - at) % period
+    if last is not None and next_found > last:  # type: ignore[operator]
+        next_found = None
+    next_run = None if next_found is None else _instant(next_found)
+    duration = dispatch.duration
+    assert duration is not None
+    if not dispatch.active or duration <= 0:
+        return _state(False, None, next_run, None)
+    if now < start:
+        # The first occurrence is the start truncated to the second: it runs then.
+        return _state(False, None, next_run, start)
+    at = now_s if last is None or now_s <= last else last
+    latest = at - (at - first) % period
+    if now_s < latest + duration:
+        until = _instant(latest + duration)
+        if duration < period:
+            return _state(True, until, next_run, until)
+        if last is None:
+            return _state(True, until, next_run, None)
+        return _state(True, until, next_run, _instant(last - (last - first) % period + duration))
+    found = now_s + 1 + (first - now_s - 1) % period
+    if last is not None and found > last:
+        return _state(False, None, next_run, None)
+    return _state(False, None, next_run, next_run if found == next_found else _instant(found))
 
 
 _RUNS_FOR_EVER = -(1 << 62)
