@@ -197,9 +197,8 @@ class Backoff:
 class _Stale:
     """Collects the retained topics the broker holds, during the stale-topic scan."""
 
-    def __init__(self, status_topic: str, marker: bytes) -> None:
+    def __init__(self, status_topic: str) -> None:
         self.status_topic = status_topic
-        self.marker = marker
         self.topics: set[str] = set()
         self.done = asyncio.Event()
         self.received = 0
@@ -208,7 +207,9 @@ class _Stale:
         self.received += 1
         topic = message.topic.value
         if topic == self.status_topic:
-            if message.payload == self.marker:
+            # Subscribed after the tree: its retained message (ours, or a newer
+            # status of ours already) comes after every retained message of the tree.
+            if message.retain:
                 self.done.set()
             return
         if message.retain and message.payload:
@@ -481,8 +482,10 @@ class Publisher:
             tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
             self._backoff.reset()
             self.connected.set()
-            self._apply_stale(await self._find_stale(client, online, tasks))
             stopper = asyncio.create_task(self._stop.wait())
+            stale = await self._find_stale(client, tasks, stopper)
+            if stale is not None:
+                self._apply_stale(stale)
             tasks.append(stopper)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
@@ -543,10 +546,10 @@ class Publisher:
         return _ScanFeed
 
     async def _find_stale(
-        self, client: aiomqtt.Client, marker: bytes, tasks: list[asyncio.Task[Any]]
-    ) -> builtins.set[str]:
+        self, client: aiomqtt.Client, tasks: list[asyncio.Task[Any]], stopper: asyncio.Task[Any]
+    ) -> builtins.set[str] | None:
         root = self.layout.root
-        scan = _Stale(self.layout.status, marker)
+        scan = _Stale(self.layout.status)
         self._scan = scan
         try:
             filters = [f"{root}/+/dispatches/+", f"{root}/+/running"]
@@ -566,11 +569,13 @@ class Publisher:
                 while not scan.done.is_set() and scan.received != seen:
                     seen = scan.received
                     done, _ = await asyncio.wait(
-                        [waiter, *tasks],
+                        [waiter, stopper, *tasks],
                         timeout=self._scan_timeout,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
-                    _raise_first(done - {waiter})
+                    _raise_first(done - {waiter, stopper})
+                    if stopper in done:
+                        return None
             finally:
                 waiter.cancel()
             if not scan.done.is_set():

@@ -542,6 +542,7 @@ class MicrogridService:
         self.synced_at = synced_at
         self._had_state = had_state
         self._upstream: Literal["connected", "disconnected"] = "disconnected"
+        self._link_reported = False
         self._inbox: deque[UpstreamItem] = deque()
         self._wakeup = asyncio.Event()
         self.steps = 0
@@ -610,8 +611,10 @@ class MicrogridService:
     def _handle(self, item: UpstreamItem, now: datetime) -> None:
         match item:
             case LinkChanged(connected=connected, reason=reason):
+                was = self._upstream
                 self._upstream = "connected" if connected else "disconnected"
-                if not connected:
+                if not connected and (was == "connected" or not self._link_reported):
+                    self._link_reported = True
                     _logger.warning(
                         "microgrid %d: Dispatch API disconnected (%s); publishing the schedule "
                         "from the %d dispatches held, reconnecting",
