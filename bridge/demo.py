@@ -353,12 +353,34 @@ def _prepare_mosquitto(directory: Path, port: int) -> tuple[dict[str, str], Path
     return passwords, config
 
 
-@asynccontextmanager
-async def _mosquitto(
+def _alive(process: asyncio.subprocess.Process) -> Callable[[], bool]:
+    return lambda: process.returncode is None
+
+
+async def _start_mosquitto(
     binary: str, directory: Path, port: int, within: float
-) -> AsyncIterator[_Broker]:
-    chosen = port or free_port()
-    passwords, config = _prepare_mosquitto(directory, chosen)
+) -> tuple[asyncio.subprocess.Process, int, dict[str, str]]:
+    """Start Mosquitto; with no fixed port, try again on another if one was taken meanwhile."""
+    attempts = 1 if port else 3
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        passwords, config = _prepare_mosquitto(directory, chosen)
+        process = await _spawn_mosquitto(binary, directory, config)
+        try:
+            await _wait_for_port("127.0.0.1", chosen, within, _alive(process))
+        except DemoError:
+            await _stop_process(process, "mosquitto")
+            if attempt < attempts:
+                continue
+            log = _tail(directory / "mosquitto.log") or _tail(directory / "mosquitto.out")
+            raise DemoError(f"mosquitto did not start on port {chosen}:\n{log}") from None
+        return process, chosen, passwords
+    raise AssertionError("unreachable")
+
+
+async def _spawn_mosquitto(
+    binary: str, directory: Path, config: Path
+) -> asyncio.subprocess.Process:
     with (directory / "mosquitto.out").open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             binary,
@@ -371,12 +393,14 @@ async def _mosquitto(
             # the broker after the bridge has published its offline status.
             process_group=0,
         )
-    try:
-        await _wait_for_port("127.0.0.1", chosen, within, lambda: process.returncode is None)
-    except DemoError:
-        await _stop_process(process, "mosquitto")
-        log = _tail(directory / "mosquitto.log") or _tail(directory / "mosquitto.out")
-        raise DemoError(f"mosquitto did not start on port {chosen}:\n{log}") from None
+    return process
+
+
+@asynccontextmanager
+async def _mosquitto(
+    binary: str, directory: Path, port: int, within: float
+) -> AsyncIterator[_Broker]:
+    process, chosen, passwords = await _start_mosquitto(binary, directory, port, within)
     try:
         yield _Broker(
             kind=f"mosquitto ({binary}, pid {process.pid})",
@@ -393,13 +417,12 @@ async def _mosquitto(
 @asynccontextmanager
 async def _embedded(port: int) -> AsyncIterator[_Broker]:
     passwords = {"bridge": secrets.token_hex(8), "actor": secrets.token_hex(8)}
-    chosen = port or free_port()
     try:
-        async with embedded_broker("127.0.0.1", chosen, passwords, writers={"bridge"}):
+        async with embedded_broker("127.0.0.1", port, passwords, writers={"bridge"}) as bound:
             yield _Broker(
                 kind="embedded (amqtt, in this process; MQTT 3.1.1, retained messages in memory)",
                 host="127.0.0.1",
-                port=chosen,
+                port=bound,
                 writer=("bridge", passwords["bridge"]),
                 reader=("actor", passwords["actor"]),
             )
@@ -440,7 +463,20 @@ async def _bridge(
     broker: _Broker, api_url: str, auth: AuthConfig, microgrid_id: int, directory: Path
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     env = dict(os.environ)
-    for name in ("MQTT_URL", "MQTT_USERNAME_FILE", "MQTT_PASSWORD_FILE", "MQTT_CA_FILE"):
+    # The demo's own settings only: none of the caller's bridge environment.
+    for name in (
+        "MQTT_URL",
+        "MQTT_USERNAME_FILE",
+        "MQTT_PASSWORD_FILE",
+        "MQTT_CA_FILE",
+        "MICROGRID_ID",
+        "DISPATCH_API_URL",
+        "DISPATCH_API_AUTH_KEY_FILE",
+        "DISPATCH_API_SIGN_SECRET_FILE",
+        "DISPATCH_BRIDGE_STATE_DIR",
+        "DISPATCH_BRIDGE_TOPIC_ROOT",
+        "DISPATCH_BRIDGE_NAME",
+    ):
         env.pop(name, None)
     env.update(
         {

@@ -153,18 +153,18 @@ def _config(users: Mapping[str, str], writers: set[str]) -> dict[str, Any]:
 @asynccontextmanager
 async def embedded_broker(
     host: str, port: int, users: Mapping[str, str], *, writers: set[str]
-) -> AsyncIterator[None]:
+) -> AsyncIterator[int]:
     """Run the embedded broker for the duration of the block.
 
     Args:
         host: The address to listen on.
-        port: The port to listen on.
+        port: The port to listen on; 0 lets the system pick a free one.
         users: User name to password; no one else may connect.
         writers: The users that may publish to the dispatch tree; the others
             may only subscribe to it.
 
     Yields:
-        Nothing; the broker listens until the block ends.
+        The port it listens on, until the block ends.
 
     Raises:
         EmbeddedBrokerError: amqtt is not installed, or the broker cannot start
@@ -212,9 +212,10 @@ async def embedded_broker(
         raise EmbeddedBrokerError(
             f"embedded broker cannot listen on {host}:{port}: {error}"
         ) from None
-    _logger.info("embedded MQTT 3.1.1 broker (amqtt) listening on %s:%d", host, port)
+    bound: int = server.sockets[0].getsockname()[1]
+    _logger.info("embedded MQTT 3.1.1 broker (amqtt) listening on %s:%d", host, bound)
     try:
-        yield
+        yield bound
     finally:
         server.close()
         await broker.shutdown()
@@ -222,4 +223,4 @@ async def embedded_broker(
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
         await server.wait_closed()
-        _logger.info("embedded broker on %s:%d stopped", host, port)
+        _logger.info("embedded broker on %s:%d stopped", host, bound)

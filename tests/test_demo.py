@@ -250,3 +250,25 @@ def test_demo_with_an_unusable_broker_exits_1_and_cleans_up(tmp_path: Path) -> N
     assert "the bridge did not come online" in result.stderr
     assert time.monotonic() - started < 60
     assert list(temp.iterdir()) == []
+
+
+def test_sigint_while_starting_stops_what_started_and_cleans_up(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    demo = process_factory(
+        [*dispatch_bridge_command(), "demo"], name="demo", extra_env={"TMPDIR": str(temp)}
+    )
+    demo.wait_for_output(r"starting the demo in", timeout=60)
+
+    demo.signal(signal.SIGINT)
+
+    assert demo.wait(60) == 0, demo.tail()
+    assert "demo stopped" in demo.output()
+    assert list(temp.iterdir()) == []
+    # No broker or bridge of this demo is left (their config lived in the temp dir).
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(temp)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert leftovers == []
