@@ -237,7 +237,7 @@ def test_demo_with_an_unusable_broker_exits_1_and_cleans_up(tmp_path: Path) -> N
             "--broker",
             "mqtt://bridge:pw@127.0.0.1:1",
             "--startup-timeout",
-            "5",
+            "2",
         ],
         capture_output=True,
         text=True,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -311,10 +313,30 @@ async def test_watch_once_prints_what_the_retained_topics_say(mqtt_broker: Broke
     assert all(len(line) <= 80 for line in out.splitlines())
 
 
-async def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker) -> None:
-    result = watch_once(mqtt_broker)
+def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker, tmp_path: Path) -> None:
+    # The password from a file, as the README shows it: not on the command line.
+    mqtt_broker.require_acl()
+    secret = tmp_path / "actor.password"
+    secret.write_text(f"{mqtt_broker.actor_password}\n")
+    result = subprocess.run(
+        [
+            *dispatch_bridge_command(),
+            "watch",
+            "--broker",
+            f"mqtt://actor@{mqtt_broker.host}:{mqtt_broker.port}",
+            "--microgrid-id",
+            "1",
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "MQTT_PASSWORD_FILE": str(secret), "COLUMNS": "72"},
+    )
 
     assert result.returncode == 0, result.stderr
+    assert all(len(line) <= 72 for line in result.stdout.splitlines())
     assert "bridge: no status published" in result.stdout
     assert "no dispatches published" in result.stdout
 
