@@ -400,12 +400,20 @@ def _timeline_lines(
     bar_width = max(width - label_width - 1, 8)
     cell = horizon / bar_width
     timed: list[tuple[datetime, int, list[tuple[datetime, datetime]]]] = []
+    unknown: list[int] = []
     for dispatch_id, dispatch in dispatches.items():
-        runs = runs_within(dispatch, now, now + horizon)
+        try:
+            runs = runs_within(dispatch, now, now + horizon)
+        except (ValueError, OverflowError, ArithmeticError):
+            # A value the schedule cannot place (far beyond year 9999): no bar, no crash.
+            unknown.append(dispatch_id)
+            continue
         if runs:
             timed.append((runs[0][0], dispatch_id, runs))
     timed.sort(key=lambda item: (item[0], item[1]))
-    lines: list[str] = []
+    lines: list[str] = [
+        f"  ! {_dispatch_label(i)}: its schedule cannot be computed" for i in sorted(unknown)
+    ]
     if timed:
         lines.append(f"  next {format_span(horizon)}: # runs, + runs part of the time")
         for _, dispatch_id, runs in timed[:MAX_DISPATCHES_PER_TYPE]:
@@ -418,7 +426,7 @@ def _timeline_lines(
         lines.append(" " * (label_width + 1) + _axis(now, cell, bar_width))
         if len(timed) > MAX_DISPATCHES_PER_TYPE:
             lines.append(f"  ... {len(timed) - MAX_DISPATCHES_PER_TYPE} more in this window")
-    idle = len(dispatches) - len(timed)
+    idle = len(dispatches) - len(timed) - len(unknown)
     if idle:
         lines.append(f"  {idle} other dispatch(es) not running in the next {format_span(horizon)}")
     return lines

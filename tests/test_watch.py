@@ -479,3 +479,17 @@ async def test_watch_once_against_a_running_bridge_shows_what_is_really_there(
     assert re.search(rf"^ *#{int(running.id)} \|#", out, re.MULTILINE)
     assert re.search(rf"^ *#{int(later.id)} \|\.+[+#]", out, re.MULTILINE)
     assert "bridge ONLINE, upstream connected" in out
+
+
+def test_a_dispatch_the_schedule_cannot_place_is_flagged_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(dispatch: wire.Dispatch, now: datetime) -> Any:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr("bridge.schedule.run_state", broken)
+
+    lines = render(sample_state(), now=NOW, width=80)
+
+    assert "  ! #4: its schedule cannot be computed" in lines
+    assert "RUN #1 until 07:13:20Z, 10m00s left, ids 7,8" in "\n".join(lines)
