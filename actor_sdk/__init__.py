@@ -13,6 +13,7 @@ await manage(broker="mqtt://actor:secret@edge-host:1883", microgrid_id=1,
 """
 
 from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
+from actor_sdk._actor_dispatcher import ActorDispatcher
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._dispatcher import Dispatcher
 from actor_sdk._errors import BrokerUrlError, SdkError
@@ -27,6 +28,7 @@ from actor_sdk._merge_strategies import (
 
 __all__ = [
     "Actor",
+    "ActorDispatcher",
     "ActorFactory",
     "BrokerUrlError",
     "Created",

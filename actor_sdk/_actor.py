@@ -44,6 +44,11 @@ class DispatchInfo:
     _src: Dispatch
     """The dispatch this information comes from (a running one)."""
 
+    @property
+    def components(self) -> TargetComponents:
+        """The target (the name `frequenz-dispatch` used before `target`)."""
+        return self.target
+
     @classmethod
     def from_dispatch(cls, dispatch: Dispatch) -> DispatchInfo:
         """Build the information for an actor from a dispatch.

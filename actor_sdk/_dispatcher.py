@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import ssl
 from collections.abc import Callable, Generator, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import aiomqtt
 from frequenz.channels import BroadcastChannel, Receiver, Sender
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk import wire
-from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
+from actor_sdk._actor import ActorFactory
+from actor_sdk._actors import ActorSet
 from actor_sdk._connection import BrokerSettings, SkewMonitor, reconnect_delay
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._event import Created, DispatchEvent
@@ -34,11 +34,6 @@ from actor_sdk._merge_strategies import MergeStrategy
 from actor_sdk._planner import (
     STOPPED,
     STOPPED_UNCONFIRMED,
-    Action,
-    ActorPlanner,
-    StartActor,
-    StopActor,
-    UpdateActor,
     confirmed_running,
     running_state_changes,
 )
@@ -52,23 +47,6 @@ _logger = logging.getLogger(__name__)
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass
-class _RunningActor:
-    actor: Actor
-    sender: Sender[DispatchInfo]
-    dispatch: Dispatch
-
-
-@dataclass
-class _ManagedType:
-    dispatch_type: str
-    factory: ActorFactory
-    retry_interval: timedelta
-    planner: ActorPlanner
-    actors: dict[Hashable, _RunningActor] = field(default_factory=dict)
-    retry_due: dict[Hashable, datetime] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,12 +138,13 @@ class Dispatcher:
         self._view = BridgeView(microgrid_id)
         self._skew = SkewMonitor()
         self._effective: dict[str, dict[DispatchId, Dispatch]] = {}
-        self._managed: dict[str, _ManagedType] = {}
+        self._managed: dict[str, ActorSet] = {}
         self._state_subscriptions: dict[str, list[_StateSubscription]] = {}
         self._lifecycle_senders: dict[str, list[Sender[DispatchEvent]]] = {}
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._deadline: datetime | None = None
+        self._deadlines: dict[str, datetime] = {}
         self._initialized = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._was_live = False
@@ -299,14 +278,15 @@ class Dispatcher:
         identity: Callable[[Dispatch], Hashable] = (
             (lambda dispatch: dispatch.id) if merge_strategy is None else merge_strategy.identity
         )
-        self._managed[dispatch_type] = _ManagedType(
-            dispatch_type=dispatch_type,
+        self._managed[dispatch_type] = ActorSet(
+            dispatch_type,
             factory=actor_factory,
+            identity=identity,
             retry_interval=retry_interval,
-            planner=ActorPlanner(identity),
+            clock=self._clock,
         )
         _logger.info("managing actors of type %r", dispatch_type)
-        await self._reconcile()
+        await self._reconcile(dispatch_type)
 
     async def stop_managing(self, dispatch_type: str) -> None:
         """Stop managing a type: its actors are stopped.
@@ -317,7 +297,7 @@ class Dispatcher:
         async with self._lock:
             managed = self._managed.pop(dispatch_type, None)
             if managed is not None:
-                await self._stop_all(managed, "Stopped managing this dispatch type")
+                await managed.stop_all("Stopped managing this dispatch type")
 
     # --- receivers ---------------------------------------------------------------
 
@@ -384,7 +364,7 @@ class Dispatcher:
     async def _shutdown(self) -> None:
         async with self._lock:
             for managed in list(self._managed.values()):
-                await self._stop_all(managed, "Dispatcher stopped")
+                await managed.stop_all("Dispatcher stopped")
             self._managed.clear()
             for senders in self._lifecycle_senders.values():
                 for sender in senders:
@@ -493,7 +473,7 @@ class Dispatcher:
                     if snapshot is not None and not message.retain:
                         self._check_skew(snapshot.as_of)
                     if self._view.in_sync and (snapshot is not None or not payload):
-                        await self._reconcile()
+                        await self._reconcile(ref.dispatch_type)
                 case wire.TopicKind.DISPATCH:
                     assert ref.dispatch_type is not None and ref.dispatch_id is not None
                     events = self._view.apply_dispatch(ref.dispatch_type, ref.dispatch_id, payload)
@@ -545,45 +525,61 @@ class Dispatcher:
 
     # --- reconciling -------------------------------------------------------------
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, only: str | None = None) -> None:
+        """Bring actors and receivers to match the view, at one reading of the clock.
+
+        Args:
+            only: The one type whose snapshot changed; None for every type (the
+                liveness changed, a deadline passed, a resync ended).
+        """
         async with self._lock:
             now = self._clock()
             live = self._view.live
             if live != self._was_live:
                 self._was_live = live
+                only = None
                 _logger.info("view of the bridge is %s", "live" if live else "NOT live")
-            types = (
-                self._view.types()
-                | self._effective.keys()
-                | self._managed.keys()
-                | self._state_subscriptions.keys()
-            )
-            deadline: datetime | None = None
-            for dispatch_type in sorted(types):
-                previous = self._effective.get(dispatch_type, {})
-                confirmed = confirmed_running(
-                    self._view.running(dispatch_type), previous.keys(), now=now, live=live
+            if only is None:
+                types = (
+                    self._view.types()
+                    | self._effective.keys()
+                    | self._managed.keys()
+                    | self._state_subscriptions.keys()
                 )
-                current = {dispatch.id: dispatch for dispatch in confirmed}
-                if current:
-                    self._effective[dispatch_type] = current
+            else:
+                types = {only}
+            for dispatch_type in sorted(types):
+                deadline = await self._reconcile_type(dispatch_type, now=now, live=live)
+                if deadline is None:
+                    self._deadlines.pop(dispatch_type, None)
                 else:
-                    self._effective.pop(dispatch_type, None)
-                await self._notify_running_state(dispatch_type, previous, current)
-                managed = self._managed.get(dispatch_type)
-                if managed is not None:
-                    reason = STOPPED if live else STOPPED_UNCONFIRMED
-                    await self._execute(
-                        managed, managed.planner.reconcile(confirmed, reason=reason)
-                    )
-                    if live:
-                        await self._retry(managed, now)
-                    if live:  # retries wait for a live view: no deadline without one
-                        deadline = _earliest(deadline, *managed.retry_due.values())
-                if not live:
-                    deadline = _earliest(deadline, *(d.until for d in confirmed))
-            self._deadline = deadline
+                    self._deadlines[dispatch_type] = deadline
+            self._deadline = min(self._deadlines.values(), default=None)
             self._wakeup.set()
+
+    async def _reconcile_type(
+        self, dispatch_type: str, *, now: datetime, live: bool
+    ) -> datetime | None:
+        previous = self._effective.get(dispatch_type, {})
+        confirmed = confirmed_running(
+            self._view.running(dispatch_type), previous.keys(), now=now, live=live
+        )
+        current = {dispatch.id: dispatch for dispatch in confirmed}
+        if current:
+            self._effective[dispatch_type] = current
+        else:
+            self._effective.pop(dispatch_type, None)
+        await self._notify_running_state(dispatch_type, previous, current)
+        deadline = None
+        managed = self._managed.get(dispatch_type)
+        if managed is not None:
+            await managed.apply(confirmed, reason=STOPPED if live else STOPPED_UNCONFIRMED)
+            if live:  # retries wait for a live view: no deadline without one
+                await managed.retry(now)
+                deadline = managed.next_retry
+        if not live:
+            deadline = _earliest(deadline, *(d.until for d in confirmed))
+        return deadline
 
     async def _notify_running_state(
         self,
@@ -614,93 +610,6 @@ class Dispatcher:
                 strategy = subscription.strategy
                 if strategy is None or strategy.filter(context, message):
                     await subscription.sender.send(message)
-
-    async def _execute(self, managed: _ManagedType, actions: list[Action]) -> None:
-        for action in actions:
-            match action:
-                case StopActor(key=key, reason=reason):
-                    running = managed.actors.pop(key, None)
-                    managed.retry_due.pop(key, None)
-                    if running is not None:
-                        await self._stop_actor(managed, running, reason)
-                case UpdateActor(key=key, dispatch=dispatch):
-                    running = managed.actors.get(key)
-                    if running is not None:
-                        _logger.info(
-                            "updating the actor of type %r to dispatch %s",
-                            managed.dispatch_type,
-                            int(dispatch.id),
-                        )
-                        running.dispatch = dispatch
-                        await running.sender.send(DispatchInfo.from_dispatch(dispatch))
-                case StartActor(key=key, dispatch=dispatch):
-                    await self._start_actor(managed, key, dispatch)
-
-    async def _start_actor(self, managed: _ManagedType, key: Hashable, dispatch: Dispatch) -> None:
-        # Limit 1: an actor that is slow to read gets the latest information only.
-        sender, receiver = BroadcastChannel[DispatchInfo](
-            name=f"dispatch-info-{managed.dispatch_type}-{key}",
-            resend_latest=True,
-            limit=1,
-            warn_on_overflow=False,
-        )
-        try:
-            created = managed.factory(DispatchInfo.from_dispatch(dispatch), receiver)
-            # Await coroutines only: a frequenz-sdk actor is awaitable itself.
-            if inspect.iscoroutine(created) or isinstance(created, asyncio.Future):
-                actor: Actor = await created
-            else:
-                actor = cast(Actor, created)
-            actor.start()
-        except Exception:
-            retry_at = self._clock() + managed.retry_interval
-            _logger.exception(
-                "creating or starting the actor for dispatch %s of type %r failed; "
-                "retrying at %s while it runs",
-                int(dispatch.id),
-                managed.dispatch_type,
-                retry_at.isoformat(),
-            )
-            managed.planner.start_failed(key)
-            managed.retry_due[key] = retry_at
-            await sender.aclose()
-            return
-        managed.retry_due.pop(key, None)
-        managed.actors[key] = _RunningActor(actor, sender, dispatch)
-        _logger.info(
-            "started the actor of type %r for dispatch %s (until %s)",
-            managed.dispatch_type,
-            int(dispatch.id),
-            dispatch.until.isoformat() if dispatch.until else "changed",
-        )
-
-    async def _stop_actor(self, managed: _ManagedType, running: _RunningActor, reason: str) -> None:
-        _logger.info(
-            "stopping the actor of type %r (dispatch %s): %s",
-            managed.dispatch_type,
-            int(running.dispatch.id),
-            reason,
-        )
-        try:
-            await running.actor.stop(reason)
-        except Exception:
-            _logger.exception("stopping the actor of type %r failed", managed.dispatch_type)
-        finally:
-            await running.sender.aclose()
-
-    async def _retry(self, managed: _ManagedType, now: datetime) -> None:
-        waiting = managed.planner.waiting_keys
-        for key in [key for key in managed.retry_due if key not in waiting]:
-            del managed.retry_due[key]
-        for key, due in list(managed.retry_due.items()):
-            if due <= now and (start := managed.planner.retry(key)) is not None:
-                await self._start_actor(managed, key, start.dispatch)
-
-    async def _stop_all(self, managed: _ManagedType, reason: str) -> None:
-        managed.planner.stop_all(reason)
-        managed.retry_due.clear()
-        for key in list(managed.actors):
-            await self._stop_actor(managed, managed.actors.pop(key), reason)
 
 
 def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:

@@ -14,9 +14,9 @@ The view takes raw payloads in topic order and keeps:
 
 After a (re)connect the SDK calls `begin_sync`, feeds the retained messages, and calls
 `end_sync` at the barrier (the retained status, which the broker sends after the
-retained messages of the earlier subscription): whatever was not delivered again has
-been cleared meanwhile (a type with no running snapshot runs nothing; a dispatch whose
-topic is gone was deleted).
+retained messages of the earlier subscription): a dispatch whose topic did not come
+back was deleted meanwhile. A running snapshot that did not come back was lost by the
+broker (the bridge never clears one), so the last one received stays.
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ class BridgeView:
         self.status: wire.BridgeStatus | None = None
         self.in_sync = False
         self._snapshots: dict[str, _Snapshot] = {}
-        self._dispatches: dict[tuple[str, int], Dispatch] = {}
-        self._seen_types: set[str] = set()
+        self._dispatches: dict[str, dict[int, Dispatch]] = {}
         self._seen_dispatches: set[tuple[str, int]] = set()
 
     @property
@@ -90,7 +89,7 @@ class BridgeView:
 
     def types(self) -> set[str]:
         """Return every type that has a running snapshot or a dispatch."""
-        return set(self._snapshots) | {dispatch_type for dispatch_type, _ in self._dispatches}
+        return set(self._snapshots) | set(self._dispatches)
 
     def running(self, dispatch_type: str) -> tuple[Dispatch, ...]:
         """Return the dispatches of a type the latest accepted snapshot says run.
@@ -113,7 +112,7 @@ class BridgeView:
         Returns:
             The dispatches.
         """
-        return {i: d for (t, i), d in self._dispatches.items() if t == dispatch_type}
+        return dict(self._dispatches.get(dispatch_type, {}))
 
     def dispatch(self, dispatch_type: str, dispatch_id: int) -> Dispatch | None:
         """Return one known dispatch.
@@ -125,35 +124,43 @@ class BridgeView:
         Returns:
             The dispatch, None when unknown.
         """
-        return self._dispatches.get((dispatch_type, dispatch_id))
+        return self._dispatches.get(dispatch_type, {}).get(dispatch_id)
+
+    def _forget(self, dispatch_type: str, dispatch_id: int) -> Dispatch:
+        of_type = self._dispatches[dispatch_type]
+        gone = of_type.pop(dispatch_id)
+        if not of_type:
+            del self._dispatches[dispatch_type]
+        return gone
 
     # --- connection --------------------------------------------------------------
 
     def begin_sync(self) -> None:
         """Start receiving the retained state again (after a connect)."""
         self.in_sync = False
-        self._seen_types.clear()
         self._seen_dispatches.clear()
 
     def end_sync(self) -> list[DispatchEvent]:
-        """Finish a sync: what was not delivered again is gone.
+        """Finish a sync: a dispatch whose retained topic did not come back is gone.
+
+        A type whose running snapshot did not come back keeps its last one: the
+        bridge never clears a running topic (it publishes an empty snapshot), so a
+        missing one means the broker lost it, and the bridge republishes it after its
+        own reconnect. Deletions are only concluded when the bridge is online.
 
         Returns:
             A `Deleted` for each dispatch whose retained topic disappeared.
         """
-        for dispatch_type, snapshot in self._snapshots.items():
-            if dispatch_type not in self._seen_types and snapshot.running:
-                _logger.info(
-                    "type %r has no retained running snapshot any more: nothing of it runs",
-                    dispatch_type,
-                )
-                self._snapshots[dispatch_type] = _Snapshot(
-                    snapshot.session, snapshot.seq, snapshot.as_of, ()
-                )
         events: list[DispatchEvent] = []
-        for key in [k for k in self._dispatches if k not in self._seen_dispatches]:
-            gone = self._dispatches.pop(key)
-            events.append(Deleted(gone.with_state(running=False, deleted=True)))
+        if self.status is not None and self.status.state == "online":
+            for key in [
+                (dispatch_type, dispatch_id)
+                for dispatch_type, of_type in self._dispatches.items()
+                for dispatch_id in of_type
+                if (dispatch_type, dispatch_id) not in self._seen_dispatches
+            ]:
+                gone = self._forget(*key)
+                events.append(Deleted(gone.with_state(running=False, deleted=True)))
         self.in_sync = True
         return events
 
@@ -205,7 +212,6 @@ class BridgeView:
             WireError: The payload is not a running snapshot of this type and microgrid,
                 or names a target the client library does not know.
         """
-        self._seen_types.add(dispatch_type)
         if not payload:
             snapshot = self._snapshots.get(dispatch_type)
             if snapshot is not None and snapshot.running:
@@ -261,11 +267,11 @@ class BridgeView:
         """
         key = (dispatch_type, dispatch_id)
         self._seen_dispatches.add(key)
-        known = self._dispatches.get(key)
+        known = self.dispatch(dispatch_type, dispatch_id)
         if not payload:
             if known is None:
                 return []
-            del self._dispatches[key]
+            self._forget(dispatch_type, dispatch_id)
             return [Deleted(known.with_state(running=False, deleted=True))]
         message = wire.decode_dispatch(payload)
         if message.id != dispatch_id or message.type != dispatch_type:
@@ -274,7 +280,7 @@ class BridgeView:
                 f"dispatch {dispatch_id} of type {dispatch_type!r}"
             )
         dispatch = from_wire(message)
-        self._dispatches[key] = dispatch
+        self._dispatches.setdefault(dispatch_type, {})[dispatch_id] = dispatch
         if known is None:
             return [Created(dispatch)]
         if definition(known) != definition(dispatch):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
 
 from actor_sdk import (
+    ActorDispatcher,
     Created,
     Deleted,
     Dispatcher,
@@ -226,7 +228,14 @@ async def test_lost_broker_connection_stops_the_actor_at_its_until_and_reconnect
         await proxy.close()
 
 
-async def test_a_type_whose_running_snapshot_was_cleared_while_disconnected_stops(
+async def poll(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_running_snapshot_lost_by_the_broker_keeps_the_last_one(
     scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
 ) -> None:
     log = ActorLog()
@@ -239,9 +248,12 @@ async def test_a_type_whose_running_snapshot_was_cleared_while_disconnected_stop
             await dispatcher.start_managing(T, actor_factory=log.factory)
             await log.wait_count("start", 1)
             await proxy.cut()
+            await poll(lambda: not dispatcher.is_live)
             await scripted_bridge.raw(scripted_bridge.layout.running(T), b"")
-            await scripted_bridge.status("online")  # republished after the clearing
             await proxy.resume()
+            await poll(lambda: dispatcher.is_live)
+            assert log.of("stop") == []
+            await scripted_bridge.running(T, [])  # the bridge's word
             await log.wait_count("stop", 1)
     finally:
         await proxy.close()
@@ -416,3 +428,27 @@ async def test_retries_wait_for_a_live_view(scripted_bridge: ScriptedBridge) -> 
         assert len(log.factory_calls) == 1
         await scripted_bridge.status("online")
         await log.wait_count("start", 1)
+
+
+async def test_actor_dispatcher_on_a_running_state_receiver(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog(fail_next=1)
+    await scripted_bridge.status("online")
+    d1, d2 = wire_dispatch(1, T, payload={"p": 1}), wire_dispatch(2, T, payload={"p": 2})
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        strategy = MergeByType()
+        receiver = await dispatcher.new_running_state_event_receiver(T, merge_strategy=strategy)
+        async with ActorDispatcher(
+            log.factory, receiver, strategy.identity, timedelta(seconds=0.3)
+        ):
+            await scripted_bridge.running(T, [d1])
+            await log.wait_count("start", 1)  # after one retry
+            assert len(log.factory_calls) == 2
+            await scripted_bridge.running(T, [d1, d2])
+            update = await log.wait_count("update", 1)
+            assert update.info is not None and update.info.options == {"p": 2}
+            await scripted_bridge.running(T, [d2])
+            await scripted_bridge.running(T, [])
+            await log.wait_count("stop", 1)
+        assert [r.kind for r in log.records] == ["start", "update", "stop"]

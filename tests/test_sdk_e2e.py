@@ -346,20 +346,27 @@ async def failing_factory_starts_after_two_retry_intervals(site: Site) -> None:
         assert len(log.factory_calls) == 3
 
 
-async def reconnect_after_a_start_and_an_end_were_missed(site: Site) -> None:
+async def reconnect_after_a_start_a_stop_and_a_whole_run_were_missed(site: Site) -> None:
     proxy = TcpProxy(site.broker.host, site.broker.port)
     await proxy.start()
     try:
         async with site.managed("E2E_RECONNECT", url=proxy.url(site.broker)) as log:
+            before = await site.create("E2E_RECONNECT", start_in=None, duration=None)
+            await log.wait_count("start", 1)
             missed = await site.create("E2E_RECONNECT", start_in=2, duration=1)
-            running = await site.create("E2E_RECONNECT", start_in=2, duration=30)
+            started = await site.create("E2E_RECONNECT", start_in=2, duration=30)
             await proxy.cut()
+            await site.delete(before)  # an endless run: only the bridge can stop it
             await sleep_until(end_of(missed) + timedelta(seconds=0.5))
+            assert [r.kind for r in log.records] == ["start"]  # cut off: nothing changed
             await proxy.resume()
-            start = await log.wait_count("start", 1, within=10)
-            assert start.dispatch_id == int(running.id)
+            await log.wait_for(
+                lambda lg: lg.running_dispatch_ids() == [int(started.id)], what="the new run"
+            )
             await sleep_until(utcnow() + timedelta(seconds=0.5))
-        assert [r.dispatch_id for r in log.of("start")] == [int(running.id)]
+        starts = [r.dispatch_id for r in log.of("start")]
+        assert starts == [int(before.id), int(started.id)], log.describe()
+        assert [r.dispatch_id for r in log.of("stop")] == [int(before.id), int(started.id)]
     finally:
         await proxy.close()
 
@@ -408,7 +415,7 @@ SCENARIOS: list[Callable[[Site], Awaitable[None]]] = [
     dry_run_and_real_never_share_an_actor,
     stopping_one_leaves_another_types_and_targets_actor_running,
     failing_factory_starts_after_two_retry_intervals,
-    reconnect_after_a_start_and_an_end_were_missed,
+    reconnect_after_a_start_a_stop_and_a_whole_run_were_missed,
     lifecycle_and_running_state_receivers,
 ]
 
@@ -435,6 +442,20 @@ async def test_bridge_killed_while_an_actor_runs_stops_it_at_its_until(site: Sit
         stop = await log.wait_count("stop", 1, within=10)
         assert_near(stop.wall, end_of(d), "stop at until without the bridge")
         assert stop.msg is not None and "no live view" in stop.msg
+
+
+async def test_broker_killed_and_restarted_no_double_start_no_missed_start(site: Site) -> None:
+    async with site.managed("E2E_BROKER") as log:
+        steady = await site.create("E2E_BROKER", start_in=None, duration=60)
+        await log.wait_count("start", 1)
+        await asyncio.to_thread(site.broker.kill9)
+        # Created while the broker is down: the bridge publishes it once it is back.
+        during = await site.create("E2E_BROKER", start_in=None, duration=60)
+        await asyncio.to_thread(site.broker.start)
+        await log.wait_count("start", 2, within=20)
+        await sleep_until(utcnow() + timedelta(seconds=1))
+        assert [r.dispatch_id for r in log.of("start")] == [int(steady.id), int(during.id)]
+        assert log.of("stop") == []
 
 
 async def test_the_documented_example_runs(

@@ -130,9 +130,10 @@ def test_snapshot_of_another_type_or_microgrid_is_garbage() -> None:
         view.apply_running("T", b"\xff garbage")
 
 
-def test_a_resync_clears_types_and_deletes_dispatches_not_delivered_again() -> None:
+def test_a_resync_deletes_dispatches_not_delivered_again_and_keeps_snapshots() -> None:
     view = BridgeView(MG)
     view.begin_sync()
+    view.apply_status(status("online"))
     view.apply_running("T", snapshot(1))
     view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
     view.apply_dispatch("T", 2, wire.encode(wire_dispatch(2)))
@@ -142,7 +143,16 @@ def test_a_resync_clears_types_and_deletes_dispatches_not_delivered_again() -> N
     view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
     events = view.end_sync()
     assert [(type(e), int(e.dispatch.id)) for e in events] == [(Deleted, 2)]
-    assert running_ids(view) == []
+    # The bridge never clears a running topic: a missing one was lost by the broker.
+    assert running_ids(view) == [1]
+
+
+def test_no_deletions_are_concluded_from_a_resync_without_an_online_bridge() -> None:
+    view = BridgeView(MG)
+    view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
+    view.begin_sync()
+    assert view.end_sync() == []
+    assert view.dispatch("T", 1) is not None
 
 
 def test_lifecycle_events_follow_the_definition_not_the_computed_state() -> None:

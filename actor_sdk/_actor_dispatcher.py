@@ -1,0 +1,167 @@
+"""`ActorDispatcher`: manage actors from a receiver of running state messages.
+
+The piece of `frequenz-dispatch` that its `Dispatcher.start_managing` builds on, for
+code that wires it by hand: feed it `new_running_state_event_receiver(type,
+merge_strategy=s)` and `s.identity`, and it keeps one actor per identity (same planner
+and retries as `start_managing`, which does not need it). A start or update message
+updates the actor of its identity; a stop message that reaches it stops that actor,
+as in `frequenz-dispatch` (a merge filter lets a stop through only when no other
+dispatch of the group runs). It follows the messages only: the fail-safe applies
+because a `Dispatcher` sends the stop itself when it has no live view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Generator, Hashable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
+
+from frequenz.channels import Receiver, ReceiverStoppedError
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk._actor import ActorFactory
+from actor_sdk._actors import ActorSet
+from actor_sdk._dispatch import Dispatch
+from actor_sdk._planner import STOPPED
+
+__all__ = ["ActorDispatcher"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ActorDispatcher:
+    """Starts, updates and stops actors from running state messages."""
+
+    def __init__(
+        self,
+        actor_factory: ActorFactory,
+        running_status_receiver: Receiver[Dispatch],
+        dispatch_identity: Callable[[Dispatch], Hashable] | None = None,
+        retry_interval: timedelta = timedelta(seconds=60),
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """Create the manager; it does nothing before `start()`.
+
+        Args:
+            actor_factory: Makes an actor from a `DispatchInfo` and a receiver of updates.
+            running_status_receiver: The running state messages of one type.
+            dispatch_identity: Maps a dispatch to its actor (e.g. a merge strategy's
+                `identity`); by default one actor per dispatch.
+            retry_interval: How long to wait before calling a failed factory again.
+            clock: The wall clock (UTC).
+        """
+        self._receiver = running_status_receiver
+        self._identity: Callable[[Dispatch], Hashable] = dispatch_identity or (
+            lambda dispatch: dispatch.id
+        )
+        self._clock = clock
+        self._actors = ActorSet(
+            "managed",
+            factory=actor_factory,
+            identity=self._identity,
+            retry_interval=retry_interval,
+            clock=clock,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def is_running(self) -> bool:
+        """Whether it runs."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start following the messages (no-op when running)."""
+        if not self.is_running:
+            self._task = asyncio.create_task(self._run(), name="actor-dispatcher")
+
+    def cancel(self, msg: str | None = None) -> None:
+        """Ask it to stop; `wait()` for it.
+
+        Args:
+            msg: The cancellation message.
+        """
+        if self._task is not None:
+            self._task.cancel(msg)
+
+    async def stop(self, msg: str | None = None) -> None:
+        """Stop it and every actor it started.
+
+        Args:
+            msg: The cancellation message.
+        """
+        self.cancel(msg)
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Wait until it stopped (it runs until stopped or its receiver ends).
+
+        Raises:
+            BaseException: Whatever made it fail.
+        """
+        if self._task is None:
+            return
+        await asyncio.wait({self._task})
+        if not self._task.cancelled() and (error := self._task.exception()) is not None:
+            raise error
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait until it stopped, as `await actor_dispatcher`.
+
+        Returns:
+            An iterator for `await`.
+        """
+        return self.wait().__await__()
+
+    async def __aenter__(self) -> Self:
+        """Start it.
+
+        Returns:
+            This manager.
+        """
+        self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """Stop it."""
+        await self.stop()
+
+    def _loop_time_at(self, instant: datetime | None) -> float | None:
+        """Convert a wall-clock instant into the event loop's clock (None stays None)."""
+        if instant is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.time() + (instant - self._clock()).total_seconds()
+
+    async def _run(self) -> None:
+        running: dict[DispatchId, Dispatch] = {}
+        try:
+            while True:
+                due = self._actors.next_retry
+                try:
+                    async with asyncio.timeout_at(self._loop_time_at(due)):
+                        message = await self._receiver.receive()
+                except TimeoutError:
+                    await self._actors.retry(self._clock())
+                    continue
+                if message.started:
+                    running[message.id] = message
+                else:
+                    # As in frequenz-dispatch, a stop that reaches us stops the actor:
+                    # a merge filter only lets it through when its group is done, and
+                    # holds back the stops of the others.
+                    key = self._identity(message)
+                    running = {i: d for i, d in running.items() if self._identity(d) != key}
+                await self._actors.apply(list(running.values()), reason=STOPPED)
+        except ReceiverStoppedError:
+            _logger.info("the running state receiver stopped; stopping the actors")
+        finally:
+            with contextlib.suppress(Exception):
+                await self._actors.stop_all("ActorDispatcher stopped")
