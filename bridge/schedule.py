@@ -709,6 +709,7 @@ class _Rule:
 
 def _problem(rule: wire.Recurrence, start: datetime) -> str | None:
     """Say why a recurrence with a real frequency is invalid, or return None."""
+    start = start.astimezone(UTC)
     if rule.interval < 1:
         return f"interval {rule.interval} is not at least 1"
     for name in rule.byweekdays:
@@ -906,7 +907,7 @@ def _chain_end(rule: _Fixed | _Rule, latest: int, duration: int) -> int | None:
     return end
 
 
-_AT_START = -1
+_AT_START = -(1 << 61)
 """`_recurring_core`'s change marker for "at `start_time` itself" (not a whole second)."""
 
 
@@ -1068,23 +1069,18 @@ def _fixed_state(
     return _state(False, None, next_run, next_run if found == next_found else _instant(found))
 
 
-_RUNS_FOR_EVER = -(1 << 62)
-_AT_START_FIXED = 1 << 62
-
-
 def _fixed_change(
     rule: wire.Recurrence, unit: int, start: datetime, duration: int, *, now: datetime, now_s: int
-) -> int | None:
+) -> tuple[bool, int | None]:
     """`running_at`'s allocation-free path for active rules without lists, MINUTELY..WEEKLY.
 
     Returns:
-        `None`: not running and never changes; `-(end + 1)`: running until
-        `end` (`_RUNS_FOR_EVER`: no end); `_AT_START_FIXED`: starts at
-        `start`; otherwise not running, starts at that whole second.
+        Whether it runs, and its next change in whole seconds (`None`: never;
+        `_AT_START`: at `start`).
     """
     interval = rule.interval
     if interval < 1:
-        return None
+        return False, None
     delta = start - _EPOCH
     first = delta.days * _DAY + delta.seconds
     period = unit * interval
@@ -1098,22 +1094,22 @@ def _fixed_change(
             by_count = first + (end.count - 1) * period
             last = by_count if last is None else min(last, by_count)
         if last is not None and last < first:
-            return None
+            return False, None
     if now < start:
         # The first occurrence is the start truncated to the second: it runs then.
-        return _AT_START_FIXED
+        return False, _AT_START
     at = now_s if last is None or now_s <= last else last
     latest = at - (at - first) % period
     if now_s < latest + duration:
         if duration < period:
-            return -(latest + duration) - 1
+            return True, latest + duration
         if last is None:
-            return _RUNS_FOR_EVER
-        return -(last - (last - first) % period + duration) - 1
+            return True, None
+        return True, last - (last - first) % period + duration
     found = now_s + 1 + (first - now_s - 1) % period
     if last is not None and found > last:
-        return None
-    return found
+        return False, None
+    return False, found
 
 
 def running_at(
@@ -1164,20 +1160,15 @@ def running_at(
         ):
             unit = _FIXED_BY_NAME.get(rule.frequency)
             if unit is not None:
-                found = _fixed_change(rule, unit, start, duration, now=now, now_s=now_s)
+                runs, found = _fixed_change(rule, unit, start, duration, now=now, now_s=now_s)
+                if runs:
+                    running.append(dispatch)
                 if found is None:
                     continue
-                if found < 0:
-                    # Running: the change is encoded as -(end + 1).
-                    running.append(dispatch)
-                    if found == _RUNS_FOR_EVER:
-                        continue
-                    found = -found - 1
-                elif found == _AT_START_FIXED:
+                if found == _AT_START:
                     if change is None or start < change:
                         change = start
-                    continue
-                if change_s is None or found < change_s:
+                elif change_s is None or found < change_s:
                     change_s = found
                 continue
         compiled = _rule_of(dispatch)
