@@ -707,6 +707,11 @@ def instructions(
             sub += ["-P", reader_password]
     sub += ["-t", layout.everything, "-v"]
     kept = "removes" if temporary else "keeps"
+    who = (
+        f"read-only user {reader_name!r}"
+        if broker.reader != broker.writer
+        else f"the --broker user {reader_name!r}"
+    )
     lines = [
         f"dispatch-bridge demo is running. Ctrl-C stops everything and {kept} {directory}",
         "",
@@ -723,7 +728,7 @@ def instructions(
         lines += [f"  #{i:<3} {s.type:<15} {s.what}" for i, s in samples]
     lines += [
         "",
-        f"Watch the retained topics (read-only user {reader_name!r}):",
+        f"Watch the retained topics ({who}):",
         "  " + " ".join(q(word) for word in sub),
         "",
         "Live view for field engineers:",
