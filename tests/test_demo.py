@@ -28,6 +28,7 @@ import pytest
 from actor_sdk import wire
 from bridge.demo import adapt_mosquitto_config, find_mosquitto
 from tests.fixtures.api_server import dispatch_bridge_command
+from tests.fixtures.broker import Broker
 from tests.fixtures.processes import ManagedProcess, ProcessFactory, port_accepts, wait_until
 
 SAMPLE_TYPES = {"CHARGE_BATTERY", "HEARTBEAT", "LIMIT_PV", "PEAK_SHAVING"}
@@ -272,3 +273,31 @@ def test_sigint_while_starting_stops_what_started_and_cleans_up(
         ["pgrep", "-f", str(temp)], capture_output=True, text=True, check=False
     ).stdout.split()
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_demo_with_an_existing_broker_starts_none_and_publishes_there(
+    mqtt_broker: Broker, process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub is not installed (Debian: apt-get install mosquitto-clients)")
+    demo = process_factory(
+        [*dispatch_bridge_command(), "demo", "--broker", mqtt_broker.url("bridge")],
+        name="demo-external",
+        extra_env={"TMPDIR": str(tmp_path)},
+    )
+    demo.wait_for_output(r"dispatch-bridge demo is running", timeout=60)
+    output = demo.output()
+    assert "given by --broker" in output
+
+    sub = shlex.split(printed_line(output, "mosquitto_sub "))
+    assert str(mqtt_broker.port) in sub
+    topics = read_retained(sub, lambda t: len(dispatch_topics(t)) == 5)
+    assert {d.type for d in dispatch_topics(topics).values()} == SAMPLE_TYPES
+
+    demo.signal(signal.SIGINT)
+    assert demo.wait(60) == 0, demo.tail()
+    # The broker is not the demo's: it still runs, with the bridge's will/offline status.
+    assert mqtt_broker.running
+    status = read_retained(sub, lambda t: LAYOUT.status in t)[LAYOUT.status]
+    assert wire.decode_status(status).state == "offline"
