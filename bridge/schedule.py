@@ -234,6 +234,7 @@ def _max_gap_cached(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int)
 
 _MINUS_INFINITY = -(1 << 62)
 _PLUS_INFINITY = 1 << 62
+_UNKNOWN = -1
 _NO_WINDOW: tuple[int, int, int | None, int | None] = (0, 0, None, None)
 
 
@@ -305,6 +306,7 @@ class _Rule:
 
     __slots__ = (
         "_chain_memo",
+        "_widest",
         "_window",
         "anchor",
         "daylist",
@@ -347,6 +349,7 @@ class _Rule:
         self.anchor = 0
         self._window = _NO_WINDOW
         self._chain_memo = (0, 0, 0)
+        self._widest: int | None = _UNKNOWN
 
     # -- days --
 
@@ -553,24 +556,45 @@ class _Rule:
         return None
 
     def widest_gap(self) -> int | None:
-        """Return the widest gap between occurrences if every day has the same ones.
+        """Return the widest gap between consecutive occurrences, if the pattern is short.
 
-        `None` when days differ (day filters, or a phase that moves from day
-        to day), and the caller must walk.
+        Rules without month or month-day filters repeat every few days (a
+        week, the interval, or both); the gap is measured over one cycle,
+        once. `None` when the pattern is longer (month lengths, month
+        filters), and the caller must walk.
         """
-        if self.months is not None or self.daylist:
+        if self._widest != _UNKNOWN:
+            return self._widest
+        self._widest = widest = self._measure_widest_gap()
+        return widest
+
+    def _measure_widest_gap(self) -> int | None:
+        if self.months is not None or self.positive or self.negative:
             return None
-        offsets = self.offsets
-        spread = offsets[-1] - offsets[0]
-        if self.frequency == _DAILY:
-            return max(_max_gap((0,), offsets, _DAY), self.interval * _DAY - spread)
-        if self.frequency >= _WEEKLY or self.per_day % self.interval:
+        frequency, interval = self.frequency, self.interval
+        if frequency == _DAILY:
+            cycle = interval * 7 // gcd(interval, 7) if self.weekdays else interval
+        elif frequency == _WEEKLY:
+            cycle = 7 * interval
+        elif frequency <= _HOURLY and self.per_day % interval == 0:
+            cycle = 7 if self.weekdays else 1
+        else:
             return None
-        slots = self.slots(self.first_day)
-        if not slots:
+        if cycle > 400:
             return None
-        across = (slots[0] + self.per_day - slots[-1]) * self.unit - spread
-        return max(_max_gap(slots, offsets, self.unit), across)
+        instants: list[int] = []
+        weekdays, unit, offsets = self.weekdays, self.unit, self.offsets
+        for day in range(self.first_day, self.first_day + cycle):
+            if weekdays and (day + 3) % 7 not in weekdays:
+                continue
+            base = day * _DAY
+            instants.extend(
+                base + slot * unit + offset for slot in self.slots(day) for offset in offsets
+            )
+        if not instants:
+            return None
+        wrap = instants[0] + cycle * _DAY - instants[-1]
+        return max(wrap, max((b - a for a, b in pairwise(instants)), default=0))
 
     def chain_in_day(self, latest: int, duration: int) -> int:
         """Return the last occurrence of the day of `latest` reached by back-to-back runs.
