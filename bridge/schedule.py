@@ -296,6 +296,130 @@ def _fixed(rule: wire.Recurrence, start: datetime, unit: int) -> _Fixed | None:
     return _Fixed(first, period, last, empty)
 
 
+class _Monthly:
+    """A MONTHLY or YEARLY rule without `by...` lists: the start's day every `step` months.
+
+    A month lacking that day (a 31st, February 29) has no occurrence. Same
+    interface as `_Rule`, by direct month arithmetic.
+    """
+
+    __slots__ = ("day", "empty", "first", "last", "month0", "step", "time_of_day")
+
+    def __init__(self, first: int, step: int) -> None:
+        start = date.fromordinal(first // _DAY + _EPOCH_ORDINAL)
+        self.first = first
+        self.step = step
+        self.day = start.day
+        self.month0 = start.year * 12 + start.month - 1
+        self.time_of_day = first % _DAY
+        self.last: int | None = None
+        self.empty = False
+
+    def _occurrence(self, index: int) -> int | None:
+        """Return the occurrence in the `index`-th selected month, if that month has the day."""
+        year, month = divmod(self.month0 + index * self.step, 12)
+        if year > _MAX_YEAR:
+            return None
+        month_start, length = _month_info(year, month + 1)
+        if self.day > length:
+            return None
+        return (month_start + self.day - 1) * _DAY + self.time_of_day
+
+    def _index(self, at: int) -> int:
+        """Return the index of the selected month at or before the month of `at`."""
+        day = date.fromordinal(at // _DAY + _EPOCH_ORDINAL)
+        return (day.year * 12 + day.month - 1 - self.month0) // self.step
+
+    def prev(self, at: int) -> int | None:
+        """Return the last occurrence at or before `at`."""
+        if self.empty:
+            return None
+        if self.last is not None and at > self.last:
+            at = self.last
+        if at < self.first:
+            return None
+        index = self._index(at)
+        for _ in range(_MONTH_CYCLE):
+            if index < 0:
+                return None
+            found = self._occurrence(index)
+            if found is not None and found <= at:
+                return found
+            index -= 1
+        return None
+
+    def next(self, at: int) -> int | None:
+        """Return the first occurrence at or after `at`."""
+        if self.empty:
+            return None
+        index = self._index(max(at, self.first))
+        found: int | None = None
+        for _ in range(_MONTH_CYCLE):
+            found = self._occurrence(index)
+            if found is not None and found >= at:
+                break
+            if self.month0 + index * self.step > _MAX_YEAR * 12:
+                return None
+            index += 1
+        else:
+            return None
+        if found is None or (self.last is not None and found > self.last):
+            return None
+        return found
+
+    def nth(self, count: int) -> int | None:
+        """Return the `count`-th occurrence (1-based)."""
+        if self.day <= 28:
+            return self._occurrence(count - 1)
+        index = 0
+        while self.month0 + index * self.step <= _MAX_YEAR * 12 + 11:
+            found = self._occurrence(index)
+            if found is not None:
+                count -= 1
+                if count == 0:
+                    return found
+            index += 1
+        return None
+
+    def chain_end(self, latest: int, duration: int) -> int | None:
+        """Return when the run from occurrence `latest` ends, merged runs included."""
+        if self.day <= 28 and duration >= 31 * _DAY * self.step:
+            # No gap is longer than `step` months of 31 days: the runs never stop.
+            if self.last is None:
+                return None
+            return self.prev(self.last) + duration  # type: ignore[operator]
+        end = latest + duration
+        for _ in range(CHAIN_LIMIT):
+            found = self.next(latest + 1)
+            if found is None or found > end:
+                return end
+            latest, end = found, found + duration
+        return end
+
+
+_MONTH_CYCLE = 4800 + 12
+"""Months in the Gregorian 400-year cycle: every month pattern repeats within it."""
+
+
+def _monthly(rule: wire.Recurrence, start: datetime) -> _Monthly:
+    """Compile a MONTHLY or YEARLY rule without `by...` lists (interval at least 1)."""
+    first, _ = _seconds(start)
+    step = rule.interval * (12 if rule.frequency == "YEARLY" else 1)
+    compiled = _Monthly(first, step)
+    end = rule.end
+    if end is not None:
+        last: int | None = None
+        if end.until is not None:
+            last, _ = _seconds(end.until)
+        if end.count is not None:
+            by_count = compiled.nth(end.count) if end.count > 0 else first - 1
+            if by_count is not None:
+                last = by_count if last is None else min(last, by_count)
+        compiled.last = last
+        compiled.empty = last is not None and compiled.prev(last) is None
+    return compiled
+
+
 class _Rule:
     """A valid recurrence compiled for one start instant.
 
@@ -864,7 +988,7 @@ def _ever_passes(rule: _Rule) -> bool:
 _FIXED_BY_NAME = {"MINUTELY": 60, "HOURLY": 3600, "DAILY": _DAY, "WEEKLY": 7 * _DAY}
 
 
-def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Rule | None:
+def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Monthly | _Rule | None:
     """Compile the recurrence of a recurring dispatch; `None` if invalid."""
     rule = dispatch.recurrence
     assert rule is not None
@@ -873,7 +997,12 @@ def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Rule | None:
         if unit is not None:
             # About a microsecond: caching would only cost memory.
             return _fixed(rule, dispatch.start_time, unit)
+        if rule.frequency in _MONTHS and rule.interval >= 1:
+            return _monthly(rule, dispatch.start_time)
     return _compile_cached(rule, dispatch.start_time)
+
+
+_MONTHS = frozenset({"MONTHLY", "YEARLY"})
 
 
 def _is_one_off(dispatch: wire.Dispatch) -> bool:
@@ -904,8 +1033,10 @@ def validate(dispatch: wire.Dispatch) -> None:
         raise InvalidRecurrence(f"dispatch {dispatch.id}: {problem}")
 
 
-def _chain_end(rule: _Fixed | _Rule, latest: int, duration: int) -> int | None:
+def _chain_end(rule: _Fixed | _Monthly | _Rule, latest: int, duration: int) -> int | None:
     """Return when the run starting at occurrence `latest` ends, merged runs included."""
+    if isinstance(rule, _Monthly):
+        return rule.chain_end(latest, duration)
     if isinstance(rule, _Fixed):
         if duration < rule.period:
             return latest + duration
@@ -936,7 +1067,7 @@ _AT_START = -(1 << 61)
 
 
 def _recurring_core(
-    rule: _Fixed | _Rule,
+    rule: _Fixed | _Monthly | _Rule,
     start: datetime,
     duration: int,
     now: datetime,
@@ -968,7 +1099,11 @@ def _recurring_core(
 
 
 def _recurring_state(
-    dispatch: wire.Dispatch, rule: _Fixed | _Rule | None, now: datetime, now_s: int, now_us: int
+    dispatch: wire.Dispatch,
+    rule: _Fixed | _Monthly | _Rule | None,
+    now: datetime,
+    now_s: int,
+    now_us: int,
 ) -> RunState:
     duration = dispatch.duration
     assert duration is not None
