@@ -65,7 +65,7 @@ __all__ = ["Backoff", "BrokerError", "BrokerSettings", "Publisher", "parse_broke
 
 _logger = logging.getLogger("bridge.publisher")
 
-RetainedValue = bytes | wire.RunningSnapshot | wire.BridgeStatus
+RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | wire.BridgeStatus
 _Key = str | int
 """A pending item: a retained topic (str) or an event number (int)."""
 
@@ -298,8 +298,8 @@ class Publisher:
 
         Args:
             topic: The topic.
-            payload: Its payload; a running snapshot or status gets the
-                session and sequence number when sent.
+            payload: Its payload; a struct is encoded when sent, a running
+                snapshot or status gets the session and sequence number then.
         """
         self._held[topic] = payload
         self._mark(topic)
@@ -651,6 +651,8 @@ class Publisher:
     def _materialize(self, value: RetainedValue) -> bytes:
         if isinstance(value, bytes):
             return value
+        if isinstance(value, wire.Dispatch):
+            return wire.encode(value)
         if isinstance(value, wire.RunningSnapshot):
             self._seq += 1
             return wire.encode(msgspec.structs.replace(value, session=self._session, seq=self._seq))

@@ -61,7 +61,7 @@ __all__ = [
 _logger = logging.getLogger("bridge.service")
 
 EventKind = Literal["created", "updated", "deleted"]
-RetainedValue = bytes | wire.RunningSnapshot
+RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot
 
 
 def strip_state(dispatch: wire.Dispatch) -> wire.Dispatch:
@@ -94,7 +94,8 @@ class Outbox:
 
     `retained` maps a topic to its new payload, or to None to clear it; the
     order is the order of the decisions (dispatch topics before the running
-    snapshots they feed).
+    snapshots they feed). Structs are encoded by whoever sends them (the
+    publisher holds the same immutable struct as the core, not a copy).
     """
 
     retained: dict[str, RetainedValue | None] = field(default_factory=dict)
@@ -315,9 +316,7 @@ class ScheduleCore:
                     heapq.heappush(heap, (new.changes_at, dispatch_id))
                 updated = _with_state(held, new)
                 self._dispatches[dispatch_id] = updated
-                out.retained[self._dispatch_topic(dispatch_type, dispatch_id)] = wire.encode(
-                    updated
-                )
+                out.retained[self._dispatch_topic(dispatch_type, dispatch_id)] = updated
                 self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
         return out
@@ -333,7 +332,7 @@ class ScheduleCore:
         """
         out = Outbox()
         for dispatch_id, held in self._dispatches.items():
-            out.retained[self._dispatch_topic(held.type, dispatch_id)] = wire.encode(held)
+            out.retained[self._dispatch_topic(held.type, dispatch_id)] = held
         for dispatch_type in self._running:
             self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
@@ -363,7 +362,7 @@ class ScheduleCore:
             )
         topic = self._dispatch_topic(dispatch_type, dispatch.id)
         out.retained.pop(topic, None)
-        out.retained[topic] = wire.encode(put)
+        out.retained[topic] = put
         self._dirty_types[dispatch_type] = None
         out.changed = True
         return put

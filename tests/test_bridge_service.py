@@ -63,8 +63,8 @@ def snapshot(out: Outbox, kind: str) -> wire.RunningSnapshot:
 
 def published(out: Outbox, kind: str, dispatch_id: int) -> wire.Dispatch | None:
     value = out.retained[LAYOUT.dispatch(kind, dispatch_id)]
-    assert value is None or isinstance(value, bytes)
-    return None if value is None else wire.decode_dispatch(value)
+    assert value is None or isinstance(value, wire.Dispatch)
+    return value
 
 
 def events(out: Outbox) -> list[tuple[str, int]]:
