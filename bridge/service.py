@@ -105,9 +105,13 @@ class Outbox:
     """Whether the set of dispatches changed (the cache must be saved)."""
     counts: dict[str, int] = field(default_factory=dict)
     """How many lifecycle events of each kind were decided."""
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """Dispatches that cannot be published (id, why), e.g. an empty type."""
 
     def __bool__(self) -> bool:
-        return bool(self.retained or self.events or self.transitions or self.changed)
+        return bool(
+            self.retained or self.events or self.transitions or self.changed or self.rejected
+        )
 
 
 class ScheduleCore:
@@ -229,7 +233,7 @@ class ScheduleCore:
             What to publish.
         """
         out = Outbox()
-        incoming = {d.id: d for d in dispatches}
+        incoming = {d.id: d for d in dispatches if self._acceptable(d, out)}
         for dispatch_id in [i for i in self._dispatches if i not in incoming]:
             old = self._remove(dispatch_id, out)
             if events:
@@ -270,6 +274,8 @@ class ScheduleCore:
             self._remove(dispatch.id, out)
             self._event(out, "deleted", _stopped(dispatch), now)
         else:
+            if not self._acceptable(dispatch, out):
+                return out
             if held is not None and only_newer and dispatch.update_time <= held.update_time:
                 return out
             if held is not None and _same(held, dispatch):
@@ -391,6 +397,14 @@ class ScheduleCore:
                 return when
             heapq.heappop(heap)
         return None
+
+    def _acceptable(self, dispatch: wire.Dispatch, out: Outbox) -> bool:
+        try:
+            self._level(dispatch.type)
+        except wire.WireError as error:
+            out.rejected.append((dispatch.id, str(error)))
+            return False
+        return True
 
     def _level(self, dispatch_type: str) -> str:
         level = self._levels.get(dispatch_type)
@@ -604,7 +618,16 @@ class MicrogridService:
         """
         self.steps += 1
         while self._inbox:
-            self._handle(self._inbox.popleft(), now)
+            item = self._inbox.popleft()
+            try:
+                self._handle(item, now)
+            except Exception:  # one bad item must not stop the schedule of all others
+                _logger.exception(
+                    "microgrid %d: cannot apply %s from the Dispatch API: skipped it; "
+                    "the next sync tries again",
+                    self.core.microgrid_id,
+                    type(item).__name__,
+                )
         self._deliver(self.core.advance(now))
 
     def _handle(self, item: UpstreamItem, now: datetime) -> None:
@@ -657,6 +680,13 @@ class MicrogridService:
                     self._publish_status()
 
     def _deliver(self, out: Outbox) -> None:
+        for dispatch_id, reason in out.rejected:
+            _logger.error(
+                "microgrid %d: dispatch %d cannot be published (%s): ignored",
+                self.core.microgrid_id,
+                dispatch_id,
+                reason,
+            )
         for transition in out.transitions:
             if transition.started:
                 _logger.info(

@@ -346,3 +346,12 @@ async def test_service_wakes_for_an_upstream_item_while_sleeping() -> None:
         )
     finally:
         task.cancel()
+
+
+def test_a_dispatch_whose_type_cannot_be_a_topic_level_is_rejected_not_fatal() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    out = core.sync([dispatch(1, kind=""), dispatch(2)], T0, events=True)
+    assert out.rejected == [(1, "dispatch type must not be empty")]
+    assert core.get(1) is None and core.get(2) is not None
+    out = core.apply("created", dispatch(3, kind="\ud800"), T0)
+    assert [i for i, _ in out.rejected] == [3] and core.get(3) is None
