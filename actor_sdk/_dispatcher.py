@@ -480,7 +480,7 @@ class Dispatcher:
                     await self._publish_lifecycle(events)
                 case wire.TopicKind.EVENTS:
                     pass
-        except wire.WireError as error:
+        except (ValueError, OverflowError) as error:  # WireError is a ValueError
             _logger.warning("ignoring the message on topic %s: %s", topic, error)
 
     def _check_skew(self, bridge_time: datetime) -> None:
