@@ -24,6 +24,7 @@ from actor_sdk import (
     MergeByType,
     MergeByTypeTarget,
     Updated,
+    manage,
     wire,
 )
 from tests.fixtures.broker import Broker
@@ -452,3 +453,65 @@ async def test_actor_dispatcher_on_a_running_state_receiver(
             await scripted_bridge.running(T, [])
             await log.wait_count("stop", 1)
         assert [r.kind for r in log.records] == ["start", "update", "stop"]
+
+
+async def test_without_any_retained_status_initialization_ends_and_nothing_starts(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])  # no status was ever published
+    started = time.monotonic()
+    async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=0.5)) as dispatcher:
+        assert time.monotonic() - started >= 0.5
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        assert not dispatcher.is_live and log.records == []
+        await scripted_bridge.status("online")
+        await log.wait_count("start", 1)
+
+
+async def test_stop_managing_stops_the_actors_of_that_type_only(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log_a, log_b = ActorLog(), ActorLog()
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])
+    await scripted_bridge.running("OTHER", [wire_dispatch(2, "OTHER")])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=log_a.factory)
+        await dispatcher.start_managing("OTHER", actor_factory=log_b.factory)
+        await dispatcher.start_managing(T, actor_factory=log_b.factory)  # ignored: managed
+        await log_a.wait_count("start", 1)
+        await log_b.wait_count("start", 1)
+        assert dispatcher.is_managed(T)
+        await dispatcher.stop_managing(T)
+        assert not dispatcher.is_managed(T)
+        stop = await log_a.wait_count("stop", 1)
+        assert stop.msg == "Stopped managing this dispatch type"
+        assert log_b.of("stop") == []
+    assert log_b.of("stop")[0].msg == "Dispatcher stopped"
+
+
+async def test_manage_runs_until_cancelled_and_then_stops_its_actors(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"k": "v"})])
+    task = asyncio.create_task(
+        manage(
+            broker=scripted_bridge.broker.url("actor"),
+            microgrid_id=scripted_bridge.microgrid_id,
+            dispatch_type=T,
+            actor_factory=log.factory,
+            merge_strategy=MergeByType(),
+            retry_interval=timedelta(seconds=10),
+        )
+    )
+    try:
+        start = await log.wait_count("start", 1)
+        assert start.info is not None and start.info.options == {"k": "v"}
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert log.of("stop")[0].msg == "Dispatcher stopped"

@@ -226,3 +226,15 @@ def test_identities_are_stable_and_equal_for_equal_groups() -> None:
         dispatch(2, ids=(2, 1))
     )
     assert by_target.identity(dispatch(1, ids=(1,))) != by_target.identity(dispatch(2, ids=(2,)))
+
+
+async def test_primed_receiver_hands_out_its_initial_messages_first() -> None:
+    from frequenz.channels import BroadcastChannel  # noqa: PLC0415
+
+    from actor_sdk._receivers import PrimedReceiver  # noqa: PLC0415
+
+    sender, inner = BroadcastChannel[int](name="t")
+    receiver = PrimedReceiver([1, 2], inner)
+    await sender.send(3)
+    await sender.aclose()
+    assert [message async for message in receiver] == [1, 2, 3]
