@@ -296,7 +296,60 @@ def _fixed(rule: wire.Recurrence, start: datetime, unit: int) -> _Fixed | None:
     return _Fixed(first, period, last, empty)
 
 
-class _Monthly:
+class _Remembering:
+    """What `_Rule` and `_Monthly` share: answers remembered between calls.
+
+    Every instant between two consecutive occurrences has the same answer,
+    so the bridge's next step usually costs nothing. Each memo is one tuple,
+    replaced whole.
+    """
+
+    __slots__ = ("_chain_memo", "_window")
+
+    def __init__(self) -> None:
+        self._window = _NO_WINDOW
+        self._chain_memo = (0, 0, 0)
+
+    def prev(self, at: int) -> int | None:
+        """Return the last occurrence at or before `at`."""
+        raise NotImplementedError
+
+    def next(self, at: int) -> int | None:
+        """Return the first occurrence at or after `at`."""
+        raise NotImplementedError
+
+    def around(self, at: int) -> tuple[int | None, int | None]:
+        """Return the last occurrence at or before `at` and the first one after it.
+
+        Remembers the answer: every instant between those two occurrences has
+        the same answer, so the next call (the bridge's next step) usually
+        costs nothing.
+        """
+        low, high, before, after = self._window
+        if low <= at < high:
+            return before, after
+        before = self.prev(at)
+        after = self.next(at + 1)
+        self._window = (
+            _MINUS_INFINITY if before is None else before,
+            _PLUS_INFINITY if after is None else after,
+            before,
+            after,
+        )
+        return before, after
+
+    def chain_end(self, latest: int, duration: int) -> int | None:
+        """Return `_chain_end` for this rule, remembering the last answer."""
+        memo_latest, memo_duration, memo_end = self._chain_memo
+        if memo_latest == latest and memo_duration == duration and latest:
+            return memo_end if memo_end >= 0 else None
+        assert isinstance(self, _Monthly | _Rule)
+        end = _chain_end(self, latest, duration)
+        self._chain_memo = (latest, duration, -1 if end is None else end)
+        return end
+
+
+class _Monthly(_Remembering):
     """A MONTHLY or YEARLY rule without `by...` lists: the start's day every `step` months.
 
     A month lacking that day (a 31st, February 29) has no occurrence. Same
@@ -306,6 +359,7 @@ class _Monthly:
     __slots__ = ("day", "empty", "first", "last", "month0", "step", "time_of_day")
 
     def __init__(self, first: int, step: int) -> None:
+        super().__init__()
         start = date.fromordinal(first // _DAY + _EPOCH_ORDINAL)
         self.first = first
         self.step = step
@@ -381,7 +435,7 @@ class _Monthly:
             index += 1
         return None
 
-    def chain_end(self, latest: int, duration: int) -> int | None:
+    def walk_chain(self, latest: int, duration: int) -> int | None:
         """Return when the run from occurrence `latest` ends, merged runs included."""
         if self.day <= 28 and duration >= 31 * _DAY * self.step:
             # No gap is longer than `step` months of 31 days: the runs never stop.
@@ -420,7 +474,7 @@ def _monthly(rule: wire.Recurrence, start: datetime) -> _Monthly:
     return compiled
 
 
-class _Rule:
+class _Rule(_Remembering):
     """A valid recurrence compiled for one start instant.
 
     Instants are whole seconds since the epoch. `first` is the rule's dtstart
@@ -429,9 +483,7 @@ class _Rule:
     """
 
     __slots__ = (
-        "_chain_memo",
         "_widest",
-        "_window",
         "anchor",
         "daylist",
         "empty",
@@ -453,6 +505,7 @@ class _Rule:
     )
 
     def __init__(self, frequency: int, interval: int, first: int) -> None:
+        super().__init__()
         self.frequency = frequency
         self.interval = interval
         self.first = first
@@ -471,8 +524,6 @@ class _Rule:
         self.unit = _DAY
         self.offsets: tuple[int, ...] = ()
         self.anchor = 0
-        self._window = _NO_WINDOW
-        self._chain_memo = (0, 0, 0)
         self._widest: int | None = _UNKNOWN
 
     # -- days --
@@ -746,35 +797,6 @@ class _Rule:
                 current = instant
         return current
 
-    def around(self, at: int) -> tuple[int | None, int | None]:
-        """Return the last occurrence at or before `at` and the first one after it.
-
-        Remembers the answer: every instant between those two occurrences has
-        the same answer, so the next call (the bridge's next step) usually
-        costs nothing.
-        """
-        low, high, before, after = self._window
-        if low <= at < high:
-            return before, after
-        before = self.prev(at)
-        after = self.next(at + 1)
-        self._window = (
-            _MINUS_INFINITY if before is None else before,
-            _PLUS_INFINITY if after is None else after,
-            before,
-            after,
-        )
-        return before, after
-
-    def chain_end(self, latest: int, duration: int) -> int | None:
-        """Return `_chain_end` for this rule, remembering the last answer."""
-        memo_latest, memo_duration, memo_end = self._chain_memo
-        if memo_latest == latest and memo_duration == duration and latest:
-            return memo_end if memo_end >= 0 else None
-        end = _chain_end(self, latest, duration)
-        self._chain_memo = (latest, duration, -1 if end is None else end)
-        return end
-
     def prev(self, at: int) -> int | None:
         """Return the last occurrence at or before `at`."""
         if self.empty:
@@ -998,11 +1020,12 @@ def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Monthly | _Rule | None:
             # About a microsecond: caching would only cost memory.
             return _fixed(rule, dispatch.start_time, unit)
         if rule.frequency in _MONTHS and rule.interval >= 1:
-            return _monthly(rule, dispatch.start_time)
+            return _monthly_cached(rule, dispatch.start_time)
     return _compile_cached(rule, dispatch.start_time)
 
 
 _MONTHS = frozenset({"MONTHLY", "YEARLY"})
+_monthly_cached = lru_cache(maxsize=16384)(_monthly)
 
 
 def _is_one_off(dispatch: wire.Dispatch) -> bool:
@@ -1036,7 +1059,7 @@ def validate(dispatch: wire.Dispatch) -> None:
 def _chain_end(rule: _Fixed | _Monthly | _Rule, latest: int, duration: int) -> int | None:
     """Return when the run starting at occurrence `latest` ends, merged runs included."""
     if isinstance(rule, _Monthly):
-        return rule.chain_end(latest, duration)
+        return rule.walk_chain(latest, duration)
     if isinstance(rule, _Fixed):
         if duration < rule.period:
             return latest + duration
@@ -1080,7 +1103,7 @@ def _recurring_core(
         in whole seconds (`None`: never; `_AT_START`: at `start`).
     """
     if now >= start:
-        if isinstance(rule, _Rule):
+        if isinstance(rule, _Remembering):
             latest, after = rule.around(now_s)
             if latest is not None and now_s < latest + duration:
                 return latest, rule.chain_end(latest, duration)
@@ -1109,7 +1132,7 @@ def _recurring_state(
     assert duration is not None
     if rule is None:
         return _state(False, None, None, None)
-    if isinstance(rule, _Rule):
+    if isinstance(rule, _Remembering):
         latest, after = rule.around(now_s)
         next_found = latest if latest == now_s and not now_us else after
     else:
