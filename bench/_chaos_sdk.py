@@ -124,6 +124,7 @@ async def _main(args: argparse.Namespace) -> int:
                 merge_strategy=_strategy(args.merge),
                 retry_interval=timedelta(seconds=1),
                 keepalive=args.keepalive,
+                max_reconnect_delay=timedelta(seconds=args.max_reconnect_delay),
             ),
             name=f"manage-{dispatch_type}",
         )
@@ -157,6 +158,9 @@ def main() -> int:
     parser.add_argument("--record", required=True, help="JSON-lines file to append to")
     parser.add_argument("--host", default=f"sdk-{os.getpid()}", help="name in the records")
     parser.add_argument("--keepalive", type=int, default=5, help="MQTT keepalive, seconds")
+    parser.add_argument(
+        "--max-reconnect-delay", type=float, default=30.0, help="reconnect backoff cap, s"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
     logging.basicConfig(
