@@ -22,9 +22,12 @@ from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import Action, ActorPlanner, StartActor, StopActor, UpdateActor
 
-__all__ = ["ActorSet"]
+__all__ = ["STOP_TIMEOUT_S", "ActorSet"]
 
 _logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""How long an actor's `stop()` may take before the SDK moves on without it."""
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ActorSet:
         self._planner = ActorPlanner(identity)
         self._actors: dict[Hashable, _RunningActor] = {}
         self._retry_due: dict[Hashable, datetime] = {}
+        self._stragglers: set[asyncio.Future[None]] = set()
 
     @property
     def next_retry(self) -> datetime | None:
@@ -177,8 +181,22 @@ class ActorSet:
             int(running.dispatch.id),
             reason,
         )
+        # Shielded, and waited for a bounded time: one actor that never finishes
+        # stopping must not hold up the starts and stops of all the others.
         try:
-            await running.actor.stop(reason)
+            stopping = asyncio.ensure_future(running.actor.stop(reason))
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await asyncio.shield(stopping)
+            except TimeoutError:
+                _logger.error(
+                    "the actor of type %r did not stop within %g s; moving on (it may "
+                    "still be stopping)",
+                    self.name,
+                    STOP_TIMEOUT_S,
+                )
+                self._stragglers.add(stopping)
+                stopping.add_done_callback(self._stragglers.discard)
         except Exception:
             _logger.exception("stopping the actor of type %r failed", self.name)
         finally:

@@ -21,6 +21,7 @@ from actor_sdk import (
     Deleted,
     Dispatcher,
     DispatchEvent,
+    DispatchInfo,
     MergeByType,
     MergeByTypeTarget,
     Updated,
@@ -30,6 +31,7 @@ from actor_sdk import (
 from tests.fixtures.broker import Broker
 from tests.fixtures.sdk import (
     ActorLog,
+    Record,
     ScriptedBridge,
     TcpProxy,
     new_microgrid_id,
@@ -515,3 +517,32 @@ async def test_manage_runs_until_cancelled_and_then_stops_its_actors(
         task.cancel()
         await asyncio.wait({task})
     assert log.of("stop")[0].msg == "Dispatcher stopped"
+
+
+async def test_an_actor_that_never_stops_does_not_hold_up_the_others(
+    scripted_bridge: ScriptedBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("actor_sdk._actors.STOP_TIMEOUT_S", 0.3)
+    stuck, healthy = ActorLog(), ActorLog()
+
+    class Stuck:
+        def start(self) -> None:
+            stuck.add(Record("start", 0, time.monotonic()))
+
+        async def stop(self, msg: str) -> None:
+            await asyncio.Event().wait()
+
+    async def stuck_factory(info: DispatchInfo, updates: object) -> Stuck:
+        return Stuck()
+
+    await scripted_bridge.status("online")
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing("STUCK", actor_factory=stuck_factory)
+        await dispatcher.start_managing(T, actor_factory=healthy.factory)
+        await scripted_bridge.running("STUCK", [wire_dispatch(1, "STUCK")])
+        await scripted_bridge.running(T, [wire_dispatch(2, T)])
+        await stuck.wait_count("start", 1)
+        await healthy.wait_count("start", 1)
+        await scripted_bridge.running("STUCK", [])
+        await scripted_bridge.running(T, [])
+        await healthy.wait_count("stop", 1, within=3)
