@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
+from typing import Any, Self, SupportsInt
 
 import aiomqtt
 from frequenz.channels import BroadcastChannel, Receiver, Sender
@@ -75,7 +75,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        microgrid_id: int,
+        microgrid_id: SupportsInt,
         broker: str,
         topic_root: str = wire.DEFAULT_TOPIC_ROOT,
         username: str | None = None,
@@ -93,7 +93,8 @@ class Dispatcher:
         """Create a dispatcher; nothing connects before `start()`.
 
         Args:
-            microgrid_id: The microgrid whose dispatches to follow.
+            microgrid_id: The microgrid whose dispatches to follow (an `int`, or a
+                `MicrogridId` as `frequenz-dispatch` takes it).
             broker: `mqtt://user:pass@host:port` or `mqtts://...`; credentials may
                 also come from `username`/`password` or `MQTT_USERNAME`,
                 `MQTT_PASSWORD` / `MQTT_PASSWORD_FILE`.
@@ -114,7 +115,7 @@ class Dispatcher:
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
         """
-        self._microgrid_id = microgrid_id
+        microgrid_id = self._microgrid_id = int(microgrid_id)
         self._settings = BrokerSettings.from_url(
             broker,
             username=username,
@@ -314,7 +315,7 @@ class Dispatcher:
         """
         known = sorted(self._view.dispatches(dispatch_type).values(), key=lambda d: d.id)
         sender, receiver = BroadcastChannel[DispatchEvent](
-            name=f"lifecycle-{dispatch_type}", limit=1024
+            name=f"lifecycle-{dispatch_type}", limit=16384
         )
         self._lifecycle_senders.setdefault(dispatch_type, []).append(sender)
         return PrimedReceiver([Created(dispatch) for dispatch in known], receiver)
@@ -342,7 +343,7 @@ class Dispatcher:
         """
         async with self._lock:
             sender, receiver = BroadcastChannel[Dispatch](
-                name=f"running-state-{dispatch_type}", limit=1024
+                name=f"running-state-{dispatch_type}", limit=16384
             )
             subscription = _StateSubscription(sender, merge_strategy)
             current = self._effective.get(dispatch_type, {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, SupportsInt
 
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
@@ -16,7 +16,7 @@ __all__ = ["manage"]
 async def manage(
     *,
     broker: str,
-    microgrid_id: int,
+    microgrid_id: SupportsInt,
     dispatch_type: str,
     actor_factory: ActorFactory,
     merge_strategy: MergeStrategy | None = None,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
+from frequenz.client.common.microgrid import MicrogridId
 
 from actor_sdk import (
     ActorDispatcher,
@@ -491,6 +492,22 @@ async def test_stop_managing_stops_the_actors_of_that_type_only(
         assert stop.msg == "Stopped managing this dispatch type"
         assert log_b.of("stop") == []
     assert log_b.of("stop")[0].msg == "Dispatcher stopped"
+
+
+async def test_a_microgrid_id_as_frequenz_dispatch_takes_it(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T)])
+    dispatcher = Dispatcher(
+        microgrid_id=MicrogridId(scripted_bridge.microgrid_id),
+        broker=scripted_bridge.broker.url("actor"),
+    )
+    async with dispatcher:
+        assert dispatcher.microgrid_id == scripted_bridge.microgrid_id
+        await dispatcher.start_managing(T, actor_factory=log.factory)
+        await log.wait_count("start", 1)
 
 
 async def test_manage_runs_until_cancelled_and_then_stops_its_actors(
