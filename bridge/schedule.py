@@ -194,7 +194,7 @@ def _passing_days(
     return tuple(days)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=256)
 def _phase_slots(
     per_day: int,
     interval: int,
@@ -214,8 +214,18 @@ def _phase_slots(
         first = (phase - 60 * hour) % interval
         for minute in range(first, 60, interval):
             if minutes is None or minute in minutes:
-                slots.append(60 * hour + minute)
+                slots.append(_UNITS_OF_DAY[60 * hour + minute])
     return tuple(slots)
+
+
+_UNITS_OF_DAY = tuple(range(1440))
+"""Shared int objects, so that cached slot tuples hold only pointers."""
+
+
+@lru_cache(maxsize=1024)
+def _frozen(values: tuple[int, ...]) -> frozenset[int]:
+    """Return one shared frozenset per distinct filter (a compiled rule holds several)."""
+    return frozenset(values)
 
 
 def _max_gap(slots: tuple[int, ...], offsets: tuple[int, ...], unit: int) -> int:
@@ -939,21 +949,21 @@ def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
             monthdays = {first_time.day}
         elif frequency == _WEEKLY:
             weekdays = {first_time.weekday()}
-    compiled.months = frozenset(months) if months else None
-    compiled.weekdays = frozenset(weekdays)
-    compiled.positive = frozenset(day for day in monthdays if day > 0)
-    compiled.negative = frozenset(day for day in monthdays if day < 0)
+    compiled.months = _frozen(tuple(sorted(months))) if months else None
+    compiled.weekdays = _frozen(tuple(sorted(weekdays)))
+    compiled.positive = _frozen(tuple(sorted(day for day in monthdays if day > 0)))
+    compiled.negative = _frozen(tuple(sorted(day for day in monthdays if day < 0)))
     compiled.daylist = bool(weekdays or monthdays)
     second = first_time.second
     if frequency == _MINUTELY:
         compiled.per_day, compiled.unit = 1440, 60
-        compiled.hours = frozenset(rule.byhours) if rule.byhours else None
-        compiled.minutes = frozenset(rule.byminutes) if rule.byminutes else None
+        compiled.hours = _frozen(tuple(sorted(set(rule.byhours)))) if rule.byhours else None
+        compiled.minutes = _frozen(tuple(sorted(set(rule.byminutes)))) if rule.byminutes else None
         compiled.offsets = (second,)
         compiled.anchor = first // 60
     elif frequency == _HOURLY:
         compiled.per_day, compiled.unit = 24, 3600
-        compiled.hours = frozenset(rule.byhours) if rule.byhours else None
+        compiled.hours = _frozen(tuple(sorted(set(rule.byhours)))) if rule.byhours else None
         minutes = sorted(set(rule.byminutes)) if rule.byminutes else [first_time.minute]
         compiled.offsets = tuple(60 * minute + second for minute in minutes)
         compiled.anchor = first // 3600
