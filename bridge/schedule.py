@@ -37,17 +37,25 @@ dispatch cannot stop a whole set; `validate` raises `InvalidRecurrence` with
 the reason, for callers that want to refuse or log such rules.
 
 Cost: one-offs and rules without `by...` lists of MINUTELY to WEEKLY use
-closed-form arithmetic; other rules walk calendar months near `now` (never
-the occurrences since the start), with small bounded caches shared by rules
-of the same shape. A `count` end is turned once into the instant of the last
-occurrence, by whole days, and cached.
+closed-form arithmetic on whole seconds, with nothing cached; MONTHLY and
+YEARLY rules without lists use month arithmetic; rules with lists walk
+calendar months near `now` (never the occurrences since the start). Both
+kinds are compiled once per (rule, start) into small objects held in bounded
+LRU caches, which remember the last answer's window (consecutive calls
+usually cost nothing); month shapes, slot lists and filter sets are shared by
+rules of the same shape. A `count` end is turned once into the instant of the
+last occurrence, counting whole months where all days are alike. A day that
+never exists (February 30) is recognised at once and never occurs (`validate`
+does not flag it: the rule is well-formed, just empty).
 
-`changes_at` is exact, except for rules with `by...` lists (or MONTHLY and
-YEARLY rules) whose runs chain back to back over more than `CHAIN_LIMIT` days
-(e.g. an endless HOURLY rule limited to minute 0 with a duration of an hour):
-there it is the end of the last run examined, an instant at least
-`CHAIN_LIMIT - 1` days ahead at which the state does not change yet and from
-which the caller recomputes.
+`changes_at` is exact, except for rules with month or month-day filters (or
+MONTHLY and YEARLY rules whose gaps vary) whose runs chain back to back over
+more than `CHAIN_LIMIT` days (e.g. an endless DAILY rule limited to some
+months, with a duration of a day or more): there it is the end of the last
+run examined, an instant at least `CHAIN_LIMIT - 1` days ahead at which the
+state does not change yet and from which the caller recomputes. Not
+thread-safe beyond what the GIL gives: the remembered windows are replaced
+whole, so a race only costs a recomputation.
 """
 
 # Calendar arithmetic reads best as one flat function per question, with early
