@@ -31,3 +31,82 @@ def test_schedule_bench_quick_prints_table() -> None:
     assert expected <= cases
     assert sum(case.startswith("running_at, 20,000 varied dispatches") for case in cases) == 2
     assert "agree on the sample: yes" in result.stdout
+
+
+def run_quick(script: str, timeout: float = 100) -> dict[str, list[str]]:
+    """Run `bench/<script> --quick`; return its table rows by figure (cells after it)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert header == ["figure", "ours", "reference", "ratio", "budget"]
+    assert f"bench/{script} --quick" in result.stdout  # the command that made it
+    table: dict[str, list[str]] = {}
+    for row in rows[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        table[cells[0]] = cells[1:]
+    return table
+
+
+def measured(cell: str) -> bool:
+    return cell not in ("", "-")
+
+
+def test_latency_bench_quick_prints_both_paths() -> None:
+    table = run_quick("latency.py")
+    for step in (
+        "create → actor started",
+        "update → actor updated",
+        "set inactive → actor stopped",
+    ):
+        for stat in ("p50", "p90", "p99", "max"):
+            ours, reference, ratio, _ = table[f"{step}, {stat}"]
+            assert measured(ours) and measured(reference) and measured(ratio)
+    assert table["create → actor started, p99"][3].startswith("≤ ref + 1 ms")
+
+
+def test_lateness_bench_quick_prints_bridge_and_actor_rows() -> None:
+    table = run_quick("lateness.py")
+    assert measured(table["bridge: published (subscriber receives), p99"][0])
+    assert measured(table["bridge: computed (snapshot as_of), p99"][0])
+    for kind in ("start", "stop"):
+        for stat in ("p50", "p90", "p99", "max"):
+            ours, reference, _, _ = table[f"actor {kind}() late, {stat}"]
+            assert measured(ours) and measured(reference)
+
+
+def test_scale_bench_quick_prints_every_figure() -> None:
+    table = run_quick("scale.py", timeout=110)
+    figures = "\n".join(table)
+    for figure in (
+        "bridge start-up → every retained topic published",
+        "bridge peak RSS during start-up",
+        "bridge RSS - idle bridge RSS, per dispatch",
+        "full republish after broker restart",
+        "new raw MQTT subscriber: every retained topic",
+        "new actor SDK Dispatcher: every dispatch",
+        "`dispatch-bridge watch --once`",
+        "memory held per dispatch (tracemalloc, from the API's protobuf)",
+        "`running` over all 1,000 dispatches",
+    ):
+        assert figure in figures, figure
+    assert measured(table["memory held per dispatch (tracemalloc, from the API's protobuf)"][1])
+    assert measured(table["`running` over all 1,000 dispatches"][1])
+
+
+def test_fanout_bench_quick_prints_start_and_stop_rows() -> None:
+    table = run_quick("fanout.py")
+    for figure in (
+        "N=3: scheduled start → median actor started",
+        "N=3: scheduled start → last actor started (worst round)",
+        "N=3: scheduled stop → last actor stopped (worst round)",
+    ):
+        ours, reference, _, _ = table[figure]
+        assert measured(ours) and measured(reference)

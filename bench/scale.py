@@ -1,0 +1,501 @@
+"""Benchmark: one bridge holding 1k, 10k and 100k dispatches, against frequenz-dispatch.
+
+Run alone: `.venv/bin/python bench/scale.py` (1k, 10k and 100k; several minutes,
+most of it frequenz-dispatch's `started` over 100k), `--sizes 10000` for one size,
+or `--quick` (1k only, a few seconds).
+
+Per size, a realistic mix (`mix()`): 40 % one-offs ahead (hours to weeks), 15 %
+one-offs that ended days ago, 5 % running now, 40 % recurring (minutely started
+up to 8 hours ago, hourly up to 30 days, daily, weekly with weekdays, monthly
+with month days and yearly up to two years ago; a few with an end count or
+date); 50 types; component-id and category targets; a small payload. The API
+server's SQLite file is filled in bulk through
+`bridge.api.store.DispatchStore.create` (the servicer's own store call, with the
+end time the servicer computes) before the server starts.
+
+Figures:
+
+* bridge start-up → every retained topic published: from spawning
+  `dispatch-bridge run` (state dir empty) until a `mosquitto_sub` of the tree,
+  subscribed before, has seen every `dispatches/ID` and `running` topic;
+* peak RSS of the bridge while doing so, and (RSS - RSS of an idle bridge with no
+  dispatches) per dispatch;
+* memory held per dispatch in this process (tracemalloc), converting the API's
+  protobufs: ours into the schedule core, the reference into the dict of
+  `frequenz.dispatch.Dispatch` its scheduler keeps;
+* full republish after a broker restart (clean stop, same persistence): from the
+  broker accepting connections until a new subscriber got every topic again live;
+* CPU of the bridge per scheduled transition (minutely rules make some every
+  second), idle cost included;
+* a new subscriber sees every retained topic: a raw MQTT client; the actor SDK's
+  `Dispatcher` (until its view holds every dispatch); `dispatch-bridge watch
+  --once` (a new process, which also waits 0.5 s of silence before it prints);
+  against frequenz-dispatch's `Dispatcher` listing the same dispatches from the
+  API server (start → initialized);
+* `running` over all dispatches: ours `schedule.run_state` for each, the
+  reference `Dispatch.started` for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._harness import (
+    API_KEY,
+    API_SECRET,
+    Bridge,
+    Mosquitto,
+    Proc,
+    Stack,
+    Table,
+    async_wait_until,
+    command_line,
+    dispatch_bridge,
+    populate,
+    progress,
+    stop_reference,
+    wait_until,
+)
+
+MG = 1
+IDLE_MG = 9
+TYPES = 50
+PUBLISH_BUDGET_S = 10.0
+MEMORY_BUDGET = 1000.0
+SUBSCRIBER_BUDGET_S = 1.0
+
+
+def mix(count: int, now: datetime, seed: int = 8) -> list[Any]:
+    """`count` create requests of the realistic mix (see the module docstring)."""
+    from frequenz.client.common.microgrid import MicrogridId  # noqa: PLC0415
+    from frequenz.client.common.microgrid.electrical_components import (  # noqa: PLC0415
+        ElectricalComponentCategory,
+    )
+    from frequenz.client.dispatch._internal_types import (  # noqa: PLC0415
+        DispatchCreateRequest,
+    )
+    from frequenz.client.dispatch.recurrence import (  # noqa: PLC0415
+        EndCriteria,
+        Frequency,
+        RecurrenceRule,
+        Weekday,
+    )
+    from frequenz.client.dispatch.types import TargetCategories, TargetIds  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    base = now.replace(microsecond=0)
+    requests = []
+    for index in range(count):
+        roll = rng.random()
+        rule = None
+        duration: timedelta | None = timedelta(minutes=15)
+        if roll < 0.40:
+            start = base + timedelta(seconds=rng.randint(3600, 30 * 86400))
+        elif roll < 0.55:
+            start = base - timedelta(seconds=rng.randint(2 * 86400, 60 * 86400))
+            duration = timedelta(hours=1)
+        elif roll < 0.60:
+            start = base - timedelta(seconds=rng.randint(60, 3000))
+            duration = rng.choice([timedelta(hours=1), None])
+        else:
+            frequency = rng.choice(
+                [
+                    Frequency.MINUTELY,
+                    Frequency.HOURLY,
+                    Frequency.DAILY,
+                    Frequency.WEEKLY,
+                    Frequency.MONTHLY,
+                    Frequency.YEARLY,
+                ]
+            )
+            # Ages keep the reference's walk over past occurrences bearable
+            # (a few hundred on average; bench/schedule.py covers the extremes).
+            age = {
+                Frequency.MINUTELY: 8 * 3600,
+                Frequency.HOURLY: 30 * 86400,
+            }.get(frequency, 2 * 365 * 86400)
+            start = base - timedelta(seconds=rng.randint(3600, age))
+            rule = RecurrenceRule(frequency=frequency, interval=rng.choice([1, 1, 2, 3]))
+            duration = {
+                Frequency.MINUTELY: timedelta(seconds=10),
+                Frequency.HOURLY: timedelta(minutes=5),
+            }.get(frequency, timedelta(hours=1))
+            if frequency == Frequency.MINUTELY:
+                rule.interval = 1
+            if frequency == Frequency.WEEKLY:
+                rule.byweekdays = [Weekday.MONDAY, Weekday.THURSDAY]
+            if frequency == Frequency.MONTHLY:
+                rule.bymonthdays = [1, 15, -1]
+            if rng.random() < 0.1:
+                rule.end_criteria = EndCriteria(count=rng.randint(1, 5000))
+            elif rng.random() < 0.1:
+                rule.end_criteria = EndCriteria(until=base + timedelta(days=rng.randint(-30, 300)))
+        target: Any = (
+            TargetIds(*rng.sample(range(1, 200), rng.randint(1, 4)))
+            if rng.random() < 0.8
+            else TargetCategories(ElectricalComponentCategory.BATTERY)
+        )
+        requests.append(
+            DispatchCreateRequest(
+                microgrid_id=MicrogridId(MG),
+                type=f"SCALE_TYPE_{index % TYPES}",
+                start_time=start,
+                duration=duration,
+                target=target,
+                active=rng.random() < 0.95,
+                dry_run=False,
+                payload={"power_w": rng.randint(-10_000, 10_000), "n": index},
+                recurrence=rule,
+            )
+        )
+    return requests
+
+
+class Tap:
+    """Reads a `mosquitto_sub` log incrementally: the first time each topic arrived."""
+
+    def __init__(self, proc: Proc, live_only: bool = False) -> None:
+        self.proc = proc
+        self.live_only = live_only
+        self.first: dict[str, float] = {}
+        self._offset = 0
+
+    def poll(self) -> int:
+        """Read what arrived since the last poll; return how many distinct topics."""
+        with open(self.proc.log, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            parts = line.split(b" ", 3)
+            if len(parts) < 3 or parts[1] not in (b"0", b"1"):
+                continue
+            if self.live_only and parts[1] == b"1":
+                continue
+            topic = parts[2].decode()
+            if topic not in self.first and (topic.endswith("/running") or "/dispatches/" in topic):
+                self.first[topic] = float(parts[0])
+        return len(self.first)
+
+    def wait_all(self, expected: int, timeout: float) -> float:
+        """Wait until `expected` distinct topics arrived; return the last first-arrival."""
+        wait_until(lambda: self.poll() >= expected, timeout, f"{expected} topics at the tap")
+        return max(self.first.values())
+
+
+def _peak_rss(proc: Proc, stop: threading.Event, out: list[int]) -> None:
+    while not stop.is_set():
+        out.append(proc.rss())
+        time.sleep(0.05)
+
+
+def expected_topics(db_path: Path) -> int:
+    """Dispatch topics plus running topics (one per type) of the bench microgrid."""
+    with sqlite3.connect(db_path) as db:
+        count, types = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT type) FROM dispatches WHERE microgrid_id = ?", (MG,)
+        ).fetchone()
+    return int(count) + int(types)
+
+
+def load_protobufs(db_path: Path) -> list[bytes]:
+    """Every stored dispatch of the bench microgrid, as the API returns it."""
+    with sqlite3.connect(db_path) as db:
+        return [
+            bytes(row[0])
+            for row in db.execute("SELECT dispatch FROM dispatches WHERE microgrid_id = ?", (MG,))
+        ]
+
+
+def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, float]:
+    """Memory per dispatch held and time for `running` over all, ours or the reference."""
+    from frequenz.api.dispatch.v1 import dispatch_pb2 as pb  # noqa: PLC0415
+    from frequenz.client.dispatch.types import Dispatch as ClientDispatch  # noqa: PLC0415
+
+    from actor_sdk import wire  # noqa: PLC0415
+    from bridge import schedule  # noqa: PLC0415
+    from bridge.service import ScheduleCore  # noqa: PLC0415
+
+    def client(blob: bytes) -> ClientDispatch:
+        message = pb.Dispatch()
+        message.ParseFromString(blob)
+        return ClientDispatch.from_protobuf(message)
+
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    if reference:
+        from frequenz.dispatch import Dispatch as RefDispatch  # noqa: PLC0415
+
+        held: Any = {}
+        for blob in blobs:
+            dispatch = RefDispatch(client(blob))
+            held[dispatch.id] = dispatch
+    else:
+        held = ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG))
+        held.load([wire.from_client(client(blob)) for blob in blobs], now)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    started = time.perf_counter()
+    if reference:
+        running = sum(1 for d in held.values() if d.started_at(now))
+    else:
+        running = sum(1 for d in held.dispatches() if schedule.run_state(d, now).running)
+    elapsed = time.perf_counter() - started
+    return {"bytes": (after - before) / len(blobs), "running_s": elapsed, "running": running}
+
+
+async def new_subscribers(
+    broker: Mosquitto, api_url: str | None, expected: int
+) -> dict[str, float]:
+    """Time for new subscribers of each kind to see every retained topic."""
+    import aiomqtt  # noqa: PLC0415
+    from frequenz.client.common.microgrid import MicrogridId  # noqa: PLC0415
+    from frequenz.dispatch import Dispatcher as RefDispatcher  # noqa: PLC0415
+
+    from actor_sdk import Dispatcher, wire  # noqa: PLC0415
+
+    layout = wire.TopicLayout.for_microgrid(MG)
+    result: dict[str, float] = {}
+    seen: set[str] = set()
+    started = time.perf_counter()
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        broker.port,
+        username="actor",
+        password=broker.passwords["actor"],
+        max_queued_incoming_messages=0,
+    ) as client:
+        await client.subscribe(
+            [(f"{layout.root}/+/running", 1), (f"{layout.root}/+/dispatches/+", 1)]
+        )
+        async for message in client.messages:
+            seen.add(message.topic.value)
+            if len(seen) >= expected:
+                break
+    progress(f"raw subscriber saw {len(seen)} topics")
+    result["raw"] = time.perf_counter() - started
+
+    dispatches = expected - TYPES
+    started = time.perf_counter()
+    sdk = Dispatcher(microgrid_id=MG, broker=broker.url("actor"))
+    sdk.start()
+    await sdk.wait_for_initialization()
+    view = sdk._view
+    await async_wait_until(
+        lambda: sum(len(view.dispatches(t)) for t in view.types()) >= dispatches,
+        120,
+        "the SDK to hold every dispatch",
+    )
+    result["sdk"] = time.perf_counter() - started
+    progress("the SDK holds every dispatch")
+    await sdk.stop()
+
+    if api_url is None:
+        return result
+    started = time.perf_counter()
+    reference = RefDispatcher(
+        microgrid_id=MicrogridId(MG), server_url=api_url, auth_key=API_KEY, sign_secret=API_SECRET
+    )
+    reference.start()
+    await reference.wait_for_initialization()
+    result["reference"] = time.perf_counter() - started
+    progress("frequenz-dispatch initialized")
+    result["reference_count"] = len(reference._bg_service._dispatches)
+    await stop_reference(reference)
+    return result
+
+
+def _startup(stack: Stack, table: Table, size: int, expected: int) -> tuple[Mosquitto, Any, Bridge]:
+    """Start everything; measure the bridge's start-up, its peak RSS and RSS per dispatch."""
+    broker = stack.start_mosquitto()
+    api = stack.start_api(stack.workdir / "api.sqlite3")
+    idle = stack.start_bridge(api, broker, (IDLE_MG,), name="idle-bridge")
+    idle.wait_synced()
+    tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#"))
+    spawned = time.time()
+    bridge = stack.start_bridge(api, broker, (MG,))
+    samples: list[int] = []
+    stop_sampling = threading.Event()
+    sampler = threading.Thread(target=_peak_rss, args=(bridge.proc, stop_sampling, samples))
+    sampler.start()
+    try:
+        last = tap.wait_all(expected, 120)
+    finally:
+        stop_sampling.set()
+        sampler.join()
+    startup_s = last - spawned
+    progress(f"bridge published {expected} topics in {startup_s:.2f} s")
+    bridge.wait_synced()
+    time.sleep(0.5)
+    rss_held = bridge.proc.rss()
+    rss_idle = idle.proc.rss()
+    table.add(
+        "bridge start-up → every retained topic published",
+        startup_s,
+        None,
+        "s",
+        f"≤ {PUBLISH_BUDGET_S:.0f} s (100k)",
+    )
+    table.add("bridge peak RSS during start-up", max(samples), None, "MB")
+    table.add(
+        "bridge RSS - idle bridge RSS, per dispatch", (rss_held - rss_idle) / size, None, "KB"
+    )
+    return broker, api, bridge
+
+
+def _cpu_per_transition(table: Table, bridge: Bridge, window: float) -> None:
+    """CPU of the bridge per scheduled transition over `window` seconds, idle work included."""
+    log_before = len(bridge.proc.output())
+    cpu_before = bridge.proc.cpu_seconds()
+    time.sleep(window)
+    cpu = bridge.proc.cpu_seconds() - cpu_before
+    log = bridge.proc.output()[log_before:]
+    transitions = log.count(" started, until ") + log.count(" stopped")
+    progress(f"CPU: {cpu:.2f} s for {transitions} transitions")
+    table.add(
+        f"bridge CPU per scheduled transition ({transitions} in {window:.0f} s)",
+        cpu / transitions if transitions else None,
+        None,
+        "ms",
+    )
+
+
+def _subscribers(
+    table: Table, broker: Mosquitto, api: Any, expected: int, with_reference: bool
+) -> None:
+    """New subscribers of each kind: how long until they see every retained topic."""
+    subs = asyncio.run(new_subscribers(broker, api.url if with_reference else None, expected))
+    table.add(
+        "new raw MQTT subscriber: every retained topic",
+        subs["raw"],
+        None,
+        "s",
+        f"≤ {SUBSCRIBER_BUDGET_S:.0f} s (10k)",
+    )
+    table.add(
+        "new actor SDK Dispatcher: every dispatch (vs frequenz-dispatch initialized)",
+        subs["sdk"],
+        subs.get("reference"),
+        "s",
+    )
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            *dispatch_bridge(),
+            "watch",
+            "--once",
+            "--broker",
+            broker.url("actor"),
+            "--microgrid-id",
+            str(MG),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    progress("watch --once done")
+    table.add(
+        "`dispatch-bridge watch --once` (new process, 0.5 s quiet window)",
+        time.perf_counter() - started,
+        None,
+        "s",
+    )
+
+
+def _republish(
+    stack: Stack, table: Table, broker: Mosquitto, bridge: Bridge, expected: int
+) -> None:
+    """Restart the broker cleanly; time until every topic was published again, live."""
+    before = bridge.proc.output().count("republishing")
+    broker.stop()
+    broker.start()
+    up = time.time()
+    live_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#", "tap-2"), True)
+    bridge.proc.wait_output("republishing", 30, before + 1)
+    last = live_tap.wait_all(expected, 120)
+    table.add(
+        "full republish after broker restart (broker up → every topic again)",
+        last - up,
+        None,
+        "s",
+        f"≤ {PUBLISH_BUDGET_S:.0f} s (100k)",
+    )
+
+
+def run_size(size: int, with_reference: bool) -> Table:
+    now = datetime.now(UTC)
+    table = Table(f"Scale: {size:,} dispatches", command_line())
+    with Stack() as stack:
+        db = stack.workdir / "api.sqlite3"
+        started = time.perf_counter()
+        populate(db, MG, mix(size, now), now)
+        fill_s = time.perf_counter() - started
+        progress(f"filled {size} dispatches in {fill_s:.1f} s")
+        expected = expected_topics(db)
+        blobs = load_protobufs(db)
+        broker, api, bridge = _startup(stack, table, size, expected)
+        _cpu_per_transition(table, bridge, 3.0 if size <= 1000 else 6.0)
+        _subscribers(table, broker, api, expected, with_reference)
+        _republish(stack, table, broker, bridge, expected)
+    ours = in_process(blobs, reference=False, now=now)
+    ref = in_process(blobs, reference=True, now=now) if with_reference else None
+    table.add(
+        "memory held per dispatch (tracemalloc, from the API's protobuf)",
+        ours["bytes"],
+        ref["bytes"] if ref else None,
+        "KB",
+        "≤ 1 KB",
+    )
+    table.add(
+        f"`running` over all {size:,} dispatches",
+        ours["running_s"],
+        ref["running_s"] if ref else None,
+        "s",
+        "≤ 0.3 s (100k)",
+    )
+    if ref and ours["running"] != ref["running"]:
+        table.note(f"running counts differ: ours {ours['running']}, reference {ref['running']}")
+    table.note(
+        f"filled the API server's SQLite with {size:,} dispatches in {fill_s:.1f} s "
+        f"(bulk, through bridge.api.store.DispatchStore.create); {expected:,} retained topics"
+    )
+    if not with_reference:
+        table.note("reference figures skipped (--no-reference)")
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1k dispatches only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="sizes to run")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip frequenz-dispatch (slow at 100k)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sizes = args.sizes or ([1000] if args.quick else [1000, 10_000, 100_000])
+    for size in sizes:
+        run_size(size, not args.no_reference).print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
