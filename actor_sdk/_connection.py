@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -123,13 +124,22 @@ class BrokerSettings:
         scheme = "mqtts" if self.tls_context is not None else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
 
-    def new_client(self) -> aiomqtt.Client:
+    def new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
         """Return a fresh MQTT 3.1.1 client (aiomqtt does not reconnect: one per connection).
 
         Returns:
-            The unconnected client.
+            The unconnected client, and its queue of received messages (through
+            aiomqtt's `queue_type` option), so that a burst of retained messages can
+            be taken in one go instead of one task wake-up per message.
         """
-        return aiomqtt.Client(
+        queues: list[asyncio.Queue[aiomqtt.Message]] = []
+
+        class _Queue(asyncio.Queue[aiomqtt.Message]):
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                queues.append(self)
+
+        client = aiomqtt.Client(
             self.host,
             self.port,
             username=self.username,
@@ -141,7 +151,9 @@ class BrokerSettings:
             timeout=10,
             # Retained state of a whole microgrid arrives at once: never drop any.
             max_queued_incoming_messages=0,
+            queue_type=_Queue,
         )
+        return client, queues[0]
 
 
 def reconnect_delay(

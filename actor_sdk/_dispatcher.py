@@ -44,6 +44,8 @@ __all__ = ["Dispatcher"]
 
 _logger = logging.getLogger(__name__)
 
+_TOPIC_CACHE_SIZE = 1_000_000
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
@@ -146,6 +148,7 @@ class Dispatcher:
         self._wakeup = asyncio.Event()
         self._deadline: datetime | None = None
         self._deadlines: dict[str, datetime] = {}
+        self._topics: dict[str, wire.TopicRef] = {}
         self._initialized = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._was_live = False
@@ -381,12 +384,13 @@ class Dispatcher:
         failures = 0
         while True:
             connected = False
+            client, received = self._settings.new_client()
             try:
-                async with self._settings.new_client() as client:
+                async with client:
                     connected = True
                     failures = 0
                     _logger.info("connected to the broker at %s", where)
-                    await self._session(client)
+                    await self._session(client, received)
             except aiomqtt.MqttError as error:
                 if connected:
                     _logger.warning("lost the broker connection to %s: %s", where, error)
@@ -399,7 +403,9 @@ class Dispatcher:
             _logger.info("reconnecting to %s in %.1f s", where, delay)
             await asyncio.sleep(delay)
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(
+        self, client: aiomqtt.Client, received: asyncio.Queue[aiomqtt.Message]
+    ) -> None:
         root = self._layout.root
         self._view.begin_sync()
         # The status comes in a later SUBSCRIBE: the broker queues it behind the
@@ -429,6 +435,10 @@ class Dispatcher:
                     await self._finish_sync()
                     continue
             await self._on_message(message)
+            # Take what else has arrived without a wake-up per message (a sync brings
+            # thousands); a lost connection shows at the next `anext`.
+            while not received.empty():
+                await self._on_message(received.get_nowait())
 
     async def _timer_loop(self) -> None:
         while True:
@@ -458,7 +468,7 @@ class Dispatcher:
         raw = message.payload
         payload = raw if isinstance(raw, bytes) else (b"" if raw is None else str(raw).encode())
         try:
-            ref = self._layout.parse(topic)
+            ref = self._parse(topic)
             match ref.kind:
                 case wire.TopicKind.STATUS:
                     changed = self._view.apply_status(payload)
@@ -477,12 +487,28 @@ class Dispatcher:
                         await self._reconcile(ref.dispatch_type)
                 case wire.TopicKind.DISPATCH:
                     assert ref.dispatch_type is not None and ref.dispatch_id is not None
-                    events = self._view.apply_dispatch(ref.dispatch_type, ref.dispatch_id, payload)
+                    events = self._view.apply_dispatch(
+                        ref.dispatch_type,
+                        ref.dispatch_id,
+                        payload,
+                        events=ref.dispatch_type in self._lifecycle_senders,
+                    )
                     await self._publish_lifecycle(events)
                 case wire.TopicKind.EVENTS:
                     pass
         except (ValueError, OverflowError) as error:  # WireError is a ValueError
             _logger.warning("ignoring the message on topic %s: %s", topic, error)
+
+    def _parse(self, topic: str) -> wire.TopicRef:
+        # Parsed once per topic: decoding the type level is a good part of the work
+        # per message during a sync of many retained dispatches.
+        ref = self._topics.get(topic)
+        if ref is None:
+            ref = self._layout.parse(topic)
+            if len(self._topics) >= _TOPIC_CACHE_SIZE:
+                self._topics.clear()
+            self._topics[topic] = ref
+        return ref
 
     def _check_skew(self, bridge_time: datetime) -> None:
         line = self._skew.observe(bridge_time, self._clock())
@@ -509,7 +535,7 @@ class Dispatcher:
             )
 
     async def _finish_sync(self) -> None:
-        events = self._view.end_sync()
+        events = self._view.end_sync(lambda dispatch_type: dispatch_type in self._lifecycle_senders)
         await self._publish_lifecycle(events)
         _logger.info(
             "in sync with the retained state of microgrid %d (%s)",

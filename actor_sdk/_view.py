@@ -22,11 +22,14 @@ broker (the bridge never clears one), so the last one received stays.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+
 from actor_sdk import wire
-from actor_sdk._dispatch import Dispatch, definition, from_wire
+from actor_sdk._dispatch import Dispatch, from_wire
 from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
 
 __all__ = ["BridgeView", "is_newer"]
@@ -58,6 +61,32 @@ def is_newer(
     return session == online_session
 
 
+class _Held:
+    """One retained dispatch: the wire struct, its definition, its SDK form once needed.
+
+    Converting to the client library's types costs far more than decoding, and a
+    microgrid may hold many thousands of dispatches: it happens only when a receiver
+    or an actor needs the dispatch.
+    """
+
+    __slots__ = ("converted", "definition", "message")
+
+    def __init__(self, message: wire.Dispatch) -> None:
+        self.message = message
+        self.definition = msgspec.structs.replace(message, running=False, until=None, next_run=None)
+        self.converted: Dispatch | None = None
+
+    def dispatch(self) -> Dispatch:
+        """Return the SDK's form (converted once).
+
+        Raises:
+            WireError: It names a target the client library does not know.
+        """
+        if self.converted is None:
+            self.converted = from_wire(self.message)
+        return self.converted
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     session: int
@@ -79,7 +108,7 @@ class BridgeView:
         self.status: wire.BridgeStatus | None = None
         self.in_sync = False
         self._snapshots: dict[str, _Snapshot] = {}
-        self._dispatches: dict[str, dict[int, Dispatch]] = {}
+        self._dispatches: dict[str, dict[int, _Held]] = {}
         self._seen_dispatches: set[tuple[str, int]] = set()
 
     @property
@@ -110,9 +139,14 @@ class BridgeView:
             dispatch_type: The type.
 
         Returns:
-            The dispatches.
+            The dispatches (one the client library cannot represent is logged, left out).
         """
-        return dict(self._dispatches.get(dispatch_type, {}))
+        result = {}
+        for dispatch_id in self._dispatches.get(dispatch_type, {}):
+            dispatch = self.dispatch(dispatch_type, dispatch_id)
+            if dispatch is not None:
+                result[dispatch_id] = dispatch
+        return result
 
     def dispatch(self, dispatch_type: str, dispatch_id: int) -> Dispatch | None:
         """Return one known dispatch.
@@ -122,16 +156,31 @@ class BridgeView:
             dispatch_id: Its id.
 
         Returns:
-            The dispatch, None when unknown.
+            The dispatch; None when unknown or not representable (logged).
         """
-        return self._dispatches.get(dispatch_type, {}).get(dispatch_id)
+        held = self._dispatches.get(dispatch_type, {}).get(dispatch_id)
+        if held is None:
+            return None
+        try:
+            return held.dispatch()
+        except wire.WireError as error:
+            _logger.warning(
+                "ignoring dispatch %d of type %r: %s", dispatch_id, dispatch_type, error
+            )
+            return None
 
-    def _forget(self, dispatch_type: str, dispatch_id: int) -> Dispatch:
+    def _forget(self, dispatch_type: str, dispatch_id: int) -> _Held:
         of_type = self._dispatches[dispatch_type]
         gone = of_type.pop(dispatch_id)
         if not of_type:
             del self._dispatches[dispatch_type]
         return gone
+
+    def _deleted(self, dispatch_type: str, held: _Held) -> list[DispatchEvent]:
+        try:
+            return [Deleted(held.dispatch().with_state(running=False, deleted=True))]
+        except wire.WireError:
+            return []
 
     # --- connection --------------------------------------------------------------
 
@@ -140,13 +189,16 @@ class BridgeView:
         self.in_sync = False
         self._seen_dispatches.clear()
 
-    def end_sync(self) -> list[DispatchEvent]:
+    def end_sync(self, events_for: Callable[[str], bool] = lambda _: True) -> list[DispatchEvent]:
         """Finish a sync: a dispatch whose retained topic did not come back is gone.
 
         A type whose running snapshot did not come back keeps its last one: the
         bridge never clears a running topic (it publishes an empty snapshot), so a
         missing one means the broker lost it, and the bridge republishes it after its
         own reconnect. Deletions are only concluded when the bridge is online.
+
+        Args:
+            events_for: Whether anyone wants the lifecycle events of a type.
 
         Returns:
             A `Deleted` for each dispatch whose retained topic disappeared.
@@ -160,7 +212,8 @@ class BridgeView:
                 if (dispatch_type, dispatch_id) not in self._seen_dispatches
             ]:
                 gone = self._forget(*key)
-                events.append(Deleted(gone.with_state(running=False, deleted=True)))
+                if events_for(key[0]):
+                    events += self._deleted(key[0], gone)
         self.in_sync = True
         return events
 
@@ -250,7 +303,7 @@ class BridgeView:
         return message
 
     def apply_dispatch(
-        self, dispatch_type: str, dispatch_id: int, payload: bytes
+        self, dispatch_type: str, dispatch_id: int, payload: bytes, *, events: bool = True
     ) -> list[DispatchEvent]:
         """Apply the retained message of one dispatch.
 
@@ -258,31 +311,37 @@ class BridgeView:
             dispatch_type: The type from the topic.
             dispatch_id: The id from the topic.
             payload: The raw payload; empty when the dispatch was deleted.
+            events: Whether to return lifecycle events (they need the conversion
+                to the client library's types, which is otherwise put off).
 
         Returns:
             The lifecycle events it causes (none when only its computed state changed).
 
         Raises:
-            WireError: The payload is not this dispatch, or names an unknown target.
+            WireError: The payload is not this dispatch, or (with `events`) names a
+                target the client library does not know.
         """
-        key = (dispatch_type, dispatch_id)
-        self._seen_dispatches.add(key)
-        known = self.dispatch(dispatch_type, dispatch_id)
+        self._seen_dispatches.add((dispatch_type, dispatch_id))
+        known = self._dispatches.get(dispatch_type, {}).get(dispatch_id)
         if not payload:
             if known is None:
                 return []
             self._forget(dispatch_type, dispatch_id)
-            return [Deleted(known.with_state(running=False, deleted=True))]
+            return self._deleted(dispatch_type, known) if events else []
         message = wire.decode_dispatch(payload)
         if message.id != dispatch_id or message.type != dispatch_type:
             raise wire.WireError(
                 f"dispatch {message.id} of type {message.type!r} on the topic of "
                 f"dispatch {dispatch_id} of type {dispatch_type!r}"
             )
-        dispatch = from_wire(message)
-        self._dispatches.setdefault(dispatch_type, {})[dispatch_id] = dispatch
+        held = _Held(message)
+        if events:
+            held.dispatch()  # a target the client library cannot represent is garbage
+        self._dispatches.setdefault(dispatch_type, {})[dispatch_id] = held
+        if not events:
+            return []
         if known is None:
-            return [Created(dispatch)]
-        if definition(known) != definition(dispatch):
-            return [Updated(dispatch)]
+            return [Created(held.dispatch())]
+        if known.definition != held.definition:
+            return [Updated(held.dispatch())]
         return []

@@ -563,3 +563,24 @@ async def test_an_actor_that_never_stops_does_not_hold_up_the_others(
         await scripted_bridge.running("STUCK", [])
         await scripted_bridge.running(T, [])
         await healthy.wait_count("stop", 1, within=3)
+
+
+async def test_the_status_barrier_comes_after_thousands_of_retained_dispatches(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    count = 2000
+    gate = asyncio.Semaphore(20)
+
+    async def publish(dispatch_id: int) -> None:
+        async with gate:
+            await scripted_bridge.dispatch(wire_dispatch(dispatch_id, T, running=False))
+
+    await asyncio.gather(*(publish(i) for i in range(1, count + 1)))
+    await scripted_bridge.status("online")
+    # A long sync timeout: initialization must end at the status, with all of them.
+    async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=60)) as dispatcher:
+        assert dispatcher.is_live
+        events = dispatcher.new_lifecycle_events_receiver(T)
+        created = [await asyncio.wait_for(events.receive(), 5) for _ in range(count)]
+        assert {int(e.dispatch.id) for e in created} == set(range(1, count + 1))
+        assert all(isinstance(e, Created) for e in created)
