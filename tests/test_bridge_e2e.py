@@ -232,7 +232,7 @@ async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
             str(MICROGRID),
             "ONE_OFF",
             "7,8",
-            "in 8 seconds",
+            "in 15 seconds",
             "3 seconds",
             "--payload",
             '{"power_w": 5000}',
