@@ -97,6 +97,10 @@ class Row:
     budget: str
 
 
+def fmt_ratio(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
 def fmt_time(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.2f} s"
@@ -118,7 +122,7 @@ def query_rows(quick: bool) -> list[Row]:
             "one-off",
             fmt_time(ours),
             fmt_time(reference),
-            f"{reference / ours:,.0f}x",
+            fmt_ratio(reference / ours),
             f"≤ {QUERY_BUDGET_US:.0f} µs",
         )
     )
@@ -141,7 +145,7 @@ def query_rows(quick: bool) -> list[Row]:
                     f"{frequency.lower()}, started {age_name} ago",
                     fmt_time(ours),
                     shown,
-                    f"{reference / ours:,.0f}x",
+                    fmt_ratio(reference / ours),
                     f"≤ {QUERY_BUDGET_US:.0f} µs",
                 )
             )
@@ -242,14 +246,14 @@ def running_rows(quick: bool, count: int = 100_000) -> tuple[list[Row], str]:
             f"{what}, first call",
             fmt_time(cold),
             shown,
-            f"{reference / cold:,.0f}x",
+            fmt_ratio(reference / cold),
             budget_text,
         ),
         Row(
             f"{what}, rules cached",
             fmt_time(ours),
             shown,
-            f"{reference / ours:,.0f}x",
+            fmt_ratio(reference / ours),
             budget_text,
         ),
     ]
