@@ -584,3 +584,34 @@ async def test_the_status_barrier_comes_after_thousands_of_retained_dispatches(
         created = [await asyncio.wait_for(events.receive(), 5) for _ in range(count)]
         assert {int(e.dispatch.id) for e in created} == set(range(1, count + 1))
         assert all(isinstance(e, Created) for e in created)
+
+
+async def test_a_frequenz_sdk_actor_fits(scripted_bridge: ScriptedBridge) -> None:
+    sdk_actor = pytest.importorskip("frequenz.sdk.actor")
+    seen: list[dict[str, object]] = []
+
+    class PowerActor(sdk_actor.Actor):  # type: ignore[misc, name-defined]
+        def __init__(self, info: DispatchInfo, updates: object) -> None:
+            super().__init__(name="power")
+            self.updates = updates
+            seen.append(info.options)
+
+        async def _run(self) -> None:
+            async for info in self.updates:  # type: ignore[attr-defined]
+                seen.append(info.options)
+
+    async def create(info: DispatchInfo, updates: object) -> PowerActor:
+        return PowerActor(info, updates)
+
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 1})])
+    async with dispatcher_for(scripted_bridge) as dispatcher:
+        await dispatcher.start_managing(T, actor_factory=create)
+        await poll(lambda: seen == [{"v": 1}])
+        await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 2})])
+        await poll(lambda: seen == [{"v": 1}, {"v": 2}])
+        actors = dispatcher._managed[T]._actors
+        [running] = actors.values()
+        assert running.actor.is_running
+        await scripted_bridge.running(T, [])
+        await poll(lambda: not actors and not running.actor.is_running)
