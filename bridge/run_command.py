@@ -124,10 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
     )
     parser.epilog = (
-        "Secrets come from the environment or files, never from flags: DISPATCH_API_AUTH_KEY "
-        "and DISPATCH_API_SIGN_SECRET for the Dispatch API, MQTT_USERNAME and MQTT_PASSWORD "
-        "for the broker (each also as <NAME>_FILE, a file holding the value, or in the "
-        "config file). SIGTERM or SIGINT publishes the offline status and exits 0."
+        "Secrets come from the environment, files or the config file, never from flags: "
+        "DISPATCH_API_AUTH_KEY and DISPATCH_API_SIGN_SECRET for the Dispatch API, "
+        "MQTT_USERNAME and MQTT_PASSWORD for the broker; each also as <NAME>_FILE (a file "
+        "holding the value), or as auth_key, sign_secret, mqtt_username, mqtt_password in "
+        "[bridge]. SIGTERM or SIGINT publishes the offline status and exits 0; a "
+        "configuration mistake exits 2."
     )
 
 

@@ -1,0 +1,117 @@
+"""The bridge's Dispatch API side (`bridge.upstream`), in-process, against the real API server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import TargetIds
+
+from actor_sdk import wire
+from bridge.publisher import Backoff
+from bridge.service import LinkChanged, ScheduleCore, StreamEvent, Synced, UpstreamItem
+from bridge.upstream import Upstream, UpstreamSettings
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.processes import async_wait_until
+
+MICROGRID = 21
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Recorder:
+    """A sink that applies what the upstream delivers to a schedule core, as the service does."""
+
+    def __init__(self) -> None:
+        self.items: list[UpstreamItem] = []
+        self.core = ScheduleCore(MICROGRID, wire.TopicLayout.for_microgrid(MICROGRID))
+
+    def __call__(self, item: UpstreamItem) -> None:
+        self.items.append(item)
+        match item:
+            case Synced(dispatches=dispatches):
+                self.core.sync(dispatches, NOW, events=True)
+            case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
+                self.core.apply(kind, dispatch, NOW, only_newer=buffered)
+
+    def ids(self) -> set[int]:
+        return {d.id for d in self.core.dispatches()}
+
+    def syncs(self) -> int:
+        return sum(isinstance(i, Synced) for i in self.items)
+
+
+@contextlib.asynccontextmanager
+async def upstream(server: ApiServerHandle, sink: Recorder) -> AsyncIterator[Upstream]:
+    settings = UpstreamSettings(server.url, server.key or "", server.secret)
+    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5))
+    task = asyncio.create_task(feed.run())
+    try:
+        yield feed
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def server_ids(server: ApiServerHandle) -> set[int]:
+    async with server.client() as client:
+        return {
+            int(d.id)
+            async for page in client.list(microgrid_id=MicrogridId(MICROGRID))
+            for d in page
+        }
+
+
+async def create(server: ApiServerHandle, count: int) -> None:
+    async with server.client() as client:
+        for index in range(count):
+            await client.create(
+                microgrid_id=MicrogridId(MICROGRID),
+                type="GAP",
+                start_time=datetime.now(UTC) + timedelta(hours=1),
+                duration=timedelta(seconds=60),
+                target=TargetIds(index),
+            )
+
+
+async def test_dispatches_created_while_connecting_are_never_lost(
+    api_server: ApiServerHandle,
+) -> None:
+    await create(api_server, 20)
+    sink = Recorder()
+    # Creations race the stream's opening and the list.
+    creator = asyncio.create_task(create(api_server, 40))
+    async with upstream(api_server, sink):
+        await creator
+        expected = await server_ids(api_server)
+        assert len(expected) == 60
+        await async_wait_until(lambda: sink.ids() == expected, 10, "every dispatch")
+        assert isinstance(sink.items[0], LinkChanged) and sink.items[0].connected
+        assert sink.syncs() == 1
+
+
+async def test_a_killed_server_is_listed_again_and_deletes_missed_meanwhile_apply(
+    api_server: ApiServerHandle,
+) -> None:
+    await create(api_server, 3)
+    sink = Recorder()
+    async with upstream(api_server, sink):
+        await async_wait_until(lambda: len(sink.ids()) == 3, 10, "the first sync")
+        victim = min(sink.ids())
+        api_server.kill9()
+        await async_wait_until(
+            lambda: any(isinstance(i, LinkChanged) and not i.connected for i in sink.items),
+            10,
+            "the loss of the stream",
+        )
+        # Deleted while the server is down: only a new list can tell.
+        with sqlite3.connect(api_server.db_path) as db:
+            db.execute("DELETE FROM dispatches WHERE id = ?", (victim,))
+        api_server.start()
+        await async_wait_until(lambda: victim not in sink.ids(), 15, "the missed delete")
+        assert sink.syncs() >= 2
+        assert len(sink.ids()) == 2
