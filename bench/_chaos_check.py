@@ -163,6 +163,12 @@ class Report:
 
     violations: list[str] = field(default_factory=list)
     windows_checked: int = 0
+    windows_up: int = 0
+    """Windows with time in which all parts were up (where check 2 applies)."""
+    covered_s: float = 0.0
+    """Window time in which all parts were up and coverage was required."""
+    actor_s: float = 0.0
+    """Actor running time checked by check 1."""
     actor_runs: int = 0
     start_lateness: list[float] = field(default_factory=list)
     stop_lateness: list[float] = field(default_factory=list)
@@ -300,6 +306,7 @@ def _check_outside(context: _Context, run: ActorRun, blind: list[Interval], repo
     t = run.start
     outside = 0.0
     while t < run.stop:
+        report.actor_s += STEP
         if not contains(allowed, t) and not contains(unsure, t):
             until = run.until_at(t)
             if contains(blind, t) and until is not None and t <= until + context.tol:
@@ -330,11 +337,16 @@ def _check_missed(
     for a, b in context.key_windows(key):
         report.windows_checked += 1
         missing = 0.0
+        required = 0.0
         t = a + tol
         while t < b - tol:
-            if not (contains(covered, t) or contains(disturbed, t) or contains(unsure, t)):
-                missing += STEP
+            if not (contains(disturbed, t) or contains(unsure, t)):
+                required += STEP
+                if not contains(covered, t):
+                    missing += STEP
             t += STEP
+        report.covered_s += required
+        report.windows_up += required > 0
         if missing > STEP * 1.5:
             report.add(
                 f"{host}: window of {key!r} from {a - begin:.1f} s to {b - begin:.1f} s "

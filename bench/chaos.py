@@ -534,8 +534,10 @@ def _print_figures(
         f"whole again after a kill: max {max(stats.recovery_s, default=0):.1f} s"
     )
     print(
-        f"dispatches: {len(driver.truth.versions)}; windows checked: {report.windows_checked}; "
-        f"actor runs: {report.actor_runs}; records: {records}"
+        f"dispatches: {len(driver.truth.versions)}; windows checked: {report.windows_checked} "
+        f"({report.windows_up} with time while all parts were up, {report.covered_s:.0f} "
+        f"window-s); actor runs: {report.actor_runs} ({report.actor_s:.0f} actor-s); "
+        f"records: {records}"
     )
     verdict = "DIFFERENT" if tree_problems else "equal to the truth"
     print(f"retained tree: {topics} topics, {verdict}")
