@@ -21,9 +21,10 @@ One connection per microgrid, in a loop that never gives up:
    topic it does not hold (a dispatch deleted while the bridge was down, or
    brought back by a broker rolled back to an old save) is cleared; a
    `running` topic of a type it does not hold gets an empty snapshot. Then it
-   unsubscribes.
-4. Everything held is republished (the broker may have lost or rolled back
-   retained state), then whatever changed meanwhile, newest last.
+   unsubscribes. Until the held state is authoritative (a cache was loaded or
+   the first sync is done: `mark_authoritative`), the clearing waits.
+4. Meanwhile everything held is republished (the broker may have lost or
+   rolled back retained state), then whatever changed since, newest last.
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
 about 2.5 times faster than awaiting each one, and avoids aiomqtt's quadratic
@@ -281,6 +282,8 @@ class Publisher:
             dispatches=0,
         )
         self._scan: _Stale | None = None
+        self._authoritative = False
+        self._deferred_stale: builtins.set[str] | None = None
         self.connected = asyncio.Event()
         self.connections = 0
         self.published = 0
@@ -603,7 +606,28 @@ class Publisher:
             self._idle.clear()
             self._wakeup.set()
 
+    def mark_authoritative(self) -> None:
+        """Declare that the held topics are the whole truth (a cache or a sync is loaded).
+
+        Until then, stale topics found on the broker are left alone: a bridge
+        that starts with no cache must not clear a valid tree before its
+        first sync.
+        """
+        self._authoritative = True
+        deferred, self._deferred_stale = self._deferred_stale, None
+        if deferred:
+            self._apply_stale(deferred)
+
     def _apply_stale(self, retained_on_broker: builtins.set[str]) -> None:
+        if not self._authoritative:
+            self._deferred_stale = retained_on_broker
+            _logger.info(
+                "microgrid %d: %d retained topics found on the broker; stale ones are cleared "
+                "after the first sync with the Dispatch API",
+                self.microgrid_id,
+                len(retained_on_broker),
+            )
+            return
         cleared = replaced = 0
         for topic in retained_on_broker:
             if topic in self._held:

@@ -506,6 +506,9 @@ class Sink(Protocol):
     def event(self, topic: str, payload: bytes) -> None:
         """Send a non-retained event."""
 
+    def mark_authoritative(self) -> None:
+        """Declare that what was set is the whole truth (stale topics may be cleared)."""
+
     def set_status(
         self,
         *,
@@ -585,6 +588,8 @@ class MicrogridService:
         """
         now = self._clock() if now is None else now
         self._deliver(self.core.all_topics(now))
+        if self._had_state:
+            self._sink.mark_authoritative()
         self._publish_status()
 
     async def run(self) -> None:
@@ -664,6 +669,7 @@ class MicrogridService:
                     deleted,
                 )
                 self._deliver(out)
+                self._sink.mark_authoritative()
                 self.on_change()
                 self._publish_status()
             case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,9 +93,10 @@ async def test_newest_state_wins_after_an_outage_and_nothing_blocks(
     assert final.state == "offline" and final.session == 2
 
 
-async def test_stale_topics_on_the_broker_are_cleared_or_emptied_on_connect(
-    mqtt_broker: Broker, tmp_path: Path
+async def test_stale_topics_on_the_broker_are_cleared_or_emptied_once_authoritative(
+    mqtt_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "bridge.publisher")
     stale_dispatch = LAYOUT.dispatch("GONE", 99)
     stale_running = LAYOUT.running("GONE")
     async with aiomqtt.Client(**mqtt_broker.client_kwargs("admin")) as admin:
@@ -105,6 +107,13 @@ async def test_stale_topics_on_the_broker_are_cleared_or_emptied_on_connect(
     kept = LAYOUT.dispatch("KEPT", 1)
     publisher.set(kept, b"kept")
     async with running(publisher):
+        # Before the first sync (no cache), nothing is cleared: the tree may be right.
+        await async_wait_until(
+            lambda: "cleared after the first sync" in caplog.text, 10, "the deferred scan"
+        )
+        tree = await snapshot(mqtt_broker)
+        assert stale_dispatch in tree and kept in tree
+        publisher.mark_authoritative()
 
         async def cleaned() -> dict[str, bytes] | None:
             tree = await snapshot(mqtt_broker)

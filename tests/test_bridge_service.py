@@ -245,6 +245,7 @@ class FakeSink:
         self.log: list[tuple[datetime, str, Any]] = []
         self.events: list[tuple[str, bytes]] = []
         self.status: dict[str, Any] = {}
+        self.authoritative = False
 
     def set(self, topic: str, payload: Any) -> None:
         self.retained[topic] = payload
@@ -256,6 +257,9 @@ class FakeSink:
 
     def event(self, topic: str, payload: bytes) -> None:
         self.events.append((topic, payload))
+
+    def mark_authoritative(self) -> None:
+        self.authoritative = True
 
     def set_status(
         self,
@@ -281,6 +285,7 @@ def test_service_steps_apply_upstream_items_with_one_clock_read() -> None:
     )
     service.start()
     assert sink.status["upstream"] == "disconnected"
+    assert not sink.authoritative  # no cache: nothing to vouch for before the first sync
     service.put(LinkChanged(True))
     service.put(Synced([dispatch(1), dispatch(2)]))
     service.put(StreamEvent("created", dispatch(3, kind="U")))
@@ -288,6 +293,7 @@ def test_service_steps_apply_upstream_items_with_one_clock_read() -> None:
     service.step(service.now())
     assert len(reads) == 1
     assert sink.status == {"upstream": "connected", "synced_at": T0, "dispatches": 3}
+    assert sink.authoritative
     # The first sync of a bridge without a cache sends no events; the stream's do.
     assert [wire.decode_event(p).event for _, p in sink.events] == ["created"]
     assert saved
