@@ -1007,8 +1007,6 @@ def _compile_valid(rule: wire.Recurrence, start: datetime) -> _Rule:
             nth = compiled.nth(end.count)
             if nth is not None and (last is None or nth < last):
                 compiled.last = nth
-    if compiled.last is not None and compiled._unbounded_prev(compiled.last) is None:
-        compiled.empty = True
     return compiled
 
 
