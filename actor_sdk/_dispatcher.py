@@ -471,7 +471,13 @@ class Dispatcher:
             ref = self._parse(topic)
             match ref.kind:
                 case wire.TopicKind.STATUS:
-                    changed = self._view.apply_status(payload)
+                    try:
+                        changed = self._view.apply_status(payload)
+                    except wire.WireError:
+                        # Even a garbage status marks the end of the retained messages.
+                        if not self._view.in_sync:
+                            await self._finish_sync()
+                        raise
                     if changed:
                         self._log_status()
                     if not self._view.in_sync:

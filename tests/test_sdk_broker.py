@@ -615,3 +615,13 @@ async def test_a_frequenz_sdk_actor_fits(scripted_bridge: ScriptedBridge) -> Non
         assert running.actor.is_running
         await scripted_bridge.running(T, [])
         await poll(lambda: not actors and not running.actor.is_running)
+
+
+async def test_a_garbage_retained_status_still_ends_the_sync(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    await scripted_bridge.raw(scripted_bridge.layout.status, b"\x00 not a status")
+    started = time.monotonic()
+    async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=30)) as dispatcher:
+        assert time.monotonic() - started < 10
+        assert not dispatcher.is_live  # no valid status: no live view
