@@ -652,22 +652,28 @@ class MicrogridService:
                 self._publish_status()
             case Synced(dispatches=dispatches):
                 before = len(self.core)
-                out = self.core.sync(dispatches, now, events=self._had_state)
+                first = not self._had_state
+                out = self.core.sync(dispatches, now, events=not first)
                 self._had_state = True
                 self.synced_at = now
-                created = out.counts.get("created", 0)
-                updated = out.counts.get("updated", 0)
-                deleted = out.counts.get("deleted", 0)
-                _logger.info(
-                    "microgrid %d: synced %d dispatches from the Dispatch API (held before: %d; "
-                    "created %d, updated %d, deleted %d)",
-                    self.core.microgrid_id,
-                    len(self.core),
-                    before,
-                    created,
-                    updated,
-                    deleted,
-                )
+                if first:
+                    _logger.info(
+                        "microgrid %d: synced %d dispatches from the Dispatch API (first sync, "
+                        "no cache before)",
+                        self.core.microgrid_id,
+                        len(self.core),
+                    )
+                else:
+                    _logger.info(
+                        "microgrid %d: synced %d dispatches from the Dispatch API (held before: "
+                        "%d; created %d, updated %d, deleted %d while disconnected)",
+                        self.core.microgrid_id,
+                        len(self.core),
+                        before,
+                        out.counts.get("created", 0),
+                        out.counts.get("updated", 0),
+                        out.counts.get("deleted", 0),
+                    )
                 self._deliver(out)
                 self._sink.mark_authoritative()
                 self.on_change()
