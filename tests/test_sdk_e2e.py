@@ -50,7 +50,15 @@ EARLY = 0.3
 """How early an actor may start or stop, in seconds: `create` rounds start times."""
 LATE = 1.0
 """How late an actor may start or stop, in seconds (two shared cores, many clients)."""
-DOC = Path(__file__).resolve().parents[1] / "docs" / "actor-sdk.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+SDK_DOC = REPO / "docs" / "actor-sdk.md"
+
+
+def first_python_block(document: Path) -> str:
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", document.read_text(), re.S)
+    assert blocks, f"{document} has no python example"
+    return blocks[0]
 
 
 def utcnow() -> datetime:
@@ -472,9 +480,10 @@ async def test_broker_killed_and_restarted_no_double_start_no_missed_start(site:
 async def test_the_documented_example_runs(
     site: Site, process_factory: ProcessFactory, tmp_path: Path
 ) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    readme_example = first_python_block(README)
+    assert readme_example == first_python_block(SDK_DOC), "README and docs/actor-sdk.md differ"
     example = tmp_path / "example.py"
-    example.write_text(blocks[0])
+    example.write_text(readme_example)
     process = process_factory(
         [sys.executable, str(example)],
         name="example",
