@@ -286,6 +286,8 @@ class Stack:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-")))
     procs: list[Proc] = field(default_factory=list)
     keep: bool = False
+    profile_dir: Path | None = None
+    """When set, bridges run under cProfile and write `<name>.prof` here on exit."""
 
     def __enter__(self) -> Stack:
         # A SIGTERM (e.g. a test's timeout) still runs close(): no process outlives us.
@@ -433,6 +435,8 @@ class Stack:
             "DISPATCH_BRIDGE_RETRY_MAX": "1",
         }
         command = [*dispatch_bridge(), "--log-level", log_level, "run"]
+        if profile is None and self.profile_dir is not None:
+            profile = self.profile_dir / f"{name}.prof"
         if profile is not None:
             command = [
                 sys.executable,
@@ -686,6 +690,18 @@ class Table:
     def print(self) -> None:
         """Print the table to stdout."""
         print(self.render(), flush=True)
+
+
+def print_profile(path: Path, title: str, limit: int = 25) -> None:
+    """Print the functions with the most own time of a cProfile file to stderr."""
+    import pstats  # noqa: PLC0415
+
+    if not path.exists():
+        progress(f"no profile at {path}")
+        return
+    print(f"\n----- profile: {title} ({path})", file=sys.stderr)
+    stats = pstats.Stats(str(path), stream=sys.stderr)
+    stats.sort_stats("tottime").print_stats(limit)
 
 
 def command_line() -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import logging
 import sys
 import time
@@ -44,6 +45,7 @@ from bench._harness import (
     Table,
     command_line,
     percentile,
+    print_profile,
     retry_until_seen,
     stop_reference,
     utcnow,
@@ -86,7 +88,7 @@ async def _sample(
     res["inactive"].append(await recorder.wait("stop", dispatch_id) - sent)
 
 
-async def measure(samples: int) -> Table:
+async def measure(samples: int, profile_dir: Path | None = None) -> Table:
     from frequenz.client.common.microgrid import MicrogridId  # noqa: PLC0415
     from frequenz.client.dispatch.types import TargetIds  # noqa: PLC0415
     from frequenz.dispatch import Dispatcher as RefDispatcher  # noqa: PLC0415
@@ -94,7 +96,7 @@ async def measure(samples: int) -> Table:
     from actor_sdk import Dispatcher  # noqa: PLC0415
     from bridge.api import create_dispatch  # noqa: PLC0415
 
-    with Stack() as stack:
+    with Stack(profile_dir=profile_dir) as stack:
         broker = stack.start_mosquitto()
         api = stack.start_api()
         bridge = stack.start_bridge(api, broker, (OURS_MG,))
@@ -139,11 +141,17 @@ async def measure(samples: int) -> Table:
             name: {"create": [], "update": [], "inactive": [], "ack": []} for name in ("o", "r")
         }
         paths = [("o", OURS_MG, ours), ("r", REF_MG, ref)]
+        profiler = cProfile.Profile() if profile_dir else None
+        if profiler:
+            profiler.enable()
         for n in range(samples):
             # Alternate which path goes first.
             for name, microgrid_id, recorder in paths if n % 2 == 0 else paths[::-1]:
                 await _sample(client, microgrid_id, recorder, create, results[name])
 
+        if profiler and profile_dir:
+            profiler.disable()
+            profiler.dump_stats(profile_dir / "bench-process.prof")
         await sdk.stop()
         await stop_reference(reference)
 
@@ -185,11 +193,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 samples (a few seconds)")
     parser.add_argument("--samples", type=int, default=None, help="samples per path and step")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the bridge and this process under cProfile; print the hot spots",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     samples = args.samples or (10 if args.quick else 300)
-    table = asyncio.run(measure(samples))
+    table = asyncio.run(measure(samples, args.profile))
     table.print()
+    if args.profile:
+        print_profile(args.profile / "bridge.prof", "the bridge, whole run")
+        print_profile(args.profile / "bench-process.prof", "SDK, reference and driver, sampling")
     return 0
 
 

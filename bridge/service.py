@@ -692,6 +692,23 @@ class MicrogridService:
                     self._publish_status()
 
     def _deliver(self, out: Outbox) -> None:
+        # The publisher sends in the order it is handed topics: the running
+        # snapshots go first (they are what starts and stops actors), then the
+        # dispatch topics, then the events; logging waits until all is queued.
+        # bench/lateness.py, 100 dispatches starting at once: snapshots published
+        # 65-78 ms late when they queued behind the dispatch topics, 16-20 ms first.
+        for topic, value in out.retained.items():
+            if isinstance(value, wire.RunningSnapshot):
+                self._sink.set(topic, value)
+        for topic, value in out.retained.items():
+            if value is None:
+                self._sink.clear(topic)
+            elif not isinstance(value, wire.RunningSnapshot):
+                self._sink.set(topic, value)
+        for topic, payload in out.events:
+            self._sink.event(topic, payload)
+        if out.changed:
+            self.on_change()
         for dispatch_id, reason in out.rejected:
             _logger.error(
                 "microgrid %d: dispatch %d cannot be published (%s): ignored",
@@ -715,15 +732,6 @@ class MicrogridService:
                     transition.dispatch_id,
                     transition.dispatch_type,
                 )
-        for topic, payload in out.events:
-            self._sink.event(topic, payload)
-        for topic, value in out.retained.items():
-            if value is None:
-                self._sink.clear(topic)
-            else:
-                self._sink.set(topic, value)
-        if out.changed:
-            self.on_change()
 
     def _publish_status(self) -> None:
         self._sink.set_status(

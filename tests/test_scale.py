@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
@@ -19,6 +19,7 @@ import pytest
 from actor_sdk import wire
 from bench._harness import populate
 from bench.scale import mix
+from bridge.service import MicrogridService, ScheduleCore, Synced
 from tests.fixtures.api_server import ApiServerHandle
 from tests.fixtures.bridge import BridgeFactory
 from tests.fixtures.broker import Broker
@@ -102,3 +103,62 @@ async def test_bridge_with_10k_dispatches_publishes_every_retained_topic_and_a_n
         print(f"a new subscriber received {len(retained)} retained topics in {elapsed:.2f} s")
     finally:
         api.stop()
+
+
+class _OrderSink:
+    """Records the order in which the service hands topics and events over."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def set(self, topic: str, payload: object) -> None:
+        self.calls.append(topic)
+
+    def clear(self, topic: str) -> None:
+        self.calls.append(topic)
+
+    def event(self, topic: str, payload: bytes) -> None:
+        self.calls.append(topic)
+
+    def mark_authoritative(self) -> None:
+        pass
+
+    def set_status(self, **_: object) -> None:
+        pass
+
+
+def _dispatch(dispatch_id: int, kind: str, start: datetime) -> wire.Dispatch:
+    return wire.Dispatch(
+        id=dispatch_id,
+        type=kind,
+        start_time=start,
+        duration=60,
+        target=wire.Target(ids=(1,)),
+        active=True,
+        dry_run=False,
+        payload={},
+        recurrence=None,
+        create_time=start - timedelta(hours=1),
+        update_time=start - timedelta(hours=1),
+        end_time=None,
+        running=False,
+        until=None,
+        next_run=None,
+    )
+
+
+def test_many_dispatches_starting_at_once_hand_over_the_running_snapshots_first() -> None:
+    # The publisher sends in hand-over order: with 100 starts at one instant, the
+    # snapshots that start the actors must not queue behind 100 dispatch topics.
+    start = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+    layout = wire.TopicLayout.for_microgrid(MG)
+    sink = _OrderSink()
+    service = MicrogridService(ScheduleCore(MG, layout), sink, clock=lambda: start)
+    service.put(Synced([_dispatch(i, f"T{i % 10}", start) for i in range(1, 101)]))
+    service.step(start - timedelta(seconds=1))
+    sink.calls.clear()
+    service.step(start)  # all 100 start now
+    snapshots = [i for i, topic in enumerate(sink.calls) if topic.endswith("/running")]
+    dispatch_topics = [i for i, topic in enumerate(sink.calls) if "/dispatches/" in topic]
+    assert len(snapshots) == 10 and len(dispatch_topics) == 100
+    assert max(snapshots) < min(dispatch_topics)
