@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
@@ -288,3 +289,36 @@ async def test_one_bridge_serves_two_microgrids_and_reports_the_api_link_in_each
     sessions = {status_of(tap, layout).session for layout in layouts.values()}  # type: ignore[union-attr]
     assert sessions == {1}
     assert "reconnecting in" in bridge.output()
+
+
+async def test_a_corrupt_cache_is_ignored_and_the_bridge_syncs_from_the_api(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    cache = state / f"microgrid-{MICROGRID}" / "dispatches.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b'{"version": 1, "dispatches": [{"id": "not a number"')
+    async with api_server.client() as client:
+        created = await client.create(
+            microgrid_id=MicrogridId(MICROGRID),
+            type="AFTER_CORRUPTION",
+            start_time=datetime.now(UTC) + timedelta(hours=1),
+            duration=timedelta(seconds=5),
+            target=TargetIds(1),
+        )
+    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,), state_dir=state)
+    bridge.wait_synced()
+    assert "is corrupt" in bridge.output()
+    topic = bridge.layout().dispatch("AFTER_CORRUPTION", int(created.id))
+    tree = await asyncio.to_thread(
+        wait_until,
+        lambda: t if topic in (t := retained_snapshot(mqtt_broker, topic)) else None,
+        10,
+        "the dispatch published",
+    )
+    assert wire.decode_dispatch(tree[topic]).id == int(created.id)
+    wait_until(lambda: b"AFTER_CORRUPTION" in cache.read_bytes(), 5, "the cache rewritten")
+    assert bridge.stop() == 0
