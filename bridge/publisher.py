@@ -382,8 +382,8 @@ class Publisher:
         """Connect, publish, reconnect on failure, until `stop()`."""
         while not self._stop.is_set():
             session = self._sessions.peek_next()
-            client = self._new_client(session)
             try:
+                client = self._new_client(session)
                 with _broker_errors():
                     async with client:
                         self._sessions.commit(session)
@@ -486,10 +486,11 @@ class Publisher:
             self._backoff.reset()
             self.connected.set()
             stopper = asyncio.create_task(self._stop.wait())
-            stale = await self._find_stale(client, tasks, stopper)
+            scan_tasks = list(tasks)
+            tasks.append(stopper)
+            stale = await self._find_stale(client, scan_tasks, stopper)
             if stale is not None:
                 self._apply_stale(stale)
-            tasks.append(stopper)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
                 await self._close(client, tasks)
