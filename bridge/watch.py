@@ -46,10 +46,12 @@ from bridge.config import ConfigError, SettingsSource
 from bridge.publisher import BrokerSettings, parse_broker_url
 
 __all__ = [
+    "WatchSettings",
     "WatchState",
     "add_arguments",
     "broker_client",
     "collect_snapshot",
+    "load_settings",
     "render",
     "run",
     "runs_within",
@@ -711,13 +713,29 @@ def _positive_int(value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class _Settings:
+class WatchSettings:
+    """Everything `dispatch-bridge watch` needs, resolved from flags and environment."""
+
     target: BrokerSettings
     layout: wire.TopicLayout
     horizon: timedelta
 
 
-def _load_settings(args: argparse.Namespace) -> _Settings:
+def load_settings(args: argparse.Namespace) -> WatchSettings:
+    """Resolve the settings from flags and environment.
+
+    Credentials in the URL win; a URL without them takes `MQTT_USERNAME` and
+    `MQTT_PASSWORD` (or `MQTT_PASSWORD_FILE`).
+
+    Args:
+        args: The parsed flags.
+
+    Returns:
+        The settings.
+
+    Raises:
+        ConfigError: A setting is missing or invalid.
+    """
     source = SettingsSource(flags=vars(args))
     url = source.get("broker", env="MQTT_URL", parse=str, default=None, secret=True)
     if url is None:
@@ -757,7 +775,7 @@ def _load_settings(args: argparse.Namespace) -> _Settings:
         raise ConfigError("invalid --width: at least 20 columns")
     if args.timeout <= 0:
         raise ConfigError("invalid --timeout: must be positive")
-    return _Settings(target, layout, timedelta(hours=hours))
+    return WatchSettings(target, layout, timedelta(hours=hours))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -769,7 +787,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 after a snapshot or Ctrl-C, 1 when the broker cannot be reached.
     """
-    settings = _load_settings(args)
+    settings = load_settings(args)
     if not args.once:
         try:
             return asyncio.run(

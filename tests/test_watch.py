@@ -16,8 +16,9 @@ from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
 from bridge.api import create_dispatch
+from bridge.cli import build_parser
 from bridge.publisher import parse_broker_url
-from bridge.watch import WatchState, format_span, render, runs_within
+from bridge.watch import WatchState, format_span, load_settings, render, runs_within
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
@@ -314,16 +315,19 @@ async def test_watch_once_prints_what_the_retained_topics_say(mqtt_broker: Broke
 
 
 def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker, tmp_path: Path) -> None:
-    # The password from a file, as the README shows it: not on the command line.
+    # The credentials as the README's field-engineer section gives them: user in
+    # MQTT_USERNAME, password in a file, nothing on the command line.
     mqtt_broker.require_acl()
     secret = tmp_path / "actor.password"
     secret.write_text(f"{mqtt_broker.actor_password}\n")
+    env = {**os.environ, "MQTT_USERNAME": "actor", "MQTT_PASSWORD_FILE": str(secret)}
+    env.pop("MQTT_PASSWORD", None)
     result = subprocess.run(
         [
             *dispatch_bridge_command(),
             "watch",
             "--broker",
-            f"mqtt://actor@{mqtt_broker.host}:{mqtt_broker.port}",
+            f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}",
             "--microgrid-id",
             "1",
             "--once",
@@ -332,7 +336,7 @@ def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker, tmp_path: Path
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "MQTT_PASSWORD_FILE": str(secret), "COLUMNS": "72"},
+        env={**env, "COLUMNS": "72"},
     )
 
     assert result.returncode == 0, result.stderr
@@ -493,3 +497,27 @@ def test_a_dispatch_the_schedule_cannot_place_is_flagged_not_fatal(
 
     assert "  ! #4: its schedule cannot be computed" in lines
     assert "RUN #1 until 07:13:20Z, 10m00s left, ids 7,8" in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "expected"),
+    [
+        ("mqtt://actor:pw@h:1", {}, ("actor", "pw")),
+        ("mqtt://actor@h:1", {"MQTT_PASSWORD": "env-pw"}, ("actor", "env-pw")),
+        ("mqtt://h:1", {"MQTT_USERNAME": "u", "MQTT_PASSWORD": "p"}, ("u", "p")),
+        # The URL's credentials win over the environment's.
+        ("mqtt://a:b@h:1", {"MQTT_USERNAME": "u", "MQTT_PASSWORD": "p"}, ("a", "b")),
+    ],
+)
+def test_watch_credentials_from_url_or_environment(
+    url: str, environ: dict[str, str], expected: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("MQTT_URL", "MQTT_USERNAME", "MQTT_PASSWORD", "MQTT_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["watch", "--broker", url, "--microgrid-id", "1"])
+
+    settings = load_settings(args)
+
+    assert (settings.target.username, settings.target.password) == expected
