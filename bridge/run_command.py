@@ -406,4 +406,19 @@ def run(args: argparse.Namespace) -> int:
         0 after a clean stop, 1 if a part of the bridge failed.
     """
     settings = load_settings(args)
+    _check_state_dir(settings.state_dir)
     return asyncio.run(_run(settings))
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """Fail early, with exit 2, when the state directory cannot be written."""
+    probe = state_dir / ".write-test"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"state dir {state_dir} is not writable ({error.strerror}): give --state-dir "
+            "(or DISPATCH_BRIDGE_STATE_DIR) a directory this user may write"
+        ) from None

@@ -156,3 +156,18 @@ def test_cli_exits_2_with_one_line_and_help_explains_each_setting() -> None:
         "_FILE",
     ):
         assert name in " ".join(help_text.split()), name
+
+
+def test_a_state_dir_that_cannot_be_written_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        **BASE_ENV,
+        "DISPATCH_BRIDGE_STATE_DIR": str(blocker / "state"),
+    }
+    result = subprocess.run(
+        [*dispatch_bridge_command(), "run"], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert f"state dir {blocker / 'state'} is not writable" in result.stderr.decode()
