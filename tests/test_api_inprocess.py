@@ -144,3 +144,29 @@ async def test_hub_drops_only_the_subscription_that_falls_behind() -> None:
     hub.close()
     assert hub.count() == 0
     assert isinstance(elsewhere.queue.get_nowait(), Closing)
+
+
+async def test_a_client_pinging_every_second_keeps_its_stream(server: ApiServer) -> None:
+    # DispatchApiClient pings every 60 s on an idle stream; gRPC's server default
+    # (one ping per 5 minutes, two strikes) answered that with GOAWAY every 3 minutes.
+    # The same policy at a one-second ping interval shows it within seconds.
+    channel = grpc.aio.insecure_channel(
+        server.address,
+        options=[
+            ("grpc.keepalive_time_ms", 1000),
+            ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+    stub = dispatch_pb2_grpc.MicrogridDispatchServiceStub(channel)
+    call = stream(stub, 1)
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    # Several ping intervals with no data on the stream: the pings must be tolerated.
+    await asyncio.sleep(5)
+    async with DispatchApiClient(server_url=server.url, auth_key=KEY, sign_secret=SECRET) as client:
+        created = await client.create(MicrogridId(1), "PING_TEST", "NOW", None, TargetIds(1))
+    event = await asyncio.wait_for(call.read(), 10)
+    assert event.dispatch.metadata.dispatch_id == int(created.id)
+    call.cancel()
+    await channel.close()

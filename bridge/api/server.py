@@ -141,9 +141,20 @@ async def serve(
         microgrids=microgrids,
         clock=clock,
     )
-    # Without this, gRPC sets SO_REUSEPORT and a second server could silently
-    # share a port that is already in use.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        options=[
+            # Without this, gRPC sets SO_REUSEPORT and a second server could
+            # silently share a port that is already in use.
+            ("grpc.so_reuseport", 0),
+            # Streams sit idle for hours and clients keep them alive with HTTP/2
+            # pings (DispatchApiClient: every 60 s). gRPC's default allows one
+            # ping per 5 minutes and answers the third early one with GOAWAY
+            # "too_many_pings", which cut every bridge's stream every 3 minutes.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    )
     dispatch_pb2_grpc.add_MicrogridDispatchServiceServicer_to_server(servicer, server)
     bracketed = f"[{host}]" if ":" in host else host
     try:
