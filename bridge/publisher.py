@@ -24,7 +24,10 @@ One connection per microgrid, in a loop that never gives up:
    unsubscribes. Until the held state is authoritative (a cache was loaded or
    the first sync is done: `mark_authoritative`), the clearing waits.
 4. Meanwhile everything held is republished (the broker may have lost or
-   rolled back retained state), then whatever changed since, newest last.
+   rolled back retained state). Changes (whatever the schedule decided while
+   disconnected or decides now) go ahead of that bulk, so that a start or a
+   stop is never stuck behind thousands of unchanged topics; each topic is
+   sent with its newest value.
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
 about 2.5 times faster than awaiting each one, and avoids aiomqtt's quadratic
@@ -259,7 +262,10 @@ class Publisher:
         self._scan_timeout = scan_timeout
         self._clock = clock
         self._held: dict[str, RetainedValue] = {}
+        # Changes go out before the bulk of a full republish, so that a start or a
+        # stop is not stuck behind 100,000 unchanged topics after a reconnect.
         self._pending: OrderedDict[_Key, None] = OrderedDict()
+        self._bulk: OrderedDict[str, None] = OrderedDict()
         self._events: dict[int, tuple[str, bytes]] = {}
         self._event_counter = 0
         self._max_events = 10_000
@@ -368,9 +374,11 @@ class Publisher:
     @property
     def pending(self) -> int:
         """How many topics and events wait to be sent."""
-        return len(self._pending)
+        return len(self._pending) + len(self._bulk)
 
     def _mark(self, key: _Key) -> None:
+        if isinstance(key, str):
+            self._bulk.pop(key, None)
         self._pending.pop(key, None)
         self._pending[key] = None
         self._idle.clear()
@@ -596,14 +604,9 @@ class Publisher:
         return scan.topics
 
     def _requeue_all(self) -> None:
-        previous = list(self._pending)
-        self._pending.clear()
-        for topic in self._held:
-            self._pending[topic] = None
-        for key in previous:
-            self._pending.pop(key, None)
-            self._pending[key] = None
-        if self._pending:
+        # What changed while disconnected stays ahead; everything else follows.
+        self._bulk = OrderedDict.fromkeys(t for t in self._held if t not in self._pending)
+        if self._pending or self._bulk:
             self._idle.clear()
             self._wakeup.set()
 
@@ -665,12 +668,16 @@ class Publisher:
         )
 
     async def _take(self) -> _Key:
-        while not self._pending:
+        while not self._pending and not self._bulk:
             if self._in_flight == 0:
                 self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
-        key, _ = self._pending.popitem(last=False)
+        key: _Key
+        if self._pending:
+            key, _ = self._pending.popitem(last=False)
+        else:
+            key, _ = self._bulk.popitem(last=False)
         return key
 
     def _materialize(self, value: RetainedValue) -> bytes:
@@ -700,13 +707,17 @@ class Publisher:
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer
                 # state of the same topic is already waiting.
-                if key not in self._pending and (isinstance(key, str) or key in self._events):
+                if (
+                    key not in self._pending
+                    and key not in self._bulk
+                    and (isinstance(key, str) or key in self._events)
+                ):
                     self._pending[key] = None
                     self._pending.move_to_end(key, last=False)
                 raise
             finally:
                 self._in_flight -= 1
-                if self._in_flight == 0 and not self._pending:
+                if self._in_flight == 0 and not self._pending and not self._bulk:
                     self._idle.set()
 
 

@@ -195,3 +195,27 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(4 <= d <= 8 for d in delays[4:])
     backoff.reset()
     assert backoff.next() <= 1
+
+
+async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_path: Path) -> None:
+    publisher = make(mqtt_broker, tmp_path)
+    publisher.mark_authoritative()
+    for index in range(3000):
+        publisher.set(LAYOUT.dispatch("BULK", index), b"x" * 300)
+    urgent = LAYOUT.running("URGENT")
+    async with running(publisher):
+        await async_wait_until(lambda: publisher.pending == 0, 60, "the first publish")
+        await asyncio.to_thread(mqtt_broker.restart)
+        await async_wait_until(publisher.connected.is_set, 15, "the reconnect")
+        publisher.set(urgent, b"now")
+        backlog = publisher.pending
+        # Taken out of the queue (sent) while most of the republish still waits.
+        await async_wait_until(
+            lambda: urgent not in publisher._pending, 10, "the change sent", interval=0.001
+        )
+        left = publisher.pending
+        await async_wait_until(lambda: publisher.pending == 0, 60, "the republish")
+        tree = await snapshot(mqtt_broker)
+    assert tree[urgent] == b"now"
+    assert len([t for t in tree if "/BULK/" in t]) == 3000
+    assert backlog > 2000 and left > 1000, (backlog, left)
