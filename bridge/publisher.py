@@ -24,9 +24,9 @@ One connection per microgrid, in a loop that never gives up:
    unsubscribes. Until the held state is authoritative (a cache was loaded or
    the first sync is done: `mark_authoritative`), the clearing waits.
 4. Meanwhile everything held is republished (the broker may have lost or
-   rolled back retained state). Changes (whatever the schedule decided while
-   disconnected or decides now) go ahead of that bulk, so that a start or a
-   stop is never stuck behind thousands of unchanged topics; each topic is
+   rolled back retained state). Running snapshots, the status and events go
+   ahead of dispatch topics and clears (two queues), so that a start or a
+   stop is never stuck behind thousands of dispatch topics; each topic is
    sent with its newest value.
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
@@ -262,10 +262,11 @@ class Publisher:
         self._scan_timeout = scan_timeout
         self._clock = clock
         self._held: dict[str, RetainedValue] = {}
-        # Changes go out before the bulk of a full republish, so that a start or a
-        # stop is not stuck behind 100,000 unchanged topics after a reconnect.
+        # Two queues: running snapshots, the status and events go out before
+        # dispatch topics and clears, so that a start or a stop is never stuck
+        # behind 100,000 dispatch topics of a first sync or a full republish.
         self._pending: OrderedDict[_Key, None] = OrderedDict()
-        self._bulk: OrderedDict[str, None] = OrderedDict()
+        self._bulk: OrderedDict[_Key, None] = OrderedDict()
         self._events: dict[int, tuple[str, bytes]] = {}
         self._event_counter = 0
         self._max_events = 10_000
@@ -376,11 +377,17 @@ class Publisher:
         """How many topics and events wait to be sent."""
         return len(self._pending) + len(self._bulk)
 
+    def _queue_of(self, key: _Key) -> OrderedDict[_Key, None]:
+        if isinstance(key, int) or isinstance(
+            self._held.get(key), wire.RunningSnapshot | wire.BridgeStatus
+        ):
+            return self._pending
+        return self._bulk
+
     def _mark(self, key: _Key) -> None:
-        if isinstance(key, str):
-            self._bulk.pop(key, None)
+        self._bulk.pop(key, None)
         self._pending.pop(key, None)
-        self._pending[key] = None
+        self._queue_of(key)[key] = None
         self._idle.clear()
         self._wakeup.set()
 
@@ -604,8 +611,10 @@ class Publisher:
         return scan.topics
 
     def _requeue_all(self) -> None:
-        # What changed while disconnected stays ahead; everything else follows.
-        self._bulk = OrderedDict.fromkeys(t for t in self._held if t not in self._pending)
+        # What changed while disconnected stays ahead in its queue; the rest follows.
+        for topic in self._held:
+            if topic not in self._pending and topic not in self._bulk:
+                self._queue_of(topic)[topic] = None
         if self._pending or self._bulk:
             self._idle.clear()
             self._wakeup.set()
@@ -712,8 +721,9 @@ class Publisher:
                     and key not in self._bulk
                     and (isinstance(key, str) or key in self._events)
                 ):
-                    self._pending[key] = None
-                    self._pending.move_to_end(key, last=False)
+                    queue = self._queue_of(key)
+                    queue[key] = None
+                    queue.move_to_end(key, last=False)
                 raise
             finally:
                 self._in_flight -= 1

@@ -203,11 +203,20 @@ async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_
     for index in range(3000):
         publisher.set(LAYOUT.dispatch("BULK", index), b"x" * 300)
     urgent = LAYOUT.running("URGENT")
+    now = wire.RunningSnapshot(
+        microgrid_id=MICROGRID,
+        type="URGENT",
+        running=(),
+        next_change=None,
+        as_of=datetime(2026, 1, 1, tzinfo=UTC),
+        session=0,
+        seq=0,
+    )
     async with running(publisher):
         await async_wait_until(lambda: publisher.pending == 0, 60, "the first publish")
         await asyncio.to_thread(mqtt_broker.restart)
         await async_wait_until(publisher.connected.is_set, 15, "the reconnect")
-        publisher.set(urgent, b"now")
+        publisher.set(urgent, now)
         backlog = publisher.pending
         # Taken out of the queue (sent) while most of the republish still waits.
         await async_wait_until(
@@ -216,6 +225,6 @@ async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_
         left = publisher.pending
         await async_wait_until(lambda: publisher.pending == 0, 60, "the republish")
         tree = await snapshot(mqtt_broker)
-    assert tree[urgent] == b"now"
+    assert wire.decode_running(tree[urgent]).type == "URGENT"
     assert len([t for t in tree if "/BULK/" in t]) == 3000
     assert backlog > 2000 and left > 1000, (backlog, left)
