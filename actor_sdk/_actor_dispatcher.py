@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Generator, Hashable
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
 
 from frequenz.channels import Receiver, ReceiverStoppedError
 from frequenz.client.dispatch.types import DispatchId
@@ -26,6 +25,7 @@ from actor_sdk._actor import ActorFactory
 from actor_sdk._actors import ActorSet
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import STOPPED
+from actor_sdk._service import BackgroundService
 
 __all__ = ["ActorDispatcher"]
 
@@ -36,8 +36,14 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class ActorDispatcher:
-    """Starts, updates and stops actors from running state messages."""
+class ActorDispatcher(BackgroundService):
+    """Starts, updates and stops actors from running state messages.
+
+    `start()` follows the messages in the background until `stop()` or until the
+    receiver ends; stopping (or the receiver ending) stops every actor it started.
+    Awaitable (until stopped) and an async context manager (starts on entry, stops on
+    exit).
+    """
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class ActorDispatcher:
             retry_interval: How long to wait before calling a failed factory again.
             clock: The wall clock (UTC).
         """
+        super().__init__(name="actor-dispatcher")
         self._receiver = running_status_receiver
         self._identity: Callable[[Dispatch], Hashable] = dispatch_identity or (
             lambda dispatch: dispatch.id
@@ -70,68 +77,6 @@ class ActorDispatcher:
             retry_interval=retry_interval,
             clock=clock,
         )
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def is_running(self) -> bool:
-        """Whether it runs."""
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        """Start following the messages (no-op when running)."""
-        if not self.is_running:
-            self._task = asyncio.create_task(self._run(), name="actor-dispatcher")
-
-    def cancel(self, msg: str | None = None) -> None:
-        """Ask it to stop; `wait()` for it.
-
-        Args:
-            msg: The cancellation message.
-        """
-        if self._task is not None:
-            self._task.cancel(msg)
-
-    async def stop(self, msg: str | None = None) -> None:
-        """Stop it and every actor it started.
-
-        Args:
-            msg: The cancellation message.
-        """
-        self.cancel(msg)
-        await self.wait()
-
-    async def wait(self) -> None:
-        """Wait until it stopped (it runs until stopped or its receiver ends).
-
-        Raises:
-            BaseException: Whatever made it fail.
-        """
-        if self._task is None:
-            return
-        await asyncio.wait({self._task})
-        if not self._task.cancelled() and (error := self._task.exception()) is not None:
-            raise error
-
-    def __await__(self) -> Generator[Any, None, None]:
-        """Wait until it stopped, as `await actor_dispatcher`.
-
-        Returns:
-            An iterator for `await`.
-        """
-        return self.wait().__await__()
-
-    async def __aenter__(self) -> Self:
-        """Start it.
-
-        Returns:
-            This manager.
-        """
-        self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        """Stop it."""
-        await self.stop()
 
     def _loop_time_at(self, instant: datetime | None) -> float | None:
         """Convert a wall-clock instant into the event loop's clock (None stays None)."""

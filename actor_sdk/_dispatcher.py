@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Generator, Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self, SupportsInt
+from typing import Self, SupportsInt
 
 import aiomqtt
 from frequenz.channels import BroadcastChannel, Receiver, Sender
@@ -38,6 +38,7 @@ from actor_sdk._planner import (
     running_state_changes,
 )
 from actor_sdk._receivers import PrimedReceiver
+from actor_sdk._service import BackgroundService
 from actor_sdk._view import BridgeView
 
 __all__ = ["Dispatcher"]
@@ -57,7 +58,7 @@ class _StateSubscription:
     strategy: MergeStrategy | None
 
 
-class Dispatcher:
+class Dispatcher(BackgroundService):
     """Manages actors of a microgrid from the schedule a dispatch-bridge publishes.
 
     A drop-in for `frequenz.dispatch.Dispatcher`'s managing API: an async context
@@ -65,6 +66,9 @@ class Dispatcher:
     stopped), with `start_managing`, `stop_managing`, `is_managed`,
     `new_lifecycle_events_receiver`, `new_running_state_event_receiver` and
     `wait_for_initialization`.
+
+    `stop()` (or leaving the context) stops every managed actor, disconnects and
+    closes every receiver. A broker outage never makes it fail: it reconnects.
 
     Example:
         ```python
@@ -118,6 +122,7 @@ class Dispatcher:
             BrokerUrlError: The broker URL or a TLS option is not usable.
         """
         microgrid_id = self._microgrid_id = int(microgrid_id)
+        super().__init__(name=f"dispatcher-{microgrid_id}")
         self._settings = BrokerSettings.from_url(
             broker,
             username=username,
@@ -150,7 +155,6 @@ class Dispatcher:
         self._deadlines: dict[str, datetime] = {}
         self._topics: dict[str, wire.TopicRef] = {}
         self._initialized = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._was_live = False
 
     # --- service -----------------------------------------------------------------
@@ -161,58 +165,9 @@ class Dispatcher:
         return self._microgrid_id
 
     @property
-    def is_running(self) -> bool:
-        """Whether the dispatcher runs (started and not stopped)."""
-        return self._task is not None and not self._task.done()
-
-    @property
     def is_live(self) -> bool:
         """Whether the dispatcher has a live view: connected, in sync, bridge online."""
         return self._view.live
-
-    def start(self) -> None:
-        """Start connecting and managing in the background (no-op when running)."""
-        if self.is_running:
-            return
-        self._task = asyncio.create_task(self._run(), name=f"dispatcher-{self._microgrid_id}")
-
-    def cancel(self, msg: str | None = None) -> None:
-        """Ask the dispatcher to stop; `wait()` for it to finish.
-
-        Args:
-            msg: The cancellation message.
-        """
-        if self._task is not None:
-            self._task.cancel(msg)
-
-    async def stop(self, msg: str | None = None) -> None:
-        """Stop every managed actor, disconnect, and close every receiver.
-
-        Args:
-            msg: The cancellation message.
-        """
-        self.cancel(msg)
-        await self.wait()
-
-    async def wait(self) -> None:
-        """Wait until the dispatcher stopped (it runs until stopped or cancelled).
-
-        Raises:
-            BaseException: Whatever made the dispatcher fail (never a broker outage).
-        """
-        if self._task is None:
-            return
-        await asyncio.wait({self._task})
-        if not self._task.cancelled() and (error := self._task.exception()) is not None:
-            raise error
-
-    def __await__(self) -> Generator[Any, None, None]:
-        """Wait until the dispatcher stopped, as `await dispatcher`.
-
-        Returns:
-            An iterator for `await`.
-        """
-        return self.wait().__await__()
 
     async def __aenter__(self) -> Self:
         """Start and wait for the first sync with the broker.
@@ -223,10 +178,6 @@ class Dispatcher:
         self.start()
         await self.wait_for_initialization()
         return self
-
-    async def __aexit__(self, *_: object) -> None:
-        """Stop (every managed actor is stopped)."""
-        await self.stop()
 
     async def wait_for_initialization(self) -> None:
         """Wait until the retained state was received once after the first connect.
