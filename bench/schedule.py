@@ -14,48 +14,26 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from actor_sdk import wire
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._dispatches import dispatch
 from bridge import schedule
 
 NOW = datetime(2026, 11, 28, 6, 34, 25, 500_000, tzinfo=UTC)
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
 QUERY_BUDGET_US = 10.0
 RUNNING_BUDGET_S = 0.3
 AGES = {"1 day": 1, "30 days": 30, "1 year": 365, "5 years": 5 * 365}
 PERIODS = {"MINUTELY": 60, "HOURLY": 3600, "DAILY": 86400}
-
-
-def make(
-    dispatch_id: int,
-    start: datetime,
-    duration: int | None,
-    recurrence: wire.Recurrence | None = None,
-    *,
-    active: bool = True,
-) -> wire.Dispatch:
-    return wire.Dispatch(
-        id=dispatch_id,
-        type="BENCH",
-        start_time=start,
-        duration=duration,
-        target=wire.Target(ids=(1,)),
-        active=active,
-        dry_run=False,
-        payload={},
-        recurrence=recurrence,
-        create_time=T0,
-        update_time=T0,
-        end_time=None,
-        running=False,
-        until=None,
-        next_run=None,
-    )
 
 
 def per_call(call: Callable[[], object], least_seconds: float, most_calls: int) -> float:
@@ -114,7 +92,7 @@ def query_rows(quick: bool) -> list[Row]:
     # The reference's cost per past occurrence, measured on a cheap case, for
     # extrapolating the expensive ones in quick mode.
     per_occurrence: float | None = None
-    one_off = make(1, NOW - timedelta(minutes=5), 600)
+    one_off = dispatch(start=NOW - timedelta(minutes=5), duration=600)
     ours = ours_per_query(one_off, quick)
     reference = reference_per_query(one_off, quick)
     rows.append(
@@ -129,7 +107,11 @@ def query_rows(quick: bool) -> list[Row]:
     for frequency, period in PERIODS.items():
         for age_name, days in AGES.items():
             start = (NOW - timedelta(days=days)).replace(second=0, microsecond=0)
-            d = make(1, start, 30, wire.Recurrence(frequency=frequency, interval=1))  # type: ignore[arg-type]
+            d = dispatch(
+                start=start,
+                duration=30,
+                recurrence=wire.Recurrence(frequency=frequency, interval=1),  # type: ignore[arg-type]
+            )
             occurrences = (NOW - start).total_seconds() / period
             ours = ours_per_query(d, quick)
             if quick and occurrences > 3_000 and per_occurrence is not None:
@@ -171,7 +153,9 @@ def varied(count: int, seed: int = 42) -> list[wire.Dispatch]:
             start = NOW + timedelta(seconds=rng.randint(-30 * 86400, 30 * 86400))
             pick = rng.random()
             duration = None if pick < 0.05 else 0 if pick < 0.1 else rng.randint(60, 4 * 3600)
-            dispatches.append(make(index, start, duration, active=active))
+            dispatches.append(
+                dispatch(dispatch_id=index, start=start, duration=duration, active=active)
+            )
             continue
         frequency = rng.choice(frequencies)
         start = NOW - timedelta(seconds=rng.randint(0, 30 * 86400))
@@ -202,7 +186,15 @@ def varied(count: int, seed: int = 42) -> list[wire.Dispatch]:
             **fields,  # type: ignore[arg-type]
         )
         duration = None if rng.random() < 0.05 else rng.randint(1, 2 * period)
-        dispatches.append(make(index, start, duration, rule, active=active))
+        dispatches.append(
+            dispatch(
+                dispatch_id=index,
+                start=start,
+                duration=duration,
+                recurrence=rule,
+                active=active,
+            )
+        )
     return dispatches
 
 

@@ -6,43 +6,26 @@ import signal
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from frequenz.client.dispatch import types as client_types
 
 from actor_sdk import wire
+from bench._dispatches import dispatch
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _T = TypeVar("_T")
 
-
-def dispatch(
-    *,
-    start: datetime,
-    duration: int | None = 60,
-    active: bool = True,
-    recurrence: wire.Recurrence | None = None,
-    dispatch_id: int = 1,
-) -> wire.Dispatch:
-    """Build a wire dispatch with the fields the schedule cares about."""
-    return wire.Dispatch(
-        id=dispatch_id,
-        type="TEST",
-        start_time=start,
-        duration=duration,
-        target=wire.Target(ids=(1,)),
-        active=active,
-        dry_run=False,
-        payload={},
-        recurrence=recurrence,
-        create_time=T0,
-        update_time=T0,
-        end_time=None,
-        running=False,
-        until=None,
-        next_run=None,
-    )
+__all__ = [
+    "OracleTooSlow",
+    "client",
+    "dispatch",
+    "expected_state",
+    "oracle",
+    "rule",
+    "shift",
+    "time_limit",
+]
 
 
 def rule(frequency: str, interval: int = 1, **fields: Any) -> wire.Recurrence:
