@@ -17,6 +17,7 @@ from actor_sdk._planner import (
     confirmed_running,
     running_state_changes,
 )
+from tests.fixtures.sdk import wire_dispatch
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -32,27 +33,18 @@ def dispatch(
     dry_run: bool = False,
     dispatch_type: str = "T",
 ) -> Dispatch:
-    start = NOW - timedelta(seconds=started_ago)
-    until = None if duration is None or not running else start + timedelta(seconds=duration)
-    return from_wire(
-        wire.Dispatch(
-            id=dispatch_id,
-            type=dispatch_type,
-            start_time=start,
-            duration=duration,
-            target=wire.Target(ids=ids),
-            active=True,
-            dry_run=dry_run,
-            payload=payload if payload is not None else {"n": dispatch_id},
-            create_time=start,
-            update_time=start,
-            end_time=None,
-            running=running,
-            until=until,
-            next_run=None,
-        ),
-        as_of=NOW,
+    """A dispatch as the SDK holds it, started `started_ago` seconds before `NOW`."""
+    wired = wire_dispatch(
+        dispatch_id,
+        dispatch_type,
+        start=NOW - timedelta(seconds=started_ago),
+        duration=duration,
+        running=running,
+        payload=payload,
+        target=wire.Target(ids=ids),
+        dry_run=dry_run,
     )
+    return from_wire(wired, as_of=NOW)
 
 
 def ids(dispatches: tuple[Dispatch, ...]) -> list[int]:
