@@ -25,6 +25,7 @@ from actor_sdk import (
     DispatchInfo,
     MergeByType,
     MergeByTypeTarget,
+    MergeStrategy,
     Updated,
     manage,
     wire,
@@ -59,6 +60,27 @@ async def dispatcher_for(
         yield dispatcher
 
 
+@contextlib.asynccontextmanager
+async def managing(
+    bridge: ScriptedBridge,
+    log: ActorLog,
+    url: str | None = None,
+    *,
+    merge_strategy: MergeStrategy | None = None,
+    retry_interval: timedelta = timedelta(seconds=60),
+    **options: object,
+) -> AsyncIterator[Dispatcher]:
+    """A `dispatcher_for(bridge, url, **options)` that manages type `T` with `log`'s actors."""
+    async with dispatcher_for(bridge, url, **options) as dispatcher:
+        await dispatcher.start_managing(
+            T,
+            actor_factory=log.factory,
+            merge_strategy=merge_strategy,
+            retry_interval=retry_interval,
+        )
+        yield dispatcher
+
+
 async def test_starts_an_actor_with_the_payload_target_and_dry_run_then_stops_it(
     scripted_bridge: ScriptedBridge,
 ) -> None:
@@ -67,8 +89,7 @@ async def test_starts_an_actor_with_the_payload_target_and_dry_run_then_stops_it
     d1 = wire_dispatch(
         1, T, payload={"power_w": 5000}, target=wire.Target(ids=(7, 8)), dry_run=True
     )
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await scripted_bridge.running(T, [d1])
         start = await log.wait_count("start", 1)
         assert start.info is not None
@@ -90,8 +111,7 @@ async def test_a_running_dispatch_changed_is_an_update_not_a_restart(
     log = ActorLog()
     await scripted_bridge.status("online")
     await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 1})])
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await log.wait_count("start", 1)
         changed = wire_dispatch(1, T, payload={"v": 2}, target=wire.Target(ids=(9,)))
         await scripted_bridge.running(T, [changed])
@@ -113,8 +133,7 @@ async def test_old_and_duplicate_snapshots_are_ignored_and_a_new_session_wins(
     await scripted_bridge.status("online", session=5)
     d1 = wire_dispatch(1, T)
     await scripted_bridge.running(T, [d1], session=5, seq=10)
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await log.wait_count("start", 1)
         await scripted_bridge.running(T, [], session=5, seq=9)  # older
         await scripted_bridge.running(T, [], session=5, seq=10)  # duplicate
@@ -135,8 +154,7 @@ async def test_garbage_is_logged_with_its_topic_and_ignored(
     log = ActorLog()
     await scripted_bridge.status("online")
     layout = scripted_bridge.layout
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         with caplog.at_level(logging.WARNING, logger="actor_sdk"):
             await scripted_bridge.raw(layout.running(T), b"{not json", retain=False)
             await scripted_bridge.raw(layout.dispatch(T, 3), b"[1,2]", retain=False)
@@ -155,8 +173,7 @@ async def test_nothing_starts_while_the_bridge_is_offline(
     log = ActorLog()
     await scripted_bridge.status("offline")
     await scripted_bridge.running(T, [wire_dispatch(1, T)])
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await scripted_bridge.running(T, [wire_dispatch(1, T), wire_dispatch(2, T)])
         # The status is the bridge's word: once online, the snapshot is confirmed.
         await asyncio.sleep(0.3)  # nothing to await: asserting that nothing happens
@@ -173,8 +190,7 @@ async def test_a_snapshot_whose_run_already_ended_is_not_started(
     past = utcnow() - timedelta(seconds=30)
     ended = wire_dispatch(1, T, start=past, duration=10)
     await scripted_bridge.running(T, [ended])
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await scripted_bridge.running(T, [ended, wire_dispatch(2, T)])
         await log.wait_count("start", 1)
         assert log.running_dispatch_ids() == [2]
@@ -188,8 +204,7 @@ async def test_bridge_offline_stops_the_actor_at_its_until(
     until = utcnow() + timedelta(seconds=1.5)
     d1 = wire_dispatch(1, T, duration=None, until=None)
     d1 = wire_dispatch(1, T, start=until - timedelta(seconds=10), duration=10)
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         await scripted_bridge.running(T, [d1])
         await log.wait_count("start", 1)
         await scripted_bridge.status("offline")
@@ -201,35 +216,29 @@ async def test_bridge_offline_stops_the_actor_at_its_until(
 
 
 async def test_lost_broker_connection_stops_the_actor_at_its_until_and_reconnect_reconciles(
-    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
 ) -> None:
     log = ActorLog()
-    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
-    await proxy.start()
-    try:
-        await scripted_bridge.status("online")
-        start = utcnow() - timedelta(seconds=8)
-        d1 = wire_dispatch(1, T, start=start, duration=10)  # ends in about 2 s
-        d2 = wire_dispatch(2, T, duration=60)
-        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
-            await dispatcher.start_managing(T, actor_factory=log.factory)
-            await scripted_bridge.running(T, [d1, d2])
-            await log.wait_count("start", 2)
-            await proxy.cut()
-            # Disconnected: d1 stops at its own until, d2 (60 s) keeps running.
-            stop = await log.wait_count("stop", 1, within=5)
-            assert stop.dispatch_id == 1
-            assert d1.until is not None
-            assert abs((utcnow() - d1.until).total_seconds()) < 0.5
-            # Meanwhile the bridge stops d2 and starts d3.
-            d3 = wire_dispatch(3, T, duration=60)
-            await scripted_bridge.running(T, [d3])
-            await proxy.resume()
-            await log.wait_for(lambda lg: lg.running_dispatch_ids() == [3], what="only d3")
-            assert [r.dispatch_id for r in log.of("start")] == [1, 2, 3]
-            assert sorted(r.dispatch_id for r in log.of("stop")) == [1, 2]
-    finally:
-        await proxy.close()
+    await scripted_bridge.status("online")
+    start = utcnow() - timedelta(seconds=8)
+    d1 = wire_dispatch(1, T, start=start, duration=10)  # ends in about 2 s
+    d2 = wire_dispatch(2, T, duration=60)
+    async with managing(scripted_bridge, log, broker_proxy.url(mqtt_broker_session)):
+        await scripted_bridge.running(T, [d1, d2])
+        await log.wait_count("start", 2)
+        await broker_proxy.cut()
+        # Disconnected: d1 stops at its own until, d2 (60 s) keeps running.
+        stop = await log.wait_count("stop", 1, within=5)
+        assert stop.dispatch_id == 1
+        assert d1.until is not None
+        assert abs((utcnow() - d1.until).total_seconds()) < 0.5
+        # Meanwhile the bridge stops d2 and starts d3.
+        d3 = wire_dispatch(3, T, duration=60)
+        await scripted_bridge.running(T, [d3])
+        await broker_proxy.resume()
+        await log.wait_for(lambda lg: lg.running_dispatch_ids() == [3], what="only d3")
+        assert [r.dispatch_id for r in log.of("start")] == [1, 2, 3]
+        assert sorted(r.dispatch_id for r in log.of("stop")) == [1, 2]
 
 
 async def poll(condition: Callable[[], bool], within: float = 10.0) -> None:
@@ -240,63 +249,52 @@ async def poll(condition: Callable[[], bool], within: float = 10.0) -> None:
 
 
 async def test_a_running_snapshot_lost_by_the_broker_keeps_the_last_one(
-    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
 ) -> None:
     log = ActorLog()
-    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
-    await proxy.start()
-    try:
-        await scripted_bridge.status("online")
-        await scripted_bridge.running(T, [wire_dispatch(1, T, duration=None)])
-        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
-            await dispatcher.start_managing(T, actor_factory=log.factory)
-            await log.wait_count("start", 1)
-            await proxy.cut()
-            await poll(lambda: not dispatcher.is_live)
-            await scripted_bridge.raw(scripted_bridge.layout.running(T), b"")
-            await proxy.resume()
-            await poll(lambda: dispatcher.is_live)
-            assert log.of("stop") == []
-            await scripted_bridge.running(T, [])  # the bridge's word
-            await log.wait_count("stop", 1)
-    finally:
-        await proxy.close()
+    await scripted_bridge.status("online")
+    await scripted_bridge.running(T, [wire_dispatch(1, T, duration=None)])
+    async with managing(scripted_bridge, log, broker_proxy.url(mqtt_broker_session)) as dispatcher:
+        await log.wait_count("start", 1)
+        await broker_proxy.cut()
+        await poll(lambda: not dispatcher.is_live)
+        await scripted_bridge.raw(scripted_bridge.layout.running(T), b"")
+        await broker_proxy.resume()
+        await poll(lambda: dispatcher.is_live)
+        assert log.of("stop") == []
+        await scripted_bridge.running(T, [])  # the bridge's word
+        await log.wait_count("stop", 1)
 
 
 async def test_lifecycle_events_from_the_retained_dispatch_topics(
-    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
 ) -> None:
-    proxy = TcpProxy(mqtt_broker_session.host, mqtt_broker_session.port)
-    await proxy.start()
-    try:
-        await scripted_bridge.status("online")
-        await scripted_bridge.dispatch(wire_dispatch(1, T, running=False))
-        await scripted_bridge.dispatch(wire_dispatch(2, T, running=False))
-        await scripted_bridge.dispatch(wire_dispatch(3, "OTHER", running=False))
-        async with dispatcher_for(scripted_bridge, proxy.url(mqtt_broker_session)) as dispatcher:
-            events = dispatcher.new_lifecycle_events_receiver(T)
+    await scripted_bridge.status("online")
+    await scripted_bridge.dispatch(wire_dispatch(1, T, running=False))
+    await scripted_bridge.dispatch(wire_dispatch(2, T, running=False))
+    await scripted_bridge.dispatch(wire_dispatch(3, "OTHER", running=False))
+    async with dispatcher_for(scripted_bridge, broker_proxy.url(mqtt_broker_session)) as dispatcher:
+        events = dispatcher.new_lifecycle_events_receiver(T)
 
-            async def next_event() -> DispatchEvent:
-                return await asyncio.wait_for(events.receive(), 5)
+        async def next_event() -> DispatchEvent:
+            return await asyncio.wait_for(events.receive(), 5)
 
-            first = [await next_event(), await next_event()]
-            assert [(type(e), int(e.dispatch.id)) for e in first] == [(Created, 1), (Created, 2)]
-            # Only the computed state changes: no event. The payload changes: Updated.
-            await scripted_bridge.dispatch(wire_dispatch(1, T, running=True))
-            await scripted_bridge.dispatch(wire_dispatch(1, T, payload={"new": True}))
-            updated = await next_event()
-            assert isinstance(updated, Updated) and updated.dispatch.payload == {"new": True}
-            await scripted_bridge.delete(T, 1)
-            deleted = await next_event()
-            assert isinstance(deleted, Deleted) and deleted.dispatch.deleted
-            # Deleted while disconnected: learnt at the resync.
-            await proxy.cut()
-            await scripted_bridge.delete(T, 2)
-            await proxy.resume()
-            gone = await next_event()
-            assert isinstance(gone, Deleted) and int(gone.dispatch.id) == 2
-    finally:
-        await proxy.close()
+        first = [await next_event(), await next_event()]
+        assert [(type(e), int(e.dispatch.id)) for e in first] == [(Created, 1), (Created, 2)]
+        # Only the computed state changes: no event. The payload changes: Updated.
+        await scripted_bridge.dispatch(wire_dispatch(1, T, running=True))
+        await scripted_bridge.dispatch(wire_dispatch(1, T, payload={"new": True}))
+        updated = await next_event()
+        assert isinstance(updated, Updated) and updated.dispatch.payload == {"new": True}
+        await scripted_bridge.delete(T, 1)
+        deleted = await next_event()
+        assert isinstance(deleted, Deleted) and deleted.dispatch.deleted
+        # Deleted while disconnected: learnt at the resync.
+        await broker_proxy.cut()
+        await scripted_bridge.delete(T, 2)
+        await broker_proxy.resume()
+        gone = await next_event()
+        assert isinstance(gone, Deleted) and int(gone.dispatch.id) == 2
 
 
 async def test_running_state_receiver_with_merge_holds_back_a_stop_while_another_runs(
@@ -330,10 +328,7 @@ async def test_a_failing_factory_is_retried_every_retry_interval(
     log = ActorLog(fail_next=2)
     await scripted_bridge.status("online")
     await scripted_bridge.running(T, [wire_dispatch(1, T)])
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(
-            T, actor_factory=log.factory, retry_interval=timedelta(seconds=0.5)
-        )
+    async with managing(scripted_bridge, log, retry_interval=timedelta(seconds=0.5)):
         await log.wait_count("start", 1, within=5)
     calls = log.factory_calls
     assert len(calls) == 3
@@ -348,8 +343,7 @@ async def test_merge_by_type_keeps_one_actor_that_always_reflects_a_running_disp
     await scripted_bridge.status("online")
     d1 = wire_dispatch(1, T, payload={"p": 1})
     d2 = wire_dispatch(2, T, payload={"p": 2}, start=utcnow() + timedelta(seconds=1))
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory, merge_strategy=MergeByType())
+    async with managing(scripted_bridge, log, merge_strategy=MergeByType()):
         await scripted_bridge.running(T, [d1])
         await log.wait_count("start", 1)
         await scripted_bridge.running(T, [d1, d2])
@@ -372,10 +366,7 @@ async def test_merge_by_type_target_and_dry_run_make_separate_actors(
     a2 = wire_dispatch(2, T, target=wire.Target(ids=(1,)))
     b3 = wire_dispatch(3, T, target=wire.Target(ids=(2,)))
     dry4 = wire_dispatch(4, T, target=wire.Target(ids=(1,)), dry_run=True)
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(
-            T, actor_factory=log.factory, merge_strategy=MergeByTypeTarget()
-        )
+    async with managing(scripted_bridge, log, merge_strategy=MergeByTypeTarget()):
         await scripted_bridge.running(T, [a1, a2, b3, dry4])
         await log.wait_count("start", 3)
         assert len(log.running) == 3
@@ -390,8 +381,7 @@ async def test_clock_skew_is_logged_once(
 ) -> None:
     log = ActorLog()
     await scripted_bridge.status("online")
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(scripted_bridge, log):
         with caplog.at_level(logging.WARNING, logger="actor_sdk"):
             skewed = utcnow() - timedelta(seconds=5)
             for n in range(3):
@@ -406,8 +396,7 @@ async def test_broker_restart_is_survived(mqtt_broker: Broker) -> None:
     async with ScriptedBridge(mqtt_broker, new_microgrid_id()) as bridge:
         await bridge.status("online")
         await bridge.running(T, [wire_dispatch(1, T, duration=60)])
-    async with dispatcher_for(bridge) as dispatcher:
-        await dispatcher.start_managing(T, actor_factory=log.factory)
+    async with managing(bridge, log):
         await log.wait_count("start", 1)
         mqtt_broker.restart()
         async with ScriptedBridge(mqtt_broker, bridge.microgrid_id) as again:
@@ -422,10 +411,7 @@ async def test_retries_wait_for_a_live_view(scripted_bridge: ScriptedBridge) -> 
     log = ActorLog(fail_next=1)
     await scripted_bridge.status("online")
     await scripted_bridge.running(T, [wire_dispatch(1, T)])
-    async with dispatcher_for(scripted_bridge) as dispatcher:
-        await dispatcher.start_managing(
-            T, actor_factory=log.factory, retry_interval=timedelta(seconds=0.3)
-        )
+    async with managing(scripted_bridge, log, retry_interval=timedelta(seconds=0.3)):
         await log.wait_for(lambda lg: len(lg.factory_calls) == 1, what="the failed call")
         await scripted_bridge.status("offline")
         await asyncio.sleep(0.8)  # past the retry: nothing to await, nothing may happen
