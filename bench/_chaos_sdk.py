@@ -37,6 +37,8 @@ from frequenz.channels import Receiver
 from actor_sdk import DispatchInfo, MergeByType, MergeByTypeTarget, MergeStrategy, manage
 
 _counter = itertools.count(1)
+_SLOW_STOP_S = float(os.environ.get("CHAOS_SABOTAGE_SLOW_STOP_S", "0"))
+"""Seconds every actor takes to stop: set by `chaos.py --sabotage` only."""
 
 
 class Recorder:
@@ -93,6 +95,9 @@ class RecordingActor:
 
     async def stop(self, msg: str | None = None) -> None:
         """Stop following and record the stop."""
+        if _SLOW_STOP_S:
+            # Sabotage for checking the checker: an actor that takes long to stop.
+            await asyncio.sleep(_SLOW_STOP_S)
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

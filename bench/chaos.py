@@ -103,8 +103,9 @@ class Stats:
 class System:
     """Broker, API server, bridge and actor hosts, with kill and restart of each."""
 
-    def __init__(self, workdir: Path, *, quick: bool) -> None:
+    def __init__(self, workdir: Path, *, quick: bool, slow_stop_s: float = 0.0) -> None:
         self.workdir = workdir
+        self.slow_stop_s = slow_stop_s
         self.factory = ProcessFactory(workdir / "logs")
         self.broker: Broker = start_broker(workdir / "broker")
         if self.broker.kind != "mosquitto":
@@ -146,6 +147,7 @@ class System:
             name=name,
             start=False,
             extra_env={
+                "CHAOS_SABOTAGE_SLOW_STOP_S": str(self.slow_stop_s),
                 "MQTT_URL": f"mqtt://{self.broker.host}:{self.broker.port}",
                 "MQTT_USERNAME": "actor",
                 "MQTT_PASSWORD": self.broker.passwords["actor"] or "",
@@ -432,7 +434,9 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PL
     rng = random.Random(args.seed)
     stats = Stats()
     print(f"chaos run: seed {args.seed}, {args.minutes:g} min, logs in {workdir}", flush=True)
-    system = await asyncio.to_thread(System, workdir, quick=args.quick)
+    system = await asyncio.to_thread(
+        System, workdir, quick=args.quick, slow_stop_s=args.sabotage_slow_stop
+    )
     driver = Driver(system, rng, stats)
     faults: list[Fault] = []
     host_deaths: dict[str, list[float]] = {}
@@ -570,6 +574,13 @@ def main() -> int:
     parser.add_argument("--down-max", type=float, default=4.0, help="max seconds a part is down")
     parser.add_argument("--quiet", type=float, default=None, help="quiet period, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the logs also on success")
+    parser.add_argument(
+        "--sabotage-slow-stop",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="checks the checker: every actor takes S seconds to stop (expect violations)",
+    )
     args = parser.parse_args()
     if args.quiet is None:
         args.quiet = 8.0 if args.quick else 20.0
