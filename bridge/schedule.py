@@ -169,8 +169,14 @@ def _seconds(instant: datetime) -> tuple[int, int]:
     return delta.days * _DAY + delta.seconds, delta.microseconds
 
 
+_LAST_SECOND = _seconds(datetime.max.replace(tzinfo=UTC))[0]
+
+
 def _instant(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
+    # Rules and durations can reach past year 9999, where datetime ends: such an
+    # instant is "not before the end of time", and the last representable second
+    # says exactly that without an OverflowError in the middle of a schedule step.
+    return datetime.fromtimestamp(min(seconds, _LAST_SECOND), UTC)
 
 
 @lru_cache(maxsize=4096)

@@ -262,3 +262,17 @@ def test_running_at_sorts_by_id_and_gives_the_earliest_change() -> None:
     assert [d.id for d in running] == [1, 3, 7]
     assert change == utc(2026, 1, 1, 12, 1)
     assert running_at([], now) == ([], None)
+
+
+def test_runs_chained_past_year_9999_answer_without_overflow() -> None:
+    # Found by the property test: 24-yearly runs of 60 years each never stop, and
+    # the chain's end lies beyond the last instant a datetime can hold.
+    start = datetime(2024, 2, 29, 10, 30, 15, tzinfo=UTC)
+    d = dispatch(start=start, duration=1_904_646_249, recurrence=rule("YEARLY", 24))
+
+    state = run_state(d, start)
+
+    assert state.running
+    assert state.until == start + timedelta(seconds=1_904_646_249)
+    assert state.next_run == start
+    assert state.changes_at == datetime.max.replace(tzinfo=UTC).replace(microsecond=0)
