@@ -162,3 +162,39 @@ def test_many_dispatches_starting_at_once_hand_over_the_running_snapshots_first(
     dispatch_topics = [i for i, topic in enumerate(sink.calls) if "/dispatches/" in topic]
     assert len(snapshots) == 10 and len(dispatch_topics) == 100
     assert max(snapshots) < min(dispatch_topics)
+
+
+class _SlowSink(_OrderSink):
+    """Takes `pause` seconds to accept the first snapshot that runs something (a long step)."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.pause = pause
+        self.snapshots: list[wire.RunningSnapshot] = []
+
+    def set(self, topic: str, payload: object) -> None:
+        if isinstance(payload, wire.RunningSnapshot):
+            if payload.running and not any(s.running for s in self.snapshots):
+                time.sleep(self.pause)
+            self.snapshots.append(payload)
+
+
+async def test_a_long_step_does_not_make_the_next_scheduled_change_late() -> None:
+    # The sleep until the next change counts from after the step, not from its start.
+    sink = _SlowSink(pause=0.15)
+    layout = wire.TopicLayout.for_microgrid(MG)
+    service = MicrogridService(ScheduleCore(MG, layout), sink)
+    first = datetime.now(UTC) + timedelta(milliseconds=300)
+    second = first + timedelta(milliseconds=400)
+    service.put(Synced([_dispatch(1, "A", first), _dispatch(2, "B", second)]))
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = time.monotonic() + 5
+        while not any(s.type == "B" and s.running for s in sink.snapshots):
+            assert time.monotonic() < deadline, "dispatch 2 never started"
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+    started = next(s for s in sink.snapshots if s.type == "B" and s.running)
+    late = (started.as_of - second).total_seconds()
+    assert 0 <= late < 0.1, f"the second start was computed {late * 1000:.0f} ms late"
