@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -212,6 +215,7 @@ async def test_kill9_after_autosave_keeps_retained_messages_on_the_same_port(
     port = mqtt_broker.port
     saves_before = mqtt_broker.log().count("Saving in-memory database")
     topic = unique_topic()
+    published_ns = time.time_ns()
     await publish(mqtt_broker, "bridge", topic, b"autosaved")
 
     # The shipped autosave_interval is 10 s; wait for the first save after the publish.
@@ -220,6 +224,17 @@ async def test_kill9_after_autosave_keeps_retained_messages_on_the_same_port(
         lambda: mqtt_broker.log().count("Saving in-memory database") > saves_before,
         20,
         "a Mosquitto autosave",
+    )
+    # Mosquitto logs that line before it writes `<file>.new` and renames it over
+    # the database: the save is complete once the database is newer than the publish.
+    saved_to = Path(
+        re.findall(r"Saving in-memory database to (\S+?)\.?$", mqtt_broker.log(), re.M)[-1]
+    )
+    await asyncio.to_thread(
+        wait_until,
+        lambda: saved_to.exists() and saved_to.stat().st_mtime_ns > published_ns,
+        10,
+        "the autosave to finish writing",
     )
     mqtt_broker.kill9()
     mqtt_broker.start()
