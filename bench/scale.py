@@ -301,13 +301,18 @@ async def new_subscribers(
     sdk.start()
     await sdk.wait_for_initialization()
     view = sdk._view
-    await async_wait_until(
-        lambda: sum(len(view.dispatches(t)) for t in view.types()) >= dispatches,
-        120,
-        "the SDK to hold every dispatch",
-    )
-    result["sdk"] = time.perf_counter() - started
-    progress("the SDK holds every dispatch")
+
+    def held() -> int:
+        # The view's own dicts: `view.dispatches()` copies, too slow to poll at 100k.
+        return sum(len(of_type) for of_type in view._dispatches.values())
+
+    try:
+        await async_wait_until(lambda: held() >= dispatches, 120, "the SDK to hold all")
+        result["sdk"] = time.perf_counter() - started
+    except TimeoutError:
+        result["sdk"] = float("nan")
+        result["sdk_held"] = held()
+    progress(f"the SDK holds {held()} dispatches")
     await sdk.stop()
 
     if api_url is None:
@@ -405,6 +410,10 @@ def _subscribers(
         subs.get("reference"),
         "s",
     )
+    if "sdk_held" in subs:
+        table.note(
+            f"the actor SDK held only {subs['sdk_held']:,.0f} of {size:,} dispatches after 120 s"
+        )
     started = time.perf_counter()
     subprocess.run(
         [

@@ -519,6 +519,9 @@ class Sink(Protocol):
         """Publish the bridge status."""
 
 
+_LOG_DELAY_S = 0.01
+"""How long the log lines of a step wait, so that they never delay its topics."""
+
 _SPIN_S = 0.002
 """How long before a scheduled change the loop stops sleeping and yields instead."""
 
@@ -712,6 +715,15 @@ class MicrogridService:
             self._sink.event(topic, payload)
         if out.changed:
             self.on_change()
+        if out.rejected or out.transitions:
+            # Once the publisher wrote its first window: a hundred log lines
+            # written before that delay the snapshots by milliseconds.
+            try:
+                asyncio.get_running_loop().call_later(_LOG_DELAY_S, self._log_outcome, out)
+            except RuntimeError:  # stepped without a loop (tests)
+                self._log_outcome(out)
+
+    def _log_outcome(self, out: Outbox) -> None:
         for dispatch_id, reason in out.rejected:
             _logger.error(
                 "microgrid %d: dispatch %d cannot be published (%s): ignored",

@@ -8,6 +8,7 @@ server's SQLite file in bulk before it starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -198,3 +199,19 @@ async def test_a_long_step_does_not_make_the_next_scheduled_change_late() -> Non
     started = next(s for s in sink.snapshots if s.type == "B" and s.running)
     late = (started.as_of - second).total_seconds()
     assert 0 <= late < 0.1, f"the second start was computed {late * 1000:.0f} ms late"
+
+
+async def test_a_big_step_logs_its_transitions_after_the_publisher_had_its_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A hundred log lines written inside the step would hold the publisher back.
+    start = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+    sink = _OrderSink()
+    service = MicrogridService(ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG)), sink)
+    service.put(Synced([_dispatch(i, f"T{i % 10}", start) for i in range(1, 101)]))
+    service.step(start - timedelta(seconds=1))
+    with caplog.at_level(logging.INFO, "bridge.service"):
+        service.step(start)
+        assert len(sink.calls) > 100 and " started, until " not in caplog.text
+        await asyncio.sleep(0.1)
+    assert caplog.text.count(" started, until ") == 100
