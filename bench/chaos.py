@@ -498,7 +498,7 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PL
         host_types=host_types,
         host_modes=host_modes,
         begin=begin,
-        end=end - args.tolerance,
+        end=end,
         tol=args.tolerance,
     )
     violations = tree_problems + report.violations

@@ -133,6 +133,11 @@ def test_merged_actor_covers_overlapping_windows_of_its_type() -> None:
     assert verdict(truth, [run(10.1, 20.2, key="A")], mode="type") != []  # stopped early
 
 
+def test_actor_starting_in_a_window_that_opens_just_before_the_end_is_no_violation() -> None:
+    # A window opening 0.5 s before the end of the run: the actor running then is right.
+    assert verdict(truth_with(one_off(1, 59, 10)), [run(59.1, 60)]) == []
+
+
 def test_records_of_a_killed_host_end_at_its_death() -> None:
     records = [
         {"t": T0 + 10, "host": "h", "ev": "start", "type": "A", "actor": "x", "id": 1},
