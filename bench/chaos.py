@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,7 @@ LAYOUT = wire.TopicLayout.for_microgrid(MG)
 TYPES = ("CHAOS_A", "CHAOS_B")
 SDK_HOST = Path(__file__).resolve().parent / "_chaos_sdk.py"
 RECOVERY_TIMEOUT = 60.0
+_SYNCED = re.compile(r"\bsynced \d+ dispatches from the Dispatch API")
 
 
 @dataclass
@@ -107,22 +109,30 @@ class System:
         self.workdir = workdir
         self.slow_stop_s = slow_stop_s
         self.factory = ProcessFactory(workdir / "logs")
+        self.hosts: list[Host] = []
+        self.records = workdir / "actors.jsonl"
+        self.records.touch()
         self.broker: Broker = start_broker(workdir / "broker")
+        self.api = ApiServerHandle(workdir, name="api")
+        try:
+            self._start(quick)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, quick: bool) -> None:
         if self.broker.kind != "mosquitto":
             raise SystemExit("the chaos run needs the mosquitto binary (it kills and restarts it)")
-        self.api = ApiServerHandle(workdir, name="api")
         self.api.start()
         self.bridge = BridgeHandle(
             self.factory,
             api=self.api,
             broker=self.broker,
-            state_dir=workdir / "bridge-state",
+            state_dir=self.workdir / "bridge-state",
             microgrid_ids=(MG,),
         )
         self.bridge.start()
-        self.bridge.wait_synced(1, timeout=30)
-        self.records = workdir / "actors.jsonl"
-        self.records.touch()
+        self._wait_bridge_synced(1)
         specs = [("sdk-1", list(TYPES), "none"), ("sdk-2", ["CHAOS_A"], "type")]
         if not quick:
             specs.append(("sdk-3", ["CHAOS_B"], "none"))
@@ -165,7 +175,15 @@ class System:
         return self.bridge.output().count("connected to MQTT broker")
 
     def _bridge_synced(self) -> int:
-        return self.bridge.output().count("synced ")
+        # "synced N dispatches from the Dispatch API": one per completed sync.
+        return len(_SYNCED.findall(self.bridge.output()))
+
+    def _wait_bridge_synced(self, count: int) -> None:
+        wait_until(
+            lambda: self.bridge.process.check_alive() or self._bridge_synced() >= count,
+            RECOVERY_TIMEOUT,
+            f"the bridge's sync #{count} with the Dispatch API",
+        )
 
     def _hosts_see_online(self, host: Host) -> int:
         return host.process.output().count("is online (session")
@@ -201,7 +219,7 @@ class System:
 
             def back() -> None:
                 self.bridge.start(timeout=RECOVERY_TIMEOUT)
-                self.bridge.wait_synced(synced_before + 1, timeout=RECOVERY_TIMEOUT)
+                self._wait_bridge_synced(synced_before + 1)
                 for host in self.hosts:
                     wait_until(
                         lambda h=host: self._hosts_see_online(h) > online[h.name],
@@ -216,7 +234,7 @@ class System:
 
             def back() -> None:
                 self.api.start(timeout=RECOVERY_TIMEOUT)
-                self.bridge.wait_synced(synced_before + 1, timeout=RECOVERY_TIMEOUT)
+                self._wait_bridge_synced(synced_before + 1)
 
             return back
         host = next(h for h in self.hosts if h.name == victim)
@@ -241,14 +259,15 @@ class System:
             process.check_alive()
 
     def close(self) -> None:
-        """Stop everything; never raises."""
+        """Stop everything (also a partly started system); never raises."""
         for host in self.hosts:
             with contextlib.suppress(Exception):
                 host.process.stop(10)
         self.factory.stop_all()
         with contextlib.suppress(Exception):
             self.api.stop()
-        self.broker.close()
+        with contextlib.suppress(Exception):
+            self.broker.close()
 
 
 # --- the driver -----------------------------------------------------------------------------
