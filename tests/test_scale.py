@@ -25,7 +25,11 @@ from tests.fixtures.api_server import ApiServerHandle
 from tests.fixtures.bridge import BridgeFactory
 from tests.fixtures.broker import Broker
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # frequenz-client-dispatch converting category targets (the fill) warns on every one.
+    pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning"),
+]
 
 MG = 1
 COUNT = 10_000
