@@ -114,8 +114,9 @@ class Dispatcher(BackgroundService):
             keepalive: MQTT keepalive in seconds (how soon a silent broker is noticed).
             reconnect_delay: The first wait before reconnecting; doubles per failure.
             max_reconnect_delay: The longest wait before reconnecting.
-            sync_timeout: How long to wait for the retained bridge status after
-                subscribing, before taking the retained state as complete.
+            sync_timeout: How long a silence (no message at all, counted from the
+                last one) ends the wait for the retained bridge status after
+                subscribing; the retained state is then taken as complete.
             clock: The wall clock (UTC); tests may pass another.
 
         Raises:
@@ -364,32 +365,40 @@ class Dispatcher(BackgroundService):
         await client.subscribe([(f"{root}/+/running", 1), (f"{root}/+/dispatches/+", 1)])
         await client.subscribe(self._layout.status, qos=1)
         loop = asyncio.get_running_loop()
-        sync_deadline = loop.time() + self._sync_timeout
         messages = client.messages
-        while True:
-            if self._view.in_sync:
-                message = await anext(messages)
-            else:
-                try:
-                    # asyncio.timeout, not wait_for: wait_for of Python 3.11 can swallow
-                    # a cancellation that coincides with the result.
-                    async with asyncio.timeout_at(sync_deadline):
-                        message = await anext(messages)
-                except TimeoutError:
+        # One read stays pending across sync timeouts: cancelling aiomqtt's `anext`
+        # can drop a message it already took from the queue (seen once per timeout
+        # under load), so a timeout only stops waiting for it, never cancels it.
+        pending: asyncio.Future[aiomqtt.Message] | None = None
+        # Silence ends the sync, not the length of a burst: counted from the last message.
+        sync_deadline = loop.time() + self._sync_timeout
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(messages))
+                timeout = None if self._view.in_sync else max(0.0, sync_deadline - loop.time())
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                if not done:
                     _logger.warning(
-                        "no retained bridge status on %s within %.1f s: taking the retained "
-                        "state received so far as complete; nothing starts until the "
-                        "bridge is online",
+                        "no retained bridge status on %s within %.1f s of the last message: "
+                        "taking the retained state received so far as complete; nothing "
+                        "starts until the bridge is online",
                         self._layout.status,
                         self._sync_timeout,
                     )
                     await self._finish_sync()
                     continue
-            await self._on_message(message)
-            # Take what else has arrived without a wake-up per message (a sync brings
-            # thousands); a lost connection shows at the next `anext`.
-            while not received.empty():
-                await self._on_message(received.get_nowait())
+                message = pending.result()
+                pending = None
+                await self._on_message(message)
+                # Take what else has arrived without a wake-up per message (a sync brings
+                # thousands); a lost connection shows at the next `anext`.
+                while not received.empty():
+                    await self._on_message(received.get_nowait())
+                sync_deadline = loop.time() + self._sync_timeout
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def _timer_loop(self) -> None:
         while True:

@@ -1,0 +1,124 @@
+"""Unit tests of the dispatcher's reading loop during a resync, with a fake client.
+
+The fake hands out messages the way aiomqtt's `anext` does: it takes a message from
+its queue first and returns it a little later, so a timeout that cancels the read in
+between loses that message. The sync timeout must never do that, and must count
+silence from the last message, not from the subscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Self
+
+import aiomqtt
+
+from actor_sdk import Dispatcher, wire
+from tests.fixtures.sdk import wire_dispatch
+
+T = "SDK_RESYNC"
+MICROGRID = 7
+
+
+class _FakeMessages:
+    """An async iterator that takes a message, then waits for `release` to return it."""
+
+    def __init__(self) -> None:
+        self.source: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        self.taken = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.cancelled_holding = 0
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> aiomqtt.Message:
+        message = await self.source.get()
+        self.taken.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled_holding += 1
+            raise
+        return message
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self.messages = _FakeMessages()
+
+    async def subscribe(self, *args: object, **kwargs: object) -> None:
+        """Accept any subscription."""
+
+
+def _message(dispatch_id: int) -> aiomqtt.Message:
+    layout = wire.TopicLayout.for_microgrid(MICROGRID, wire.DEFAULT_TOPIC_ROOT)
+    payload = wire.encode(wire_dispatch(dispatch_id, T, running=False))
+    return aiomqtt.Message(layout.dispatch(T, dispatch_id), payload, 1, True, 0, None)
+
+
+@contextlib.asynccontextmanager
+async def _session(sync_timeout: float) -> AsyncIterator[tuple[Dispatcher, _FakeClient]]:
+    dispatcher = Dispatcher(
+        microgrid_id=MICROGRID,
+        broker="mqtt://127.0.0.1:1",
+        sync_timeout=timedelta(seconds=sync_timeout),
+    )
+    client = _FakeClient()
+    received: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+    task = asyncio.create_task(
+        dispatcher._session(client, received)  # type: ignore[arg-type]
+    )
+    try:
+        yield dispatcher, client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _poll(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_message_being_read_when_the_sync_timeout_fires_is_not_lost() -> None:
+    async with _session(sync_timeout=0.3) as (dispatcher, client):
+        fake = client.messages
+        fake.source.put_nowait(_message(1))
+        await _poll(lambda: dispatcher._view.dispatch(T, 1) is not None)
+        # The next message is taken from the queue, and held until the timeout fired.
+        fake.taken.clear()
+        fake.release.clear()
+        fake.source.put_nowait(_message(2))
+        await asyncio.wait_for(fake.taken.wait(), 5)
+        await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
+        fake.release.set()
+        await _poll(lambda: dispatcher._view.dispatch(T, 2) is not None)
+        fake.source.put_nowait(_message(3))
+        await _poll(lambda: dispatcher._view.dispatch(T, 3) is not None)
+        assert fake.cancelled_holding == 0
+        assert set(dispatcher._view.dispatches(T)) == {1, 2, 3}
+
+
+async def test_the_sync_timeout_counts_from_the_last_message_not_the_subscribe() -> None:
+    sync_timeout = 1.0
+    count = 15
+    async with _session(sync_timeout=sync_timeout) as (dispatcher, client):
+        fake = client.messages
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # A burst that keeps flowing for 1.5 sync timeouts, never silent for long.
+        for dispatch_id in range(1, count + 1):
+            fake.source.put_nowait(_message(dispatch_id))
+            await asyncio.sleep(sync_timeout / 10)
+            assert not dispatcher._view.in_sync, f"sync ended during the burst at {dispatch_id}"
+        assert loop.time() - started > sync_timeout
+        await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
+        assert set(dispatcher._view.dispatches(T)) == set(range(1, count + 1))
