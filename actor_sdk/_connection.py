@@ -7,8 +7,10 @@ import logging
 import os
 import random
 import ssl
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -16,7 +18,7 @@ import aiomqtt
 
 from actor_sdk._errors import BrokerUrlError
 
-__all__ = ["BrokerSettings", "SkewMonitor", "reconnect_delay"]
+__all__ = ["BrokerSettings", "ReceivedQueue", "SkewMonitor", "reconnect_delay"]
 
 _logger = logging.getLogger(__name__)
 
@@ -124,19 +126,26 @@ class BrokerSettings:
         scheme = "mqtts" if self.tls_context is not None else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
 
-    def new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
+    def new_client(
+        self, clock: Callable[[], datetime] | None = None
+    ) -> tuple[aiomqtt.Client, ReceivedQueue]:
         """Return a fresh MQTT 3.1.1 client (aiomqtt does not reconnect: one per connection).
+
+        Args:
+            clock: The wall clock that stamps each message as it arrives; None for
+                the system clock (UTC).
 
         Returns:
             The unconnected client, and its queue of received messages (through
             aiomqtt's `queue_type` option), so that a burst of retained messages can
             be taken in one go instead of one task wake-up per message.
         """
-        queues: list[asyncio.Queue[aiomqtt.Message]] = []
+        queues: list[ReceivedQueue] = []
+        stamp = clock or _utc_now
 
-        class _Queue(asyncio.Queue[aiomqtt.Message]):
+        class _Queue(ReceivedQueue):
             def __init__(self, maxsize: int = 0) -> None:
-                super().__init__(maxsize)
+                super().__init__(maxsize, clock=stamp)
                 queues.append(self)
 
         client = aiomqtt.Client(
@@ -154,6 +163,47 @@ class BrokerSettings:
             queue_type=_Queue,
         )
         return client, queues[0]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of received messages, noting when each one arrived.
+
+    Under load a message can wait in the queue for seconds before it is handled:
+    comparing its `as_of` with the clock at handling time would look like skew.
+    """
+
+    def __init__(self, maxsize: int = 0, *, clock: Callable[[], datetime] = _utc_now) -> None:
+        """Create an empty queue.
+
+        Args:
+            maxsize: The most messages held; 0 for no limit.
+            clock: The wall clock that stamps each message as it is put.
+        """
+        super().__init__(maxsize)
+        self._clock = clock
+        self._arrivals: weakref.WeakKeyDictionary[aiomqtt.Message, datetime] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _put(self, item: aiomqtt.Message) -> None:
+        # The hook every put goes through (as in `asyncio.PriorityQueue`).
+        self._arrivals[item] = self._clock()
+        super()._put(item)
+
+    def received_at(self, message: aiomqtt.Message) -> datetime | None:
+        """Return when a message was put into this queue.
+
+        Args:
+            message: A message taken from this queue.
+
+        Returns:
+            The wall-clock time it arrived; None for a message this queue never held.
+        """
+        return self._arrivals.get(message)
 
 
 def reconnect_delay(

@@ -27,7 +27,7 @@ from frequenz.client.dispatch.types import DispatchId
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
 from actor_sdk._actors import ActorSet
-from actor_sdk._connection import BrokerSettings, SkewMonitor, reconnect_delay
+from actor_sdk._connection import BrokerSettings, ReceivedQueue, SkewMonitor, reconnect_delay
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._event import Created, DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
@@ -157,6 +157,7 @@ class Dispatcher(BackgroundService):
         self._topics: dict[str, wire.TopicRef] = {}
         self._initialized = asyncio.Event()
         self._was_live = False
+        self._received: ReceivedQueue | None = None
 
     # --- service -----------------------------------------------------------------
 
@@ -336,7 +337,7 @@ class Dispatcher(BackgroundService):
         failures = 0
         while True:
             connected = False
-            client, received = self._settings.new_client()
+            client, received = self._settings.new_client(self._clock)
             try:
                 async with client:
                     connected = True
@@ -355,10 +356,9 @@ class Dispatcher(BackgroundService):
             _logger.info("reconnecting to %s in %.1f s", where, delay)
             await asyncio.sleep(delay)
 
-    async def _session(
-        self, client: aiomqtt.Client, received: asyncio.Queue[aiomqtt.Message]
-    ) -> None:
+    async def _session(self, client: aiomqtt.Client, received: ReceivedQueue) -> None:
         root = self._layout.root
+        self._received = received
         self._view.begin_sync()
         # The status comes in a later SUBSCRIBE: the broker queues it behind the
         # retained messages of the first one, so it marks the end of the sync.
@@ -448,7 +448,7 @@ class Dispatcher(BackgroundService):
                     assert ref.dispatch_type is not None
                     snapshot = self._view.apply_running(ref.dispatch_type, payload)
                     if snapshot is not None and not message.retain:
-                        self._check_skew(snapshot.as_of)
+                        self._check_skew(snapshot.as_of, message)
                     if self._view.in_sync and (snapshot is not None or not payload):
                         await self._reconcile(ref.dispatch_type)
                 case wire.TopicKind.DISPATCH:
@@ -476,8 +476,11 @@ class Dispatcher(BackgroundService):
             self._topics[topic] = ref
         return ref
 
-    def _check_skew(self, bridge_time: datetime) -> None:
-        line = self._skew.observe(bridge_time, self._clock())
+    def _check_skew(self, bridge_time: datetime, message: aiomqtt.Message) -> None:
+        # Against the time it arrived: a live message handled late under load (behind
+        # a retained burst) is not skew.
+        arrived = None if self._received is None else self._received.received_at(message)
+        line = self._skew.observe(bridge_time, arrived or self._clock())
         if line is not None:
             _logger.warning("%s", line)
 

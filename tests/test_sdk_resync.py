@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Self
 
 import aiomqtt
+import pytest
 
 from actor_sdk import Dispatcher, wire
-from tests.fixtures.sdk import wire_dispatch
+from actor_sdk._connection import ReceivedQueue
+from tests.fixtures.sdk import utcnow, wire_dispatch
 
 T = "SDK_RESYNC"
 MICROGRID = 7
@@ -26,8 +29,8 @@ MICROGRID = 7
 class _FakeMessages:
     """An async iterator that takes a message, then waits for `release` to return it."""
 
-    def __init__(self) -> None:
-        self.source: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+    def __init__(self, source: ReceivedQueue) -> None:
+        self.source = source
         self.taken = asyncio.Event()
         self.release = asyncio.Event()
         self.release.set()
@@ -48,28 +51,49 @@ class _FakeMessages:
 
 
 class _FakeClient:
-    def __init__(self) -> None:
-        self.messages = _FakeMessages()
+    def __init__(self, source: ReceivedQueue) -> None:
+        self.messages = _FakeMessages(source)
 
     async def subscribe(self, *args: object, **kwargs: object) -> None:
         """Accept any subscription."""
 
 
+LAYOUT = wire.TopicLayout.for_microgrid(MICROGRID, wire.DEFAULT_TOPIC_ROOT)
+
+
 def _message(dispatch_id: int) -> aiomqtt.Message:
-    layout = wire.TopicLayout.for_microgrid(MICROGRID, wire.DEFAULT_TOPIC_ROOT)
     payload = wire.encode(wire_dispatch(dispatch_id, T, running=False))
-    return aiomqtt.Message(layout.dispatch(T, dispatch_id), payload, 1, True, 0, None)
+    return aiomqtt.Message(LAYOUT.dispatch(T, dispatch_id), payload, 1, True, 0, None)
+
+
+def _live_snapshot(seq: int, as_of: datetime) -> aiomqtt.Message:
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=MICROGRID,
+        type=T,
+        running=(wire_dispatch(seq, T),),
+        next_change=None,
+        as_of=as_of,
+        session=1,
+        seq=seq,
+    )
+    return aiomqtt.Message(LAYOUT.running(T), wire.encode(snapshot), 1, False, 0, None)
 
 
 @contextlib.asynccontextmanager
-async def _session(sync_timeout: float) -> AsyncIterator[tuple[Dispatcher, _FakeClient]]:
+async def _session(
+    sync_timeout: float,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    arrival_clock: Callable[[], datetime] = utcnow,
+) -> AsyncIterator[tuple[Dispatcher, _FakeClient]]:
     dispatcher = Dispatcher(
         microgrid_id=MICROGRID,
         broker="mqtt://127.0.0.1:1",
         sync_timeout=timedelta(seconds=sync_timeout),
+        clock=clock,
     )
-    client = _FakeClient()
-    received: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+    received = ReceivedQueue(clock=arrival_clock)
+    client = _FakeClient(received)
     task = asyncio.create_task(
         dispatcher._session(client, received)  # type: ignore[arg-type]
     )
@@ -122,3 +146,26 @@ async def test_the_sync_timeout_counts_from_the_last_message_not_the_subscribe()
         assert loop.time() - started > sync_timeout
         await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
         assert set(dispatcher._view.dispatches(T)) == set(range(1, count + 1))
+
+
+async def test_a_live_snapshot_handled_late_is_compared_at_its_arrival_not_as_skew(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base = utcnow()
+    handled_at = [base + timedelta(seconds=15)]  # handled 15 s after it arrived
+    arrived_at = [base]
+    async with _session(0.2, clock=lambda: handled_at[0], arrival_clock=lambda: arrived_at[0]) as (
+        dispatcher,
+        client,
+    ):
+        await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
+        with caplog.at_level(logging.WARNING, logger="actor_sdk"):
+            client.messages.source.put_nowait(_live_snapshot(1, as_of=base))
+            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [1])
+            assert not [r for r in caplog.records if "clock" in r.getMessage()]
+            # A real skew (at arrival) is still reported.
+            arrived_at[0] = base + timedelta(seconds=15)
+            client.messages.source.put_nowait(_live_snapshot(2, as_of=base))
+            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [2])
+        skew_lines = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+        assert len(skew_lines) == 1 and "15.0 s ahead" in skew_lines[0], skew_lines
