@@ -611,3 +611,26 @@ async def test_a_garbage_retained_status_still_ends_the_sync(
     async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=30)) as dispatcher:
         assert time.monotonic() - started < 10
         assert not dispatcher.is_live  # no valid status: no live view
+
+
+async def test_no_retained_dispatch_is_lost_when_a_short_sync_timeout_ends_the_resync(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    count = 2000
+    gate = asyncio.Semaphore(20)
+
+    async def publish(dispatch_id: int) -> None:
+        async with gate:
+            await scripted_bridge.dispatch(wire_dispatch(dispatch_id, T, running=False))
+
+    await asyncio.gather(*(publish(i) for i in range(1, count + 1)))
+    # No status: a sync timeout far shorter than the burst may end the resync in its
+    # middle; whatever arrives as it fires, and after, must still reach the view.
+    async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=0.02)) as dispatcher:
+        events = dispatcher.new_lifecycle_events_receiver(T)
+        seen: set[int] = set()
+        while len(seen) < count:
+            event = await asyncio.wait_for(events.receive(), 10)
+            assert isinstance(event, Created)
+            seen.add(int(event.dispatch.id))
+        assert seen == set(range(1, count + 1))
