@@ -242,6 +242,127 @@ def test_every_recurrence_field_round_trips(rule: rec.RecurrenceRule) -> None:
     assert back.recurrence == rule
 
 
+# --- Straight from the API's protobuf -----------------------------------------
+
+
+def assert_same_as_client_path(pb: Any) -> None:
+    try:
+        via_client = wire.from_client(ct.Dispatch.from_protobuf(pb))
+    except ValueError:  # e.g. an empty category list has no target on the wire
+        with pytest.raises(ValueError):
+            wire.from_protobuf(pb)
+        return
+    direct = wire.from_protobuf(pb)
+    assert direct == via_client
+    assert wire.encode(direct) == wire.encode(via_client)  # 1.0 stays 1.0, key order too
+
+
+@pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(CLIENT_DISPATCHES)
+def test_from_protobuf_equals_the_client_library_path(dispatch: ct.Dispatch) -> None:
+    assert_same_as_client_path(dispatch.to_protobuf())
+
+
+@pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
+@pytest.mark.parametrize(
+    "target",
+    [
+        ct.TargetIds(),
+        ct.TargetIds(9, 7, 8),
+        ct.TargetCategories(),
+        ct.TargetCategories(ElectricalComponentCategory.BATTERY),
+        ct.TargetCategories(ct.BatteryType.LI_ION, ElectricalComponentCategory.INVERTER),
+        ct.TargetCategories(ct.InverterType.PV, ct.InverterType.HYBRID),
+        ct.TargetCategories(ct.EvChargerType.DC, ElectricalComponentCategory.EV_CHARGER),
+        ct.TargetCategories(*ElectricalComponentCategory),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize(
+    "rule",
+    [
+        rec.RecurrenceRule(),
+        rec.RecurrenceRule(frequency=rec.Frequency.MINUTELY, interval=5),
+        rec.RecurrenceRule(
+            frequency=rec.Frequency.MONTHLY,
+            interval=2,
+            end_criteria=rec.EndCriteria(count=10),
+            bymonthdays=[-1, 15],
+            bymonths=[2, 12],
+        ),
+        rec.RecurrenceRule(
+            frequency=rec.Frequency.WEEKLY,
+            interval=1,
+            end_criteria=rec.EndCriteria(until=T0 + timedelta(days=30, microseconds=123457)),
+            byweekdays=list(rec.Weekday),
+            byhours=[0, 23],
+            byminutes=[0, 30],
+        ),
+        rec.RecurrenceRule(frequency=rec.Frequency.DAILY, interval=1, end_criteria=None),
+    ],
+    ids=["none", "minutely", "monthly-count", "weekly-until-every-list", "daily"],
+)
+def test_from_protobuf_every_target_kind_and_recurrence_field(
+    target: ct.TargetComponents, rule: rec.RecurrenceRule
+) -> None:
+    base = wire.to_client(design_example())
+    dispatch = ct.Dispatch(
+        **{
+            **base.__dict__,
+            "target": target,
+            "recurrence": rule,
+            "payload": {"n": 1, "f": 2.5, "s": "x", "b": True, "z": None, "l": [1, {"k": []}]},
+            "start_time": T0 + timedelta(microseconds=999999),
+        }
+    )
+    pb = dispatch.to_protobuf()
+    assert_same_as_client_path(pb)
+    pb.metadata.ClearField("end_time")
+    pb.data.ClearField("duration")
+    assert_same_as_client_path(pb)
+
+
+def test_from_protobuf_keeps_duplicate_target_ids_once() -> None:
+    pb = wire.to_client(design_example()).to_protobuf()
+    pb.data.target.component_ids.ids[:] = [5, 3, 5]
+    assert wire.from_protobuf(pb).target == wire.Target(ids=(3, 5))
+    assert_same_as_client_path(pb)
+
+
+@pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
+def test_from_protobuf_reads_the_older_plain_categories_target() -> None:
+    pb = wire.to_client(design_example()).to_protobuf()
+    pb.data.target.component_categories.categories[:] = [3, 2, 3, 999]  # 999: unknown
+    assert_same_as_client_path(pb)
+    assert wire.from_protobuf(pb).target.categories is not None
+
+
+@pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
+def test_from_protobuf_category_with_type_takes_the_types_category() -> None:
+    dispatch = wire.to_client(design_example())
+    dispatch = ct.Dispatch(
+        **{**dispatch.__dict__, "target": ct.TargetCategories(ct.BatteryType.LI_ION)}
+    )
+    pb = dispatch.to_protobuf()
+    extra = pb.data.target.component_categories_types.categories.add()
+    extra.CopyFrom(pb.data.target.component_categories_types.categories[0])  # a duplicate
+    extra = pb.data.target.component_categories_types.categories.add()
+    extra.category = 5  # no type: the category alone
+    assert_same_as_client_path(pb)
+
+
+def test_from_protobuf_refuses_what_the_client_refuses() -> None:
+    pb = wire.to_client(design_example()).to_protobuf()
+    pb.data.payload["bad"] = float("nan")
+    with pytest.raises(ValueError):
+        wire.from_protobuf(pb)
+    pb = wire.to_client(design_example()).to_protobuf()
+    pb.data.ClearField("target")
+    with pytest.raises(ValueError):
+        wire.from_protobuf(pb)
+
+
 # --- JSON shape (DESIGN.md) ----------------------------------------------------
 
 
