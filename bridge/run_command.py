@@ -166,6 +166,15 @@ def _parse_dispatch_url(value: Any) -> str:
     parts = urlsplit(text)
     if parts.scheme != "grpc" or not parts.hostname:
         raise ValueError("expected grpc://host[:port][?ssl=false]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "credentials do not belong in the URL: use DISPATCH_API_AUTH_KEY "
+            "and DISPATCH_API_SIGN_SECRET (or their _FILE variants)"
+        )
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
     return text
 
 

@@ -93,6 +93,8 @@ def test_user_and_password_in_the_url() -> None:
         (["--microgrid-id", "0"], {}, "must be positive"),
         ([], {"DISPATCH_API_URL": ""}, "no Dispatch API"),
         (["--dispatch-url", "http://x"], {}, "expected grpc://"),
+        ([], {"DISPATCH_API_URL": "grpc://127.0.0.1:x?ssl=false"}, "port must be a number"),
+        (["--dispatch-url", f"grpc://k:{SECRET}@api:50051"], {}, "do not belong in the URL"),
         ([], {"DISPATCH_API_AUTH_KEY": ""}, "no Dispatch API key"),
         ([], {"MQTT_URL": ""}, "no MQTT broker"),
         (["--broker", "http://host"], {}, "unknown scheme"),
