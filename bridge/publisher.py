@@ -31,9 +31,12 @@ One connection per microgrid, in a loop that never gives up:
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
 about 2.5 times faster than awaiting each one, and avoids aiomqtt's quadratic
-cost of many pending calls. A lost connection is retried with capped,
-jittered exponential backoff. MQTT v5 is used when the broker speaks it; a
-broker that refuses it is spoken to in 3.1.1 from then on.
+cost of many pending calls. 100 in flight published 10k QoS 1 retained
+messages about 20 % faster than 20 (raw aiomqtt against a local Mosquitto,
+MQTT v5: 5,200-5,500 against 4,200-4,500 msg/s; 500 was slower again).
+A lost connection is retried with capped, jittered exponential backoff.
+MQTT v5 is used when the broker speaks it; a broker that refuses it is
+spoken to in 3.1.1 from then on.
 
 `aiomqtt.MqttError` never leaves this module: it is logged where it happens
 and turned into a reconnect.
@@ -234,7 +237,7 @@ class Publisher:
         layout: wire.TopicLayout,
         sessions: SessionCounter,
         bridge_name: str,
-        window: int = 20,
+        window: int = 100,
         scan_timeout: float = 3.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
