@@ -220,6 +220,24 @@ class Upstream:
                 self._buffer.append(item)
 
     async def _list_all(self, client: DispatchApiClient) -> list[wire.Dispatch]:
+        # A page of large payloads can exceed gRPC's 4 MB message limit, which
+        # the client reports as RESOURCE_EXHAUSTED: retrying the same page size
+        # would fail forever, so the listing starts over with pages half as big.
+        while True:
+            try:
+                return await self._list_pages(client)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or self._page_size == 1:
+                    raise
+                self._page_size = max(1, self._page_size // 2)
+                _logger.warning(
+                    "microgrid %d: a list page was too large (%s); listing again with pages of %d",
+                    self.microgrid_id,
+                    _describe_rpc(error),
+                    self._page_size,
+                )
+
+    async def _list_pages(self, client: DispatchApiClient) -> list[wire.Dispatch]:
         # The stub, not `client.list()`: its pages convert each protobuf into the
         # client's dataclasses first, which was most of a 100k sync's time.
         listed: list[wire.Dispatch] = []

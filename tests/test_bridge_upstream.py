@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
@@ -115,3 +116,25 @@ async def test_a_killed_server_is_listed_again_and_deletes_missed_meanwhile_appl
         await async_wait_until(lambda: victim not in sink.ids(), 15, "the missed delete")
         assert sink.syncs() >= 2
         assert len(sink.ids()) == 2
+
+
+async def test_a_list_page_over_the_grpc_message_limit_is_listed_again_in_smaller_pages(
+    api_server: ApiServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 100 dispatches of 45 KB payload: one page of all of them exceeds gRPC's
+    # default 4 MB receive limit (RESOURCE_EXHAUSTED on the client side).
+    async with api_server.client() as client:
+        for index in range(100):
+            await client.create(
+                microgrid_id=MicrogridId(MICROGRID),
+                type="BIG",
+                start_time=datetime.now(UTC) + timedelta(hours=1),
+                duration=timedelta(seconds=60),
+                target=TargetIds(index),
+                payload={"blob": "x" * 45_000},
+            )
+    sink = Recorder()
+    async with upstream(api_server, sink):
+        await async_wait_until(lambda: len(sink.ids()) == 100, 30, "all 100 large dispatches")
+    assert sink.syncs() == 1
+    assert "a list page was too large" in caplog.text
