@@ -1228,24 +1228,11 @@ def _fixed_state(
     now_us: int,
 ) -> RunState:
     """`run_state` for rules without lists, MINUTELY..WEEKLY, in whole seconds."""
-    interval = rule.interval
-    if interval < 1:
-        return _state(False, None, None, None)
     start = dispatch.start_time
-    delta = start - _EPOCH
-    first = delta.days * _DAY + delta.seconds
-    period = unit * interval
-    last = None
-    end = rule.end
-    if end is not None:
-        if end.until is not None:
-            delta = end.until - _EPOCH
-            last = delta.days * _DAY + delta.seconds
-        if end.count is not None:
-            by_count = first + (end.count - 1) * period
-            last = by_count if last is None else min(last, by_count)
-        if last is not None and last < first:
-            return _state(False, None, None, None)
+    bounds = _fixed_bounds(rule, unit, start)
+    if bounds is None:
+        return _state(False, None, None, None)
+    first, period, last = bounds
     at = max(now_s + 1 if now_us else now_s, first)
     next_found: int | None = at + (first - at) % period
     if last is not None and next_found > last:  # type: ignore[operator]
@@ -1273,18 +1260,20 @@ def _fixed_state(
     return _state(False, None, next_run, next_run if found == next_found else _instant(found))
 
 
-def _fixed_change(
-    rule: wire.Recurrence, unit: int, start: datetime, duration: int, *, now: datetime, now_s: int
-) -> tuple[bool, int | None]:
-    """`running_at`'s allocation-free path for active rules without lists, MINUTELY..WEEKLY.
+def _fixed_bounds(
+    rule: wire.Recurrence, unit: int, start: datetime
+) -> tuple[int, int, int | None] | None:
+    """The first occurrence, period and last-occurrence bound of a rule without lists.
+
+    In whole seconds since the epoch; the bound is `None` for an endless rule.
 
     Returns:
-        Whether it runs, and its next change in whole seconds (`None`: never;
-        `_AT_START`: at `start`).
+        The three, or `None` when the rule never occurs (interval below 1, or an
+        end before the start).
     """
     interval = rule.interval
     if interval < 1:
-        return False, None
+        return None
     delta = start - _EPOCH
     first = delta.days * _DAY + delta.seconds
     period = unit * interval
@@ -1298,7 +1287,23 @@ def _fixed_change(
             by_count = first + (end.count - 1) * period
             last = by_count if last is None else min(last, by_count)
         if last is not None and last < first:
-            return False, None
+            return None
+    return first, period, last
+
+
+def _fixed_change(
+    rule: wire.Recurrence, unit: int, start: datetime, duration: int, *, now: datetime, now_s: int
+) -> tuple[bool, int | None]:
+    """`running_at`'s allocation-free path for active rules without lists, MINUTELY..WEEKLY.
+
+    Returns:
+        Whether it runs, and its next change in whole seconds (`None`: never;
+        `_AT_START`: at `start`).
+    """
+    bounds = _fixed_bounds(rule, unit, start)
+    if bounds is None:
+        return False, None
+    first, period, last = bounds
     if now < start:
         # The first occurrence is the start truncated to the second: it runs then.
         return False, _AT_START
