@@ -7,52 +7,30 @@ command line. Each step is checked through the real `DispatchApiClient` too.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.recurrence import Frequency
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
-from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.api_server import DISPATCH_CLI, ApiServerHandle, run_dispatch_cli
 
-CLI = Path(sys.executable).parent / "dispatch-cli"
 MICROGRID = 7
 
 
 async def cli(server: ApiServerHandle, *args: str, secret: str | None = None) -> tuple[int, str]:
     """Run `dispatch-cli ARGS` with the server's URL and credentials; return code and output."""
-    env = dict(os.environ)
-    env.update(server.cli_env())
-    if secret is not None:
-        env["DISPATCH_API_SIGN_SECRET"] = secret
-    process = await asyncio.create_subprocess_exec(
-        str(CLI),
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    return await run_dispatch_cli(server, *args, secret=secret)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _cli_installed() -> None:
-    if not CLI.exists():
-        pytest.fail(f"{CLI} is missing: install the test extras (frequenz-client-dispatch[cli])")
+    if not DISPATCH_CLI.exists():
+        pytest.fail(
+            f"{DISPATCH_CLI} is missing: install the test extras (frequenz-client-dispatch[cli])"
+        )
 
 
 async def test_create_list_get_update_delete_through_dispatch_cli(

@@ -9,11 +9,8 @@ run side by side while a minutely recurring dispatch comes round twice.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
@@ -24,13 +21,12 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 from actor_sdk import wire
 from bridge import schedule
 from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
 from tests.fixtures.bridge import BridgeFactory, MqttTap, Received, TapFactory, retained_snapshot
 from tests.fixtures.broker import Broker
 
 pytestmark = pytest.mark.slow
 
-CLI = Path(sys.executable).parent / "dispatch-cli"
 MICROGRID = 1
 ON_TIME_S = 0.5
 """How late a scheduled start or stop may reach mosquitto_sub (generous: 2 shared cores)."""
@@ -39,24 +35,9 @@ HOSTILE = "a/b.c+#d e"
 
 async def dispatch_cli(server: ApiServerHandle, *args: str) -> str:
     """Run the real `dispatch-cli` against the server; return its output (exit 0 asserted)."""
-    env = dict(os.environ)
-    env.update(server.cli_env())
-    process = await asyncio.create_subprocess_exec(
-        str(CLI),
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, output.decode()
-    return output.decode()
+    code, output = await run_dispatch_cli(server, *args)
+    assert code == 0, output
+    return output
 
 
 def running_ids(payload: bytes) -> list[int] | None:
