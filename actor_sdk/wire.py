@@ -47,12 +47,15 @@ __all__ = [
     "TopicKind",
     "TopicLayout",
     "TopicRef",
+    "UpcomingRun",
+    "UpcomingRuns",
     "WireError",
     "decode_dispatch",
     "decode_event",
     "decode_running",
     "decode_status",
     "decode_type",
+    "decode_upcoming",
     "encode",
     "encode_type",
     "from_client",
@@ -182,6 +185,30 @@ class BridgeStatus(_Wire, frozen=True, kw_only=True):
     dispatches: int
 
 
+class UpcomingRun(_Wire, frozen=True, kw_only=True):
+    """One run of a dispatch: `end` is `None` for a run without end."""
+
+    id: int
+    start: UtcTime
+    end: UtcTime | None
+
+
+class UpcomingRuns(_Wire, frozen=True, kw_only=True):
+    """The runs of one type that overlap `[as_of, until)`, sorted by start, then id.
+
+    Complete up to `until` unless `truncated` is set (then the list was cut
+    after its earliest runs). A run already going at `as_of` is listed with
+    its real start.
+    """
+
+    microgrid_id: int
+    type: str
+    runs: tuple[UpcomingRun, ...]
+    as_of: UtcTime
+    until: UtcTime
+    truncated: bool = False
+
+
 # --- Codecs -----------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
@@ -208,6 +235,7 @@ _decode_dispatch = _decoder(Dispatch)
 _decode_running = _decoder(RunningSnapshot)
 _decode_event = _decoder(DispatchEvent)
 _decode_status = _decoder(BridgeStatus)
+_decode_upcoming = _decoder(UpcomingRuns)
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], what: str, data: bytes | bytearray) -> _T:
@@ -278,6 +306,21 @@ def decode_status(data: bytes | bytearray) -> BridgeStatus:
         WireError: The payload is not a valid status.
     """
     return _decode(_decode_status, "status", data)
+
+
+def decode_upcoming(data: bytes | bytearray) -> UpcomingRuns:
+    """Decode an `/upcoming` payload.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The upcoming runs.
+
+    Raises:
+        WireError: The payload is not a valid list of upcoming runs.
+    """
+    return _decode(_decode_upcoming, "upcoming runs", data)
 
 
 # --- Topics -----------------------------------------------------------------
@@ -366,6 +409,7 @@ class TopicKind(Enum):
     DISPATCH = "dispatches"
     EVENTS = "events"
     STATUS = "status"
+    UPCOMING = "upcoming"
 
 
 @dataclass(frozen=True)
@@ -446,6 +490,17 @@ class TopicLayout:
         """
         return f"{self.root}/{encode_type(dispatch_type)}/events"
 
+    def upcoming(self, dispatch_type: str) -> str:
+        """Return the upcoming-runs topic of a type.
+
+        Args:
+            dispatch_type: The dispatch type.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/{encode_type(dispatch_type)}/upcoming"
+
     def parse(self, topic: str) -> TopicRef:
         """Tell which topic of this layout a topic is.
 
@@ -469,6 +524,8 @@ class TopicLayout:
                 return TopicRef(TopicKind.RUNNING, decode_type(level))
             case [level, "events"]:
                 return TopicRef(TopicKind.EVENTS, decode_type(level))
+            case [level, "upcoming"]:
+                return TopicRef(TopicKind.UPCOMING, decode_type(level))
             case [level, "dispatches", dispatch_id] if (
                 # Canonical ids only (one dispatch, one topic); at most 20 digits (uint64),
                 # which also keeps int() clear of its 4300-digit limit (ValueError).
