@@ -49,9 +49,11 @@ __all__ = [
     "WatchSettings",
     "WatchState",
     "add_arguments",
+    "add_target_arguments",
     "broker_client",
     "collect_snapshot",
     "load_settings",
+    "load_target",
     "render",
     "run",
     "runs_within",
@@ -654,8 +656,8 @@ async def _live(
 # --- Command line -----------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of `dispatch-bridge watch`.
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the broker and microgrid flags that `load_target` reads.
 
     Args:
         parser: The subcommand's parser.
@@ -679,6 +681,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="topic root, {microgrid_id} is replaced (env DISPATCH_BRIDGE_TOPIC_ROOT; "
         f"default {wire.DEFAULT_TOPIC_ROOT})",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of `dispatch-bridge watch`.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    add_target_arguments(parser)
     parser.add_argument(
         "--once",
         action="store_true",
@@ -721,17 +732,18 @@ class WatchSettings:
     horizon: timedelta
 
 
-def load_settings(args: argparse.Namespace) -> WatchSettings:
-    """Resolve the settings from flags and environment.
+def load_target(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLayout]:
+    """Resolve the broker and the microgrid's topics from flags and environment.
 
-    Credentials in the URL win; a URL without them takes `MQTT_USERNAME` and
-    `MQTT_PASSWORD` (or `MQTT_PASSWORD_FILE`).
+    Shared by the read-only subcommands (`watch`, `health`). Credentials in
+    the URL win; a URL without them takes `MQTT_USERNAME` and `MQTT_PASSWORD`
+    (or `MQTT_PASSWORD_FILE`).
 
     Args:
-        args: The parsed flags.
+        args: The parsed flags (`broker`, `broker_ca_file`, `microgrid_id`, `topic_root`).
 
     Returns:
-        The settings.
+        The broker and the topic layout.
 
     Raises:
         ConfigError: A setting is missing or invalid.
@@ -768,6 +780,22 @@ def load_settings(args: argparse.Namespace) -> WatchSettings:
         layout = wire.TopicLayout.for_microgrid(microgrid, template)
     except (wire.WireError, KeyError, IndexError, ValueError) as error:
         raise ConfigError(f"invalid --topic-root {template!r}: {error}") from None
+    return target, layout
+
+
+def load_settings(args: argparse.Namespace) -> WatchSettings:
+    """Resolve the settings from flags and environment (see `load_target`).
+
+    Args:
+        args: The parsed flags.
+
+    Returns:
+        The settings.
+
+    Raises:
+        ConfigError: A setting is missing or invalid.
+    """
+    target, layout = load_target(args)
     hours = DEFAULT_HOURS if args.hours is None else args.hours
     if not 0 < hours <= 24 * 14:
         raise ConfigError("invalid --hours: must be more than 0 and at most 336 (two weeks)")
