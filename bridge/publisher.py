@@ -49,16 +49,13 @@ import builtins
 import contextlib
 import logging
 import math
-import random
 import re
 import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import msgspec
@@ -66,6 +63,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk import wire
 from bridge import __version__
+from bridge.broker import (
+    Backoff,
+    BrokerError,
+    BrokerSettings,
+    broker_errors,
+    describe_error,
+    parse_broker_url,
+)
 from bridge.store import SessionCounter
 
 __all__ = ["Backoff", "BrokerError", "BrokerSettings", "Publisher", "parse_broker_url"]
@@ -75,130 +80,6 @@ _logger = logging.getLogger("bridge.publisher")
 RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | wire.BridgeStatus
 _Key = str | int
 """A pending item: a retained topic (str) or an event number (int)."""
-
-
-class BrokerError(Exception):
-    """The broker could not be reached, refused the connection, or the connection broke.
-
-    The publisher's own error: `aiomqtt.MqttError` is translated into it where
-    it crosses in, and the connection loop turns it into a reconnect.
-    """
-
-    def __init__(self, message: str, *, refused_protocol: bool = False) -> None:
-        """Create the error.
-
-        Args:
-            message: What happened, for the log.
-            refused_protocol: The broker refused the MQTT protocol version.
-        """
-        super().__init__(message)
-        self.refused_protocol = refused_protocol
-
-
-@contextlib.contextmanager
-def _broker_errors() -> Iterator[None]:
-    """Translate `aiomqtt.MqttError` into `BrokerError`."""
-    try:
-        yield
-    except aiomqtt.MqttError as error:
-        raise BrokerError(_describe(error), refused_protocol=_refused_protocol(error)) from error
-
-
-def _refused_protocol(error: aiomqtt.MqttError) -> bool:
-    if isinstance(error, aiomqtt.MqttCodeError):
-        code = error.rc if isinstance(error.rc, int) else getattr(error.rc, "value", None)
-        # 1: 3.1.1 "unacceptable protocol version"; 132: v5 "unsupported protocol version".
-        return code in (1, 132)
-    return False
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """How to reach the broker; the password never appears in `repr` or logs."""
-
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    ca_file: str | None = None
-    keepalive: int = 15
-
-    def describe(self) -> str:
-        """Describe the broker for logs, without the password.
-
-        Returns:
-            E.g. `mqtt://bridge@127.0.0.1:1883`.
-        """
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerSettings:
-    """Parse `mqtt://user:pass@host:port` or `mqtts://...` into settings.
-
-    Args:
-        url: The URL.
-
-    Returns:
-        The settings (default port 1883, or 8883 for `mqtts`).
-
-    Raises:
-        ValueError: The URL is not an MQTT URL; the message never holds the password.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(
-            "not a valid URL (expected mqtt://[user[:password]@]host[:port])"
-        ) from None
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(
-            f"unknown scheme {parts.scheme!r} (expected mqtt://host:port or mqtts://host:port)"
-        )
-    if not parts.hostname:
-        raise ValueError("no host (expected mqtt://[user[:password]@]host[:port])")
-    if parts.path not in ("", "/"):
-        raise ValueError("an MQTT URL takes no path")
-    tls = parts.scheme in ("mqtts", "ssl")
-    return BrokerSettings(
-        host=parts.hostname,
-        port=port or (8883 if tls else 1883),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=tls,
-    )
-
-
-class Backoff:
-    """Capped exponential backoff with jitter: each delay in [d/2, d], d doubling to `cap`."""
-
-    def __init__(self, initial: float = 0.5, cap: float = 30.0) -> None:
-        """Create the backoff.
-
-        Args:
-            initial: The first delay's upper bound, in seconds.
-            cap: The largest delay's upper bound, in seconds.
-        """
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        """Return the next delay in seconds, and grow the bound.
-
-        Returns:
-            The delay.
-        """
-        bound = min(self.cap, self.initial * float(2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return float(bound / 2 + random.random() * bound / 2)
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a success)."""
-        self.attempt = 0
 
 
 class _Stale:
@@ -402,7 +283,7 @@ class Publisher:
             session = self._sessions.peek_next()
             try:
                 client = self._new_client(session)
-                with _broker_errors():
+                with broker_errors():
                     async with client:
                         self._sessions.commit(session)
                         self._session = session
@@ -535,7 +416,7 @@ class Publisher:
             _logger.warning(
                 "microgrid %d: could not publish the offline status (%s); the will says it",
                 self.microgrid_id,
-                _describe(error),
+                describe_error(error),
             )
             return
         _logger.info(
@@ -739,11 +620,3 @@ def _raise_first(done: builtins.set[asyncio.Task[Any]]) -> None:
         error = task.exception()
         if error is not None:
             raise error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    cause = error.__cause__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text = f"{text}: {cause}"
-    return text
