@@ -36,6 +36,7 @@ from frequenz.client.dispatch import types as client_types
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "STATUS_CONTRACT",
     "BridgeStatus",
     "Dispatch",
     "DispatchEvent",
@@ -173,16 +174,39 @@ class DispatchEvent(_Wire, frozen=True, kw_only=True):
     as_of: UtcTime
 
 
-class BridgeStatus(_Wire, frozen=True, kw_only=True):
-    """The bridge's status; the MQTT will carries the same `session`."""
+STATUS_CONTRACT = 2
+"""The contract version this bridge writes into its status (`BridgeStatus.contract`)."""
 
-    state: Literal["online", "offline"]
+
+class BridgeStatus(_Wire, frozen=True, kw_only=True):
+    """The bridge's status; the MQTT will carries the same `session`.
+
+    `online` means the bridge vouches for the retained tree (it synced with the
+    API in this run, or loaded a valid cache, and that knowledge is younger
+    than its maximum age); `syncing` means connected but not vouching.
+    """
+
+    state: Literal["online", "syncing", "offline"]
     upstream: Literal["connected", "disconnected"]
     synced_at: UtcTime | None
     session: int
     bridge: str
     version: str
     dispatches: int
+    as_of: UtcTime | None = None
+    """When this status message was made."""
+    status_interval: int = 0
+    """The bridge republishes its status every this many seconds (0: unknown)."""
+    knowledge_at: UtcTime | None = None
+    """When the tree's knowledge was last confirmed (last listing, or the cache's)."""
+    skipped: int = 0
+    """Dispatches the bridge could not convert (kept the older version, or left out)."""
+    refused: int = 0
+    """Publishes the broker refused in this session."""
+    error: str | None = None
+    """The latest problem, in words a field engineer can act on."""
+    contract: int = 1
+    """The contract version; 1 for bridges older than this field."""
 
 
 class UpcomingRun(_Wire, frozen=True, kw_only=True):
