@@ -23,6 +23,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "api": ("bridge.api.command", "run the local Dispatch API server (gRPC over SQLite)"),
     "demo": ("bridge.demo", "start API server, broker, bridge and sample dispatches"),
     "watch": ("bridge.watch", "live view of the dispatch topics for field engineers"),
+    "health": ("bridge.health", "exit 0 if the bridge is online and vouching, 1 otherwise"),
 }
 
 

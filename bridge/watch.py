@@ -41,9 +41,9 @@ from typing import Any, TextIO
 import aiomqtt
 
 from actor_sdk import wire
-from bridge import schedule
 from bridge.config import ConfigError, SettingsSource
 from bridge.publisher import BrokerSettings, parse_broker_url
+from bridge.upcoming import dispatch_runs
 
 __all__ = [
     "WatchSettings",
@@ -159,9 +159,10 @@ def runs_within(
 ) -> list[tuple[datetime, datetime]]:
     """Return the runs of a dispatch that overlap `[start, end)`, clipped to it.
 
-    Steps through the schedule core's changes, so every recurrence rule is
-    handled the way the bridge handles it. Bounded: after `_MAX_STEPS` changes
-    the rest of the window is left out.
+    The runs come from `bridge.upcoming.dispatch_runs`, which steps through the
+    schedule core's changes, so every recurrence rule is handled the way the
+    bridge handles it. Bounded: after `_MAX_STEPS` runs the rest of the window
+    is left out.
 
     Args:
         dispatch: The dispatch.
@@ -171,22 +172,11 @@ def runs_within(
     Returns:
         The runs, in order, as `(from, to)` pairs within the window.
     """
-    runs: list[tuple[datetime, datetime]] = []
-    moment = start
-    for _ in range(_MAX_STEPS):
-        state = schedule.run_state(dispatch, moment)
-        change = state.changes_at
-        if state.running:
-            run_end = end if change is None else min(change, end)
-            if runs and runs[-1][1] == moment:
-                # `changes_at` may be a recheck instant inside a chain of runs.
-                runs[-1] = (runs[-1][0], run_end)
-            elif run_end > moment:
-                runs.append((moment, run_end))
-        if change is None or change >= end or change <= moment:
-            break
-        moment = change
-    return runs
+    runs, _ = dispatch_runs(dispatch, start, end, _MAX_STEPS)
+    return [
+        (max(run_start, start), end if run_end is None else min(run_end, end))
+        for run_start, run_end in runs
+    ]
 
 
 # --- Rendering -----------------------------------------------------------------
@@ -672,9 +662,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="CA certificates to verify an mqtts:// broker with (env MQTT_CA_FILE)",
     )
-    parser.add_argument(
-        "--microgrid-id", metavar="M", help="the microgrid to watch (env MICROGRID_ID)"
-    )
+    parser.add_argument("--microgrid-id", metavar="M", help="the microgrid (env MICROGRID_ID)")
     parser.add_argument(
         "--topic-root",
         metavar="TEMPLATE",
@@ -717,6 +705,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive_int(value: Any) -> int:
+    if isinstance(value, list):
+        # `microgrid_id = [1]` in a config file's [bridge] table.
+        if len(value) != 1:
+            raise ValueError("several microgrids: pick one with --microgrid-id")
+        value = value[0]
     number = int(value)
     if number <= 0:
         raise ValueError("must be a positive integer")
@@ -740,7 +733,9 @@ def load_target(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLay
     (or `MQTT_PASSWORD_FILE`).
 
     Args:
-        args: The parsed flags (`broker`, `broker_ca_file`, `microgrid_id`, `topic_root`).
+        args: The parsed flags (`broker`, `broker_ca_file`, `microgrid_id`, `topic_root`,
+            and `config`, a TOML file whose [bridge] table is read too, if the
+            subcommand has that flag).
 
     Returns:
         The broker and the topic layout.
@@ -748,7 +743,7 @@ def load_target(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLay
     Raises:
         ConfigError: A setting is missing or invalid.
     """
-    source = SettingsSource(flags=vars(args))
+    source = SettingsSource.load(vars(args), getattr(args, "config", None), table="bridge")
     url = source.get("broker", env="MQTT_URL", parse=str, default=None, secret=True)
     if url is None:
         raise ConfigError("no broker: give --broker mqtt://user:pass@host:port (or MQTT_URL)")
