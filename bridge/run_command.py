@@ -37,10 +37,11 @@ from urllib.parse import urlsplit
 
 from actor_sdk import wire
 from bridge import __version__
+from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
 from bridge.service import MicrogridService, ScheduleCore
-from bridge.store import CacheWriter, DispatchCache, SessionCounter
+from bridge.store import DispatchCache, SessionCounter
 from bridge.upstream import Upstream, UpstreamSettings
 
 __all__ = ["BridgeSettings", "add_arguments", "load_settings", "run"]
@@ -312,7 +313,17 @@ class _Pipeline:
         cache = DispatchCache(directory, microgrid_id)
         loaded = cache.load()
         synced_at = None
-        self.service = MicrogridService(core, self.publisher, had_state=loaded is not None)
+        # The writer sees every dispatch the service hands the publisher, and commits
+        # it before the event loop lets the publisher send it.
+        self.cache_writer = CacheWriter(
+            cache,
+            core.dispatches,
+            lambda: self.service.synced_at,
+            held=() if loaded is None else loaded[0],
+        )
+        self.service = MicrogridService(
+            core, self.cache_writer.watch(self.publisher), had_state=loaded is not None
+        )
         if loaded is not None:
             dispatches, synced_at = loaded
             self.service.synced_at = synced_at
@@ -324,9 +335,6 @@ class _Pipeline:
                 cache.path,
                 "never" if synced_at is None else synced_at.isoformat(),
             )
-        self.cache_writer = CacheWriter(
-            cache, lambda: (core.dispatches(), self.service.synced_at), self.service.now
-        )
         self.service.on_change = self.cache_writer.mark
         self.upstream = Upstream(
             settings.upstream,

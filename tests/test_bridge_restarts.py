@@ -22,6 +22,7 @@ from bridge.service import strip_state
 from tests.fixtures.api_server import ApiServerHandle
 from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
 from tests.fixtures.broker import Broker
+from tests.fixtures.cache import cache_path, cached_dispatches
 from tests.fixtures.processes import wait_until
 
 pytestmark = pytest.mark.slow
@@ -84,8 +85,7 @@ async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_r
     soon_id, doomed_id = int(soon.id), int(doomed.id)
     doomed_topic = layout.dispatch("DOOMED", doomed_id)
     await asyncio.to_thread(tap.wait_latest, doomed_topic, bool)
-    cache = bridge.state_dir / f"microgrid-{MICROGRID}" / "dispatches.json"
-    wait_until(lambda: cache.exists() and b"DOOMED" in cache.read_bytes(), 5, "the cache")
+    wait_until(lambda: doomed_id in cached_dispatches(bridge.state_dir, MICROGRID), 5, "the cache")
     first = status_of(tap, layout)
     assert first is not None and first.state == "online"
 
@@ -142,8 +142,10 @@ async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_r
     tree = retained_snapshot(mqtt_broker, layout.everything)
     assert doomed_topic not in tree
     assert running_ids(tree[layout.running("DOOMED")]) == []
-    assert b"DOOMED" not in cache.read_bytes() or wait_until(
-        lambda: b"DOOMED" not in cache.read_bytes(), 5, "the cache to drop the deleted dispatch"
+    wait_until(
+        lambda: doomed_id not in cached_dispatches(bridge.state_dir, MICROGRID),
+        5,
+        "the cache to drop the deleted dispatch",
     )
 
 
@@ -298,9 +300,9 @@ async def test_a_corrupt_cache_is_ignored_and_the_bridge_syncs_from_the_api(
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    cache = state / f"microgrid-{MICROGRID}" / "dispatches.json"
+    cache = cache_path(state, MICROGRID)
     cache.parent.mkdir(parents=True)
-    cache.write_bytes(b'{"version": 1, "dispatches": [{"id": "not a number"')
+    cache.write_bytes(b"SQLite format 3\x00" + b"\x5a" * 8192)
     async with api_server.client() as client:
         created = await client.create(
             microgrid_id=MicrogridId(MICROGRID),
@@ -320,5 +322,7 @@ async def test_a_corrupt_cache_is_ignored_and_the_bridge_syncs_from_the_api(
         "the dispatch published",
     )
     assert wire.decode_dispatch(tree[topic]).id == int(created.id)
-    wait_until(lambda: b"AFTER_CORRUPTION" in cache.read_bytes(), 5, "the cache rewritten")
+    wait_until(
+        lambda: int(created.id) in cached_dispatches(state, MICROGRID), 5, "the cache rewritten"
+    )
     assert bridge.stop() == 0
