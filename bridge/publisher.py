@@ -455,7 +455,7 @@ class Publisher:
         scan = _Stale(self.layout.status)
         self._scan = scan
         try:
-            filters = [f"{root}/+/dispatches/+", f"{root}/+/running"]
+            filters = [f"{root}/+/dispatches/+", f"{root}/+/running", f"{root}/+/upcoming"]
             if self._protocol == aiomqtt.ProtocolVersion.V5:
                 # Our own republishing runs meanwhile: no need to read it back.
                 options = SubscribeOptions(qos=1, noLocal=True)
@@ -526,6 +526,8 @@ class Publisher:
             )
             return
         cleared = replaced = 0
+        upcoming: list[tuple[str, str]] = []
+        emptied: builtins.set[str] = builtins.set()
         for topic in retained_on_broker:
             if topic in self._held:
                 continue
@@ -549,10 +551,19 @@ class Publisher:
                         seq=0,
                     ),
                 )
+                emptied.add(topic)
                 replaced += 1
+            elif ref.kind == wire.TopicKind.UPCOMING and ref.dispatch_type is not None:
+                upcoming.append((topic, self.layout.running(ref.dispatch_type)))
+        for topic, running in upcoming:
+            # Kept for a type with dispatches: bridge.upcoming republishes it soon.
+            if running not in self._held or running in emptied:
+                self._mark(topic)
+                cleared += 1
         _logger.info(
             "microgrid %d: republishing %d retained topics; %d retained topics found on the "
-            "broker; clearing %d stale dispatch topics, emptying %d stale running topics",
+            "broker; clearing %d stale dispatch and upcoming topics, emptying %d stale running "
+            "topics",
             self.microgrid_id,
             len(self._held),
             len(retained_on_broker),

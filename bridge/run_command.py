@@ -17,6 +17,7 @@ flags win over the environment, which wins over the file):
 | topic root | `--topic-root TEMPLATE` | `DISPATCH_BRIDGE_TOPIC_ROOT` | `topic_root` |
 | bridge name | `--name NAME` | `DISPATCH_BRIDGE_NAME` | `name` |
 | longest retry wait | `--retry-max SECONDS` | `DISPATCH_BRIDGE_RETRY_MAX` | `retry_max` |
+| upcoming window | `--upcoming-hours H` | `DISPATCH_BRIDGE_UPCOMING_HOURS` | `upcoming_hours` |
 
 Secrets have no flags (a command line is visible to every user of the host),
 and never appear in logs or error messages.
@@ -31,6 +32,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +44,7 @@ from bridge.config import ConfigError, SettingsSource
 from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
 from bridge.service import MicrogridService, ScheduleCore
 from bridge.store import DispatchCache, SessionCounter
+from bridge.upcoming import UpcomingTopics
 from bridge.upstream import Upstream, UpstreamSettings
 
 __all__ = ["BridgeSettings", "add_arguments", "load_settings", "run"]
@@ -62,6 +65,7 @@ class BridgeSettings:
     topic_root: str
     name: str
     retry_max: float = 30.0
+    upcoming_hours: float = 24.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest wait between reconnect attempts to the Dispatch API and the broker; "
         "waits start at 0.5 s and double, with jitter (env DISPATCH_BRIDGE_RETRY_MAX; "
         "default 30)",
+    )
+    parser.add_argument(
+        "--upcoming-hours",
+        metavar="H",
+        help="how far ahead each type's upcoming topic lists runs, 0 to publish none "
+        "(env DISPATCH_BRIDGE_UPCOMING_HOURS; default 24)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
@@ -199,6 +209,15 @@ def _parse_seconds(value: Any) -> float:
     if not 0.1 <= seconds <= 3600:
         raise ValueError("must be between 0.1 and 3600 seconds")
     return seconds
+
+
+def _parse_hours(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of hours")
+    hours = float(value)
+    if not 0 <= hours <= 744:
+        raise ValueError("must be between 0 and 744 hours (31 days)")
+    return hours
 
 
 def load_settings(args: argparse.Namespace) -> BridgeSettings:
@@ -283,7 +302,11 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
     retry_max = source.get(
         "retry_max", env="DISPATCH_BRIDGE_RETRY_MAX", parse=_parse_seconds, default=30.0
     )
+    upcoming_hours = source.get(
+        "upcoming_hours", env="DISPATCH_BRIDGE_UPCOMING_HOURS", parse=_parse_hours, default=24.0
+    )
     return BridgeSettings(
+        upcoming_hours=upcoming_hours,
         retry_max=retry_max,
         microgrid_ids=ids,
         upstream=UpstreamSettings(url, key, secret),
@@ -336,6 +359,12 @@ class _Pipeline:
                 "never" if synced_at is None else synced_at.isoformat(),
             )
         self.service.on_change = self.cache_writer.mark
+        self.upcoming: UpcomingTopics | None = None
+        if settings.upcoming_hours > 0:
+            self.upcoming = UpcomingTopics(
+                core, self.publisher, window=timedelta(hours=settings.upcoming_hours)
+            )
+            self.service.on_types_changed = self.upcoming.mark
         self.upstream = Upstream(
             settings.upstream,
             microgrid_id,
@@ -352,6 +381,10 @@ class _Pipeline:
             asyncio.create_task(self.upstream.run(), name=f"upstream-{self.microgrid_id}"),
             asyncio.create_task(self.cache_writer.run(), name=f"cache-{self.microgrid_id}"),
         ]
+        if self.upcoming is not None:
+            self.tasks.append(
+                asyncio.create_task(self.upcoming.run(), name=f"upcoming-{self.microgrid_id}")
+            )
 
     async def stop(self) -> None:
         publisher_task = self.tasks[0]

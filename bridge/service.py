@@ -102,6 +102,9 @@ def _utc_now() -> datetime:
 class MicrogridService:
     """Runs the schedule of one microgrid: feed it upstream items, it publishes."""
 
+    on_types_changed: Callable[[list[str]], None] | None = None
+    """Told the types whose dispatches changed (`bridge.upcoming` recomputes them)."""
+
     def __init__(
         self,
         core: ScheduleCore,
@@ -284,6 +287,11 @@ class MicrogridService:
             self._sink.event(topic, payload)
         if out.changed:
             self.on_change()
+            if self.on_types_changed is not None:
+                # A type whose dispatches changed got a new running snapshot.
+                self.on_types_changed(
+                    [v.type for v in out.retained.values() if isinstance(v, wire.RunningSnapshot)]
+                )
         if out.rejected or out.transitions:
             # Once the publisher wrote its first window: a hundred log lines
             # written before that delay the snapshots by milliseconds.

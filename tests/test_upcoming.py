@@ -1,0 +1,196 @@
+"""bridge.upcoming: the runs of the coming hours, per type (pure core and async shell)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+import pytest
+
+from actor_sdk import wire
+from bridge import schedule
+from bridge.core import ScheduleCore
+from bridge.service import RetainedValue
+from bridge.upcoming import (
+    MAX_RUNS_PER_DISPATCH,
+    UpcomingTopics,
+    dispatch_runs,
+    refresh_interval,
+    upcoming_runs,
+)
+from tests.test_watch import LAYOUT, MINUTELY, NOW, make_dispatch
+
+DAY = timedelta(hours=24)
+HOURLY = wire.Recurrence(frequency="HOURLY", interval=1)
+
+
+def run(dispatch_id: int, start: datetime, end: datetime | None) -> wire.UpcomingRun:
+    return wire.UpcomingRun(id=dispatch_id, start=start, end=end)
+
+
+def test_a_one_off_and_an_endless_dispatch_are_listed_with_their_real_bounds() -> None:
+    one_off = make_dispatch(1, NOW + timedelta(hours=2), 600)
+    endless = make_dispatch(2, NOW - timedelta(hours=5), None)
+    past = make_dispatch(3, NOW - timedelta(hours=2), 600)
+    beyond = make_dispatch(4, NOW + timedelta(hours=25), 600)
+    inactive = make_dispatch(5, NOW + timedelta(hours=1), 600, active=False)
+
+    message = upcoming_runs(7, "T", [one_off, endless, past, beyond, inactive], NOW, DAY)
+
+    assert message.runs == (
+        run(2, NOW - timedelta(hours=5), None),
+        run(1, NOW + timedelta(hours=2), NOW + timedelta(hours=2, minutes=10)),
+    )
+    assert (message.microgrid_id, message.type, message.as_of) == (7, "T", NOW)
+    assert message.until == NOW + DAY
+    assert not message.truncated
+
+
+def test_a_recurrence_is_laid_out_and_the_run_in_progress_keeps_its_start() -> None:
+    # Every hour at :00 for 30 min, since 5 h ago; NOW is 07:03:20, inside the 07:00 run.
+    start = NOW.replace(minute=0, second=0) - timedelta(hours=5)
+    dispatch = make_dispatch(9, start, 1800, recurrence=HOURLY)
+
+    runs, cut = dispatch_runs(dispatch, NOW, NOW + timedelta(hours=3))
+
+    top = NOW.replace(minute=0, second=0)
+    half = timedelta(minutes=30)
+    assert not cut
+    assert runs == [(top + timedelta(hours=h), top + timedelta(hours=h) + half) for h in range(4)]
+
+
+def test_back_to_back_runs_merge_and_a_chain_in_progress_is_walked_back() -> None:
+    # Hourly for 2 h each, 10 occurrences from 3 h ago: one stretch of 11 h.
+    start = NOW - timedelta(hours=3)
+    rule = wire.Recurrence(frequency="HOURLY", interval=1, end=wire.EndCriteria(count=10))
+    dispatch = make_dispatch(4, start, 7200, recurrence=rule)
+
+    runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY)
+
+    assert runs == [(start, start + timedelta(hours=11))]
+
+
+def test_every_listed_run_agrees_with_the_schedule() -> None:
+    rules = [
+        MINUTELY,
+        HOURLY,
+        wire.Recurrence(frequency="DAILY", interval=1, byhours=(6, 18), byminutes=(15,)),
+        wire.Recurrence(frequency="WEEKLY", interval=1, byweekdays=("MONDAY", "SATURDAY")),
+    ]
+    periods = [60, 3600, 12 * 3600, 2 * 86400]
+    for index, rule in enumerate(rules):
+        for duration in (20, 900, 5400):
+            dispatch = make_dispatch(index, NOW - timedelta(days=3), duration, recurrence=rule)
+            runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY)
+            for run_start, run_end in runs:
+                assert schedule.run_state(dispatch, run_start).running
+                # Without end only when the runs chain for ever (a duration of a period).
+                assert run_end is not None or duration >= periods[index]
+                assert run_end is None or not schedule.run_state(dispatch, run_end).running
+                if run_start > NOW:
+                    before = run_start - timedelta(microseconds=1)
+                    assert not schedule.run_state(dispatch, before).running
+
+
+def test_a_dispatch_over_its_limit_truncates_the_list_where_it_is_still_complete() -> None:
+    # Minutely, 30 s each: 2,880 runs in 48 h, more than one dispatch may give.
+    busy = make_dispatch(1, NOW - timedelta(hours=1), 30, recurrence=MINUTELY)
+    late = make_dispatch(2, NOW + timedelta(hours=40), 60)
+    early = make_dispatch(3, NOW + timedelta(minutes=10), 60)
+
+    message = upcoming_runs(1, "T", [late, busy, early], NOW, 2 * DAY)
+
+    assert message.truncated
+    last_busy = max(r.start for r in message.runs if r.id == 1)
+    assert len([r for r in message.runs if r.id == 1]) == MAX_RUNS_PER_DISPATCH
+    assert all(r.start <= last_busy for r in message.runs)
+    assert 3 in {r.id for r in message.runs}
+    assert 2 not in {r.id for r in message.runs}
+    starts = [(r.start, r.id) for r in message.runs]
+    assert starts == sorted(starts)
+
+
+def test_the_payload_round_trips_and_endless_ends_are_null() -> None:
+    message = upcoming_runs(1, "T", [make_dispatch(2, NOW, None)], NOW, DAY)
+
+    data = wire.encode(message)
+
+    assert b'"end":null' in data
+    assert wire.decode_upcoming(data) == message
+    with pytest.raises(wire.WireError):
+        wire.decode_upcoming(b'{"runs": 3}')
+    assert LAYOUT.parse(LAYOUT.upcoming("a/b")) == wire.TopicRef(wire.TopicKind.UPCOMING, "a/b")
+
+
+def test_refresh_interval_is_a_96th_of_the_window_within_bounds() -> None:
+    assert refresh_interval(DAY) == timedelta(minutes=15)
+    assert refresh_interval(timedelta(hours=2)) == timedelta(seconds=75)
+    assert refresh_interval(timedelta(minutes=1)) == timedelta(seconds=10)
+    assert refresh_interval(timedelta(days=30)) == timedelta(minutes=15)
+
+
+class FakeSink:
+    """Records what the shell sets."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[str, wire.UpcomingRuns]] = []
+        self.published = asyncio.Event()
+
+    def set(self, topic: str, payload: RetainedValue) -> None:
+        assert isinstance(payload, bytes)
+        self.sets.append((topic, wire.decode_upcoming(payload)))
+        self.published.set()
+
+    def clear(self, topic: str) -> None:
+        raise AssertionError(f"cleared {topic}")
+
+    def event(self, topic: str, payload: bytes) -> None:
+        raise AssertionError(f"event on {topic}")
+
+    def mark_authoritative(self) -> None:
+        raise AssertionError("mark_authoritative")
+
+    def set_status(self, **_: object) -> None:
+        raise AssertionError("set_status")
+
+
+async def next_set(sink: FakeSink) -> tuple[str, wire.UpcomingRuns]:
+    await asyncio.wait_for(sink.published.wait(), 5)
+    sink.published.clear()
+    return sink.sets[-1]
+
+
+async def test_the_shell_publishes_every_type_then_only_what_changed() -> None:
+    core = ScheduleCore(1, LAYOUT)
+    a = make_dispatch(1, NOW + timedelta(hours=1), 60, dispatch_type="A")
+    b = make_dispatch(2, NOW + timedelta(hours=2), 60, dispatch_type="B")
+    core.load([a, b], NOW)
+    sink = FakeSink()
+    topics = UpcomingTopics(core, sink, clock=lambda: NOW)
+    task = asyncio.create_task(topics.run())
+    try:
+        await next_set(sink)  # the first full pass sets both in one go
+        assert [(topic, [r.id for r in m.runs]) for topic, m in sink.sets] == [
+            (LAYOUT.upcoming("A"), [1]),
+            (LAYOUT.upcoming("B"), [2]),
+        ]
+        # A change of A's dispatches republishes A only.
+        out = core.apply(
+            "updated", make_dispatch(1, NOW + timedelta(hours=3), 60, dispatch_type="A"), NOW
+        )
+        assert out.changed
+        topics.mark(["A"])
+        topic, message = await next_set(sink)
+        assert topic == LAYOUT.upcoming("A")
+        assert message.runs == (
+            run(1, NOW + timedelta(hours=3), NOW + timedelta(hours=3, minutes=1)),
+        )
+        # Marked but unchanged: nothing is sent; a type left empty gets an empty list.
+        topics.mark(["B"])
+        core.apply("deleted", a, NOW)
+        topics.mark(["A"])
+        topic, message = await next_set(sink)
+        assert (topic, message.runs) == (LAYOUT.upcoming("A"), ())
+        assert len(sink.sets) == 4
+    finally:
+        task.cancel()
