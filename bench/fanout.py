@@ -151,7 +151,7 @@ async def _actor_host(index: int, fd: int, ours: bool, target: str) -> None:
     await dispatcher.wait_for_initialization()
     await dispatcher.start_managing(TYPE, actor_factory=factory, merge_strategy=strategy)
     if not ours:
-        # Its stream opens only after its first list (FACTS.md): let it come up.
+        # Its stream opens only after its first list (frequenz-dispatch 1.0.4): let it come up.
         await asyncio.sleep(1.0)
     os.write(fd, f"{index} ready 0 {time.time():.6f}\n".encode())
     await asyncio.Event().wait()

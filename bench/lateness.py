@@ -55,7 +55,7 @@ OURS_MG = 1
 REF_MG = 2
 RUN_S = 2
 BUDGET_P99 = 0.001
-REFERENCE_FIGURE = "3.3 ms p99 (frequenz-dispatch to its receiver, DESIGN.md)"
+REFERENCE_FIGURE = "3.3 ms p99 (frequenz-dispatch to its receiver, docs/contract.md)"
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ async def _drive(run: Run, client: Any, sdk: Any, reference: Any) -> None:
         )
         return int(created.id)
 
-    # frequenz-dispatch opens its stream after its first list (FACTS.md).
+    # frequenz-dispatch 1.0.4 opens its stream after its first list.
     await retry_until_seen(lambda: warm(REF_MG), lambda i: ref.count("start", i) > 0)
     await retry_until_seen(lambda: warm(OURS_MG), lambda i: ours.count("start", i) > 0)
 

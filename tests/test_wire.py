@@ -136,8 +136,8 @@ ALL_DECODERS = list(DECODERS.values())
 T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 
 
-def design_example(**changes: Any) -> wire.Dispatch:
-    """The dispatch of DESIGN.md's example."""
+def contract_example(**changes: Any) -> wire.Dispatch:
+    """The example dispatch of docs/contract.md."""
     fields: dict[str, Any] = {
         "id": 42,
         "type": "EXAMPLE_TYPE",
@@ -206,7 +206,7 @@ def test_wire_dispatch_round_trips_through_client_type(dispatch: wire.Dispatch) 
     ids=repr,
 )
 def test_every_target_kind_round_trips(target: ct.TargetComponents) -> None:
-    dispatch = wire.to_client(design_example())
+    dispatch = wire.to_client(contract_example())
     dispatch = ct.Dispatch(**{**dispatch.__dict__, "target": target})
     back = wire.to_client(wire.decode_dispatch(wire.encode(wire.from_client(dispatch))))
     assert back.target == target
@@ -237,7 +237,7 @@ def test_every_target_kind_round_trips(target: ct.TargetComponents) -> None:
     ids=["minutely", "monthly-count-bymonthdays", "weekly-until-by-lists", "yearly"],
 )
 def test_every_recurrence_field_round_trips(rule: rec.RecurrenceRule) -> None:
-    dispatch = ct.Dispatch(**{**wire.to_client(design_example()).__dict__, "recurrence": rule})
+    dispatch = ct.Dispatch(**{**wire.to_client(contract_example()).__dict__, "recurrence": rule})
     back = wire.to_client(wire.decode_dispatch(wire.encode(wire.from_client(dispatch))))
     assert back.recurrence == rule
 
@@ -306,7 +306,7 @@ def test_from_protobuf_equals_the_client_library_path(dispatch: ct.Dispatch) -> 
 def test_from_protobuf_every_target_kind_and_recurrence_field(
     target: ct.TargetComponents, rule: rec.RecurrenceRule
 ) -> None:
-    base = wire.to_client(design_example())
+    base = wire.to_client(contract_example())
     dispatch = ct.Dispatch(
         **{
             **base.__dict__,
@@ -324,7 +324,7 @@ def test_from_protobuf_every_target_kind_and_recurrence_field(
 
 
 def test_from_protobuf_keeps_duplicate_target_ids_once() -> None:
-    pb = wire.to_client(design_example()).to_protobuf()
+    pb = wire.to_client(contract_example()).to_protobuf()
     pb.data.target.component_ids.ids[:] = [5, 3, 5]
     assert wire.from_protobuf(pb).target == wire.Target(ids=(3, 5))
     assert_same_as_client_path(pb)
@@ -332,7 +332,7 @@ def test_from_protobuf_keeps_duplicate_target_ids_once() -> None:
 
 @pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
 def test_from_protobuf_reads_the_older_plain_categories_target() -> None:
-    pb = wire.to_client(design_example()).to_protobuf()
+    pb = wire.to_client(contract_example()).to_protobuf()
     pb.data.target.component_categories.categories[:] = [3, 2, 3, 999]  # 999: unknown
     assert_same_as_client_path(pb)
     assert wire.from_protobuf(pb).target.categories is not None
@@ -340,7 +340,7 @@ def test_from_protobuf_reads_the_older_plain_categories_target() -> None:
 
 @pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")
 def test_from_protobuf_category_with_type_takes_the_types_category() -> None:
-    dispatch = wire.to_client(design_example())
+    dispatch = wire.to_client(contract_example())
     dispatch = ct.Dispatch(
         **{**dispatch.__dict__, "target": ct.TargetCategories(ct.BatteryType.LI_ION)}
     )
@@ -353,21 +353,21 @@ def test_from_protobuf_category_with_type_takes_the_types_category() -> None:
 
 
 def test_from_protobuf_refuses_what_the_client_refuses() -> None:
-    pb = wire.to_client(design_example()).to_protobuf()
+    pb = wire.to_client(contract_example()).to_protobuf()
     pb.data.payload["bad"] = float("nan")
     with pytest.raises(ValueError):
         wire.from_protobuf(pb)
-    pb = wire.to_client(design_example()).to_protobuf()
+    pb = wire.to_client(contract_example()).to_protobuf()
     pb.data.ClearField("target")
     with pytest.raises(ValueError):
         wire.from_protobuf(pb)
 
 
-# --- JSON shape (DESIGN.md) ----------------------------------------------------
+# --- JSON shape (docs/contract.md) ---------------------------------------------
 
 
-def test_dispatch_json_has_the_field_names_and_formats_of_design_md() -> None:
-    data = json.loads(wire.encode(design_example()))
+def test_dispatch_json_has_the_field_names_and_formats_of_the_contract() -> None:
+    data = json.loads(wire.encode(contract_example()))
     assert data == {
         "id": 42,
         "type": "EXAMPLE_TYPE",
@@ -390,7 +390,7 @@ def test_dispatch_json_has_the_field_names_and_formats_of_design_md() -> None:
 def test_one_off_dispatch_omits_recurrence_and_endless_has_null_duration() -> None:
     client = ct.Dispatch(
         **{
-            **wire.to_client(design_example()).__dict__,
+            **wire.to_client(contract_example()).__dict__,
             "recurrence": rec.RecurrenceRule(),
             "duration": None,
         }
@@ -403,7 +403,7 @@ def test_one_off_dispatch_omits_recurrence_and_endless_has_null_duration() -> No
 def test_categories_target_and_full_recurrence_json_shape() -> None:
     client = ct.Dispatch(
         **{
-            **wire.to_client(design_example()).__dict__,
+            **wire.to_client(contract_example()).__dict__,
             "target": ct.TargetCategories(
                 ct.BatteryType.LI_ION, ElectricalComponentCategory.INVERTER
             ),
@@ -441,7 +441,7 @@ def test_snapshot_and_status_json_field_names() -> None:
     snapshot = wire.RunningSnapshot(
         microgrid_id=1,
         type="T",
-        running=(design_example(),),
+        running=(contract_example(),),
         next_change=None,
         as_of=T0,
         session=3,
@@ -504,7 +504,7 @@ def test_random_json_gives_wire_error_or_a_struct(value: Any, decoder: Any) -> N
 
 
 def test_every_truncation_of_a_valid_payload_is_a_wire_error() -> None:
-    data = wire.encode(design_example())
+    data = wire.encode(contract_example())
     for cut in range(len(data)):
         with pytest.raises(wire.WireError):
             wire.decode_dispatch(data[:cut])
@@ -532,7 +532,7 @@ def test_every_truncation_of_a_valid_payload_is_a_wire_error() -> None:
     ],
 )
 def test_wrong_field_types_are_wire_errors(field: str, value: Any) -> None:
-    data = json.loads(wire.encode(design_example()))
+    data = json.loads(wire.encode(contract_example()))
     data[field] = value
     with pytest.raises(wire.WireError):
         wire.decode_dispatch(json.dumps(data).encode())
@@ -540,7 +540,7 @@ def test_wrong_field_types_are_wire_errors(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize("field", ["id", "type", "start_time", "target", "running"])
 def test_missing_required_field_is_a_wire_error(field: str) -> None:
-    data = json.loads(wire.encode(design_example()))
+    data = json.loads(wire.encode(contract_example()))
     del data[field]
     with pytest.raises(wire.WireError, match=field):
         wire.decode_dispatch(json.dumps(data).encode())
@@ -548,7 +548,7 @@ def test_missing_required_field_is_a_wire_error(field: str) -> None:
 
 @pytest.mark.parametrize("decoder", ALL_DECODERS)
 def test_oversized_payload_is_refused_unread(decoder: Any) -> None:
-    valid = wire.encode(design_example())
+    valid = wire.encode(contract_example())
     oversized = valid[:-1] + b" " * (wire.MAX_PAYLOAD_BYTES - len(valid) + 1) + b"}"
     assert len(oversized) == wire.MAX_PAYLOAD_BYTES + 1
     with pytest.raises(wire.WireError, match="exceeds"):
@@ -557,7 +557,7 @@ def test_oversized_payload_is_refused_unread(decoder: Any) -> None:
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
 def test_deeply_nested_payload_is_a_wire_error_or_decodes(depth: int) -> None:
-    data = json.loads(wire.encode(design_example()))
+    data = json.loads(wire.encode(contract_example()))
     text = json.dumps({**data, "payload": {}})
     nested = '{"a":' * depth + "1" + "}" * depth
     text = text.replace('"payload": {}', f'"payload": {nested}')
@@ -570,7 +570,7 @@ def test_deeply_nested_payload_is_a_wire_error_or_decodes(depth: int) -> None:
 
 
 def test_unknown_fields_are_ignored_at_every_level() -> None:
-    expected = design_example(
+    expected = contract_example(
         target=wire.Target(categories=(wire.TargetCategory(category="BATTERY", type="LI_ION"),)),
         recurrence=wire.Recurrence(frequency="DAILY", interval=1, end=wire.EndCriteria(count=3)),
     )
@@ -605,7 +605,7 @@ def test_to_client_of_unknown_category_is_a_wire_error() -> None:
         wire.Target(categories=(wire.TargetCategory(category="BATTERY", type="PLUTONIUM"),)),
         wire.Target(categories=(wire.TargetCategory(category="METER", type="LI_ION"),)),
     ):
-        decoded = wire.decode_dispatch(wire.encode(design_example(target=target)))
+        decoded = wire.decode_dispatch(wire.encode(contract_example(target=target)))
         with pytest.raises(wire.WireError):
             wire.to_client(decoded)
 
@@ -793,5 +793,5 @@ def test_docstring_examples_of_the_wire_module_pass() -> None:
 
 def test_encoder_output_is_what_msgspec_would_produce() -> None:
     """`encode` is plain msgspec JSON: any MQTT client with a JSON parser can read it."""
-    message = design_example()
+    message = contract_example()
     assert wire.encode(message) == msgspec.json.encode(message)
