@@ -41,6 +41,7 @@ from actor_sdk import wire
 from bridge import __version__
 from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
+from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
 from bridge.service import MicrogridService, ScheduleCore
 from bridge.store import DispatchCache, SessionCounter
@@ -420,8 +421,18 @@ async def _run(settings: BridgeSettings) -> int:
         settings.state_dir,
     )
     pipelines = [_Pipeline(settings, microgrid_id) for microgrid_id in settings.microgrid_ids]
-    for pipeline in pipelines:
+    systemd = SystemdNotifier.from_environ()
+    watchdog = Watchdog(systemd, len(pipelines))
+    for index, pipeline in enumerate(pipelines):
+        watchdog.watch(pipeline.service, index)
         pipeline.start()
+    ready = asyncio.create_task(
+        systemd.ready_when(
+            [p.publisher.connected for p in pipelines],
+            f"publishing microgrids {', '.join(map(str, settings.microgrid_ids))} "
+            f"to {settings.broker.describe()}",
+        )
+    )
     waiter = asyncio.create_task(stop.wait())
     try:
         tasks = [task for p in pipelines for task in p.tasks]
@@ -436,11 +447,13 @@ async def _run(settings: BridgeSettings) -> int:
             code = 1
         else:
             _logger.info("signal received: publishing offline status and stopping")
+        systemd.stopping("publishing offline status and stopping")
         await asyncio.gather(*(p.stop() for p in pipelines), return_exceptions=True)
         _logger.info("dispatch-bridge stopped")
         return code
     finally:
         waiter.cancel()
+        ready.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)

@@ -102,6 +102,12 @@ def _utc_now() -> datetime:
 class MicrogridService:
     """Runs the schedule of one microgrid: feed it upstream items, it publishes."""
 
+    on_step: Callable[[], None] | None = None
+    """Called after every step of the schedule loop (`bridge.notify.Watchdog` pings)."""
+
+    max_idle: float = 3600.0
+    """The loop steps at least this often in seconds, with nothing due (for `on_step`)."""
+
     on_types_changed: Callable[[list[str]], None] | None = None
     """Told the types whose dispatches changed (`bridge.upcoming` recomputes them)."""
 
@@ -172,17 +178,20 @@ class MicrogridService:
         while True:
             now = self._clock()
             self.step(now)
+            if self.on_step is not None:
+                self.on_step()
             wake = self.core.next_change()
             if self._inbox:
                 continue
             self._wakeup.clear()
             if wake is None:
-                await self._wakeup.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.max_idle)
                 continue
             # From the clock again, not from the step's `now`: a step with hundreds of
             # transitions takes tens of ms, and every later change was that late
             # (bench/lateness.py: 16-47 ms at 100 starts per instant).
-            delay = (wake - self._clock()).total_seconds()
+            delay = min((wake - self._clock()).total_seconds(), self.max_idle)
             if delay <= 0:
                 continue
             if delay <= _SPIN_S:

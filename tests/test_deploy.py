@@ -99,6 +99,20 @@ def test_unit_is_hardened_and_restarts_on_failure(unit: Path) -> None:
     assert not re.search(r"(?i)(secret|password|key)", settings["ExecStart"][0])
 
 
+def test_bridge_unit_waits_for_readiness_and_has_a_watchdog() -> None:
+    """The bridge speaks sd_notify (bridge/notify.py); the API server does not."""
+    bridge = unit_settings(DEPLOY / "systemd" / "dispatch-bridge.service")
+    api = unit_settings(DEPLOY / "systemd" / "dispatch-bridge-api.service")
+
+    assert bridge["Type"] == ["notify"]
+    assert bridge["NotifyAccess"] == ["main"]
+    watchdog = int(bridge["WatchdogSec"][0])
+    # Pings come every WatchdogSec/2; the longest schedule step must fit well within.
+    assert 30 <= watchdog <= 300
+    assert api["Type"] == ["exec"]
+    assert "WatchdogSec" not in api
+
+
 def test_unit_state_directory_is_where_the_program_writes() -> None:
     bridge = unit_settings(DEPLOY / "systemd" / "dispatch-bridge.service")
     api = unit_settings(DEPLOY / "systemd" / "dispatch-bridge-api.service")
