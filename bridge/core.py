@@ -25,7 +25,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -198,20 +198,29 @@ class ScheduleCore:
         """
         return self.sync(dispatches, now, events=False)
 
-    def sync(self, dispatches: Iterable[wire.Dispatch], now: datetime, *, events: bool) -> Outbox:
+    def sync(
+        self,
+        dispatches: Iterable[wire.Dispatch],
+        now: datetime,
+        *,
+        events: bool,
+        keep: Collection[int] = (),
+    ) -> Outbox:
         """Replace everything held with a full list, publishing the differences.
 
         Args:
             dispatches: Every dispatch of the microgrid, as just listed.
             now: The current instant.
             events: Whether to send lifecycle events for what differs.
+            keep: Ids listed but not convertible: a held version stays as it is
+                (never turned into a deletion).
 
         Returns:
             What to publish.
         """
         out = Outbox()
         incoming = {d.id: d for d in dispatches if self._acceptable(d, out)}
-        for dispatch_id in [i for i in self._dispatches if i not in incoming]:
+        for dispatch_id in [i for i in self._dispatches if i not in incoming and i not in keep]:
             old = self._remove(dispatch_id, out)
             if events:
                 self._event(out, "deleted", _stopped(old), now)

@@ -12,17 +12,12 @@ One connection per microgrid, in a loop that never gives up:
    queued before a disconnect after the reconnect, stale ones included), with
    a will: the offline status carrying this connection's session.
 2. On connect: the session number grows by one (persisted in the state dir,
-   so it grows across restarts too), the online status is published.
-3. Stale topics are found and dealt with: the publisher subscribes to
-   `ROOT/+/dispatches/+` and `ROOT/+/running`, then to its own status topic;
-   the broker sends the retained messages of the first subscription before
-   those of the second, so once its own (just published) online status comes
-   back, every retained topic of the tree has been seen. A `dispatches/ID`
-   topic it does not hold (a dispatch deleted while the bridge was down, or
-   brought back by a broker rolled back to an old save) is cleared; a
-   `running` topic of a type it does not hold gets an empty snapshot. Then it
-   unsubscribes. Until the held state is authoritative (a cache was loaded or
-   the first sync is done: `mark_authoritative`), the clearing waits.
+   so it grows across restarts too), the status is published, and again every
+   `status_interval` seconds (`bridge.status`, `bridge.status_watch`).
+3. Stale topics are found (`bridge.stale_scan`) and dealt with: a
+   `dispatches/ID` topic it does not hold is cleared; a `running` topic of a
+   type it does not hold gets an empty snapshot. Until the held state is
+   authoritative (`mark_authoritative`), the clearing waits.
 4. Meanwhile everything held is republished (the broker may have lost or
    rolled back retained state). Running snapshots, the status and events go
    ahead of dispatch topics and clears (two queues), so that a start or a
@@ -59,10 +54,8 @@ from typing import Any, Literal
 
 import aiomqtt
 import msgspec
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk import wire
-from bridge import __version__
 from bridge.broker import (
     Backoff,
     BrokerError,
@@ -71,37 +64,18 @@ from bridge.broker import (
     describe_error,
     parse_broker_url,
 )
+from bridge.stale_scan import RetainedScan, raise_first, scan_retained
+from bridge.status import StatusBoard
+from bridge.status_watch import StatusWatch
 from bridge.store import SessionCounter
 
 __all__ = ["Backoff", "BrokerError", "BrokerSettings", "Publisher", "parse_broker_url"]
 
 _logger = logging.getLogger("bridge.publisher")
 
-RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | wire.BridgeStatus
+RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | StatusBoard
 _Key = str | int
 """A pending item: a retained topic (str) or an event number (int)."""
-
-
-class _Stale:
-    """Collects the retained topics the broker holds, during the stale-topic scan."""
-
-    def __init__(self, status_topic: str) -> None:
-        self.status_topic = status_topic
-        self.topics: set[str] = set()
-        self.done = asyncio.Event()
-        self.received = 0
-
-    def feed(self, message: aiomqtt.Message) -> None:
-        self.received += 1
-        topic = message.topic.value
-        if topic == self.status_topic:
-            # Subscribed after the tree: its retained message (ours, or a newer
-            # status of ours already) comes after every retained message of the tree.
-            if message.retain:
-                self.done.set()
-            return
-        if message.retain and message.payload:
-            self.topics.add(topic)
 
 
 _CLIENT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -122,6 +96,7 @@ class Publisher:
         scan_timeout: float = 3.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         backoff: Backoff | None = None,
+        board: StatusBoard | None = None,
     ) -> None:
         """Create the publisher; `run()` connects.
 
@@ -136,6 +111,8 @@ class Publisher:
                 before it gives up, in seconds.
             clock: Returns now (for the `as_of` of replacement snapshots).
             backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).
+            board: The facts behind the status (default: a board with a 5 s
+                status interval and a 24 h maximum age of knowledge).
         """
         self._settings = settings
         self.microgrid_id = microgrid_id
@@ -163,16 +140,9 @@ class Publisher:
         self._session = sessions.last
         self._seq = 0
         self._protocol = aiomqtt.ProtocolVersion.V5
-        self._status = wire.BridgeStatus(
-            state="online",
-            upstream="disconnected",
-            synced_at=None,
-            session=0,
-            bridge=bridge_name,
-            version=__version__,
-            dispatches=0,
-        )
-        self._scan: _Stale | None = None
+        self.board = board or StatusBoard(bridge=bridge_name)
+        self._watch = StatusWatch(self.board, microgrid_id, clock)
+        self._scan: RetainedScan | None = None
         self._authoritative = False
         self._deferred_stale: builtins.set[str] | None = None
         self.connected = asyncio.Event()
@@ -233,27 +203,38 @@ class Publisher:
         upstream: Literal["connected", "disconnected"],
         synced_at: datetime | None,
         dispatches: int,
+        knowledge_at: datetime | None,
     ) -> None:
-        """Publish the bridge status (retained).
+        """Publish the bridge status (retained), made from the board when it is sent.
 
         Args:
             upstream: The Dispatch API connection.
-            synced_at: When the dispatches were last synced.
+            synced_at: When the dispatches were last listed in this run.
             dispatches: How many dispatches the bridge holds.
+            knowledge_at: When the held dispatches were last confirmed by the API.
         """
-        status = msgspec.structs.replace(
-            self._status, upstream=upstream, synced_at=synced_at, dispatches=dispatches
-        )
-        if status != self._status:
-            self._status = status
-            self.set(self.layout.status, status)
+        board = self.board
+        board.upstream = upstream
+        board.synced_at = synced_at
+        board.dispatches = dispatches
+        board.knowledge_at = knowledge_at
+        self.publish_status()
+
+    def update_status(self, change: Callable[[StatusBoard], object]) -> None:
+        """Change the facts behind the status, and publish it.
+
+        Args:
+            change: Applied to the board, e.g. `lambda board: board.resolve("clock")`.
+        """
+        change(self.board)
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        """Send the status again (as of the moment it is sent)."""
+        self.set(self.layout.status, self.board)
 
     def held(self) -> dict[str, RetainedValue]:
-        """The retained topics currently held (a copy), e.g. for tests.
-
-        Returns:
-            Topic to payload.
-        """
+        """The retained topics currently held, topic to payload (a copy), e.g. for tests."""
         return dict(self._held)
 
     @property
@@ -263,7 +244,7 @@ class Publisher:
 
     def _queue_of(self, key: _Key) -> OrderedDict[_Key, None]:
         if isinstance(key, int) or isinstance(
-            self._held.get(key), wire.RunningSnapshot | wire.BridgeStatus
+            self._held.get(key), wire.RunningSnapshot | StatusBoard
         ):
             return self._pending
         return self._bulk
@@ -336,7 +317,7 @@ class Publisher:
 
     def _new_client(self, session: int) -> aiomqtt.Client:
         settings = self._settings
-        will_payload = self._status_payload("offline", session)
+        will_payload = self._status_payload(session, offline=True)
         v5 = self._protocol == aiomqtt.ProtocolVersion.V5
         tls_context = None
         if settings.tls:
@@ -361,10 +342,23 @@ class Publisher:
             logger=logging.getLogger("bridge.publisher.mqtt"),
         )
         client.pending_calls_threshold = self._window * 4 + 16
+        self._watch.install(client)
         return client
 
-    def _status_payload(self, state: Literal["online", "offline"], session: int) -> bytes:
-        return wire.encode(msgspec.structs.replace(self._status, state=state, session=session))
+    def _status_payload(self, session: int, *, offline: bool = False) -> bytes:
+        now = self._clock()
+        if not offline:
+            self._watch.status_sent(now)
+        return wire.encode(self.board.status(now, session, offline=offline))
+
+    async def _heartbeat(self) -> None:
+        # The status is republished every interval, as of the moment it is sent:
+        # a reader counts the bridge online only while live statuses keep coming.
+        interval = max(1, self.board.status_interval)
+        while True:
+            await asyncio.sleep(interval)
+            self._watch.check_read_back(self._clock())
+            self.publish_status()
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         _logger.info(
@@ -374,9 +368,14 @@ class Publisher:
             "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
             self._session,
         )
-        online = self._status_payload("online", self._session)
+        v5 = self._protocol == aiomqtt.ProtocolVersion.V5
+        self._watch.new_session(self._session, read_back=not v5)
+        online = self._status_payload(self._session)
         await client.publish(self.layout.status, online, qos=1, retain=True)
-        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(self._monitor(client))]
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._monitor(client)),
+            asyncio.create_task(self._heartbeat()),
+        ]
         try:
             # Republishing starts at once; the scan runs beside it (the broker sends
             # a subscription's retained messages before any later publish of ours).
@@ -394,7 +393,7 @@ class Publisher:
             if stopper in done:
                 await self._close(client, tasks)
                 return
-            _raise_first(done)
+            raise_first(done)
             raise aiomqtt.MqttError("publisher task ended unexpectedly")
         finally:
             self.connected.clear()
@@ -409,7 +408,7 @@ class Publisher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        offline = self._status_payload("offline", self._session)
+        offline = self._status_payload(self._session, offline=True)
         try:
             await client.publish(self.layout.status, offline, qos=1, retain=True, timeout=timeout)
         except aiomqtt.MqttError as error:
@@ -442,6 +441,8 @@ class Publisher:
             """
 
             def put_nowait(self, item: aiomqtt.Message) -> None:
+                if item.topic.value == publisher.layout.status:
+                    publisher._watch.feed(item)
                 scan = publisher._scan
                 if scan is not None:
                     scan.feed(item)
@@ -451,48 +452,20 @@ class Publisher:
     async def _find_stale(
         self, client: aiomqtt.Client, tasks: list[asyncio.Task[Any]], stopper: asyncio.Task[Any]
     ) -> builtins.set[str] | None:
-        root = self.layout.root
-        scan = _Stale(self.layout.status)
-        self._scan = scan
+        self._scan = RetainedScan(self.layout.status)
         try:
-            filters = [f"{root}/+/dispatches/+", f"{root}/+/running", f"{root}/+/upcoming"]
-            if self._protocol == aiomqtt.ProtocolVersion.V5:
-                # Our own republishing runs meanwhile: no need to read it back.
-                options = SubscribeOptions(qos=1, noLocal=True)
-                await client.subscribe([(topic, options) for topic in filters])
-            else:
-                await client.subscribe([(topic, 1) for topic in filters])
-            # Subscribed second: its retained message comes after all of the first's.
-            await client.subscribe(self.layout.status, qos=1)
-            waiter = asyncio.create_task(scan.done.wait())
-            try:
-                # Give up only when the broker stops sending for `scan_timeout` s:
-                # a large tree takes a while to arrive.
-                seen = -1
-                while not scan.done.is_set() and scan.received != seen:
-                    seen = scan.received
-                    done, _ = await asyncio.wait(
-                        [waiter, stopper, *tasks],
-                        timeout=self._scan_timeout,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    _raise_first(done - {waiter, stopper})
-                    if stopper in done:
-                        return None
-            finally:
-                waiter.cancel()
-            if not scan.done.is_set():
-                _logger.warning(
-                    "microgrid %d: the stale-topic scan got nothing for %.0f s and no end "
-                    "marker; clearing only the %d stale topics seen",
-                    self.microgrid_id,
-                    self._scan_timeout,
-                    len(scan.topics),
-                )
-            await client.unsubscribe([*filters, self.layout.status])
+            return await scan_retained(
+                client,
+                self._scan,
+                self.layout,
+                noLocal=self._protocol == aiomqtt.ProtocolVersion.V5,
+                quiet_timeout=self._scan_timeout,
+                watched=tasks,
+                stopper=stopper,
+                microgrid_id=self.microgrid_id,
+            )
         finally:
             self._scan = None
-        return scan.topics
 
     def _requeue_all(self) -> None:
         # What changed while disconnected stays ahead in its queue; the rest follows.
@@ -592,7 +565,7 @@ class Publisher:
         if isinstance(value, wire.RunningSnapshot):
             self._seq += 1
             return wire.encode(msgspec.structs.replace(value, session=self._session, seq=self._seq))
-        return wire.encode(msgspec.structs.replace(value, session=self._session))
+        return self._status_payload(self._session)
 
     async def _worker(self, client: aiomqtt.Client) -> None:
         while True:
@@ -624,10 +597,3 @@ class Publisher:
                 self._in_flight -= 1
                 if self._in_flight == 0 and not self._pending and not self._bulk:
                     self._idle.set()
-
-
-def _raise_first(done: builtins.set[asyncio.Task[Any]]) -> None:
-    for task in done:
-        error = task.exception()
-        if error is not None:
-            raise error

@@ -17,6 +17,8 @@ flags win over the environment, which wins over the file):
 | topic root | `--topic-root TEMPLATE` | `DISPATCH_BRIDGE_TOPIC_ROOT` | `topic_root` |
 | bridge name | `--name NAME` | `DISPATCH_BRIDGE_NAME` | `name` |
 | longest retry wait | `--retry-max SECONDS` | `DISPATCH_BRIDGE_RETRY_MAX` | `retry_max` |
+| status interval | `--status-interval S` | `DISPATCH_BRIDGE_STATUS_INTERVAL` | `status_interval` |
+| max age | `--max-knowledge-age S` | `DISPATCH_BRIDGE_MAX_KNOWLEDGE_AGE` | `max_knowledge_age` |
 | upcoming window | `--upcoming-hours H` | `DISPATCH_BRIDGE_UPCOMING_HOURS` | `upcoming_hours` |
 
 Secrets have no flags (a command line is visible to every user of the host),
@@ -44,6 +46,7 @@ from bridge.config import ConfigError, SettingsSource
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
 from bridge.service import MicrogridService, ScheduleCore
+from bridge.status import StatusBoard
 from bridge.store import DispatchCache, SessionCounter
 from bridge.upcoming import UpcomingTopics
 from bridge.upstream import Upstream, UpstreamSettings
@@ -53,6 +56,15 @@ __all__ = ["BridgeSettings", "add_arguments", "load_settings", "run"]
 _logger = logging.getLogger("bridge")
 
 DEFAULT_STATE_DIR = "/var/lib/dispatch-bridge"
+
+DEFAULT_STATUS_INTERVAL = 5
+"""Seconds between status republishes; at most the MQTT keepalive."""
+
+DEFAULT_MAX_KNOWLEDGE_AGE = 86400.0
+"""Seconds after the last confirmation by the API before the bridge stops vouching (24 h):
+dispatches are planned day-ahead; a bridge that has not heard from the API for a day cannot
+vouch that today's plan still holds, while a shorter default would stop new runs on every
+short cloud outage."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class BridgeSettings:
     name: str
     retry_max: float = 30.0
     upcoming_hours: float = 24.0
+    status_interval: int = DEFAULT_STATUS_INTERVAL
+    max_knowledge_age: float = DEFAULT_MAX_KNOWLEDGE_AGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +145,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="H",
         help="how far ahead each type's upcoming topic lists runs, 0 to publish none "
         "(env DISPATCH_BRIDGE_UPCOMING_HOURS; default 24)",
+    )
+    parser.add_argument(
+        "--status-interval",
+        metavar="SECONDS",
+        help="republish the status every SECONDS, 1 to the MQTT keepalive (15); readers count "
+        "the bridge online only while live statuses keep coming "
+        f"(env DISPATCH_BRIDGE_STATUS_INTERVAL; default {DEFAULT_STATUS_INTERVAL})",
+    )
+    parser.add_argument(
+        "--max-knowledge-age",
+        metavar="SECONDS",
+        help="stop vouching for the retained topics (state syncing) when the dispatches were "
+        "last confirmed by the Dispatch API longer ago than this, from the cache or while "
+        "disconnected (env DISPATCH_BRIDGE_MAX_KNOWLEDGE_AGE; default 86400 = 24 h)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
@@ -221,6 +249,26 @@ def _parse_hours(value: Any) -> float:
     return hours
 
 
+def _parse_status_interval(value: Any) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError("expected a whole number of seconds")
+    seconds = int(float(value))
+    if not 1 <= seconds <= BrokerSettings.keepalive:
+        raise ValueError(
+            f"must be between 1 and {BrokerSettings.keepalive} seconds (the MQTT keepalive)"
+        )
+    return seconds
+
+
+def _parse_max_age(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    seconds = float(value)
+    if not 1 <= seconds <= 31 * 86400:
+        raise ValueError("must be between 1 second and 31 days (2678400 seconds)")
+    return seconds
+
+
 def load_settings(args: argparse.Namespace) -> BridgeSettings:
     """Resolve the settings from flags, environment and config file.
 
@@ -306,7 +354,21 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
     upcoming_hours = source.get(
         "upcoming_hours", env="DISPATCH_BRIDGE_UPCOMING_HOURS", parse=_parse_hours, default=24.0
     )
+    status_interval = source.get(
+        "status_interval",
+        env="DISPATCH_BRIDGE_STATUS_INTERVAL",
+        parse=_parse_status_interval,
+        default=DEFAULT_STATUS_INTERVAL,
+    )
+    max_knowledge_age = source.get(
+        "max_knowledge_age",
+        env="DISPATCH_BRIDGE_MAX_KNOWLEDGE_AGE",
+        parse=_parse_max_age,
+        default=DEFAULT_MAX_KNOWLEDGE_AGE,
+    )
     return BridgeSettings(
+        status_interval=status_interval,
+        max_knowledge_age=max_knowledge_age,
         upcoming_hours=upcoming_hours,
         retry_max=retry_max,
         microgrid_ids=ids,
@@ -332,6 +394,11 @@ class _Pipeline:
             sessions=SessionCounter(directory),
             bridge_name=settings.name,
             backoff=Backoff(cap=settings.retry_max),
+            board=StatusBoard(
+                bridge=settings.name,
+                status_interval=settings.status_interval,
+                max_knowledge_age=timedelta(seconds=settings.max_knowledge_age),
+            ),
         )
         core = ScheduleCore(microgrid_id, layout)
         cache = DispatchCache(directory, microgrid_id)
@@ -371,8 +438,19 @@ class _Pipeline:
             microgrid_id,
             self.service.put,
             backoff=Backoff(cap=settings.retry_max),
+            on_skipped=self._skipped,
+            on_clock=self._clock_problem,
         )
         self.tasks: list[asyncio.Task[None]] = []
+
+    def _skipped(self, count: int) -> None:
+        self.publisher.update_status(lambda board: setattr(board, "skipped", count))
+
+    def _clock_problem(self, text: str | None) -> None:
+        if text is None:
+            self.publisher.update_status(lambda board: board.resolve("clock"))
+        else:
+            self.publisher.update_status(lambda board: board.report("clock", text))
 
     def start(self) -> None:
         self.service.start()

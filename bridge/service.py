@@ -21,6 +21,7 @@ from actor_sdk import wire
 from bridge.core import EventKind, Outbox, RetainedValue, ScheduleCore, Transition, strip_state
 
 __all__ = [
+    "DeletedById",
     "EventKind",
     "LinkChanged",
     "MicrogridService",
@@ -41,6 +42,15 @@ class Synced:
     """The upstream listed every dispatch of the microgrid."""
 
     dispatches: list[wire.Dispatch]
+    unconvertible: frozenset[int] = frozenset()
+    """Ids listed that could not be converted: their held versions are kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedById:
+    """The upstream streamed a deletion it could not convert; the id is enough."""
+
+    dispatch_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +70,7 @@ class LinkChanged:
     reason: str = ""
 
 
-UpstreamItem = Synced | StreamEvent | LinkChanged
+UpstreamItem = Synced | StreamEvent | LinkChanged | DeletedById
 
 
 class Sink(Protocol):
@@ -84,6 +94,7 @@ class Sink(Protocol):
         upstream: Literal["connected", "disconnected"],
         synced_at: datetime | None,
         dispatches: int,
+        knowledge_at: datetime | None,
     ) -> None:
         """Publish the bridge status."""
 
@@ -237,10 +248,14 @@ class MicrogridService:
                         len(self.core),
                     )
                 self._publish_status()
-            case Synced(dispatches=dispatches):
+            case DeletedById(dispatch_id=dispatch_id):
+                held = self.core.get(dispatch_id)
+                if held is not None:
+                    self._handle(StreamEvent("deleted", held), now)
+            case Synced(dispatches=dispatches, unconvertible=unconvertible):
                 before = len(self.core)
                 first = not self._had_state
-                out = self.core.sync(dispatches, now, events=not first)
+                out = self.core.sync(dispatches, now, events=not first, keep=unconvertible)
                 self._had_state = True
                 self.synced_at = now
                 if first:
@@ -336,5 +351,8 @@ class MicrogridService:
 
     def _publish_status(self) -> None:
         self._sink.set_status(
-            upstream=self._upstream, synced_at=self.synced_at, dispatches=len(self.core)
+            upstream=self._upstream,
+            synced_at=self.synced_at,
+            dispatches=len(self.core),
+            knowledge_at=self.synced_at,
         )

@@ -27,6 +27,23 @@ message limit at the usual payload sizes) and converts each protobuf straight
 into `wire.Dispatch` with `wire.from_protobuf`: `client.list()` builds the
 client's dataclasses first, most of a 100k sync's time.
 
+A dispatch that cannot be converted (an unknown enum value from a newer
+API, a field out of range) is never a deletion: the listing reports its id
+as `unconvertible` so the service keeps the version it holds (a new one is
+left out), a streamed update of it is skipped, and a streamed deletion still
+applies by id. Each is logged once per reason and counted in the status's
+`skipped`.
+
+`RESOURCE_EXHAUSTED` on a list page is a message-size error only when gRPC
+says so ("larger than max"): then the listing starts over with pages half as
+big, and the next listing tries the normal size again. Any other
+`RESOURCE_EXHAUSTED` is rate limiting: the connection backs off and retries.
+
+The bridge's clock is checked against the API's: a streamed create or update
+carries the server's `update_time` of the change, which must be within
+`CLOCK_TOLERANCE` of the time it arrives; a larger offset is logged and put
+in the status's `error` until a later change shows the clocks agree.
+
 `grpc.aio.AioRpcError` never leaves this module: it becomes `UpstreamError`,
 which is logged with what happens next.
 """
@@ -37,7 +54,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
@@ -46,10 +63,20 @@ from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 
 from actor_sdk import wire
-from bridge.publisher import Backoff
-from bridge.service import EventKind, LinkChanged, StreamEvent, Synced, UpstreamItem
+from bridge.broker import Backoff
+from bridge.service import (
+    DeletedById,
+    EventKind,
+    LinkChanged,
+    StreamEvent,
+    Synced,
+    UpstreamItem,
+)
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamSettings"]
+__all__ = ["CLOCK_TOLERANCE", "Upstream", "UpstreamError", "UpstreamSettings"]
+
+CLOCK_TOLERANCE = timedelta(seconds=2)
+"""The largest offset between the bridge's clock and the API's that is not reported."""
 
 _logger = logging.getLogger("bridge.upstream")
 
@@ -95,6 +122,9 @@ class Upstream:
         page_size: int = 5000,
         stream_ready_timeout: float = 3.0,
         backoff: Backoff | None = None,
+        on_skipped: Callable[[int], None] = lambda count: None,
+        on_clock: Callable[[str | None], None] = lambda problem: None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         """Create the upstream; `run()` connects.
 
@@ -105,15 +135,23 @@ class Upstream:
             page_size: Dispatches per list page.
             stream_ready_timeout: The longest wait for the stream's initial metadata.
             backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).
+            on_skipped: Told how many dispatches cannot be converted, when it changes.
+            on_clock: Told a clock offset problem (text), or None once the clocks agree.
+            clock: Returns now (compared with the API's times).
         """
         self._settings = settings
         self.microgrid_id = microgrid_id
         self._sink = sink
-        self._page_size = page_size
+        self._page_size = self._normal_page_size = page_size
+        self._skipped: dict[int, str] = {}
+        self._on_skipped = on_skipped
+        self._on_clock = on_clock
+        self._clock = clock
+        self._clock_problem: str | None = None
         self._stream_ready_timeout = stream_ready_timeout
         self._backoff = backoff or Backoff()
         self.syncs = 0
-        self._buffer: list[StreamEvent] = []
+        self._buffer: list[UpstreamItem] = []
         self._live = False
 
     async def run(self) -> None:
@@ -168,7 +206,7 @@ class Upstream:
             except TimeoutError:
                 _logger.debug("no initial metadata on the stream: listing anyway")
             self._check_reader(reader, "before the list")
-            listed = await self._list_all(client)
+            listed, unconvertible = await self._list_all(client)
             self._check_reader(reader, "during the list")
             _logger.info(
                 "microgrid %d: connected to the Dispatch API %s; listed %d dispatches",
@@ -177,7 +215,8 @@ class Upstream:
                 len(listed),
             )
             self._sink(LinkChanged(True))
-            self._sink(Synced(listed))
+            self._sink(Synced(listed, frozenset(unconvertible)))
+            self._note_skipped(unconvertible, replace=True)
             self.syncs += 1
             for item in self._buffer:
                 self._sink(item)
@@ -203,31 +242,98 @@ class Upstream:
         self, call: AsyncIterator[dispatch_pb2.StreamMicrogridDispatchesResponse]
     ) -> None:
         async for message in call:
+            item: UpstreamItem
+            dispatch_id = message.dispatch.metadata.dispatch_id
             try:
                 kind = _KINDS[Event(message.event)]
-                dispatch = wire.from_protobuf(message.dispatch)
-            except Exception as error:  # a malformed event must not end the stream
+            except ValueError:
                 _logger.error(
-                    "microgrid %d: ignoring a stream event that cannot be read: %s",
+                    "microgrid %d: ignoring a stream event of unknown kind %d (dispatch %d)",
                     self.microgrid_id,
-                    error,
+                    message.event,
+                    dispatch_id,
                 )
                 continue
-            item = StreamEvent(kind, dispatch, buffered=not self._live)
+            try:
+                dispatch = wire.from_protobuf(message.dispatch)
+            except Exception as error:  # a malformed event must not end the stream
+                if kind != "deleted":
+                    self._note_skipped({dispatch_id: f"{type(error).__name__}: {error}"})
+                    continue
+                item = DeletedById(dispatch_id)
+            else:
+                if self._live and kind != "deleted":
+                    self._check_clock(dispatch)
+                if dispatch_id in self._skipped:
+                    del self._skipped[dispatch_id]
+                    self._on_skipped(len(self._skipped))
+                item = StreamEvent(kind, dispatch, buffered=not self._live)
             if self._live:
                 self._sink(item)
             else:
                 self._buffer.append(item)
 
-    async def _list_all(self, client: DispatchApiClient) -> list[wire.Dispatch]:
+    def _note_skipped(self, skipped: dict[int, str], *, replace: bool = False) -> None:
+        """Log each newly unconvertible dispatch once, and report the count."""
+        for dispatch_id, reason in skipped.items():
+            if self._skipped.get(dispatch_id) != reason:
+                _logger.error(
+                    "microgrid %d: dispatch %d from the Dispatch API cannot be converted (%s): "
+                    "keeping the version held, if any, until a version that converts arrives "
+                    "(never treated as deleted)",
+                    self.microgrid_id,
+                    dispatch_id,
+                    reason,
+                )
+        before = len(self._skipped)
+        if replace:
+            self._skipped = dict(skipped)
+        else:
+            self._skipped.update(skipped)
+        if replace or len(self._skipped) != before:
+            self._on_skipped(len(self._skipped))
+
+    def _check_clock(self, dispatch: wire.Dispatch) -> None:
+        """Compare a fresh change's `update_time` (the API's clock) with ours."""
+        offset = (self._clock() - dispatch.update_time).total_seconds()
+        if abs(offset) <= CLOCK_TOLERANCE.total_seconds():
+            if self._clock_problem is not None:
+                _logger.info(
+                    "microgrid %d: the bridge's clock agrees with the Dispatch API's again",
+                    self.microgrid_id,
+                )
+                self._clock_problem = None
+                self._on_clock(None)
+            return
+        problem = (
+            f"the bridge's clock is {abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} "
+            f"the Dispatch API's (dispatch {dispatch.id} changed at "
+            f"{dispatch.update_time.isoformat()} by the API's clock); starts and stops are "
+            "published on the bridge's clock: check its time synchronisation (NTP)"
+        )
+        if self._clock_problem is None:
+            _logger.error("microgrid %d: %s", self.microgrid_id, problem)
+        self._clock_problem = problem
+        self._on_clock(problem)
+
+    async def _list_all(
+        self, client: DispatchApiClient
+    ) -> tuple[list[wire.Dispatch], dict[int, str]]:
         # A page of large payloads can exceed gRPC's 4 MB message limit, which
         # the client reports as RESOURCE_EXHAUSTED: retrying the same page size
         # would fail forever, so the listing starts over with pages half as big.
+        # Rate limiting is RESOURCE_EXHAUSTED too: that one backs off instead.
         while True:
             try:
-                return await self._list_pages(client)
+                listed = await self._list_pages(client)
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or self._page_size == 1:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if not is_message_size_error(error):
+                    raise UpstreamError(
+                        f"rate limited by the Dispatch API ({_describe_rpc(error)}); backing off"
+                    ) from None
+                if self._page_size == 1:
                     raise
                 self._page_size = max(1, self._page_size // 2)
                 _logger.warning(
@@ -236,11 +342,24 @@ class Upstream:
                     _describe_rpc(error),
                     self._page_size,
                 )
+                continue
+            if self._page_size != self._normal_page_size:
+                _logger.info(
+                    "microgrid %d: listed with pages of %d; the next listing uses %d again",
+                    self.microgrid_id,
+                    self._page_size,
+                    self._normal_page_size,
+                )
+                self._page_size = self._normal_page_size
+            return listed
 
-    async def _list_pages(self, client: DispatchApiClient) -> list[wire.Dispatch]:
+    async def _list_pages(
+        self, client: DispatchApiClient
+    ) -> tuple[list[wire.Dispatch], dict[int, str]]:
         # The stub, not `client.list()`: its pages convert each protobuf into the
         # client's dataclasses first, which was most of a 100k sync's time.
         listed: list[wire.Dispatch] = []
+        unconvertible: dict[int, str] = {}
         request = dispatch_pb2.ListMicrogridDispatchesRequest(
             microgrid_id=self.microgrid_id,
             pagination_params=PaginationParams(page_size=self._page_size),
@@ -251,16 +370,24 @@ class Upstream:
                 try:
                     listed.append(wire.from_protobuf(pb))
                 except Exception as error:
-                    _logger.error(
-                        "microgrid %d: ignoring dispatch %s that cannot be converted: %s",
-                        self.microgrid_id,
-                        pb.metadata.dispatch_id,
-                        error,
-                    )
+                    unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
             token = response.pagination_info.next_page_token
             if not token:
-                return listed
+                return listed, unconvertible
             request.pagination_params.CopyFrom(PaginationParams(page_token=token))
+
+
+def is_message_size_error(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a RESOURCE_EXHAUSTED error is gRPC's message size limit (not rate limiting).
+
+    Args:
+        error: The error.
+
+    Returns:
+        True for "Received message larger than max (N vs. M)" and its kin.
+    """
+    details = (error.details() or "").lower()
+    return "larger than max" in details or "message size" in details
 
 
 def _describe_rpc(error: grpc.aio.AioRpcError) -> str:

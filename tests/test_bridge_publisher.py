@@ -70,6 +70,9 @@ async def test_newest_state_wins_after_an_outage_and_nothing_blocks(
 ) -> None:
     publisher = make(mqtt_broker, tmp_path)
     a, b = LAYOUT.dispatch("T", 1), LAYOUT.dispatch("T", 2)
+    now = datetime.now(UTC)
+    # As the service does after a sync: the status vouches (online), not syncing.
+    publisher.set_status(upstream="connected", synced_at=now, dispatches=2, knowledge_at=now)
     async with running(publisher):
         publisher.set(a, b"v0")
         publisher.set(b, b"keep")

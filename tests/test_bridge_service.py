@@ -267,6 +267,7 @@ class FakeSink:
         upstream: Literal["connected", "disconnected"],
         synced_at: datetime | None,
         dispatches: int,
+        knowledge_at: datetime | None,
     ) -> None:
         self.status = {"upstream": upstream, "synced_at": synced_at, "dispatches": dispatches}
 
