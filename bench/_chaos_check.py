@@ -2,24 +2,33 @@
 
 Inputs, all times unix seconds (one clock: everything runs on one machine):
 
-* the truth: per dispatch id, the versions the Dispatch API acknowledged, each from
-  the instant its create/update/delete was acknowledged (None = deleted), plus
-  windows where the version is uncertain (a request that failed mid-way, until the
-  next successful list told what the API holds);
-* the faults: per kill, the victim, the kill instant and the instant the system was
-  whole again (restarted, reconnected, re-synced);
+* the truth: per dispatch id, the versions the Dispatch API acknowledged (the
+  client library's `Dispatch` as the API returned it), each from the instant its
+  create/update/delete was acknowledged (None = deleted), plus windows where the
+  version is uncertain (a request that failed mid-way, until the next successful
+  list told what the API holds). Run windows come from the oracle
+  (`bench/_chaos_oracle.py`, the client library's own schedule), not from the
+  bridge's `bridge.schedule`;
+* the faults: per fault, what it hit, when it began, when it was undone (process
+  restarted, partition healed) and when the system was whole again (restarted part
+  ready, re-synced, every host's view live again), and from when on the hosts must
+  have noticed it (`dark_after`);
 * the actor records of every host (start / update / stop, with the `until` the host
   knew), and the instants hosts were killed.
 
-Checks (tolerance `tol` seconds):
+Checks (tolerance `tol` seconds, fail-safe grace `grace` seconds):
 
 1. no actor runs outside a window of its dispatch (or, for a merged actor, of any
    dispatch of its type) by more than `tol`, except while its host could not know
-   (broker or bridge down, or not yet recovered) and then not past the `until` it knew;
+   (a fault that concerns it, until the system was whole again) and then not past
+   the `until` it was told plus `grace` (the SDK's fail-safe);
 2. no window is missed while all parts were up: from `tol` after a window opens (or
    after the system is whole again) to `tol` before it closes, the host's actor for
-   it runs;
-3. no duplicate actors: per host and actor identity, never two at once.
+   it runs; starts and stops in undisturbed time are within `tol` of the instant;
+3. no duplicate actors: per host and actor identity, never two at once;
+4. nothing starts that cannot be confirmed: no actor starts while its host must
+   know that its view is not live (from `dark_after` of a fault until it is undone);
+5. at the end, the actors running are the ones that run by the truth.
 """
 
 from __future__ import annotations
@@ -29,35 +38,25 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
-from actor_sdk import wire
-from bridge import schedule
+from frequenz.client.dispatch.types import Dispatch
+
+from bench._chaos_oracle import Interval, running_ids
+from bench._chaos_oracle import windows as oracle_windows
 
 STEP = 0.05
 """Sampling step of the interval checks, seconds."""
-
-Interval = tuple[float, float]
-
-
-def to_dt(t: float) -> datetime:
-    """Unix seconds to an aware UTC datetime."""
-    return datetime.fromtimestamp(t, UTC)
-
-
-def to_ts(moment: datetime) -> float:
-    """An aware datetime to unix seconds."""
-    return moment.timestamp()
 
 
 @dataclass
 class Truth:
     """What the Dispatch API held over time."""
 
-    versions: dict[int, list[tuple[float, wire.Dispatch | None]]] = field(default_factory=dict)
+    versions: dict[int, list[tuple[float, Dispatch | None]]] = field(default_factory=dict)
     uncertain: dict[int, list[Interval]] = field(default_factory=dict)
 
-    def record(self, t: float, dispatch_id: int, dispatch: wire.Dispatch | None) -> None:
+    def record(self, t: float, dispatch_id: int, dispatch: Dispatch | None) -> None:
         """A version acknowledged at `t` (None: deleted)."""
         self.versions.setdefault(dispatch_id, []).append((t, dispatch))
 
@@ -72,8 +71,17 @@ class Truth:
                 return version.type
         return None
 
+    def at(self, dispatch_id: int, t: float) -> Dispatch | None:
+        """The version current at `t` (None: not created yet, or deleted)."""
+        current: Dispatch | None = None
+        for acknowledged, version in self.versions.get(dispatch_id, []):
+            if acknowledged > t:
+                break
+            current = version
+        return current
+
     def windows(self, dispatch_id: int, begin: float, end: float) -> list[Interval]:
-        """The intervals in [begin, end) in which the dispatch ran, by the schedule core."""
+        """The intervals in [begin, end) in which the dispatch ran, by the oracle."""
         found: list[Interval] = []
         history = self.versions.get(dispatch_id, [])
         for index, (acknowledged, version) in enumerate(history):
@@ -81,26 +89,8 @@ class Truth:
             since, upto = max(acknowledged, begin), min(upto, end)
             if version is None or since >= upto:
                 continue
-            found += _runs(version, since, upto)
+            found += oracle_windows(version, since, upto)
         return merge(found)
-
-
-def _runs(dispatch: wire.Dispatch, begin: float, end: float) -> list[Interval]:
-    runs: list[Interval] = []
-    t = begin
-    while t < end:
-        state = schedule.run_state(dispatch, to_dt(t))
-        if state.running and dispatch.active:
-            stop = end if state.until is None else min(to_ts(state.until), end)
-            if stop <= t:  # guard against a zero-length step
-                stop = t + STEP
-            runs.append((t, stop))
-            t = stop
-            continue
-        if state.changes_at is None:
-            break
-        t = max(to_ts(state.changes_at), t + 1e-6)
-    return runs
 
 
 def merge(intervals: Iterable[Interval]) -> list[Interval]:
@@ -127,11 +117,25 @@ def contains(intervals: Sequence[Interval], t: float) -> bool:
 
 @dataclass(frozen=True)
 class Fault:
-    """One kill: victim, kill instant, instant the system was whole again."""
+    """One fault: what it hit, and when it began, was undone and was recovered from.
 
-    victim: str
-    killed_at: float
-    recovered_at: float
+    `target` is a part (`broker`, `bridge`, `api`, an actor host `sdk-N`) or a link
+    (`sdk-N~broker`, `bridge~broker`, `bridge~api`); a fault of another actor host
+    or of its link does not concern a host, every other fault does. `dark_after`:
+    seconds after `began` from which every host it concerns must know that its view
+    is not live (until `healed`); None when the hosts need not notice it at all.
+    """
+
+    kind: str
+    target: str
+    began: float
+    healed: float
+    recovered: float
+    dark_after: float | None = None
+
+    def concerns(self, host: str) -> bool:
+        """Whether the fault can change what `host` knows or does."""
+        return not self.target.startswith("sdk") or self.target.split("~")[0] == host
 
 
 @dataclass
@@ -173,6 +177,14 @@ class Report:
     start_lateness: list[float] = field(default_factory=list)
     stop_lateness: list[float] = field(default_factory=list)
     stale_allowed_s: float = 0.0
+    """Actor time outside the windows on a stale view, within the until and the grace."""
+    dark_starts: int = 0
+    """Starts while the host must have known that its view was not live."""
+
+    @property
+    def worst_lateness(self) -> float:
+        """The largest start or stop lateness (absolute), 0 when none was measured."""
+        return max((abs(v) for v in [*self.start_lateness, *self.stop_lateness]), default=0.0)
 
     def add(self, message: str) -> None:
         """Record a violation (at most 50 are kept verbatim)."""
@@ -188,14 +200,16 @@ def actor_runs(
     host_deaths: dict[str, list[float]],
     end: float,
 ) -> list[ActorRun]:
-    """Turn the hosts' records into actor runs (a killed host's actors end with it)."""
+    """Turn the hosts' records up to `end` into actor runs (a killed host's actors end with it)."""
     runs: dict[str, ActorRun] = {}
     for record in sorted(records, key=lambda r: float(r["t"])):  # type: ignore[arg-type]
+        if record["ev"] not in ("start", "update", "stop") or float(record["t"]) > end:  # type: ignore[arg-type]
+            continue  # a liveness record, or the stops when the run shuts down
         t = float(record["t"])  # type: ignore[arg-type]
         name = str(record["actor"])
         host = str(record["host"])
         until_text = record.get("until")
-        until = None if until_text is None else to_ts(datetime.fromisoformat(str(until_text)))
+        until = None if until_text is None else datetime.fromisoformat(str(until_text)).timestamp()
         if record["ev"] == "start":
             key: object = (
                 int(record["id"])  # type: ignore[call-overload]
@@ -218,12 +232,13 @@ def actor_runs(
 
 @dataclass
 class _Context:
-    """What the three checks share."""
+    """What the checks share."""
 
     truth: Truth
     begin: float
     end: float
     tol: float
+    grace: float
     ids_of: dict[str, list[int]]
     windows: dict[int, list[Interval]]
     uncertain: dict[int, list[Interval]]
@@ -240,6 +255,18 @@ class _Context:
             return self.uncertain.get(key, [])
         return merge(u for i in self.ids_of.get(str(key), []) for u in self.uncertain[i])
 
+    def running_keys(self, host_types: list[str], mode: str, t: float) -> set[object]:
+        """The actor identities of a host that run at `t` by the truth."""
+        keys: set[object] = set()
+        for dispatch_type in host_types:
+            versions = [self.truth.at(i, t) for i in self.ids_of.get(dispatch_type, [])]
+            running = running_ids((v for v in versions if v is not None), t)
+            if mode == "none":
+                keys.update(running)
+            elif running:
+                keys.add(dispatch_type)
+        return keys
+
 
 def check(
     truth: Truth,
@@ -251,8 +278,9 @@ def check(
     begin: float,
     end: float,
     tol: float,
+    grace: float = 0.1,
 ) -> Report:
-    """Check the three actor invariants over [begin, end)."""
+    """Check the actor invariants over [begin, end)."""
     report = Report(actor_runs=len(runs))
     ids_of: dict[str, list[int]] = {}
     for dispatch_id in truth.versions:
@@ -264,60 +292,88 @@ def check(
         begin,
         end,
         tol,
+        grace,
         ids_of,
         {i: truth.windows(i, begin, end) for i in truth.versions},
         {i: expand(truth.uncertain.get(i, []), tol) for i in truth.versions},
     )
-    # The host could not know: broker or bridge down, until the system was whole again.
-    blind = merge(
-        (f.killed_at, f.recovered_at + tol) for f in faults if f.victim in ("broker", "bridge")
-    )
-    for run in runs:
-        _check_outside(context, run, blind, report)
-    by_host_key: dict[tuple[str, object], list[ActorRun]] = {}
-    for run in runs:
-        by_host_key.setdefault((run.host, run.key), []).append(run)
     for host, types in host_types.items():
-        # Not "all parts up" for this host: any fault but another host's.
-        disturbed = merge(
-            (f.killed_at - tol, f.recovered_at + tol)
-            for f in faults
-            if not f.victim.startswith("sdk") or f.victim == host
+        mine = [f for f in faults if f.concerns(host)]
+        # The host could not know: from a fault until the system was whole again.
+        blind = merge((f.began, f.recovered + tol) for f in mine)
+        # Not "all parts up and live" for this host.
+        disturbed = merge((f.began - tol, f.recovered + tol) for f in mine)
+        dark = merge(
+            (f.began + f.dark_after, f.healed)
+            for f in mine
+            if f.dark_after is not None and f.began + f.dark_after < f.healed
         )
+        host_runs_all = [r for r in runs if r.host == host]
+        for run in host_runs_all:
+            _check_outside(context, run, blind, report)
+            _check_dark_start(context, run, dark, report)
         keys: list[object]
         if host_modes[host] == "none":
             keys = [i for t in types for i in ids_of.get(t, [])]
         else:
             keys = list(types)
         for key in keys:
-            host_runs = sorted(by_host_key.get((host, key), []), key=lambda r: r.start)
+            host_runs = sorted((r for r in host_runs_all if r.key == key), key=lambda r: r.start)
             _check_missed(
                 context, host, key, host_runs=host_runs, disturbed=disturbed, report=report
             )
+        _check_final(
+            context, host, host_runs_all, types=types, mode=host_modes[host], report=report
+        )
+    by_host_key: dict[tuple[str, object], list[ActorRun]] = {}
+    for run in runs:
+        by_host_key.setdefault((run.host, run.key), []).append(run)
     for (host, key), host_runs in by_host_key.items():
         _check_duplicates(host, key, host_runs, begin, report)
     return report
 
 
 def _check_outside(context: _Context, run: ActorRun, blind: list[Interval], report: Report) -> None:
-    """1. Never outside a window (beyond tol), except blind and before the known until."""
+    """1. Never outside a window (beyond tol); while blind, not past the until + grace."""
     allowed = expand(context.key_windows(run.key), context.tol)
     unsure = context.key_uncertain(run.key)
     t = run.start
     outside = 0.0
+    overrun = 0.0
     while t < run.stop:
         report.actor_s += STEP
         if not contains(allowed, t) and not contains(unsure, t):
             until = run.until_at(t)
-            if contains(blind, t) and until is not None and t <= until + context.tol:
+            if not contains(blind, t):
+                outside += STEP
+            elif until is not None and t <= until + context.grace:
                 report.stale_allowed_s += STEP
             else:
-                outside += STEP
+                overrun += STEP
         t += STEP
     if outside > STEP * 1.5:
         report.add(
             f"{run.name} ({run.key!r}) ran {outside:.2f} s outside its windows "
             f"between {run.start - context.begin:.1f} s and {run.stop - context.begin:.1f} s"
+        )
+    if overrun > STEP * 1.5:
+        report.add(
+            f"{run.name} ({run.key!r}) ran {overrun:.2f} s past the last until it was told "
+            f"plus the {context.grace:g} s grace, outside its windows, while its host could "
+            f"not know (run from {run.start - context.begin:.1f} s to "
+            f"{run.stop - context.begin:.1f} s)"
+        )
+
+
+def _check_dark_start(
+    context: _Context, run: ActorRun, dark: list[Interval], report: Report
+) -> None:
+    """4. No start while the host must know that its view is not live."""
+    if contains(dark, run.start) and not contains(context.key_uncertain(run.key), run.start):
+        report.dark_starts += 1
+        report.add(
+            f"{run.name} ({run.key!r}) started at {run.start - context.begin:.2f} s while its "
+            f"host could not have a live view (a fault it must have noticed by then)"
         )
 
 
@@ -356,16 +412,58 @@ def _check_missed(
         first = next((r for r in host_runs if r.start >= a - tol), None)
         already = contains(covered, a - 2 * STEP)  # a merged actor already running
         if quiet_start and first is not None and first.start < b and not already:
-            report.start_lateness.append(first.start - a)
+            _lateness(
+                report,
+                report.start_lateness,
+                first.start - a,
+                tol=tol,
+                what=f"{host}: start of {key!r}",
+                at=a - begin,
+            )
         ender = next((r for r in host_runs if r.start < b and r.stop >= b - tol), None)
         if (
             b < context.end - STEP  # a window cut off by the end of the run has no stop
             and not (contains(disturbed, b) or contains(unsure, b))
             and ender is not None
             and ender.stopped_by == "stop"
-            and ender.stop < b + 10 * tol
+            and ender.stop < b + 10 * max(tol, 1.0)
         ):
-            report.stop_lateness.append(ender.stop - b)
+            _lateness(
+                report,
+                report.stop_lateness,
+                ender.stop - b,
+                tol=tol,
+                what=f"{host}: stop of {key!r}",
+                at=b - begin,
+            )
+
+
+def _lateness(
+    report: Report, values: list[float], late: float, *, tol: float, what: str, at: float
+) -> None:
+    values.append(late)
+    if abs(late) > tol:
+        report.add(f"{what} due at {at:.1f} s came {late:+.3f} s off (tolerance {tol:g} s)")
+
+
+def _check_final(
+    context: _Context,
+    host: str,
+    host_runs: list[ActorRun],
+    *,
+    types: list[str],
+    mode: str,
+    report: Report,
+) -> None:
+    """5. At the end, the actors running are the ones that run by the truth."""
+    end, tol = context.end, context.tol
+    running = {r.key for r in host_runs if r.stopped_by == "end"}
+    truth_now = context.running_keys(types, mode, end)
+    truth_before = context.running_keys(types, mode, end - tol)
+    for key in running - truth_now - truth_before:
+        report.add(f"{host}: an actor for {key!r} runs at the end, the truth says it does not")
+    for key in (truth_now & truth_before) - running:
+        report.add(f"{host}: no actor for {key!r} at the end, the truth says it runs")
 
 
 def _check_duplicates(

@@ -1,4 +1,4 @@
-"""An actor host for the chaos run and the tests: `actor_sdk.manage` with recording actors.
+"""An actor host for the chaos run and the tests: an SDK `Dispatcher` with recording actors.
 
 Each actor appends one JSON line per start, update and stop to the record file
 (`O_APPEND`, one `write` per line, so lines survive a SIGKILL of the process and
@@ -10,6 +10,11 @@ several hosts can share one file):
 `t` is the wall clock (unix seconds), `actor` is unique per actor instance (host,
 process id, counter), `id` the dispatch the actor's information comes from, `until`
 the end of the current run as the bridge computed it (null: runs until changed).
+Each change of the host's view (`Dispatcher.is_live`, polled every 20 ms) is a
+record too: `{"t": ..., "host": "sdk-a", "ev": "live", "live": true}`.
+
+One `Dispatcher` per host manages every `--type`. `--clock-offset S` gives the SDK
+a clock S seconds off the machine's (the records keep the machine's clock).
 
 The broker URL comes from `--broker` or `MQTT_URL` (without credentials); the SDK
 reads `MQTT_USERNAME` and `MQTT_PASSWORD` / `MQTT_PASSWORD_FILE` itself.
@@ -29,12 +34,12 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from frequenz.channels import Receiver
 
-from actor_sdk import DispatchInfo, MergeByType, MergeByTypeTarget, MergeStrategy, manage
+from actor_sdk import Dispatcher, DispatchInfo, MergeByType, MergeByTypeTarget, MergeStrategy
 
 _counter = itertools.count(1)
 _SLOW_STOP_S = float(os.environ.get("CHAOS_SABOTAGE_SLOW_STOP_S", "0"))
@@ -63,6 +68,13 @@ class Recorder:
             record["until"] = None if src.until is None else src.until.isoformat()
             record["payload"] = info.options
             record["dry_run"] = info.dry_run
+        self._append(record)
+
+    def write_live(self, live: bool) -> None:
+        """Append a change of the host's view: live (True) or not (False)."""
+        self._append({"t": time.time(), "host": self.host, "ev": "live", "live": live})
+
+    def _append(self, record: dict[str, Any]) -> None:
         os.write(self.fd, (json.dumps(record, default=str) + "\n").encode())
 
 
@@ -109,9 +121,23 @@ def _strategy(name: str) -> MergeStrategy | None:
     return {"none": None, "type": MergeByType(), "type-target": MergeByTypeTarget()}[name]
 
 
+async def _follow_liveness(dispatcher: Dispatcher, recorder: Recorder) -> None:
+    """Record every change of the dispatcher's `is_live`, polled every 20 ms."""
+    live: bool | None = None
+    while True:
+        if dispatcher.is_live != live:
+            live = dispatcher.is_live
+            recorder.write_live(live)
+        await asyncio.sleep(0.02)
+
+
 async def _main(args: argparse.Namespace) -> int:
     recorder = Recorder(args.record, args.host)
     broker = args.broker or os.environ.get("MQTT_URL", "")
+    offset = timedelta(seconds=args.clock_offset)
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + offset
 
     def factory_for(dispatch_type: str) -> Any:
         async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> RecordingActor:
@@ -119,37 +145,41 @@ async def _main(args: argparse.Namespace) -> int:
 
         return factory
 
-    tasks = [
-        asyncio.create_task(
-            manage(
-                broker=broker,
-                microgrid_id=args.microgrid_id,
-                dispatch_type=dispatch_type,
-                actor_factory=factory_for(dispatch_type),
-                merge_strategy=_strategy(args.merge),
-                retry_interval=timedelta(seconds=1),
-                keepalive=args.keepalive,
-                max_reconnect_delay=timedelta(seconds=args.max_reconnect_delay),
-            ),
-            name=f"manage-{dispatch_type}",
+    dispatcher = Dispatcher(
+        microgrid_id=args.microgrid_id,
+        broker=broker,
+        keepalive=args.keepalive,
+        max_reconnect_delay=timedelta(seconds=args.max_reconnect_delay),
+        clock=clock,
+    )
+    dispatcher.start()
+    liveness = asyncio.create_task(_follow_liveness(dispatcher, recorder))
+    for dispatch_type in args.type:
+        await dispatcher.start_managing(
+            dispatch_type,
+            actor_factory=factory_for(dispatch_type),
+            merge_strategy=_strategy(args.merge),
+            retry_interval=timedelta(seconds=1),
         )
-        for dispatch_type in args.type
-    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     waiter = asyncio.create_task(stop.wait())
-    print(f"actor host {args.host} managing {', '.join(args.type)}", flush=True)
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    serving = asyncio.create_task(dispatcher.wait())
+    print(
+        f"actor host {args.host} managing {', '.join(args.type)} "
+        f"(clock offset {args.clock_offset:+g} s)",
+        flush=True,
+    )
+    done, _ = await asyncio.wait([waiter, serving], return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    for task in tasks:
-        if task in done and task.exception() is not None:
-            logging.getLogger("chaos-sdk").error("%s failed: %r", task.get_name(), task.exception())
-            code = 1
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if serving in done and serving.exception() is not None:
+        logging.getLogger("chaos-sdk").error("the dispatcher failed: %r", serving.exception())
+        code = 1
+    liveness.cancel()
     waiter.cancel()
+    await dispatcher.stop()
     return code
 
 
@@ -165,6 +195,9 @@ def main() -> int:
     parser.add_argument("--keepalive", type=int, default=5, help="MQTT keepalive, seconds")
     parser.add_argument(
         "--max-reconnect-delay", type=float, default=30.0, help="reconnect backoff cap, s"
+    )
+    parser.add_argument(
+        "--clock-offset", type=float, default=0.0, help="seconds added to the SDK's clock"
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()

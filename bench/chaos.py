@@ -1,91 +1,70 @@
-"""Chaos run: the whole system on loopback, random changes, random kill -9, then the invariants.
+"""Chaos run: the whole system on loopback, random changes, overlapping faults, then the invariants.
 
-    python bench/chaos.py --minutes 10 --seed 1
-    python bench/chaos.py --minutes 1 --seed 7 --quick     # what tests/test_chaos.py runs
+    python bench/chaos.py --minutes 60 --seed 1             # the long run
+    python bench/chaos.py --minutes 0.5 --seed 7 --quick    # what tests/test_chaos.py runs
 
-Parts (all started here, on free loopback ports, in a temp dir): Mosquitto with the
-repo's `mosquitto.conf`, the local Dispatch API server (`dispatch-bridge api`), the
-bridge (`dispatch-bridge run`), and actor hosts (`bench/_chaos_sdk.py`, the actor
-SDK's `manage` with actors that record every start, update and stop):
+Parts (all started here, on free loopback ports, in a temp dir; see
+`bench/_chaos_system.py`): Mosquitto with the repo's `mosquitto.conf`, the local
+Dispatch API server, the bridge, and actor hosts (`bench/_chaos_sdk.py`: the actor
+SDK's `Dispatcher` with actors that record every start, update and stop):
 
 * `sdk-1` manages CHAOS_A and CHAOS_B, one actor per dispatch;
-* `sdk-2` manages CHAOS_A merged by type (one actor while any CHAOS_A runs);
+* `sdk-2` manages CHAOS_A merged by type, on a clock `--clock-offset` seconds off;
 * `sdk-3` manages CHAOS_B, one actor per dispatch (not with --quick).
 
-A driver creates, updates and deletes dispatches at random through the Dispatch API
-client (short windows of 2-12 s starting 1-8 s ahead, minutely recurrences, overlaps
-that merge), while a fault task kills a random part with SIGKILL (broker, bridge,
-API server, an actor host), restarts it after a random pause, and waits until the
-system is whole again (restarted part ready, bridge reconnected and re-synced, hosts
-in sync). After the last fault and a quiet period it checks (see `_chaos_check`):
+The bridge and the hosts reach the broker and the API through TCP proxies the run
+owns, so a link can be partitioned. A driver creates, updates and deletes dispatches
+at random through the Dispatch API client (short windows starting 1-8 s ahead,
+minutely recurrences of 2-4 runs, overlaps that merge), keeping every version as
+the API returned it. Meanwhile `--overlap` fault tasks (default 2) each pick a fault
+from the seeded plan (kill -9 of a part, a silent partition of a link, an API
+outage during a bridge restart without its cache or with a corrupt one, a broker
+restart that lost its database), undo it after a random time and wait until the
+system is whole again; faults of different parts overlap. When no fault is active
+and `--audit-gap` seconds passed since the last audit, the run pauses its changes
+and faults and checks the retained tree against the API. After the last fault and a
+quiet period it audits once more and checks the actors (see `_chaos_check`), with
+the oracle of `_chaos_oracle` (the client library's own schedule).
 
-* every retained topic equals the truth computed from the API server's database
-  (dispatches listed through the API, `bridge.schedule.running_at` for `running`);
-* no actor ran outside its dispatch windows by more than the tolerance, except while
-  its host could not know (broker or bridge down) and then not past its `until`;
-* no window was missed while all parts were up; no duplicate actors.
-
-It prints the figures (operations, kills survived, windows, lateness, violations)
-and exits 1 on any violation (keeping the logs), 0 otherwise.
+The run ends with lines a script can read, each at the start of its line:
+`kills survived: N ...`, `partitions survived: N ...`, `violations: N` and
+`worst lateness: X s (tolerance T s) ...`. Exit code 1 on any violation (the logs
+are kept), 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, RecurrenceRule
-from frequenz.client.dispatch.types import DispatchId, TargetIds
+from frequenz.client.dispatch.types import Dispatch, DispatchId, TargetIds
 
 from actor_sdk import wire
-from bench._chaos_check import (
-    Fault,
-    Report,
-    Truth,
-    actor_runs,
-    check,
-    percentile,
-)
-from bridge import schedule
-from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeHandle, retained_snapshot
-from tests.fixtures.broker import Broker, find_mosquitto, start_broker
-from tests.fixtures.processes import ManagedProcess, ProcessFactory, wait_until
+from bench._chaos_check import Fault, Report, Truth, actor_runs, check, percentile
+from bench._chaos_oracle import running_ids
+from bench._chaos_system import MG, TYPES, System
+from tests.fixtures.bridge import retained_snapshot
+from tests.fixtures.broker import find_mosquitto
 
-MG = 1
 LAYOUT = wire.TopicLayout.for_microgrid(MG)
-TYPES = ("CHAOS_A", "CHAOS_B")
-SDK_HOST = Path(__file__).resolve().parent / "_chaos_sdk.py"
-RECOVERY_TIMEOUT = 60.0
-_SYNCED = re.compile(r"\bsynced \d+ dispatches from the Dispatch API")
-
-
-@dataclass
-class Host:
-    """One actor host process."""
-
-    name: str
-    types: list[str]
-    merge: str
-    process: ManagedProcess
 
 
 @dataclass
@@ -95,179 +74,14 @@ class Stats:
     ops: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     kills: dict[str, int] = field(default_factory=dict)
-    recovery_s: list[float] = field(default_factory=list)
+    partitions: dict[str, int] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    audits: int = 0
+    most_at_once: int = 0
 
-    def count(self, table: dict[str, int], key: str) -> None:
-        """Add one to `table[key]`."""
-        table[key] = table.get(key, 0) + 1
-
-
-class System:
-    """Broker, API server, bridge and actor hosts, with kill and restart of each."""
-
-    def __init__(self, workdir: Path, *, quick: bool, slow_stop_s: float = 0.0) -> None:
-        self.workdir = workdir
-        self.slow_stop_s = slow_stop_s
-        self.factory = ProcessFactory(workdir / "logs")
-        self.hosts: list[Host] = []
-        self.records = workdir / "actors.jsonl"
-        self.records.touch()
-        self.broker: Broker = start_broker(workdir / "broker")
-        self.api = ApiServerHandle(workdir, name="api")
-        try:
-            self._start(quick)
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(self, quick: bool) -> None:
-        if self.broker.kind != "mosquitto":
-            raise SystemExit("the chaos run needs the mosquitto binary (it kills and restarts it)")
-        self.api.start()
-        self.bridge = BridgeHandle(
-            self.factory,
-            api=self.api,
-            broker=self.broker,
-            state_dir=self.workdir / "bridge-state",
-            microgrid_ids=(MG,),
-        )
-        self.bridge.start()
-        self._wait_bridge_synced(1)
-        specs = [("sdk-1", list(TYPES), "none"), ("sdk-2", ["CHAOS_A"], "type")]
-        if not quick:
-            specs.append(("sdk-3", ["CHAOS_B"], "none"))
-        self.hosts = [self._host(*spec) for spec in specs]
-        for host in self.hosts:
-            host.process.start()
-        for host in self.hosts:
-            wait_until(
-                lambda h=host: h.process.check_alive() or self._synced(h) >= 1,
-                30,
-                f"{host.name} in sync",
-            )
-
-    def _host(self, name: str, types: list[str], merge: str) -> Host:
-        args: list[str] = [sys.executable, str(SDK_HOST), "--microgrid-id", str(MG)]
-        for dispatch_type in types:
-            args += ["--type", dispatch_type]
-        args += ["--merge", merge, "--record", str(self.records), "--host", name]
-        args += ["--keepalive", "3", "--max-reconnect-delay", "2"]
-        process = self.factory(
-            args,
-            name=name,
-            start=False,
-            extra_env={
-                "CHAOS_SABOTAGE_SLOW_STOP_S": str(self.slow_stop_s),
-                "MQTT_URL": f"mqtt://{self.broker.host}:{self.broker.port}",
-                "MQTT_USERNAME": "actor",
-                "MQTT_PASSWORD": self.broker.passwords["actor"] or "",
-            },
-        )
-        return Host(name, types, merge, process)
-
-    # ---- progress markers in the logs --------------------------------------------------
-
-    @staticmethod
-    def _synced(host: Host) -> int:
-        return host.process.output().count("in sync with the retained state")
-
-    def _bridge_connected(self) -> int:
-        return self.bridge.output().count("connected to MQTT broker")
-
-    def _bridge_synced(self) -> int:
-        # "synced N dispatches from the Dispatch API": one per completed sync.
-        return len(_SYNCED.findall(self.bridge.output()))
-
-    def _wait_bridge_synced(self, count: int) -> None:
-        wait_until(
-            lambda: self.bridge.process.check_alive() or self._bridge_synced() >= count,
-            RECOVERY_TIMEOUT,
-            f"the bridge's sync #{count} with the Dispatch API",
-        )
-
-    def _hosts_see_online(self, host: Host) -> int:
-        return host.process.output().count("is online (session")
-
-    # ---- faults --------------------------------------------------------------------------
-
-    def victims(self) -> list[str]:
-        """What a fault may kill."""
-        return ["broker", "bridge", "api", *(h.name for h in self.hosts)]
-
-    def kill(self, victim: str) -> Callable[[], None]:
-        """Kill `victim` with SIGKILL now; return the function that restarts it and waits."""
-        if victim == "broker":
-            connected = self._bridge_connected()
-            synced = {h.name: self._synced(h) for h in self.hosts}
-            self.broker.kill9()
-
-            def back() -> None:
-                self.broker.start()
-                wait_until(lambda: self._bridge_connected() > connected, RECOVERY_TIMEOUT, "bridge")
-                for host in self.hosts:
-                    wait_until(
-                        lambda h=host: self._synced(h) > synced[h.name],
-                        RECOVERY_TIMEOUT,
-                        f"{host.name} to re-sync",
-                    )
-
-            return back
-        if victim == "bridge":
-            online = {h.name: self._hosts_see_online(h) for h in self.hosts}
-            synced_before = self._bridge_synced()
-            self.bridge.kill9()
-
-            def back() -> None:
-                self.bridge.start(timeout=RECOVERY_TIMEOUT)
-                self._wait_bridge_synced(synced_before + 1)
-                for host in self.hosts:
-                    wait_until(
-                        lambda h=host: self._hosts_see_online(h) > online[h.name],
-                        RECOVERY_TIMEOUT,
-                        f"{host.name} to see the bridge online",
-                    )
-
-            return back
-        if victim == "api":
-            synced_before = self._bridge_synced()
-            self.api.kill9()
-
-            def back() -> None:
-                self.api.start(timeout=RECOVERY_TIMEOUT)
-                self._wait_bridge_synced(synced_before + 1)
-
-            return back
-        host = next(h for h in self.hosts if h.name == victim)
-        host.process.kill9()
-
-        def back() -> None:
-            before = self._synced(host)
-            host.process.start()
-            wait_until(
-                lambda: host.process.check_alive() or self._synced(host) > before,
-                RECOVERY_TIMEOUT,
-                f"{host.name} in sync",
-            )
-
-        return back
-
-    def ensure_all_up(self) -> None:
-        """Check that every part runs (raises when one died on its own)."""
-        assert self.broker.running, "the broker is down"
-        for process in (self.api.process, self.bridge.process, *(h.process for h in self.hosts)):
-            assert process is not None
-            process.check_alive()
-
-    def close(self) -> None:
-        """Stop everything (also a partly started system); never raises."""
-        for host in self.hosts:
-            with contextlib.suppress(Exception):
-                host.process.stop(10)
-        self.factory.stop_all()
-        with contextlib.suppress(Exception):
-            self.api.stop()
-        with contextlib.suppress(Exception):
-            self.broker.close()
+    def count(self, table: dict[str, int], key: str, by: int = 1) -> None:
+        """Add `by` to `table[key]`."""
+        table[key] = table.get(key, 0) + by
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -276,13 +90,14 @@ class System:
 class Driver:
     """Creates, updates and deletes dispatches at random; keeps the truth."""
 
-    def __init__(self, system: System, rng: random.Random, stats: Stats) -> None:
-        self.system = system
+    def __init__(self, rng: random.Random, stats: Stats) -> None:
         self.rng = rng
         self.stats = stats
         self.truth = Truth()
-        self.alive: dict[int, wire.Dispatch] = {}
+        self.alive: dict[int, Dispatch] = {}
         self.unsure_since: float | None = None
+        self.paused = asyncio.Lock()
+        """Held by an audit: no change is made meanwhile."""
 
     def _recurrence(self) -> RecurrenceRule | None:
         if self.rng.random() < 0.3:
@@ -294,10 +109,14 @@ class Driver:
         return None
 
     async def step(self, client: Any) -> None:
-        """One random operation."""
-        if self.unsure_since is not None:
-            await self.reconcile(client)
-            return
+        """One random operation (waits while an audit runs)."""
+        async with self.paused:
+            if self.unsure_since is not None:
+                await self.reconcile(client)
+            else:
+                await self._change(client)
+
+    async def _change(self, client: Any) -> None:
         roll = self.rng.random()
         if roll < 0.55 or len(self.alive) < 3:
             kind = "create"
@@ -318,7 +137,7 @@ class Driver:
                     payload={"n": self.rng.randint(0, 10**6)},
                     recurrence=self._recurrence(),
                 )
-                self._got(int(created.id), wire.from_client(created))
+                self._got(int(created.id), created)
             elif kind == "update":
                 dispatch_id = self.rng.choice(sorted(self.alive))
                 fields: dict[str, Any] = self.rng.choice(
@@ -337,7 +156,7 @@ class Driver:
                     dispatch_id=DispatchId(dispatch_id),
                     new_fields=fields,
                 )
-                self._got(dispatch_id, wire.from_client(updated))
+                self._got(dispatch_id, updated)
             else:
                 dispatch_id = self.rng.choice(sorted(self.alive))
                 await client.delete(
@@ -347,21 +166,21 @@ class Driver:
             self.stats.count(self.stats.ops, kind)
         except Exception:  # the API server may be down: the outcome is unknown
             self.stats.count(self.stats.failed, kind)
-            self.unsure_since = sent if self.unsure_since is None else self.unsure_since
+            self.unsure_since = sent
 
-    def _got(self, dispatch_id: int, dispatch: wire.Dispatch | None) -> None:
+    def _got(self, dispatch_id: int, dispatch: Dispatch | None) -> None:
         self.truth.record(time.time(), dispatch_id, dispatch)
         if dispatch is None:
             self.alive.pop(dispatch_id, None)
         else:
             self.alive[dispatch_id] = dispatch
 
-    async def listed(self, client: Any) -> dict[int, wire.Dispatch]:
-        """Every dispatch the API holds now."""
-        found: dict[int, wire.Dispatch] = {}
+    async def listed(self, client: Any) -> dict[int, Dispatch]:
+        """Every dispatch the API holds now, as it returns them."""
+        found: dict[int, Dispatch] = {}
         async for page in client.list(MicrogridId(MG)):
             for dispatch in page:
-                found[int(dispatch.id)] = wire.from_client(dispatch)
+                found[int(dispatch.id)] = dispatch
         return found
 
     async def reconcile(self, client: Any) -> None:
@@ -383,7 +202,14 @@ class Driver:
         self.unsure_since = None
 
 
-# --- the final check of the retained tree ---------------------------------------------------
+# --- the retained tree ----------------------------------------------------------------------
+
+_STATE = {"running": False, "until": None, "next_run": None}
+
+
+def _definition(dispatch: wire.Dispatch) -> wire.Dispatch:
+    """The dispatch without the state the bridge computes."""
+    return msgspec.structs.replace(dispatch, **_STATE)  # type: ignore[arg-type]
 
 
 def _parse_tree(
@@ -408,9 +234,13 @@ def _parse_tree(
 
 
 def check_retained(
-    retained: dict[str, bytes], held: dict[int, wire.Dispatch], now: datetime
+    retained: dict[str, bytes], held: dict[int, Dispatch], read_at: float, tol: float
 ) -> list[str]:
-    """Compare the retained tree with the truth; return the differences."""
+    """Compare the retained tree, read at `read_at`, with what the API holds.
+
+    The `running` snapshot of each type must list what runs by the oracle at its
+    `as_of`, and at `read_at` (or `tol` before it, for a change at that instant).
+    """
     problems: list[str] = []
     status_payload = retained.pop(LAYOUT.status, b"")
     try:
@@ -426,153 +256,215 @@ def check_retained(
         extra, missing = set(published) - set(held), set(held) - set(published)
         problems.append(f"dispatch topics: stale {sorted(extra)}, missing {sorted(missing)}")
     for dispatch_id in set(published) & set(held):
-        if strip_state(published[dispatch_id]) != strip_state(held[dispatch_id]):
+        if _definition(published[dispatch_id]) != _definition(wire.from_client(held[dispatch_id])):
             problems.append(f"dispatch {dispatch_id}: published definition differs from the API")
     for dispatch_type in TYPES:
         of_type = [d for d in held.values() if d.type == dispatch_type]
-        expected_now, _ = schedule.running_at(of_type, now)
         snapshot = snapshots.get(dispatch_type)
         got = [] if snapshot is None else [d.id for d in snapshot.running]
-        if got != [d.id for d in expected_now]:
+        now, before = running_ids(of_type, read_at), running_ids(of_type, read_at - tol)
+        if got not in (now, before):
             problems.append(
-                f"{dispatch_type}/running lists {got}, the truth at the end is "
-                f"{[d.id for d in expected_now]}"
+                f"{dispatch_type}/running lists {got}, the oracle says {now} at the read"
             )
-        if snapshot is not None:
-            at_as_of, _ = schedule.running_at(of_type, snapshot.as_of)
-            if got != [d.id for d in at_as_of]:
-                problems.append(f"{dispatch_type}/running differs from the truth at its as_of")
+        if snapshot is not None and got != running_ids(of_type, snapshot.as_of.timestamp()):
+            problems.append(f"{dispatch_type}/running differs from the oracle at its as_of")
     return problems
 
 
-# --- main -----------------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------
 
 
-async def run_chaos(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915
-    """Run the chaos and the checks; return the exit code."""
-    rng = random.Random(args.seed)
-    stats = Stats()
+class Chaos:
+    """The driver's changes, the fault tasks and the audits of one run."""
+
+    def __init__(self, args: argparse.Namespace, system: System, client: Any) -> None:
+        self.args = args
+        self.system = system
+        self.client = client
+        self.stats = Stats()
+        self.driver = Driver(random.Random(args.seed), self.stats)
+        self.plan = random.Random(args.seed * 7919 + 1)
+        self.begin = time.time()
+        self.deadline = self.begin + args.minutes * 60
+        self.held: set[str] = set()
+        """Resources (parts, links) held by a fault now."""
+        self.faults_allowed = asyncio.Event()
+        self.faults_allowed.set()
+        self.last_audit = self.begin
+        self.tree_problems: list[str] = []
+        self.host_deaths: dict[str, list[float]] = {}
+        self.active = 0
+        """Faults running now."""
+        self.records = 0
+
+    async def operations(self) -> None:
+        """Changes at random until the deadline."""
+        while time.time() < self.deadline:
+            await self.driver.step(self.client)
+            await asyncio.sleep(self.driver.rng.uniform(0.1, self.args.op_gap))
+
+    async def faults(self, worker: int) -> None:
+        """One fault task: pick a fault whose parts are free, run it, pause, again."""
+        await asyncio.sleep(self.plan.uniform(1, self.args.fault_gap))
+        while time.time() < self.deadline - 5:
+            await self.faults_allowed.wait()
+            free = [c for c in self.system.choices() if not c[2] & self.held]
+            if not free:
+                await asyncio.sleep(0.2)
+                continue
+            kind, target, resources = self.plan.choice(free)
+            upper = self.args.partition_max if kind == "partition" else self.args.down_max
+            down = self.plan.uniform(0.2, upper)
+            self.held |= resources
+            self.active += 1
+            self.stats.most_at_once = max(self.stats.most_at_once, self.active)
+            try:
+                if kind == "kill" and target.startswith("sdk"):
+                    self.host_deaths.setdefault(target, []).append(time.time())
+                fault = await self.system.fault(kind, target, down)
+            finally:
+                self.held -= resources
+                self.active -= 1
+            self._survived(fault, worker)
+            if not self.held:
+                await self.audit()
+            await asyncio.sleep(self.plan.uniform(1, self.args.fault_gap))
+
+    def _survived(self, fault: Fault, worker: int) -> None:
+        self.stats.faults.append(fault)
+        kills = self.system.kills_in(fault.kind)
+        if kills:
+            label = fault.target if fault.kind == "kill" else fault.kind
+            self.stats.count(self.stats.kills, label, kills)
+        else:
+            self.stats.count(self.stats.partitions, fault.target)
+        print(
+            f"  +{fault.began - self.begin:6.1f} s [{worker}] {fault.kind:13} {fault.target:13} "
+            f"undone after {fault.healed - fault.began:4.1f} s, whole again after "
+            f"{fault.recovered - fault.began:4.1f} s",
+            flush=True,
+        )
+
+    async def audit(self, *, final: bool = False) -> None:
+        """With no fault active: pause the changes and compare the tree with the API."""
+        if not final and time.time() - self.last_audit < self.args.audit_gap:
+            return
+        self.faults_allowed.clear()
+        try:
+            async with self.driver.paused:
+                while self.driver.unsure_since is not None:
+                    await self.driver.reconcile(self.client)
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(1.0)  # the last change reaches the broker
+                held = await self.driver.listed(self.client)
+                read_at = time.time()
+                retained = await asyncio.to_thread(
+                    retained_snapshot, self.system.broker, LAYOUT.everything, 2.0
+                )
+        finally:
+            self.faults_allowed.set()
+        self.last_audit = time.time()
+        self.stats.audits += 1
+        at = f"audit at +{read_at - self.begin:.0f} s"
+        self.tree_problems += [
+            f"{at}: {p}" for p in check_retained(retained, held, read_at, self.args.tolerance)
+        ]
+
+
+async def run_chaos(args: argparse.Namespace, workdir: Path) -> int:
+    """Run the chaos and the checks; print the figures; return the exit code."""
     print(f"chaos run: seed {args.seed}, {args.minutes:g} min, logs in {workdir}", flush=True)
     system = await asyncio.to_thread(
-        System, workdir, quick=args.quick, slow_stop_s=args.sabotage_slow_stop
+        System,
+        workdir,
+        quick=args.quick,
+        slow_stop_s=args.sabotage_slow_stop,
+        clock_offset=args.clock_offset,
     )
-    driver = Driver(system, rng, stats)
-    faults: list[Fault] = []
-    host_deaths: dict[str, list[float]] = {}
-    begin = time.time()
-    deadline = begin + args.minutes * 60
-    fault_rng = random.Random(args.seed * 7919 + 1)
+    chaos: Chaos | None = None
+    aborted: str | None = None
+    end = time.time()
     try:
+        await system.open()
         async with system.api.client() as client:
-
-            async def operations() -> None:
-                while time.time() < deadline:
-                    await driver.step(client)
-                    await asyncio.sleep(rng.uniform(0.1, args.op_gap))
-
-            async def chaos() -> None:
-                await asyncio.sleep(fault_rng.uniform(2, args.fault_gap))
-                while time.time() < deadline - 5:
-                    victim = fault_rng.choice(system.victims())
-                    killed_at = time.time()
-                    restart = system.kill(victim)
-                    if victim.startswith("sdk"):
-                        host_deaths.setdefault(victim, []).append(killed_at)
-                    await asyncio.sleep(fault_rng.uniform(0.2, args.down_max))
-                    await asyncio.to_thread(restart)
-                    recovered_at = time.time()
-                    faults.append(Fault(victim, killed_at, recovered_at))
-                    stats.count(stats.kills, victim)
-                    stats.recovery_s.append(recovered_at - killed_at)
-                    print(
-                        f"  +{killed_at - begin:6.1f} s kill -9 {victim:7} "
-                        f"whole again after {recovered_at - killed_at:4.1f} s",
-                        flush=True,
-                    )
-                    await asyncio.sleep(fault_rng.uniform(1, args.fault_gap))
-
-            await asyncio.gather(operations(), chaos())
-            while driver.unsure_since is not None:
-                await driver.reconcile(client)
-                await asyncio.sleep(0.5)
+            chaos = Chaos(args, system, client)
+            workers = [chaos.faults(n + 1) for n in range(args.overlap)]
+            await asyncio.gather(chaos.operations(), *workers)
             # Quiet: no changes, no faults; scheduled starts and stops still happen.
             await asyncio.sleep(args.quiet)
             system.ensure_all_up()
-            held = await driver.listed(client)
-        now = datetime.now(UTC)
-        retained = await asyncio.to_thread(retained_snapshot, system.broker, LAYOUT.everything, 2.0)
-        tree_problems = check_retained(retained, held, now)
+            await chaos.audit(final=True)
+            end = time.time()
+    except Exception as error:  # a part that never recovered: report it, keep the logs
+        traceback.print_exc()
+        aborted = f"the run stopped: {error!r}".splitlines()[0]
         end = time.time()
     finally:
-        await asyncio.to_thread(system.close)
-
-    records = [json.loads(line) for line in system.records.read_text().splitlines() if line]
-    host_modes = {h.name: h.merge for h in system.hosts}
-    host_types = {h.name: h.types for h in system.hosts}
-    runs = actor_runs(records, host_modes, host_deaths, end)
-    report = check(
-        driver.truth,
-        runs,
-        faults,
-        host_types=host_types,
-        host_modes=host_modes,
-        begin=begin,
-        end=end,
-        tol=args.tolerance,
-    )
-    violations = tree_problems + report.violations
-
-    _print_figures(
-        stats,
-        driver,
-        report,
-        records=len(records),
-        topics=len(retained),
-        tree_problems=tree_problems,
-        args=args,
-    )
-    for problem in violations:
-        print(f"VIOLATION: {problem}")
-    print(f"violations: {len(violations)}")
+        await system.close()
+    if chaos is None:
+        print(f"violations: 1\n{aborted}")
+        return 1
+    report = _check_actors(chaos, system, end)
+    violations = chaos.tree_problems + report.violations + ([aborted] if aborted else [])
+    _print_figures(chaos, report, violations)
     return 1 if violations else 0
 
 
-def _print_figures(
-    stats: Stats,
-    driver: Driver,
-    report: Report,
-    *,
-    records: int,
-    topics: int,
-    tree_problems: list[str],
-    args: argparse.Namespace,
-) -> None:
+def _check_actors(chaos: Chaos, system: System, end: float) -> Report:
+    records = [json.loads(line) for line in system.records.read_text().splitlines() if line]
+    chaos.records = len(records)
+    host_modes = {h.name: h.merge for h in system.hosts}
+    host_types = {h.name: h.types for h in system.hosts}
+    runs = actor_runs(records, host_modes, chaos.host_deaths, end)
+    return check(
+        chaos.driver.truth,
+        runs,
+        chaos.stats.faults,
+        host_types=host_types,
+        host_modes=host_modes,
+        begin=chaos.begin,
+        end=end,
+        tol=chaos.args.tolerance,
+        grace=chaos.args.grace,
+    )
+
+
+def _print_figures(chaos: Chaos, report: Report, violations: list[str]) -> None:
+    stats, args = chaos.stats, chaos.args
     starts, stops = report.start_lateness, report.stop_lateness
     print(
         f"operations: {sum(stats.ops.values())} ({_table(stats.ops)}); failed while parts "
         f"were down: {sum(stats.failed.values())} ({_table(stats.failed)})"
     )
+    recovery = [f.recovered - f.began for f in stats.faults]
     print(
-        f"kills survived: {sum(stats.kills.values())} ({_table(stats.kills)}); "
-        f"whole again after a kill: max {max(stats.recovery_s, default=0):.1f} s"
+        f"faults: {len(stats.faults)}, up to {stats.most_at_once} at once ({args.overlap} "
+        f"tasks); whole again after a "
+        f"fault: max {max(recovery, default=0):.1f} s"
     )
     print(
-        f"dispatches: {len(driver.truth.versions)}; windows checked: {report.windows_checked} "
-        f"({report.windows_up} with time while all parts were up, {report.covered_s:.0f} "
-        f"window-s); actor runs: {report.actor_runs} ({report.actor_s:.0f} actor-s); "
-        f"records: {records}"
+        f"dispatches: {len(chaos.driver.truth.versions)}; windows checked: "
+        f"{report.windows_checked} ({report.windows_up} with time while all parts were up "
+        f"and live, {report.covered_s:.0f} window-s); actor runs: {report.actor_runs} "
+        f"({report.actor_s:.0f} actor-s); records: {chaos.records}"
     )
-    verdict = "DIFFERENT" if tree_problems else "equal to the truth"
-    print(f"retained tree: {topics} topics, {verdict}")
+    verdict = "DIFFERENT" if chaos.tree_problems else "equal to the truth"
+    print(f"retained tree: {stats.audits} audits, {verdict}")
     print(
         f"lateness (s): start p50 {percentile(starts, 0.5):.3f} p99 "
         f"{percentile(starts, 0.99):.3f} max {max(starts, default=math.nan):.3f}; "
         f"stop p50 {percentile(stops, 0.5):.3f} p99 {percentile(stops, 0.99):.3f} "
         f"max {max(stops, default=math.nan):.3f}"
     )
+    for problem in violations:
+        print(f"VIOLATION: {problem}")
+    print(f"kills survived: {sum(stats.kills.values())} ({_table(stats.kills)})")
+    print(f"partitions survived: {sum(stats.partitions.values())} ({_table(stats.partitions)})")
+    print(f"violations: {len(violations)}")
     print(
-        f"worst lateness: {max([*starts, *stops], default=0):.3f} s (tolerance "
-        f"{args.tolerance:g} s); ran on a stale view within its until: "
+        f"worst lateness: {report.worst_lateness:.3f} s (tolerance {args.tolerance:g} s); "
+        f"ran on a stale view within its until + {args.grace:g} s grace: "
         f"{report.stale_allowed_s:.1f} actor-s"
     )
 
@@ -587,10 +479,17 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="chaos duration")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
     parser.add_argument("--quick", action="store_true", help="two actor hosts, short quiet")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="seconds (default 2)")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="seconds (default 0.5)")
+    parser.add_argument("--grace", type=float, default=0.1, help="SDK fail-safe grace, s")
     parser.add_argument("--op-gap", type=float, default=1.0, help="max seconds between ops")
-    parser.add_argument("--fault-gap", type=float, default=10.0, help="max seconds between kills")
-    parser.add_argument("--down-max", type=float, default=4.0, help="max seconds a part is down")
+    parser.add_argument("--overlap", type=int, default=2, help="fault tasks at once")
+    parser.add_argument("--fault-gap", type=float, default=10.0, help="max s between faults")
+    parser.add_argument("--down-max", type=float, default=4.0, help="max s a part is down")
+    parser.add_argument("--partition-max", type=float, default=8.0, help="max s of a partition")
+    parser.add_argument("--audit-gap", type=float, default=30.0, help="min s between audits")
+    parser.add_argument(
+        "--clock-offset", type=float, default=0.2, help="seconds sdk-2's clock is off"
+    )
     parser.add_argument("--quiet", type=float, default=None, help="quiet period, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the logs also on success")
     parser.add_argument(
