@@ -17,12 +17,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from frequenz.channels import Receiver, ReceiverStoppedError
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk._actor import ActorFactory
-from actor_sdk._actors import ActorSet
+from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import STOPPED
 from actor_sdk._service import BackgroundService
@@ -52,6 +53,7 @@ class ActorDispatcher(BackgroundService):
         dispatch_identity: Callable[[Dispatch], Hashable] | None = None,
         retry_interval: timedelta = timedelta(seconds=60),
         *,
+        factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Create the manager; it does nothing before `start()`.
@@ -62,6 +64,7 @@ class ActorDispatcher(BackgroundService):
             dispatch_identity: Maps a dispatch to its actor (e.g. a merge strategy's
                 `identity`); by default one actor per dispatch.
             retry_interval: How long to wait before calling a failed factory again.
+            factory_timeout: How long the factory may take to return an actor.
             clock: The wall clock (UTC).
         """
         super().__init__(name="actor-dispatcher")
@@ -70,32 +73,45 @@ class ActorDispatcher(BackgroundService):
             lambda dispatch: dispatch.id
         )
         self._clock = clock
+        self._start_failed = asyncio.Event()
         self._actors = ActorSet(
             "managed",
             factory=actor_factory,
             identity=self._identity,
             retry_interval=retry_interval,
             clock=clock,
+            factory_timeout=factory_timeout,
+            on_failure=self._start_failed.set,
         )
 
-    def _loop_time_at(self, instant: datetime | None) -> float | None:
-        """Convert a wall-clock instant into the event loop's clock (None stays None)."""
-        if instant is None:
-            return None
-        loop = asyncio.get_running_loop()
-        return loop.time() + (instant - self._clock()).total_seconds()
+    async def _next_message(self, pending: asyncio.Future[Dispatch]) -> bool:
+        """Wait for a message, a failed start, or a retry that is due.
+
+        Returns:
+            True when `pending` has the next message.
+        """
+        self._start_failed.clear()
+        due = self._actors.next_retry
+        timeout = None if due is None else max(0.0, (due - self._clock()).total_seconds())
+        failed = asyncio.ensure_future(self._start_failed.wait())
+        try:
+            waited_for: set[asyncio.Future[Any]] = {pending, failed}
+            await asyncio.wait(waited_for, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+        return pending.done()
 
     async def _run(self) -> None:
         running: dict[DispatchId, Dispatch] = {}
+        pending: asyncio.Future[Dispatch] | None = None
         try:
             while True:
-                due = self._actors.next_retry
-                try:
-                    async with asyncio.timeout_at(self._loop_time_at(due)):
-                        message = await self._receiver.receive()
-                except TimeoutError:
+                if pending is None:
+                    pending = asyncio.ensure_future(self._receiver.receive())
+                if not await self._next_message(pending):
                     await self._actors.retry(self._clock())
                     continue
+                message, pending = pending.result(), None
                 if message.started:
                     running[message.id] = message
                 else:
@@ -108,5 +124,7 @@ class ActorDispatcher(BackgroundService):
         except ReceiverStoppedError:
             _logger.info("the running state receiver stopped; stopping the actors")
         finally:
+            if pending is not None:
+                pending.cancel()
             with contextlib.suppress(Exception):
                 await self._actors.stop_all("ActorDispatcher stopped")

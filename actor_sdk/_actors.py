@@ -1,9 +1,15 @@
 """Carrying out the planner's decisions for one dispatch type: the actors themselves.
 
 `ActorSet` owns the actors of one type: it asks its `ActorPlanner` what to do for a
-running set, then creates actors (calling the factory, awaiting it when it is a
-coroutine), starts them, sends them updates, stops them, and remembers when a failed
-start is due again. The `Dispatcher` and the `ActorDispatcher` both drive one.
+running set, then creates actors, starts them, sends them updates, stops them, and
+remembers when a failed start is due again. The `Dispatcher` and the
+`ActorDispatcher` both drive one.
+
+Every factory call and every `stop()` runs in a task of its own with a deadline of
+its own, so `apply` never waits for an actor: a factory that hangs (a Modbus connect
+that never returns) delays neither the other actors' starts nor any stop, and the
+stops of several actors run at the same time. A factory that misses its deadline has
+failed (it is cancelled) and is called again after the retry interval.
 """
 
 from __future__ import annotations
@@ -11,30 +17,37 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from frequenz.channels import BroadcastChannel, Sender
+from frequenz.channels import BroadcastChannel, Receiver, Sender
 
 from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import Action, ActorPlanner, StartActor, StopActor, UpdateActor
 
-__all__ = ["STOP_TIMEOUT_S", "ActorSet"]
+__all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorSet"]
 
 _logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
-"""How long an actor's `stop()` may take before the SDK moves on without it."""
+"""How long an actor's `stop()` may take before the SDK stops waiting for it."""
+
+DEFAULT_FACTORY_TIMEOUT = timedelta(seconds=30)
+"""How long a factory may take to return an actor before the start counts as failed."""
 
 
 @dataclass
-class _RunningActor:
-    actor: Actor
-    sender: Sender[DispatchInfo]
+class _Slot:
+    """One actor: being created, running, or (once out of the set) stopping."""
+
     dispatch: Dispatch
+    sender: Sender[DispatchInfo]
+    actor: Actor | None = None
+    creating: asyncio.Task[None] | None = None
+    stopping: bool = False
 
 
 class ActorSet:
@@ -48,6 +61,8 @@ class ActorSet:
         identity: Callable[[Dispatch], Hashable],
         retry_interval: timedelta,
         clock: Callable[[], datetime],
+        factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
+        on_failure: Callable[[], None] = lambda: None,
     ) -> None:
         """Create an empty set.
 
@@ -57,35 +72,28 @@ class ActorSet:
             identity: Maps a dispatch to the key of the actor that serves it.
             retry_interval: How long after a failed start to try again.
             clock: The wall clock (UTC).
+            factory_timeout: How long the factory may take before the start fails.
+            on_failure: Called when a start failed (`next_retry` changed).
         """
         self.name = name
         self._factory = factory
         self._retry_interval = retry_interval
+        self._factory_timeout = factory_timeout.total_seconds()
         self._clock = clock
+        self._on_failure = on_failure
         self._planner = ActorPlanner(identity)
-        self._actors: dict[Hashable, _RunningActor] = {}
+        self._slots: dict[Hashable, _Slot] = {}
         self._retry_due: dict[Hashable, datetime] = {}
-        self._stragglers: set[asyncio.Future[None]] = set()
+        self._creating: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Future[None]] = set()
 
     @property
     def next_retry(self) -> datetime | None:
         """When the next failed start is due again; None when none failed."""
         return min(self._retry_due.values(), default=None)
 
-    def running_dispatch(self, key: Hashable) -> Dispatch | None:
-        """Return the dispatch the actor of `key` last got, None when it has no actor.
-
-        Args:
-            key: The actor's key.
-
-        Returns:
-            The dispatch.
-        """
-        running = self._actors.get(key)
-        return None if running is None else running.dispatch
-
     async def apply(self, running: Iterable[Dispatch], *, reason: str) -> None:
-        """Bring the actors to match what runs.
+        """Bring the actors to match what runs (without waiting for any actor).
 
         Args:
             running: Every dispatch of the type that runs now.
@@ -104,39 +112,51 @@ class ActorSet:
             del self._retry_due[key]
         for key, due in list(self._retry_due.items()):
             if due <= now and (start := self._planner.retry(key)) is not None:
-                await self._start(key, start.dispatch)
+                del self._retry_due[key]
+                self._start(key, start.dispatch)
 
     async def stop_all(self, reason: str) -> None:
-        """Stop every actor and forget every group.
+        """Stop every actor, forget every group, and wait for every stop (bounded).
 
         Args:
             reason: The stop message.
         """
         self._planner.stop_all(reason)
         self._retry_due.clear()
-        for key in list(self._actors):
-            await self._stop(self._actors.pop(key), reason)
+        for key in list(self._slots):
+            self._stop(self._slots.pop(key), reason)
+        await self.wait_idle()
+
+    async def wait_idle(self) -> None:
+        """Wait until no stop is under way (each is bounded by `STOP_TIMEOUT_S`)."""
+        while self._stopping:
+            await asyncio.wait(set(self._stopping))
 
     async def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
                 case StopActor(key=key, reason=reason):
                     self._retry_due.pop(key, None)
-                    if (running := self._actors.pop(key, None)) is not None:
-                        await self._stop(running, reason)
+                    if (slot := self._slots.pop(key, None)) is not None:
+                        self._stop(slot, reason)
                 case UpdateActor(key=key, dispatch=dispatch):
-                    if (running := self._actors.get(key)) is not None:
+                    if (slot := self._slots.get(key)) is not None:
                         _logger.info(
                             "updating the actor of type %r to dispatch %s",
                             self.name,
                             int(dispatch.id),
                         )
-                        running.dispatch = dispatch
-                        await running.sender.send(DispatchInfo.from_dispatch(dispatch))
+                        slot.dispatch = dispatch
+                        await slot.sender.send(DispatchInfo.from_dispatch(dispatch))
                 case StartActor(key=key, dispatch=dispatch):
-                    await self._start(key, dispatch)
+                    self._start(key, dispatch)
 
-    async def _start(self, key: Hashable, dispatch: Dispatch) -> None:
+    def _spawn_stop(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    def _start(self, key: Hashable, dispatch: Dispatch) -> None:
         # Limit 1: an actor that is slow to read gets the latest information only.
         sender, receiver = BroadcastChannel[DispatchInfo](
             name=f"dispatch-info-{self.name}-{key}",
@@ -144,29 +164,31 @@ class ActorSet:
             limit=1,
             warn_on_overflow=False,
         )
+        slot = self._slots[key] = _Slot(dispatch, sender)
+        creating = slot.creating = asyncio.create_task(
+            self._create(key, slot, receiver), name=f"actor-factory-{self.name}-{key}"
+        )
+        self._creating.add(creating)
+        creating.add_done_callback(self._creating.discard)
+
+    async def _create(self, key: Hashable, slot: _Slot, receiver: Receiver[DispatchInfo]) -> None:
+        dispatch = slot.dispatch
         try:
-            created = self._factory(DispatchInfo.from_dispatch(dispatch), receiver)
-            # Await coroutines only: a frequenz-sdk actor is awaitable itself.
-            if inspect.iscoroutine(created) or isinstance(created, asyncio.Future):
-                actor: Actor = await created
-            else:
-                actor = cast(Actor, created)
+            async with asyncio.timeout(self._factory_timeout) as deadline:
+                created = self._factory(DispatchInfo.from_dispatch(dispatch), receiver)
+                # Await coroutines only: a frequenz-sdk actor is awaitable itself.
+                if inspect.iscoroutine(created) or isinstance(created, asyncio.Future):
+                    actor: Actor = await created
+                else:
+                    actor = cast(Actor, created)
+            if slot.stopping:
+                return  # stopped while being created (its factory ignored the cancel)
             actor.start()
-        except Exception:
-            retry_at = self._clock() + self._retry_interval
-            _logger.exception(
-                "creating or starting the actor for dispatch %s of type %r failed; "
-                "retrying at %s while it runs",
-                int(dispatch.id),
-                self.name,
-                retry_at.isoformat(),
-            )
-            self._planner.start_failed(key)
-            self._retry_due[key] = retry_at
-            await sender.aclose()
+        except Exception as error:
+            timed_out = isinstance(error, TimeoutError) and deadline.expired()
+            self._start_failed(key, slot, timed_out=timed_out)
             return
-        self._retry_due.pop(key, None)
-        self._actors[key] = _RunningActor(actor, sender, dispatch)
+        slot.actor = actor
         _logger.info(
             "started the actor of type %r for dispatch %s (until %s)",
             self.name,
@@ -174,30 +196,78 @@ class ActorSet:
             dispatch.until.isoformat() if dispatch.until else "changed",
         )
 
-    async def _stop(self, running: _RunningActor, reason: str) -> None:
+    def _start_failed(self, key: Hashable, slot: _Slot, *, timed_out: bool) -> None:
+        if self._slots.get(key) is not slot:
+            return  # stopped meanwhile: nothing to retry
+        del self._slots[key]
+        retry_at = self._clock() + self._retry_interval
+        what = (
+            f"did not return an actor within {self._factory_timeout:g} s (cancelled)"
+            if timed_out
+            else "failed"
+        )
+        _logger.error(
+            "creating or starting the actor for dispatch %s of type %r %s; retrying at %s "
+            "while it runs",
+            int(slot.dispatch.id),
+            self.name,
+            what,
+            retry_at.isoformat(),
+            exc_info=not timed_out,
+        )
+        self._planner.start_failed(key)
+        self._retry_due[key] = retry_at
+        self._spawn_stop(slot.sender.aclose())
+        self._on_failure()
+
+    def _stop(self, slot: _Slot, reason: str) -> None:
+        slot.stopping = True
+        self._spawn_stop(self._stop_slot(slot, reason))
+
+    async def _stop_slot(self, slot: _Slot, reason: str) -> None:
+        try:
+            creating = slot.creating
+            if creating is not None and not creating.done():
+                _logger.info(
+                    "cancelling the creation of the actor of type %r (dispatch %s): %s",
+                    self.name,
+                    int(slot.dispatch.id),
+                    reason,
+                )
+                creating.cancel()
+                await asyncio.wait({creating}, timeout=STOP_TIMEOUT_S)
+            if slot.actor is not None:
+                await self._stop_actor(slot.actor, slot.dispatch, reason)
+        finally:
+            await slot.sender.aclose()
+
+    async def _stop_actor(self, actor: Actor, dispatch: Dispatch, reason: str) -> None:
         _logger.info(
             "stopping the actor of type %r (dispatch %s): %s",
             self.name,
-            int(running.dispatch.id),
+            int(dispatch.id),
             reason,
         )
-        # Shielded, and waited for a bounded time: one actor that never finishes
-        # stopping must not hold up the starts and stops of all the others.
         try:
-            stopping = asyncio.ensure_future(running.actor.stop(reason))
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await asyncio.shield(stopping)
-            except TimeoutError:
-                _logger.error(
-                    "the actor of type %r did not stop within %g s; moving on (it may "
-                    "still be stopping)",
-                    self.name,
-                    STOP_TIMEOUT_S,
-                )
-                self._stragglers.add(stopping)
-                stopping.add_done_callback(self._stragglers.discard)
+            stopping = asyncio.ensure_future(actor.stop(reason))
         except Exception:
             _logger.exception("stopping the actor of type %r failed", self.name)
-        finally:
-            await running.sender.aclose()
+            return
+        # Not cancelled at the deadline: it may still finish; we only stop waiting.
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_S)
+        if not done:
+            _logger.error(
+                "the actor of type %r (dispatch %s) did not stop within %g s; no longer "
+                "waiting for it (it may still be stopping)",
+                self.name,
+                int(dispatch.id),
+                STOP_TIMEOUT_S,
+            )
+            stopping.add_done_callback(_log_late_failure)
+        elif (error := stopping.exception()) is not None:
+            _logger.error("stopping the actor of type %r failed", self.name, exc_info=error)
+
+
+def _log_late_failure(stopping: asyncio.Future[None]) -> None:
+    if not stopping.cancelled() and (error := stopping.exception()) is not None:
+        _logger.error("an actor's late stop failed", exc_info=error)

@@ -1,4 +1,4 @@
-"""Connecting to the broker: URL and credentials, TLS, reconnect delays, clock skew."""
+"""Connecting to the broker: URL and credentials, TLS, reconnect delays, arrival stamps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ssl
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,7 +18,7 @@ import aiomqtt
 
 from actor_sdk._errors import BrokerUrlError
 
-__all__ = ["BrokerSettings", "ReceivedQueue", "SkewMonitor", "reconnect_delay"]
+__all__ = ["BrokerSettings", "ReceivedQueue", "reconnect_delay"]
 
 _logger = logging.getLogger(__name__)
 
@@ -185,6 +185,8 @@ class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
         """
         super().__init__(maxsize)
         self._clock = clock
+        self.last_arrival: float | None = None
+        """The event loop's time when the latest message arrived; None before the first."""
         self._arrivals: weakref.WeakKeyDictionary[aiomqtt.Message, datetime] = (
             weakref.WeakKeyDictionary()
         )
@@ -192,6 +194,7 @@ class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
     def _put(self, item: aiomqtt.Message) -> None:
         # The hook every put goes through (as in `asyncio.PriorityQueue`).
         self._arrivals[item] = self._clock()
+        self.last_arrival = asyncio.get_running_loop().time()
         super()._put(item)
 
     def received_at(self, message: aiomqtt.Message) -> datetime | None:
@@ -230,42 +233,3 @@ def reconnect_delay(
     ceiling = min(cap, first * 2.0 ** min(attempt, 32))
     jitter = (rng or random).uniform(0, ceiling / 2)
     return ceiling / 2 + jitter
-
-
-class SkewMonitor:
-    """Notices when the bridge's clock and ours disagree by more than a threshold."""
-
-    def __init__(self, threshold: timedelta = timedelta(seconds=1)) -> None:
-        """Create a monitor.
-
-        Args:
-            threshold: The skew worth a log line.
-        """
-        self._threshold = threshold
-        self._logged: timedelta | None = None
-
-    def observe(self, bridge_time: datetime, local_time: datetime) -> str | None:
-        """Compare a fresh message's `as_of` with the local clock.
-
-        Args:
-            bridge_time: The `as_of` of a message that was just published.
-            local_time: The local clock when it arrived.
-
-        Returns:
-            A line to log when the skew crossed the threshold or changed by more than
-            it since the last line; None otherwise.
-        """
-        skew = local_time - bridge_time
-        if abs(skew) <= self._threshold:
-            if self._logged is None:
-                return None
-            self._logged = None
-            return f"clock skew to the bridge back within {self._threshold.total_seconds():g} s"
-        if self._logged is not None and abs(skew - self._logged) <= self._threshold:
-            return None
-        self._logged = skew
-        direction = "ahead of" if skew > timedelta(0) else "behind"
-        return (
-            f"local clock is {abs(skew.total_seconds()):.1f} s {direction} the bridge's: "
-            "runs start and stop by the bridge's clock; check NTP on both hosts"
-        )

@@ -1,12 +1,13 @@
-"""The `Dispatcher`: the thin async shell around the view and the planner.
+"""The `Dispatcher`: the thin async shell around the view, the planner and the actors.
 
-One task keeps a broker connection (a fresh aiomqtt client per connection, capped and
-jittered backoff between attempts), subscribes to the retained topics of the
-microgrid, and feeds every message to the `BridgeView`. Another sleeps until the next
-local deadline (a run's `until` while the view is not live, a factory retry). Both
+Three tasks: the `BrokerLink` keeps a broker connection and hands each message to
+`_message`, which feeds the `BridgeView`; a timer sleeps until the next local
+deadline (a run's `until`, the end of the view's liveness, an endless run's blind
+time, a factory retry); a watchdog logs a stalled event loop. Messages and the timer
 call `_reconcile`, which reads the clock once, asks `confirmed_running` and each
-type's `ActorPlanner` what to do, and does it: create, start, update and stop actors,
-and send running state messages. Decisions live in `_planner.py` and `_view.py`.
+type's `ActorSet` what to do, and does it without waiting for any actor (factories
+and stops run in tasks of their own). Decisions live in `_planner.py` and
+`_view.py`; the bridge's clock in `_bridge_clock.py`.
 """
 
 from __future__ import annotations
@@ -16,30 +17,26 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Self, SupportsInt
+from typing import Any, Self, SupportsInt
 
 import aiomqtt
-from frequenz.channels import BroadcastChannel, Receiver, Sender
-from frequenz.client.dispatch.types import DispatchId
+from frequenz.channels import Receiver
 
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
-from actor_sdk._actors import ActorSet
-from actor_sdk._connection import BrokerSettings, ReceivedQueue, SkewMonitor, reconnect_delay
+from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
+from actor_sdk._bridge_clock import BridgeClock
+from actor_sdk._broker_link import BrokerLink
+from actor_sdk._connection import BrokerSettings
 from actor_sdk._dispatch import Dispatch
-from actor_sdk._event import Created, DispatchEvent
+from actor_sdk._event import DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
-from actor_sdk._planner import (
-    STOPPED,
-    STOPPED_UNCONFIRMED,
-    confirmed_running,
-    running_state_changes,
-)
-from actor_sdk._receivers import PrimedReceiver
+from actor_sdk._reconciler import Reconciler
 from actor_sdk._service import BackgroundService
+from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
+from actor_sdk._watchdog import watch_event_loop
 
 __all__ = ["Dispatcher"]
 
@@ -47,15 +44,12 @@ _logger = logging.getLogger(__name__)
 
 _TOPIC_CACHE_SIZE = 1_000_000
 
+DEFAULT_MAX_BLIND_TIME = timedelta(seconds=300)
+"""How long an endless run (no `until`) goes on without a live view before it stops."""
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass
-class _StateSubscription:
-    sender: Sender[Dispatch]
-    strategy: MergeStrategy | None
 
 
 class Dispatcher(BackgroundService):
@@ -94,6 +88,7 @@ class Dispatcher(BackgroundService):
         reconnect_delay: timedelta = timedelta(seconds=0.5),
         max_reconnect_delay: timedelta = timedelta(seconds=30),
         sync_timeout: timedelta = timedelta(seconds=3),
+        max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Create a dispatcher; nothing connects before `start()`.
@@ -111,13 +106,17 @@ class Dispatcher(BackgroundService):
             ca_file: CA bundle for `mqtts://`.
             cert_file: Client certificate for `mqtts://`.
             key_file: Key of the client certificate.
-            keepalive: MQTT keepalive in seconds (how soon a silent broker is noticed).
+            keepalive: MQTT keepalive in seconds: a silent broker or network is
+                noticed within 1.5 times this.
             reconnect_delay: The first wait before reconnecting; doubles per failure.
             max_reconnect_delay: The longest wait before reconnecting.
             sync_timeout: How long a silence (no message at all, counted from the
                 last one) ends the wait for the retained bridge status after
                 subscribing; the retained state is then taken as complete.
-            clock: The wall clock (UTC); tests may pass another.
+            max_blind_time: How long an endless run (duration None, no `until`)
+                goes on without a live view before its actor is stopped. Runs with
+                an `until` always stop at it, live view or not.
+            clock: The wall clock (UTC); tests may pass another (a skewed one).
 
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
@@ -140,24 +139,39 @@ class Dispatcher(BackgroundService):
             from actor_sdk._errors import BrokerUrlError  # noqa: PLC0415
 
             raise BrokerUrlError(str(error)) from None
-        self._reconnect_first = reconnect_delay.total_seconds()
-        self._reconnect_cap = max_reconnect_delay.total_seconds()
+        self._link = BrokerLink(
+            self._settings,
+            subscriptions=[
+                # The status comes in a later SUBSCRIBE: the broker queues it behind the
+                # retained messages of the first one, so it marks the end of the sync.
+                [
+                    (f"{self._layout.root}/+/running", 1),
+                    (f"{self._layout.root}/+/dispatches/+", 1),
+                ],
+                [(self._layout.status, 1)],
+            ],
+            probe_topic=f"{self._layout.root}/sdk-probe",
+            reconnect_first=reconnect_delay.total_seconds(),
+            reconnect_cap=max_reconnect_delay.total_seconds(),
+            sync_timeout=sync_timeout.total_seconds(),
+            clock=clock,
+        )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
         self._view = BridgeView(microgrid_id)
-        self._skew = SkewMonitor()
-        self._effective: dict[str, dict[DispatchId, Dispatch]] = {}
-        self._managed: dict[str, ActorSet] = {}
-        self._state_subscriptions: dict[str, list[_StateSubscription]] = {}
-        self._lifecycle_senders: dict[str, list[Sender[DispatchEvent]]] = {}
-        self._lock = asyncio.Lock()
+        self._bridge_clock = BridgeClock()
+        self._subscribers = Subscribers(self._view)
         self._wakeup = asyncio.Event()
-        self._deadline: datetime | None = None
-        self._deadlines: dict[str, datetime] = {}
+        self._reconcile_requested = False
         self._topics: dict[str, wire.TopicRef] = {}
         self._initialized = asyncio.Event()
-        self._was_live = False
-        self._received: ReceivedQueue | None = None
+        self._reconciler = Reconciler(
+            self._view,
+            self._bridge_clock,
+            self._subscribers,
+            max_blind_time=max_blind_time,
+            clock=clock,
+        )
 
     # --- service -----------------------------------------------------------------
 
@@ -168,8 +182,13 @@ class Dispatcher(BackgroundService):
 
     @property
     def is_live(self) -> bool:
-        """Whether the dispatcher has a live view: connected, in sync, bridge online."""
-        return self._view.live
+        """Whether the view is live: in sync, and an `online` status arrived recently."""
+        return self._view.is_live(self._clock())
+
+    @property
+    def clock_offset(self) -> timedelta:
+        """The local clock minus the bridge's, as deadlines use it (zero until known)."""
+        return self._bridge_clock.offset
 
     async def __aenter__(self) -> Self:
         """Start and wait for the first sync with the broker.
@@ -181,22 +200,46 @@ class Dispatcher(BackgroundService):
         await self.wait_for_initialization()
         return self
 
-    async def wait_for_initialization(self) -> None:
+    async def wait_for_initialization(
+        self,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 (the issue's name)
+    ) -> None:
         """Wait until the retained state was received once after the first connect.
 
+        While waiting, the reasons are logged as they happen (broker unreachable,
+        no bridge status yet).
+
+        Args:
+            timeout: The longest wait (a `timedelta` or seconds); None waits forever.
+
         Raises:
+            TimeoutError: Not initialized within `timeout`; the message says what
+                was missing.
             BaseException: The dispatcher failed before that.
         """
-        if self._task is None:
-            await self._initialized.wait()
-            return
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         waiter = asyncio.ensure_future(self._initialized.wait())
+        waited_for: set[asyncio.Future[Any]] = {waiter}
+        if self._task is not None:
+            waited_for.add(self._task)
         try:
-            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waited_for, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-        if not self._initialized.is_set():
+        if self._initialized.is_set():
+            return
+        if self._task is not None and self._task.done():
             await self.wait()
+        raise TimeoutError(f"dispatcher not initialized within {seconds:g} s: {self._missing()}")
+
+    def _missing(self) -> str:
+        where = self._link.where
+        if not self._link.connected:
+            return f"cannot reach the broker at {where} ({self._link.problem or 'connecting'})"
+        return (
+            f"connected to {where}, but the retained state of microgrid "
+            f"{self._microgrid_id} was not received yet"
+        )
 
     # --- managing ----------------------------------------------------------------
 
@@ -209,7 +252,7 @@ class Dispatcher(BackgroundService):
         Returns:
             True between `start_managing` and `stop_managing` of the type.
         """
-        return dispatch_type in self._managed
+        return dispatch_type in self._reconciler.managed
 
     async def start_managing(
         self,
@@ -218,6 +261,7 @@ class Dispatcher(BackgroundService):
         actor_factory: ActorFactory,
         merge_strategy: MergeStrategy | None = None,
         retry_interval: timedelta = timedelta(seconds=60),
+        factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
     ) -> None:
         """Create, start, update and stop actors for the dispatches of a type.
 
@@ -228,19 +272,23 @@ class Dispatcher(BackgroundService):
             merge_strategy: Which dispatches share an actor: `MergeByType`,
                 `MergeByTypeTarget`, a subclass; None is one actor per dispatch.
             retry_interval: How long to wait before calling a failed factory again.
+            factory_timeout: How long the factory may take to return an actor; a
+                factory still busy then is cancelled, and counts as failed.
         """
-        if dispatch_type in self._managed:
+        if dispatch_type in self._reconciler.managed:
             _logger.debug("type %r is already managed; ignoring", dispatch_type)
             return
         identity: Callable[[Dispatch], Hashable] = (
             (lambda dispatch: dispatch.id) if merge_strategy is None else merge_strategy.identity
         )
-        self._managed[dispatch_type] = ActorSet(
+        self._reconciler.managed[dispatch_type] = ActorSet(
             dispatch_type,
             factory=actor_factory,
             identity=identity,
             retry_interval=retry_interval,
             clock=self._clock,
+            factory_timeout=factory_timeout,
+            on_failure=self._request_reconcile,
         )
         _logger.info("managing actors of type %r", dispatch_type)
         await self._reconcile(dispatch_type)
@@ -251,10 +299,10 @@ class Dispatcher(BackgroundService):
         Args:
             dispatch_type: The type.
         """
-        async with self._lock:
-            managed = self._managed.pop(dispatch_type, None)
-            if managed is not None:
-                await managed.stop_all("Stopped managing this dispatch type")
+        async with self._reconciler.lock:
+            managed = self._reconciler.managed.pop(dispatch_type, None)
+        if managed is not None:  # outside the lock: a slow stop holds up nobody else
+            await managed.stop_all("Stopped managing this dispatch type")
 
     # --- receivers ---------------------------------------------------------------
 
@@ -269,12 +317,7 @@ class Dispatcher(BackgroundService):
         Returns:
             The receiver.
         """
-        known = sorted(self._view.dispatches(dispatch_type).values(), key=lambda d: d.id)
-        sender, receiver = BroadcastChannel[DispatchEvent](
-            name=f"lifecycle-{dispatch_type}", limit=16384
-        )
-        self._lifecycle_senders.setdefault(dispatch_type, []).append(sender)
-        return PrimedReceiver([Created(dispatch) for dispatch in known], receiver)
+        return self._subscribers.lifecycle_receiver(dispatch_type)
 
     async def new_running_state_event_receiver(
         self,
@@ -297,113 +340,45 @@ class Dispatcher(BackgroundService):
         Returns:
             The receiver.
         """
-        async with self._lock:
-            sender, receiver = BroadcastChannel[Dispatch](
-                name=f"running-state-{dispatch_type}", limit=16384
+        async with self._reconciler.lock:
+            return await self._subscribers.running_state_receiver(
+                dispatch_type, merge_strategy, self._reconciler.effective.get(dispatch_type, {})
             )
-            subscription = _StateSubscription(sender, merge_strategy)
-            current = self._effective.get(dispatch_type, {})
-            for message in running_state_changes({}, current, lambda d: d):
-                await subscription.sender.send(message)
-            self._state_subscriptions.setdefault(dispatch_type, []).append(subscription)
-        return receiver
 
     # --- the loops ---------------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._connection_loop(), name="dispatcher-connection")
+                group.create_task(self._link.run(self), name="dispatcher-connection")
                 group.create_task(self._timer_loop(), name="dispatcher-timer")
+                group.create_task(watch_event_loop(), name="dispatcher-watchdog")
         finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        async with self._lock:
-            for managed in list(self._managed.values()):
-                await managed.stop_all("Dispatcher stopped")
-            self._managed.clear()
-            for senders in self._lifecycle_senders.values():
-                for sender in senders:
-                    await sender.aclose()
-            for subscriptions in self._state_subscriptions.values():
-                for subscription in subscriptions:
-                    await subscription.sender.aclose()
-            self._lifecycle_senders.clear()
-            self._state_subscriptions.clear()
+        async with self._reconciler.lock:
+            managed, self._reconciler.managed = list(self._reconciler.managed.values()), {}
+            # Concurrently: one actor's slow stop does not delay the others'.
+            await asyncio.gather(*(actors.stop_all("Dispatcher stopped") for actors in managed))
+            await self._subscribers.close()
 
-    async def _connection_loop(self) -> None:
-        where = self._settings.describe()
-        failures = 0
-        while True:
-            connected = False
-            client, received = self._settings.new_client(self._clock)
-            try:
-                async with client:
-                    connected = True
-                    failures = 0
-                    _logger.info("connected to the broker at %s", where)
-                    await self._session(client, received)
-            except aiomqtt.MqttError as error:
-                if connected:
-                    _logger.warning("lost the broker connection to %s: %s", where, error)
-                else:
-                    _logger.warning("cannot connect to the broker at %s: %s", where, error)
-            self._view.lost_connection()
-            await self._reconcile()
-            delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)
-            failures += 1
-            _logger.info("reconnecting to %s in %.1f s", where, delay)
-            await asyncio.sleep(delay)
+    async def _reconcile(self, only: str | None = None) -> None:
+        await self._reconciler.run(only)
+        self._wakeup.set()  # the timer takes the new deadline
 
-    async def _session(self, client: aiomqtt.Client, received: ReceivedQueue) -> None:
-        root = self._layout.root
-        self._received = received
-        self._view.begin_sync()
-        # The status comes in a later SUBSCRIBE: the broker queues it behind the
-        # retained messages of the first one, so it marks the end of the sync.
-        await client.subscribe([(f"{root}/+/running", 1), (f"{root}/+/dispatches/+", 1)])
-        await client.subscribe(self._layout.status, qos=1)
-        loop = asyncio.get_running_loop()
-        messages = client.messages
-        # One read stays pending across sync timeouts: cancelling aiomqtt's `anext`
-        # can drop a message it already took from the queue (seen once per timeout
-        # under load), so a timeout only stops waiting for it, never cancels it.
-        pending: asyncio.Future[aiomqtt.Message] | None = None
-        # Silence ends the sync, not the length of a burst: counted from the last message.
-        sync_deadline = loop.time() + self._sync_timeout
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(messages))
-                timeout = None if self._view.in_sync else max(0.0, sync_deadline - loop.time())
-                done, _ = await asyncio.wait({pending}, timeout=timeout)
-                if not done:
-                    _logger.warning(
-                        "no retained bridge status on %s within %.1f s of the last message: "
-                        "taking the retained state received so far as complete; nothing "
-                        "starts until the bridge is online",
-                        self._layout.status,
-                        self._sync_timeout,
-                    )
-                    await self._finish_sync()
-                    continue
-                message = pending.result()
-                pending = None
-                await self._on_message(message)
-                # Take what else has arrived without a wake-up per message (a sync brings
-                # thousands); a lost connection shows at the next `anext`.
-                while not received.empty():
-                    await self._on_message(received.get_nowait())
-                sync_deadline = loop.time() + self._sync_timeout
-        finally:
-            if pending is not None:
-                pending.cancel()
+    def _request_reconcile(self) -> None:
+        self._reconcile_requested = True
+        self._wakeup.set()
 
     async def _timer_loop(self) -> None:
         while True:
             self._wakeup.clear()
-            deadline = self._deadline
+            if self._reconcile_requested:
+                self._reconcile_requested = False
+                await self._reconcile()
+                continue
+            deadline = self._reconciler.deadline
             if deadline is None:
                 await self._wakeup.wait()
                 continue
@@ -416,54 +391,108 @@ class Dispatcher(BackgroundService):
                 if self._wakeup.is_set():
                     continue
             await self._reconcile()
-            if self._deadline is not None and self._deadline <= self._clock():
+            if self._reconciler.deadline is not None and self._reconciler.deadline <= self._clock():
                 # Never spin: a deadline that a reconcile did not move waits a little.
-                _logger.debug("deadline %s did not move; pausing", self._deadline)
+                _logger.debug("deadline %s did not move; pausing", self._reconciler.deadline)
                 await asyncio.sleep(0.05)
 
-    # --- messages ----------------------------------------------------------------
+    # --- the link's handler --------------------------------------------------------
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
+    @property
+    def in_sync(self) -> bool:
+        """Whether the retained state of this connection was received completely."""
+        return self._view.in_sync
+
+    async def connected(self) -> None:
+        """A connection is up: the retained state comes again."""
+        self._view.begin_sync()
+
+    async def quiet(self) -> None:
+        """No status came within the sync timeout: take what came as complete."""
+        _logger.warning(
+            "no retained bridge status on %s within %.1f s of the last message: taking "
+            "the retained state received so far as complete; nothing starts until the "
+            "bridge is online",
+            self._layout.status,
+            self._sync_timeout,
+        )
+        await self._finish_sync()
+
+    async def lost(self) -> None:
+        """The connection is gone: no live view (known runs go on to their `until`)."""
+        if self._view.in_sync or self._reconciler.was_live:
+            self._view.lost_connection()
+            await self._reconcile()
+        else:
+            self._view.lost_connection()
+
+    async def message(self, message: aiomqtt.Message, arrived: datetime) -> None:
+        """Handle one message; nothing it does can end the dispatcher (errors are logged).
+
+        Args:
+            message: The message.
+            arrived: When it arrived (the wall clock).
+        """
         topic = message.topic.value
         raw = message.payload
         payload = raw if isinstance(raw, bytes) else (b"" if raw is None else str(raw).encode())
         try:
-            ref = self._parse(topic)
-            match ref.kind:
-                case wire.TopicKind.STATUS:
-                    try:
-                        changed = self._view.apply_status(payload)
-                    except wire.WireError:
-                        # Even a garbage status marks the end of the retained messages.
-                        if not self._view.in_sync:
-                            await self._finish_sync()
-                        raise
-                    if changed:
-                        self._log_status()
-                    if not self._view.in_sync:
-                        await self._finish_sync()
-                    elif changed:
-                        await self._reconcile()
-                case wire.TopicKind.RUNNING:
-                    assert ref.dispatch_type is not None
-                    snapshot = self._view.apply_running(ref.dispatch_type, payload)
-                    if snapshot is not None and not message.retain:
-                        self._check_skew(snapshot.as_of, message)
-                    if self._view.in_sync and (snapshot is not None or not payload):
-                        await self._reconcile(ref.dispatch_type)
-                case wire.TopicKind.DISPATCH:
-                    assert ref.dispatch_type is not None and ref.dispatch_id is not None
-                    events = self._view.apply_dispatch(
-                        ref.dispatch_type,
-                        ref.dispatch_id,
-                        payload,
-                        events=ref.dispatch_type in self._lifecycle_senders,
-                    )
-                    await self._publish_lifecycle(events)
-                case wire.TopicKind.EVENTS:
-                    pass
+            await self._route(
+                self._parse(topic), payload, retained=bool(message.retain), arrived=arrived
+            )
         except (ValueError, OverflowError) as error:  # WireError is a ValueError
             _logger.warning("ignoring the message on topic %s: %s", topic, error)
+        except Exception:
+            _logger.exception("handling the message on topic %s failed; carrying on", topic)
+
+    async def _route(
+        self, ref: wire.TopicRef, payload: bytes, *, retained: bool, arrived: datetime
+    ) -> None:
+        match ref.kind:
+            case wire.TopicKind.STATUS:
+                await self._on_status(payload, retained=retained, arrived=arrived)
+            case wire.TopicKind.RUNNING:
+                assert ref.dispatch_type is not None
+                snapshot = self._view.apply_running(ref.dispatch_type, payload)
+                if snapshot is not None and not retained:
+                    self._observe_bridge_time(snapshot.as_of, arrived)
+                if self._view.in_sync and (snapshot is not None or not payload):
+                    await self._reconcile(ref.dispatch_type)
+            case wire.TopicKind.DISPATCH:
+                assert ref.dispatch_type is not None and ref.dispatch_id is not None
+                events = self._view.apply_dispatch(
+                    ref.dispatch_type,
+                    ref.dispatch_id,
+                    payload,
+                    events=self._subscribers.wants_lifecycle(ref.dispatch_type),
+                )
+                await self._subscribers.publish_lifecycle(events)
+            case _:
+                pass
+
+    async def _on_status(self, payload: bytes, *, retained: bool, arrived: datetime) -> None:
+        try:
+            changed = self._view.apply_status(payload, retained=retained, arrived=arrived)
+        except wire.WireError as error:
+            _logger.warning(
+                "the bridge status on %s cannot be read (%s): the view is not live; "
+                "nothing starts, running actors stop at the end of their run (a bridge "
+                "of a newer contract? upgrade the SDK)",
+                self._layout.status,
+                error,
+            )
+            changed = True
+        status = self._view.status
+        if status is not None and status.as_of is not None and not retained:
+            self._observe_bridge_time(status.as_of, arrived)
+        if changed:
+            self._log_status()
+        if not self._view.in_sync:
+            # Even an unreadable status marks the end of the retained messages.
+            await self._finish_sync()
+        elif changed or self._view.is_live(self._clock()) != self._reconciler.was_live:
+            await self._reconcile()
+        # Otherwise only the liveness was extended: the timer finds it at the old deadline.
 
     def _parse(self, topic: str) -> wire.TopicRef:
         # Parsed once per topic: decoding the type level is a good part of the work
@@ -476,11 +505,8 @@ class Dispatcher(BackgroundService):
             self._topics[topic] = ref
         return ref
 
-    def _check_skew(self, bridge_time: datetime, message: aiomqtt.Message) -> None:
-        # Against the time it arrived: a live message handled late under load (behind
-        # a retained burst) is not skew.
-        arrived = None if self._received is None else self._received.received_at(message)
-        line = self._skew.observe(bridge_time, arrived or self._clock())
+    def _observe_bridge_time(self, as_of: datetime, arrived: datetime) -> None:
+        line = self._bridge_clock.observe(as_of, arrived)
         if line is not None:
             _logger.warning("%s", line)
 
@@ -497,119 +523,21 @@ class Dispatcher(BackgroundService):
             )
         else:
             _logger.warning(
-                "bridge %r is offline (session %d): nothing new starts, running actors "
+                "bridge %r is %s (session %d%s): nothing new starts, running actors "
                 "stop at the end of their run",
                 status.bridge,
+                status.state,
                 status.session,
+                f": {status.error}" if status.error else "",
             )
 
     async def _finish_sync(self) -> None:
-        events = self._view.end_sync(lambda dispatch_type: dispatch_type in self._lifecycle_senders)
-        await self._publish_lifecycle(events)
+        events = self._view.end_sync(self._subscribers.wants_lifecycle)
+        await self._subscribers.publish_lifecycle(events)
         _logger.info(
             "in sync with the retained state of microgrid %d (%s)",
             self._microgrid_id,
-            "live" if self._view.live else "bridge not online",
+            "live" if self._view.is_live(self._clock()) else "waiting for a live bridge status",
         )
         self._initialized.set()
         await self._reconcile()
-
-    async def _publish_lifecycle(self, events: list[DispatchEvent]) -> None:
-        for event in events:
-            for sender in self._lifecycle_senders.get(event.dispatch.type, ()):
-                await sender.send(event)
-
-    # --- reconciling -------------------------------------------------------------
-
-    async def _reconcile(self, only: str | None = None) -> None:
-        """Bring actors and receivers to match the view, at one reading of the clock.
-
-        Args:
-            only: The one type whose snapshot changed; None for every type (the
-                liveness changed, a deadline passed, a resync ended).
-        """
-        async with self._lock:
-            now = self._clock()
-            live = self._view.live
-            if live != self._was_live:
-                self._was_live = live
-                only = None
-                _logger.info("view of the bridge is %s", "live" if live else "NOT live")
-            if only is None:
-                types = (
-                    self._view.types()
-                    | self._effective.keys()
-                    | self._managed.keys()
-                    | self._state_subscriptions.keys()
-                )
-            else:
-                types = {only}
-            for dispatch_type in sorted(types):
-                deadline = await self._reconcile_type(dispatch_type, now=now, live=live)
-                if deadline is None:
-                    self._deadlines.pop(dispatch_type, None)
-                else:
-                    self._deadlines[dispatch_type] = deadline
-            self._deadline = min(self._deadlines.values(), default=None)
-            self._wakeup.set()
-
-    async def _reconcile_type(
-        self, dispatch_type: str, *, now: datetime, live: bool
-    ) -> datetime | None:
-        previous = self._effective.get(dispatch_type, {})
-        confirmed = confirmed_running(
-            self._view.running(dispatch_type), previous.keys(), now=now, live=live
-        )
-        current = {dispatch.id: dispatch for dispatch in confirmed}
-        if current:
-            self._effective[dispatch_type] = current
-        else:
-            self._effective.pop(dispatch_type, None)
-        await self._notify_running_state(dispatch_type, previous, current)
-        deadline = None
-        managed = self._managed.get(dispatch_type)
-        if managed is not None:
-            await managed.apply(confirmed, reason=STOPPED if live else STOPPED_UNCONFIRMED)
-            if live:  # retries wait for a live view: no deadline without one
-                await managed.retry(now)
-                deadline = managed.next_retry
-        if not live:
-            deadline = _earliest(deadline, *(d.until for d in confirmed))
-        return deadline
-
-    async def _notify_running_state(
-        self,
-        dispatch_type: str,
-        previous: dict[DispatchId, Dispatch],
-        current: dict[DispatchId, Dispatch],
-    ) -> None:
-        subscriptions = self._state_subscriptions.get(dispatch_type)
-        if not subscriptions:
-            return
-
-        def stopped(dispatch: Dispatch) -> Dispatch:
-            known = self._view.dispatch(dispatch_type, int(dispatch.id))
-            if known is None:
-                return dispatch.with_state(running=False, deleted=True)
-            return known.with_state(running=False)
-
-        messages = running_state_changes(previous, current, stopped)
-        if not messages:
-            return
-        context: dict[DispatchId, Dispatch] = {
-            dispatch.id: dispatch.with_state(running=False)
-            for dispatch in self._view.dispatches(dispatch_type).values()
-        }
-        context.update(current)
-        for subscription in subscriptions:
-            for message in messages:
-                strategy = subscription.strategy
-                if strategy is None or strategy.filter(context, message):
-                    await subscription.sender.send(message)
-
-
-def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:
-    for candidate in candidates:
-        if candidate is not None and (current is None or candidate < current):
-            current = candidate
-    return current

@@ -3,7 +3,8 @@
 Three questions, three answers:
 
 * `confirmed_running`: of what the bridge reported as running, what may run now?
-  (the fail-safe: nothing new without a live view, nothing past its end)
+  (the fail-safe: nothing new without a live view, nothing past its `until`, no
+  endless run for long without a live view)
 * `ActorPlanner.reconcile`: given what runs, which actors to start, update, stop?
   (the merge: one actor per identity; its information follows a running dispatch)
 * `running_state_changes`: which running state messages does a change produce?
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from frequenz.client.dispatch.types import DispatchId
 
@@ -29,11 +30,22 @@ __all__ = [
     "StopActor",
     "UpdateActor",
     "confirmed_running",
+    "end_of",
     "running_state_changes",
 ]
 
+LIVE_GRACE = timedelta(milliseconds=50)
+"""How long past its `until` a known run is kept while the view is live.
+
+The bridge publishes the change at the instant itself (a few ms); when a merged
+actor's next run starts back-to-back, its snapshot arrives within this grace and the
+actor goes on instead of stopping and starting again. Without a live view there is
+no grace: nothing will come.
+"""
+
 STOPPED = "Dispatch stopped"
 STOPPED_UNCONFIRMED = "Dispatch stopped at its end: no live view of the bridge"
+STOPPED_BLIND = "Dispatch stopped: no live view of the bridge for longer than max_blind_time"
 
 
 def confirmed_running(
@@ -42,19 +54,23 @@ def confirmed_running(
     *,
     now: datetime,
     live: bool,
+    blind_too_long: bool = False,
 ) -> tuple[Dispatch, ...]:
     """Return the reported running dispatches that may run now.
 
-    With a live view (connected, in sync, bridge online), the bridge is trusted for
-    what already runs; a dispatch that is new to the running set is not started when
-    its `until` has already passed. Without a live view, nothing new starts, and
-    what runs stops at its own `until` (the local timer stands in for the bridge).
+    Nothing runs past its `until` (plus `LIVE_GRACE` with a live view), live view or
+    not: only a newer message with a later `until` extends a run (the bridge may be
+    blind, or its stop lost). With a
+    live view the bridge is trusted to start runs; without one nothing new starts,
+    and an endless run (no `until`) stops once the view was not live for too long.
 
     Args:
         reported: The dispatches the latest accepted snapshot says run.
         previous: The ids that were running at the last decision.
-        now: The current instant.
-        live: Whether the view of the bridge is live and online.
+        now: The current instant on the bridge's clock.
+        live: Whether the view of the bridge is live (and the snapshot confirmed).
+        blind_too_long: Whether the view has not been live for longer than the
+            longest time an endless run may go on without one.
 
     Returns:
         The dispatches that run, in the order given.
@@ -63,14 +79,28 @@ def confirmed_running(
     for dispatch in reported:
         if not dispatch.started:
             continue
-        known = dispatch.id in previous
-        if not live and not known:
+        new = dispatch.id not in previous
+        endless = dispatch.until is None
+        if not live and (new or (endless and blind_too_long)):
             continue
-        ended = dispatch.until is not None and dispatch.until <= now
-        if ended and not (live and known):
+        if dispatch.until is not None and end_of(dispatch, live=live and not new) <= now:
             continue
         confirmed.append(dispatch)
     return tuple(confirmed)
+
+
+def end_of(dispatch: Dispatch, *, live: bool) -> datetime:
+    """Return when a run with an `until` stops: at it, or `LIVE_GRACE` later when live.
+
+    Args:
+        dispatch: A running dispatch with an `until`.
+        live: Whether the view is live (and the run already known).
+
+    Returns:
+        The instant on the bridge's clock.
+    """
+    assert dispatch.until is not None
+    return dispatch.until + LIVE_GRACE if live else dispatch.until
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,18 @@
 The view takes raw payloads in topic order and keeps:
 
 * the bridge status (the latest `online`, or an `offline` of the same or a newer session;
-  an `offline` of an older session is a stale will and is ignored),
+  an `offline` of an older session is a stale will and is ignored), and when an `online`
+  status last arrived live (retain flag 0) on this connection: the view is live only
+  within 2 status intervals of that (a broker restored from its autosave replays a
+  retained `online` of a bridge that may be long dead; the bridge republishes its status
+  every interval); `syncing` (the bridge does not vouch for the tree) and a status
+  that does not decode (a newer contract's state) count as not online,
 * per type, the latest accepted running snapshot: a snapshot is accepted when its
   `(session, seq)` is newer than the last one of that type; a higher session always
   wins; a lower session only when the bridge's current online status carries it
   (a bridge whose state dir was wiped starts counting again),
+  a snapshot of an older session than the current status is unconfirmed (`confirmed`)
+  until the bridge republishes it in its session,
 * every dispatch from the retained `T/dispatches/ID` topics, from which the lifecycle
   events come. The non-retained `T/events` topic is not used: retained state survives
   reconnects, a missed event does not.
@@ -24,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -32,9 +39,25 @@ from actor_sdk import wire
 from actor_sdk._dispatch import Dispatch, from_wire
 from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
 
-__all__ = ["BridgeView", "is_newer"]
+__all__ = ["DEFAULT_STATUS_INTERVAL", "BridgeView", "is_newer"]
 
 _logger = logging.getLogger(__name__)
+
+DEFAULT_STATUS_INTERVAL = timedelta(seconds=5)
+"""The bridge's status interval assumed when its status does not say (older bridges)."""
+
+
+def status_interval(status: wire.BridgeStatus) -> timedelta:
+    """Return how often the bridge said it republishes its status.
+
+    Args:
+        status: The status.
+
+    Returns:
+        Its `status_interval`; `DEFAULT_STATUS_INTERVAL` when it is 0 or missing.
+    """
+    seconds = status.status_interval
+    return timedelta(seconds=seconds) if seconds > 0 else DEFAULT_STATUS_INTERVAL
 
 
 def is_newer(
@@ -110,11 +133,51 @@ class BridgeView:
         self._snapshots: dict[str, _Snapshot] = {}
         self._dispatches: dict[str, dict[int, _Held]] = {}
         self._seen_dispatches: set[tuple[str, int]] = set()
+        self._online_heard_at: datetime | None = None
 
     @property
-    def live(self) -> bool:
-        """Whether the view is in sync with the broker and the bridge says it is online."""
-        return self.in_sync and self.status is not None and self.status.state == "online"
+    def live_until(self) -> datetime | None:
+        """Until when the view is live; None when it is not live at all.
+
+        Live: in sync with the broker, the bridge's status is `online`, and such a
+        status arrived live on this connection; for 2 status intervals after the
+        latest one (local clock).
+        """
+        status = self.status
+        if not self.in_sync or status is None or status.state != "online":
+            return None
+        if self._online_heard_at is None:
+            return None
+        return self._online_heard_at + 2 * status_interval(status)
+
+    def is_live(self, now: datetime) -> bool:
+        """Tell whether the view is live at a local instant.
+
+        Args:
+            now: The local clock.
+
+        Returns:
+            True when in sync and an `online` status arrived live less than 2
+            status intervals ago.
+        """
+        until = self.live_until
+        return until is not None and now < until
+
+    def confirmed(self, dispatch_type: str) -> bool:
+        """Tell whether the running snapshot of a type is of the current bridge session.
+
+        A snapshot of an older session than the current status was published by an
+        earlier run of the bridge and is unconfirmed until this run republishes it.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            False when a status of a newer session than the snapshot's is held.
+        """
+        snapshot = self._snapshots.get(dispatch_type)
+        status = self.status
+        return snapshot is None or status is None or snapshot.session >= status.session
 
     def types(self) -> set[str]:
         """Return every type that has a running snapshot or a dispatch."""
@@ -187,6 +250,7 @@ class BridgeView:
     def begin_sync(self) -> None:
         """Start receiving the retained state again (after a connect)."""
         self.in_sync = False
+        self._online_heard_at = None
         self._seen_dispatches.clear()
 
     def end_sync(self, events_for: Callable[[str], bool] = lambda _: True) -> list[DispatchEvent]:
@@ -220,26 +284,38 @@ class BridgeView:
     def lost_connection(self) -> None:
         """Record that the broker connection is gone: the view is no longer live."""
         self.in_sync = False
+        self._online_heard_at = None
 
     # --- messages ----------------------------------------------------------------
 
-    def apply_status(self, payload: bytes) -> bool:
+    def apply_status(self, payload: bytes, *, retained: bool, arrived: datetime) -> bool:
         """Apply a status payload.
 
         Args:
             payload: The raw payload; empty when the retained status was cleared.
+            retained: The MQTT retain flag: a replay of the retained status on
+                subscribing (not proof that the bridge is alive now).
+            arrived: When it arrived (local clock).
 
         Returns:
             True when the status changed.
 
         Raises:
-            WireError: The payload is not a status.
+            WireError: The payload is not a status this SDK understands (for
+                example a state of a newer contract); the status is then unknown and
+                the view not live.
         """
         if not payload:
             changed = self.status is not None
             self.status = None
+            self._online_heard_at = None
             return changed
-        status = wire.decode_status(payload)
+        try:
+            status = wire.decode_status(payload)
+        except wire.WireError:
+            self.status = None
+            self._online_heard_at = None
+            raise
         current = self.status
         if current is not None and status.state == "offline" and status.session < current.session:
             _logger.info(
@@ -249,7 +325,16 @@ class BridgeView:
             )
             return False
         self.status = status
-        return status != current
+        if status.state != "online":
+            self._online_heard_at = None
+        elif not retained:
+            self._online_heard_at = arrived
+        # Not `as_of` and the counters: the bridge republishes its status every few seconds.
+        return current is None or (status.state, status.session, status.upstream) != (
+            current.state,
+            current.session,
+            current.upstream,
+        )
 
     def apply_running(self, dispatch_type: str, payload: bytes) -> wire.RunningSnapshot | None:
         """Apply a running snapshot of a type.

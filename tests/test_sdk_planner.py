@@ -10,6 +10,7 @@ from frequenz.client.dispatch.types import DispatchId
 from actor_sdk import Dispatch, MergeByType, MergeByTypeTarget, wire
 from actor_sdk._dispatch import from_wire
 from actor_sdk._planner import (
+    LIVE_GRACE,
     ActorPlanner,
     StartActor,
     StopActor,
@@ -64,10 +65,16 @@ def test_a_new_run_whose_until_passed_is_never_started() -> None:
     assert confirmed_running([ended], set(), now=NOW, live=True) == ()
 
 
-def test_live_view_keeps_a_known_run_past_its_until_until_the_bridge_stops_it() -> None:
-    # Back-to-back merges depend on it: the bridge's next snapshot decides.
-    ended = dispatch(1, started_ago=70)
-    assert ids(confirmed_running([ended], {DispatchId(1)}, now=NOW, live=True)) == [1]
+def test_a_known_run_stops_at_its_until_even_with_a_live_view() -> None:
+    # A blind bridge may never publish the stop: only a newer message extends a run.
+    run = dispatch(1, started_ago=60)  # until == NOW
+    known = {DispatchId(1)}
+    grace = LIVE_GRACE - timedelta(milliseconds=1)
+    # Live, the bridge's own change (a merged actor's next run) gets LIVE_GRACE to arrive.
+    assert ids(confirmed_running([run], known, now=NOW + grace, live=True)) == [1]
+    assert confirmed_running([run], known, now=NOW + LIVE_GRACE, live=True) == ()
+    assert confirmed_running([run], known, now=NOW, live=False) == ()
+    assert timedelta(milliseconds=100) >= LIVE_GRACE
 
 
 def test_without_a_live_view_nothing_new_starts() -> None:
@@ -80,6 +87,13 @@ def test_without_a_live_view_a_known_run_continues_until_its_until() -> None:
     assert ids(confirmed_running(runs, known, now=NOW, live=False)) == [1, 2]
     later = NOW + timedelta(seconds=50)
     assert ids(confirmed_running(runs, known, now=later, live=False)) == [2]
+
+
+def test_an_endless_run_stops_once_blind_too_long_but_never_while_live() -> None:
+    known = {DispatchId(2)}
+    endless = [dispatch(2, duration=None)]
+    assert confirmed_running(endless, known, now=NOW, live=False, blind_too_long=True) == ()
+    assert ids(confirmed_running(endless, known, now=NOW, live=True, blind_too_long=True)) == [2]
 
 
 def test_a_dispatch_not_started_in_a_snapshot_is_ignored() -> None:

@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 
 from actor_sdk import Dispatcher, wire
+from actor_sdk._bridge_clock import CONVERGED_AFTER
 from actor_sdk._connection import ReceivedQueue
 from tests.fixtures.sdk import utcnow, wire_dispatch
 
@@ -56,6 +57,9 @@ class _FakeClient:
 
     async def subscribe(self, *args: object, **kwargs: object) -> None:
         """Accept any subscription."""
+
+    async def unsubscribe(self, *args: object, **kwargs: object) -> None:
+        """Answer the link's probe at once."""
 
 
 LAYOUT = wire.TopicLayout.for_microgrid(MICROGRID, wire.DEFAULT_TOPIC_ROOT)
@@ -95,7 +99,7 @@ async def _session(
     received = ReceivedQueue(clock=arrival_clock)
     client = _FakeClient(received)
     task = asyncio.create_task(
-        dispatcher._session(client, received)  # type: ignore[arg-type]
+        dispatcher._link._session(client, received, dispatcher)  # type: ignore[arg-type]
     )
     try:
         yield dispatcher, client
@@ -148,24 +152,20 @@ async def test_the_sync_timeout_counts_from_the_last_message_not_the_subscribe()
         assert set(dispatcher._view.dispatches(T)) == set(range(1, count + 1))
 
 
-async def test_a_live_snapshot_handled_late_is_compared_at_its_arrival_not_as_skew(
+async def test_live_snapshots_handled_late_are_sampled_at_their_arrival_not_as_skew(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     base = utcnow()
-    handled_at = [base + timedelta(seconds=15)]  # handled 15 s after it arrived
-    arrived_at = [base]
-    async with _session(0.2, clock=lambda: handled_at[0], arrival_clock=lambda: arrived_at[0]) as (
+    handled_at = [base + timedelta(seconds=15)]  # handled 15 s after they arrived
+    async with _session(0.2, clock=lambda: handled_at[0], arrival_clock=lambda: base) as (
         dispatcher,
         client,
     ):
         await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
         with caplog.at_level(logging.WARNING, logger="actor_sdk"):
-            client.messages.source.put_nowait(_live_snapshot(1, as_of=base))
-            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [1])
-            assert not [r for r in caplog.records if "clock" in r.getMessage()]
-            # A real skew (at arrival) is still reported.
-            arrived_at[0] = base + timedelta(seconds=15)
-            client.messages.source.put_nowait(_live_snapshot(2, as_of=base))
-            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [2])
-        skew_lines = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
-        assert len(skew_lines) == 1 and "15.0 s ahead" in skew_lines[0], skew_lines
+            for seq in range(1, CONVERGED_AFTER + 1):
+                client.messages.source.put_nowait(_live_snapshot(seq, as_of=base))
+            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [seq])
+        assert dispatcher._bridge_clock.converged
+        assert dispatcher.clock_offset == timedelta(0)
+        assert not [r for r in caplog.records if "clock" in r.getMessage()]

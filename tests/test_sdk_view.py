@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from actor_sdk import BrokerUrlError, Created, Deleted, SdkError, Updated, wire
-from actor_sdk._connection import BrokerSettings, SkewMonitor, reconnect_delay
+from actor_sdk._bridge_clock import CONVERGED_AFTER, BridgeClock
+from actor_sdk._connection import BrokerSettings, reconnect_delay
 from actor_sdk._view import BridgeView, is_newer
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -51,7 +52,7 @@ def snapshot(*ids: int, session: int = 1, seq: int = 1, type_: str = "T", mg: in
     )
 
 
-def status(state: str = "online", session: int = 1) -> bytes:
+def status(state: str = "online", session: int = 1, status_interval: int = 0) -> bytes:
     return wire.encode(
         wire.BridgeStatus(
             state=state,  # type: ignore[arg-type]
@@ -61,6 +62,7 @@ def status(state: str = "online", session: int = 1) -> bytes:
             bridge="b",
             version="1",
             dispatches=0,
+            status_interval=status_interval,
         )
     )
 
@@ -87,24 +89,80 @@ def test_snapshot_ordering(
     assert is_newer(session, seq, last, online) is expected
 
 
+LIVE = {"retained": False, "arrived": NOW}
+REPLAY = {"retained": True, "arrived": NOW}
+
+
 def test_view_is_live_only_in_sync_with_an_online_bridge() -> None:
     view = BridgeView(MG)
     view.begin_sync()
-    view.apply_status(status("online"))
-    assert not view.live
+    view.apply_status(status("online"), **LIVE)
+    assert not view.is_live(NOW)
     view.end_sync()
-    assert view.live
-    view.apply_status(status("offline"))
-    assert not view.live
-    view.apply_status(status("online", session=2))
+    assert view.is_live(NOW)
+    view.apply_status(status("offline"), **LIVE)
+    assert not view.is_live(NOW)
+    view.apply_status(status("online", session=2), **LIVE)
     view.lost_connection()
-    assert not view.live
+    assert not view.is_live(NOW)
+
+
+def test_a_retained_online_status_is_not_live_until_one_arrives_live() -> None:
+    # A broker restored from its autosave replays the `online` of a dead bridge.
+    view = BridgeView(MG)
+    view.begin_sync()
+    view.apply_status(status("online"), **REPLAY)
+    view.end_sync()
+    assert view.status is not None and view.status.state == "online"
+    assert not view.is_live(NOW)
+    view.apply_status(status("online"), retained=False, arrived=NOW + timedelta(seconds=1))
+    assert view.is_live(NOW + timedelta(seconds=1))
+
+
+def test_liveness_lasts_two_status_intervals_after_the_latest_live_status() -> None:
+    view = BridgeView(MG)
+    view.begin_sync()
+    view.end_sync()
+    view.apply_status(status("online", status_interval=3), **LIVE)
+    assert view.live_until == NOW + timedelta(seconds=6)
+    assert view.is_live(NOW + timedelta(seconds=5.9))
+    assert not view.is_live(NOW + timedelta(seconds=6))
+    view.apply_status(status("online"), **LIVE)  # 0 (an older bridge): 5 s assumed
+    assert view.live_until == NOW + timedelta(seconds=10)
+
+
+def test_syncing_or_an_unreadable_status_is_not_live() -> None:
+    view = BridgeView(MG)
+    view.begin_sync()
+    view.end_sync()
+    view.apply_status(status("online"), **LIVE)
+    assert view.is_live(NOW)
+    view.apply_status(status("syncing"), **LIVE)
+    assert not view.is_live(NOW)
+    view.apply_status(status("online"), **LIVE)
+    newer = msgspec.json.encode({**msgspec.json.decode(status("online")), "state": "vouching"})
+    with pytest.raises(wire.WireError):
+        view.apply_status(newer, **LIVE)
+    assert view.status is None
+    assert not view.is_live(NOW)
+
+
+def test_a_snapshot_of_an_older_session_is_unconfirmed_until_republished() -> None:
+    view = BridgeView(MG)
+    view.apply_status(status("online", session=1), **LIVE)
+    view.apply_running("T", snapshot(1, session=1, seq=9))
+    assert view.confirmed("T")
+    view.apply_status(status("online", session=2), **LIVE)
+    assert not view.confirmed("T")
+    assert view.confirmed("U")  # no snapshot: nothing to confirm
+    view.apply_running("T", snapshot(1, session=2, seq=1))
+    assert view.confirmed("T")
 
 
 def test_a_stale_offline_will_is_ignored() -> None:
     view = BridgeView(MG)
-    view.apply_status(status("online", session=4))
-    assert not view.apply_status(status("offline", session=3))
+    view.apply_status(status("online", session=4), **LIVE)
+    assert not view.apply_status(status("offline", session=3), **LIVE)
     assert view.status is not None and view.status.state == "online"
 
 
@@ -133,7 +191,7 @@ def test_snapshot_of_another_type_or_microgrid_is_garbage() -> None:
 def test_a_resync_deletes_dispatches_not_delivered_again_and_keeps_snapshots() -> None:
     view = BridgeView(MG)
     view.begin_sync()
-    view.apply_status(status("online"))
+    view.apply_status(status("online"), **REPLAY)
     view.apply_running("T", snapshot(1))
     view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
     view.apply_dispatch("T", 2, wire.encode(wire_dispatch(2)))
@@ -222,12 +280,30 @@ def test_reconnect_delay_grows_is_capped_and_jittered() -> None:
     assert len(set(delays[5:])) == 5  # jittered, not lockstep
 
 
-def test_skew_is_reported_once_per_change() -> None:
-    monitor = SkewMonitor()
-    assert monitor.observe(NOW, NOW + timedelta(seconds=0.5)) is None
-    first = monitor.observe(NOW, NOW + timedelta(seconds=3))
-    assert first is not None and "3.0 s ahead" in first
-    assert monitor.observe(NOW, NOW + timedelta(seconds=3.4)) is None
-    assert monitor.observe(NOW, NOW - timedelta(seconds=3)) is not None
-    assert monitor.observe(NOW, NOW) is not None  # back within the threshold
-    assert monitor.observe(NOW, NOW) is None
+def test_bridge_clock_uses_the_local_clock_until_converged_then_the_minimum_offset() -> None:
+    clock = BridgeClock()
+    skew = timedelta(seconds=5)  # local clock 5 s ahead of the bridge's
+    lines = []
+    for n in range(CONVERGED_AFTER):
+        assert clock.offset == timedelta(0)
+        delay = timedelta(milliseconds=30 - n)  # network and queueing, never negative
+        lines.append(clock.observe(NOW, NOW + skew + delay))
+    assert clock.converged
+    assert clock.offset == skew + timedelta(milliseconds=30 - CONVERGED_AFTER + 1)
+    assert [line for line in lines if line] == [lines[-1]]
+    assert lines[-1] is not None and "5.0 s ahead" in lines[-1]
+    assert clock.to_local(NOW) == NOW + clock.offset
+    assert clock.to_bridge(NOW + clock.offset) == NOW
+
+
+def test_bridge_clock_is_not_moved_by_queueing_behind_a_burst() -> None:
+    clock = BridgeClock()
+    for _ in range(CONVERGED_AFTER):
+        clock.observe(NOW, NOW + timedelta(milliseconds=2))
+    settled = clock.offset
+    # Live messages stuck 4-12 s behind a retained burst (as measured before the filter).
+    for delay_s in (12, 9, 7, 4, 11):
+        assert clock.observe(NOW, NOW + timedelta(seconds=delay_s)) is None
+        assert clock.offset == settled
+    clock.observe(NOW, NOW + timedelta(milliseconds=1))  # a quicker one refines it
+    assert clock.offset == timedelta(milliseconds=1)

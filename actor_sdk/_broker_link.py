@@ -1,0 +1,211 @@
+"""The broker link: one connection at a time, its messages, and noticing when it is dead.
+
+`BrokerLink.run` connects (a fresh aiomqtt client per connection, capped and jittered
+backoff between attempts), subscribes, and hands every message to a `LinkHandler`
+with the time it arrived. It tells the handler when the retained messages went quiet
+(the end of a sync without a status) and when the connection is gone.
+
+A silent network fault (packets dropped, nothing closed) is noticed by a probe of
+our own: paho's keepalive needs up to two keepalive intervals (one of silence, then
+one waiting for the ping's answer). Whenever nothing arrived for half a keepalive,
+the link sends an UNSUBSCRIBE of a topic it never subscribed (a no-op every broker
+acknowledges) and gives the answer half a keepalive: a dead link is noticed within
+1.5 keepalives at most. Any message arriving meanwhile also proves the link alive
+(a large retained burst may hold the answer back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+import aiomqtt
+
+from actor_sdk._connection import BrokerSettings, ReceivedQueue, reconnect_delay
+
+__all__ = ["BrokerLink", "LinkHandler"]
+
+_logger = logging.getLogger(__name__)
+
+
+class LinkHandler(Protocol):
+    """What the link tells its user."""
+
+    @property
+    def in_sync(self) -> bool:
+        """Whether the retained state of this connection was received completely."""
+
+    async def connected(self) -> None:
+        """A connection is up; the subscriptions are about to be made."""
+
+    async def message(self, message: aiomqtt.Message, arrived: datetime) -> None:
+        """Handle one message (never raises: its errors are the handler's to log).
+
+        Args:
+            message: The message.
+            arrived: When it arrived (the wall clock), before any queueing here.
+        """
+
+    async def quiet(self) -> None:
+        """Nothing arrived for the sync timeout while not in sync."""
+
+    async def lost(self) -> None:
+        """The connection is gone (or never came up)."""
+
+
+class BrokerLink:
+    """Keeps a broker connection and feeds its messages to a handler."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        subscriptions: list[list[tuple[str, int]]],
+        probe_topic: str,
+        reconnect_first: float,
+        reconnect_cap: float,
+        sync_timeout: float,
+        clock: Callable[[], datetime],
+    ) -> None:
+        """Create a link; nothing connects before `run`.
+
+        Args:
+            settings: Where and how to connect.
+            subscriptions: The SUBSCRIBE requests to make, in order (topic, QoS).
+            probe_topic: A topic never subscribed, whose UNSUBSCRIBE probes the link.
+            reconnect_first: The first wait before reconnecting (seconds).
+            reconnect_cap: The longest wait before reconnecting (seconds).
+            sync_timeout: Seconds of silence that end the wait for the retained state.
+            clock: The wall clock that stamps each message as it arrives.
+        """
+        self._settings = settings
+        self._subscriptions = subscriptions
+        self._probe_topic = probe_topic
+        self._reconnect_first = reconnect_first
+        self._reconnect_cap = reconnect_cap
+        self._sync_timeout = sync_timeout
+        self._clock = clock
+        self.connected = False
+        self.problem: str | None = None
+        """The latest reason the link is down, for whoever waits for it."""
+
+    @property
+    def where(self) -> str:
+        """The broker's address, without credentials."""
+        return self._settings.describe()
+
+    async def run(self, handler: LinkHandler) -> None:
+        """Connect, read and reconnect until cancelled.
+
+        Args:
+            handler: Gets the messages and the link's changes.
+        """
+        failures = 0
+        while True:
+            self.connected = False
+            client, received = self._settings.new_client(self._clock)
+            try:
+                async with client:
+                    self.connected = True
+                    self.problem = None
+                    failures = 0
+                    _logger.info("connected to the broker at %s", self.where)
+                    try:
+                        await self._session(client, received, handler)
+                    except aiomqtt.MqttError:
+                        # Before the goodbye, which a dead link may hold up.
+                        self.connected = False
+                        await handler.lost()
+                        raise
+            except aiomqtt.MqttError as error:
+                self.problem = str(error) or type(error).__name__
+                if self.connected:
+                    _logger.warning("lost the broker connection to %s: %s", self.where, error)
+            self.connected = False
+            await handler.lost()
+            delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)
+            failures += 1
+            _logger.warning(
+                "waiting for the broker at %s: %s; retrying in %.1f s",
+                self.where,
+                self.problem,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(
+        self, client: aiomqtt.Client, received: ReceivedQueue, handler: LinkHandler
+    ) -> None:
+        await handler.connected()
+        for subscription in self._subscriptions:
+            await client.subscribe(subscription)
+        loop = asyncio.get_running_loop()
+        messages = client.messages
+        # One read stays pending across sync timeouts: cancelling aiomqtt's `anext`
+        # can drop a message it already took from the queue (seen once per timeout
+        # under load), so a timeout only stops waiting for it, never cancels it.
+        pending: asyncio.Future[aiomqtt.Message] | None = None
+        probe = asyncio.ensure_future(self._probe(client, received))
+        # Silence ends the sync, not the length of a burst: counted from the last message.
+        sync_deadline = loop.time() + self._sync_timeout
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(messages))
+                timeout = None if handler.in_sync else max(0.0, sync_deadline - loop.time())
+                waited_for: set[asyncio.Future[Any]] = {pending, probe}
+                done, _ = await asyncio.wait(
+                    waited_for, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if probe in done:
+                    probe.result()  # raises: the link is dead
+                if not done:
+                    await handler.quiet()
+                    continue
+                message = pending.result()
+                pending = None
+                await self._handle(message, received, handler)
+                # Take what else has arrived without a wake-up per message (a sync brings
+                # thousands); a lost connection shows at the next `anext`.
+                while not received.empty():
+                    await self._handle(received.get_nowait(), received, handler)
+                sync_deadline = loop.time() + self._sync_timeout
+        finally:
+            probe.cancel()
+            if pending is not None:
+                pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await probe
+
+    async def _handle(
+        self, message: aiomqtt.Message, received: ReceivedQueue, handler: LinkHandler
+    ) -> None:
+        await handler.message(message, received.received_at(message) or self._clock())
+
+    async def _probe(self, client: aiomqtt.Client, received: ReceivedQueue) -> None:
+        loop = asyncio.get_running_loop()
+        half = self._settings.keepalive / 2
+        last_answer = loop.time()
+        while True:
+            await asyncio.sleep(half / 2)
+            heard = max(last_answer, received.last_arrival or 0.0)
+            if loop.time() - heard < half:
+                continue
+            asked = loop.time()
+            try:
+                await client.unsubscribe(self._probe_topic, timeout=half)
+            except aiomqtt.MqttError:
+                if (received.last_arrival or 0.0) > asked:
+                    continue  # messages still flow: the answer is only queued behind them
+                _logger.warning(
+                    "the broker at %s did not answer for %.1f s (a silent network fault?): "
+                    "dropping the connection",
+                    self.where,
+                    loop.time() - heard,
+                )
+                raise
+            last_answer = loop.time()

@@ -1,0 +1,179 @@
+"""Reconciling: actors and receivers brought to match the view, at one reading of the clock.
+
+`Reconciler.run` reads the clock once, tells whether the view is live, works out
+for each type what may run (`confirmed_running`, on the bridge's clock as far as it
+is known), sends the running state messages, lets each managed type's `ActorSet`
+start, update and stop actors (without waiting for them), and keeps the earliest
+local deadline at which it must run again: a run's `until`, the end of the view's
+liveness, the end of an endless run's blind time, a factory retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk._actors import ActorSet
+from actor_sdk._bridge_clock import BridgeClock
+from actor_sdk._dispatch import Dispatch
+from actor_sdk._planner import (
+    STOPPED,
+    STOPPED_BLIND,
+    STOPPED_UNCONFIRMED,
+    confirmed_running,
+    end_of,
+)
+from actor_sdk._subscribers import Subscribers
+from actor_sdk._view import BridgeView
+
+__all__ = ["Reconciler"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Moment:
+    """One reading of the clock, for one reconcile."""
+
+    bridge_now: datetime
+    """Now on the bridge's clock (as estimated): what `until` is compared with."""
+    local_now: datetime
+    """Now on the local clock."""
+    blind_until: datetime | None
+    """When endless runs stop without a live view (local clock); None while live."""
+
+
+class Reconciler:
+    """Keeps the actors and receivers of a `Dispatcher` matching its view."""
+
+    def __init__(
+        self,
+        view: BridgeView,
+        bridge_clock: BridgeClock,
+        subscribers: Subscribers,
+        *,
+        max_blind_time: timedelta,
+        clock: Callable[[], datetime],
+    ) -> None:
+        """Create a reconciler with nothing managed.
+
+        Args:
+            view: What is known of the bridge.
+            bridge_clock: The bridge's clock, as estimated.
+            subscribers: The receivers to send running state messages to.
+            max_blind_time: How long an endless run goes on without a live view.
+            clock: The local wall clock (UTC).
+        """
+        self._view = view
+        self._bridge_clock = bridge_clock
+        self._subscribers = subscribers
+        self._max_blind_time = max_blind_time
+        self._clock = clock
+        self.lock = asyncio.Lock()
+        """Held while reconciling; hold it to change `managed` consistently."""
+        self.managed: dict[str, ActorSet] = {}
+        """The actors of each managed type."""
+        self.effective: dict[str, dict[DispatchId, Dispatch]] = {}
+        """What runs now, per type and id, as the last run decided."""
+        self.deadline: datetime | None = None
+        """When to run again at the latest (local clock); None: only on a change."""
+        self.was_live = False
+        """Whether the view was live at the last run."""
+        self._type_deadlines: dict[str, datetime] = {}
+        self._blind_since = clock()
+
+    async def run(self, only: str | None = None) -> None:
+        """Bring actors and receivers to match the view, at one reading of the clock.
+
+        Args:
+            only: The one type whose snapshot changed; None for every type (the
+                liveness changed, a deadline passed, a resync ended).
+        """
+        async with self.lock:
+            local_now = self._clock()
+            live = self._view.is_live(local_now)
+            if live != self.was_live:
+                self.was_live = live
+                only = None
+                if not live:
+                    self._blind_since = local_now
+                _logger.info("view of the bridge is %s", "live" if live else "NOT live")
+            blind_until = None if live else self._blind_since + self._max_blind_time
+            moment = _Moment(
+                bridge_now=self._bridge_clock.to_bridge(local_now),
+                local_now=local_now,
+                blind_until=blind_until,
+            )
+            if only is None:
+                types = (
+                    self._view.types()
+                    | self.effective.keys()
+                    | self.managed.keys()
+                    | self._subscribers.running_state_types()
+                )
+            else:
+                types = {only}
+            for dispatch_type in sorted(types):
+                type_live = live and self._view.confirmed(dispatch_type)
+                try:
+                    deadline = await self._type(dispatch_type, moment, live=type_live)
+                except Exception:
+                    _logger.exception(
+                        "bringing the actors of type %r up to date failed", dispatch_type
+                    )
+                    continue
+                if deadline is None:
+                    self._type_deadlines.pop(dispatch_type, None)
+                else:
+                    self._type_deadlines[dispatch_type] = deadline
+            self.deadline = _earliest(
+                self._view.live_until if live else None, *self._type_deadlines.values()
+            )
+
+    async def _type(self, dispatch_type: str, moment: _Moment, *, live: bool) -> datetime | None:
+        """Reconcile one type; return its next deadline on the local clock."""
+        previous = self.effective.get(dispatch_type, {})
+        blind_too_long = moment.blind_until is not None and moment.blind_until <= moment.local_now
+        confirmed = confirmed_running(
+            self._view.running(dispatch_type),
+            previous.keys(),
+            now=moment.bridge_now,
+            live=live,
+            blind_too_long=blind_too_long,
+        )
+        current = {dispatch.id: dispatch for dispatch in confirmed}
+        if current:
+            self.effective[dispatch_type] = current
+        else:
+            self.effective.pop(dispatch_type, None)
+        await self._subscribers.notify_running_state(dispatch_type, previous, current)
+        deadline = _earliest(
+            None,
+            *(
+                self._bridge_clock.to_local(end_of(d, live=live))
+                for d in confirmed
+                if d.until is not None
+            ),
+        )
+        if not live and any(d.until is None for d in confirmed):
+            deadline = _earliest(deadline, moment.blind_until)
+        managed = self.managed.get(dispatch_type)
+        if managed is not None:
+            reason = STOPPED if live else STOPPED_BLIND if blind_too_long else STOPPED_UNCONFIRMED
+            await managed.apply(confirmed, reason=reason)
+            if live:  # retries wait for a live view: no deadline without one
+                await managed.retry(moment.local_now)
+                deadline = _earliest(deadline, managed.next_retry)
+        return deadline
+
+
+def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:
+    for candidate in candidates:
+        if candidate is not None and (current is None or candidate < current):
+            current = candidate
+    return current

@@ -1,0 +1,154 @@
+"""Who hears about dispatches: the lifecycle event and running state receivers, per type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from frequenz.channels import BroadcastChannel, Receiver, Sender
+from frequenz.client.dispatch.types import DispatchId
+
+from actor_sdk._dispatch import Dispatch
+from actor_sdk._event import Created, DispatchEvent
+from actor_sdk._merge_strategies import MergeStrategy
+from actor_sdk._planner import running_state_changes
+from actor_sdk._receivers import PrimedReceiver
+from actor_sdk._view import BridgeView
+
+__all__ = ["Subscribers"]
+
+_CHANNEL_LIMIT = 16384
+
+
+@dataclass
+class _StateSubscription:
+    sender: Sender[Dispatch]
+    strategy: MergeStrategy | None
+
+
+class Subscribers:
+    """The receivers handed out by a `Dispatcher`, and what they are sent."""
+
+    def __init__(self, view: BridgeView) -> None:
+        """Create a set without receivers.
+
+        Args:
+            view: The view the dispatches come from (for the context of a stop).
+        """
+        self._view = view
+        self._running_state: dict[str, list[_StateSubscription]] = {}
+        self._lifecycle: dict[str, list[Sender[DispatchEvent]]] = {}
+
+    def running_state_types(self) -> set[str]:
+        """Return the types someone follows the running state of."""
+        return set(self._running_state)
+
+    def wants_lifecycle(self, dispatch_type: str) -> bool:
+        """Tell whether someone follows the lifecycle events of a type.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            True when a lifecycle receiver of the type was handed out.
+        """
+        return dispatch_type in self._lifecycle
+
+    def lifecycle_receiver(self, dispatch_type: str) -> Receiver[DispatchEvent]:
+        """Return a new lifecycle receiver, primed with a `Created` per known dispatch.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            The receiver.
+        """
+        known = sorted(self._view.dispatches(dispatch_type).values(), key=lambda d: d.id)
+        sender, receiver = BroadcastChannel[DispatchEvent](
+            name=f"lifecycle-{dispatch_type}", limit=_CHANNEL_LIMIT
+        )
+        self._lifecycle.setdefault(dispatch_type, []).append(sender)
+        return PrimedReceiver([Created(dispatch) for dispatch in known], receiver)
+
+    async def running_state_receiver(
+        self,
+        dispatch_type: str,
+        merge_strategy: MergeStrategy | None,
+        running: dict[DispatchId, Dispatch],
+    ) -> Receiver[Dispatch]:
+        """Return a new running state receiver, primed with what runs now.
+
+        Args:
+            dispatch_type: The type.
+            merge_strategy: Its `filter` decides what passes; None passes everything.
+            running: The dispatches of the type that run now.
+
+        Returns:
+            The receiver.
+        """
+        sender, receiver = BroadcastChannel[Dispatch](
+            name=f"running-state-{dispatch_type}", limit=_CHANNEL_LIMIT
+        )
+        for message in running_state_changes({}, running, lambda d: d):
+            await sender.send(message)
+        self._running_state.setdefault(dispatch_type, []).append(
+            _StateSubscription(sender, merge_strategy)
+        )
+        return receiver
+
+    async def publish_lifecycle(self, events: list[DispatchEvent]) -> None:
+        """Send lifecycle events to the receivers of their type.
+
+        Args:
+            events: The events.
+        """
+        for event in events:
+            for sender in self._lifecycle.get(event.dispatch.type, ()):
+                await sender.send(event)
+
+    async def notify_running_state(
+        self,
+        dispatch_type: str,
+        previous: dict[DispatchId, Dispatch],
+        current: dict[DispatchId, Dispatch],
+    ) -> None:
+        """Send the running state messages of a change of what runs.
+
+        Args:
+            dispatch_type: The type.
+            previous: What ran before, by id.
+            current: What runs now, by id.
+        """
+        subscriptions = self._running_state.get(dispatch_type)
+        if not subscriptions:
+            return
+
+        def stopped(dispatch: Dispatch) -> Dispatch:
+            known = self._view.dispatch(dispatch_type, int(dispatch.id))
+            if known is None:
+                return dispatch.with_state(running=False, deleted=True)
+            return known.with_state(running=False)
+
+        messages = running_state_changes(previous, current, stopped)
+        if not messages:
+            return
+        context: dict[DispatchId, Dispatch] = {
+            dispatch.id: dispatch.with_state(running=False)
+            for dispatch in self._view.dispatches(dispatch_type).values()
+        }
+        context.update(current)
+        for subscription in subscriptions:
+            for message in messages:
+                strategy = subscription.strategy
+                if strategy is None or strategy.filter(context, message):
+                    await subscription.sender.send(message)
+
+    async def close(self) -> None:
+        """Close every receiver handed out."""
+        for senders in self._lifecycle.values():
+            for sender in senders:
+                await sender.aclose()
+        for subscriptions in self._running_state.values():
+            for subscription in subscriptions:
+                await subscription.sender.aclose()
+        self._lifecycle.clear()
+        self._running_state.clear()
