@@ -202,7 +202,6 @@ async def test_bridge_offline_stops_the_actor_at_its_until(
     log = ActorLog()
     await scripted_bridge.status("online")
     until = utcnow() + timedelta(seconds=1.5)
-    d1 = wire_dispatch(1, T, duration=None, until=None)
     d1 = wire_dispatch(1, T, start=until - timedelta(seconds=10), duration=10)
     async with managing(scripted_bridge, log):
         await scripted_bridge.running(T, [d1])
