@@ -140,8 +140,11 @@ async def test_old_and_duplicate_snapshots_are_ignored_and_a_new_session_wins(
         await scripted_bridge.running(T, [], session=4, seq=99)  # older session
         d2 = wire_dispatch(2, T)
         await scripted_bridge.running(T, [d1, d2], session=5, seq=11)  # marker: newer
-        await log.wait_count("start", 2)
-        assert log.running_dispatch_ids() == [1, 2]
+        # One connection delivers these in order and the SDK reconciles each before
+        # the next: once the marker's d2 has started, every older snapshot has been
+        # handled, and a stop of d1 by any of them (then a restart) would be in the log.
+        await log.wait_for(lambda lg: 2 in lg.running_dispatch_ids(), what="d2 started")
+        assert [(r.kind, r.dispatch_id) for r in log.records] == [("start", 1), ("start", 2)]
         await scripted_bridge.status("online", session=6)
         await scripted_bridge.running(T, [d2], session=6, seq=1)  # new session, low seq
         await log.wait_count("stop", 1)
