@@ -1,0 +1,179 @@
+"""The field view in a real browser: headless Chromium → Mosquitto's WebSockets listener.
+
+Real parts only: the API server, Mosquitto started from the shipped config (its
+WebSockets listener serves the page and carries MQTT), the bridge, `dispatch-cli`
+to create a dispatch, and Debian's Chromium driven by Selenium. The page is
+opened as `dispatch-bridge demo` prints it: credentials of the read-only `actor`
+user in the URL fragment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import DispatchId
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
+from tests.fixtures.bridge import BridgeFactory
+from tests.fixtures.broker import WEB_SITE, Broker
+from tests.fixtures.browser import start_chromium
+from tests.fixtures.processes import wait_until
+
+pytestmark = pytest.mark.slow
+
+MICROGRID = 1
+ON_TIME_S = 3.0
+"""How late the page may show a start or stop (render throttle 250 ms, 2 loaded cores)."""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    driver = start_chromium(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def page_url(broker: Broker, user: str = "actor") -> str:
+    """The page on the broker's WebSockets listener, credentials in the fragment."""
+    assert broker.ws_port is not None
+    base = f"http://127.0.0.1:{broker.ws_port}/"
+    username = quote(broker.username(user) or "")
+    password = quote(broker.password(user) or "")
+    fragment = (
+        f"broker={quote(f'ws://127.0.0.1:{broker.ws_port}/', safe='')}&microgrid={MICROGRID}"
+        f"&username={username}&password={password}"
+    )
+    return f"{base}#{fragment}"
+
+
+def attribute(driver: webdriver.Chrome, element_id: str, name: str) -> str | None:
+    value: str | None = driver.find_element(By.ID, element_id).get_attribute(name)
+    return value
+
+
+def running_ids(driver: webdriver.Chrome) -> set[int]:
+    elements = driver.find_elements(By.CSS_SELECTOR, "#running [data-running-id]")
+    return {int(e.get_attribute("data-running-id") or -1) for e in elements}
+
+
+def when(predicate: object, timeout: float, what: str) -> float:
+    """Poll `predicate()` until true; return the time it first was."""
+    assert callable(predicate)
+    wait_until(lambda: bool(predicate()), timeout, what, interval=0.05)
+    return time.time()
+
+
+def test_the_broker_serves_the_page_and_the_vendored_library(mqtt_broker: Broker) -> None:
+    assert mqtt_broker.ws_port is not None
+    for name in ("index.html", "app.js", "style.css", "vendor/mqtt.min.js"):
+        url = f"http://127.0.0.1:{mqtt_broker.ws_port}/{name}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            assert response.read() == (WEB_SITE / name).read_bytes()
+
+
+async def test_the_page_shows_a_dispatch_run_and_the_bridge_going_offline(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    browser: webdriver.Chrome,
+) -> None:
+    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,))
+    bridge.wait_synced()
+    browser.get(page_url(mqtt_broker))
+    await asyncio.to_thread(
+        when,
+        lambda: attribute(browser, "bridge-state", "data-state") == "online",
+        20,
+        "the page to show the bridge online",
+    )
+
+    code, output = await run_dispatch_cli(
+        api_server, "create", str(MICROGRID), "WEB_VIEW", "7,8", "in 20 seconds", "6 seconds"
+    )
+    assert code == 0, output
+    match = re.search(r"ID:\s+DID(\d+)", output)
+    assert match is not None, output
+    dispatch_id = int(match.group(1))
+    async with api_server.client() as client:
+        created = await client.get(
+            microgrid_id=MicrogridId(MICROGRID), dispatch_id=DispatchId(dispatch_id)
+        )
+    start = created.start_time.timestamp()
+    stop = start + (created.duration or timedelta()).total_seconds()
+
+    # Before it runs: listed among the next starts (from the bridge's upcoming topic).
+    await asyncio.to_thread(
+        when,
+        lambda: browser.find_elements(
+            By.CSS_SELECTOR, f'#next-starts [data-upcoming-id="{dispatch_id}"]'
+        ),
+        15,
+        "the page to list the dispatch among the next starts",
+    )
+    assert dispatch_id not in running_ids(browser)
+
+    # Running at its start, with the time left; gone at its stop.
+    started = await asyncio.to_thread(
+        when, lambda: dispatch_id in running_ids(browser), 40, "the page to show it running"
+    )
+    assert start - 0.1 <= started <= start + ON_TIME_S, started - start
+    row = browser.find_element(By.CSS_SELECTOR, f'#running [data-running-id="{dispatch_id}"]')
+    assert re.search(r"\d+ s left", row.text), row.text
+    stopped = await asyncio.to_thread(
+        when, lambda: dispatch_id not in running_ids(browser), 30, "the page to show it stopped"
+    )
+    assert stop - 0.1 <= stopped <= stop + ON_TIME_S, stopped - stop
+
+    # The bridge killed: the broker publishes its will, the page says offline.
+    bridge.kill9()
+    await asyncio.to_thread(
+        when,
+        lambda: attribute(browser, "bridge-state", "data-state") == "offline",
+        60,
+        "the page to show the bridge offline",
+    )
+    assert "offline" in browser.find_element(By.ID, "bridge-state").text
+
+
+def test_without_credentials_the_page_asks_for_them(
+    mqtt_broker: Broker, browser: webdriver.Chrome
+) -> None:
+    assert mqtt_broker.ws_port is not None
+    browser.get(f"http://127.0.0.1:{mqtt_broker.ws_port}/")
+    when(lambda: browser.find_element(By.ID, "login").is_displayed(), 10, "the login form")
+    assert not browser.find_element(By.ID, "view").is_displayed()
+    # Wrong credentials: refused, asked again; nothing is kept in storage.
+    browser.find_element(By.ID, "login-username").send_keys("actor")
+    browser.find_element(By.ID, "login-password").send_keys("wrong")
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    when(
+        lambda: "refused" in browser.find_element(By.ID, "login-error").text,
+        15,
+        "the page to say the broker refused the credentials",
+    )
+    assert browser.execute_script("return localStorage.length + sessionStorage.length") == 0
+    # Right ones: connected, read-only view of the microgrid.
+    browser.find_element(By.ID, "login-username").clear()
+    browser.find_element(By.ID, "login-username").send_keys(mqtt_broker.username("actor") or "")
+    browser.find_element(By.ID, "login-password").send_keys(mqtt_broker.actor_password or "")
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    when(
+        lambda: attribute(browser, "connection", "data-state") == "connected",
+        15,
+        "the page to connect",
+    )
+    assert browser.find_element(By.ID, "view").is_displayed()
