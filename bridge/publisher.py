@@ -148,6 +148,8 @@ class Publisher:
         self.connected = asyncio.Event()
         self.connections = 0
         self.published = 0
+        # Told each retained value the broker acknowledged (`bridge.metrics` lateness).
+        self.on_handed: Callable[[RetainedValue | None], None] | None = None
         self._backoff = backoff or Backoff()
 
     # ---- the synchronous face (never blocks) ----------------------------------
@@ -580,6 +582,8 @@ class Publisher:
                     value = self._held.get(key)
                     payload = b"" if value is None else self._materialize(value)
                     await client.publish(key, payload, qos=1, retain=True, timeout=math.inf)
+                    if self.on_handed is not None:
+                        self.on_handed(value)
                 self.published += 1
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actor_sdk import wire
-from bridge import __version__
+from bridge import __version__, metrics
 from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.notify import SystemdNotifier, Watchdog
@@ -81,6 +81,7 @@ class BridgeSettings:
     upcoming_hours: float = 24.0
     status_interval: int = DEFAULT_STATUS_INTERVAL
     max_knowledge_age: float = DEFAULT_MAX_KNOWLEDGE_AGE
+    metrics: metrics.MetricsSettings | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "last confirmed by the Dispatch API longer ago than this, from the cache or while "
         "disconnected (env DISPATCH_BRIDGE_MAX_KNOWLEDGE_AGE; default 86400 = 24 h)",
     )
+    metrics.add_arguments(parser)
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
     )
@@ -367,6 +369,7 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
         default=DEFAULT_MAX_KNOWLEDGE_AGE,
     )
     return BridgeSettings(
+        metrics=metrics.load_settings(source),
         status_interval=status_interval,
         max_knowledge_age=max_knowledge_age,
         upcoming_hours=upcoming_hours,
@@ -499,6 +502,19 @@ async def _run(settings: BridgeSettings) -> int:
         settings.state_dir,
     )
     pipelines = [_Pipeline(settings, microgrid_id) for microgrid_id in settings.microgrid_ids]
+    exporter = None
+    if settings.metrics is not None:
+        exporter = await metrics.start(
+            settings.metrics,
+            [
+                metrics.MicrogridParts(
+                    p.microgrid_id, p.service, p.publisher, p.upstream, p.cache_writer
+                )
+                for p in pipelines
+            ],
+            version=__version__,
+            bridge=settings.name,
+        )
     systemd = SystemdNotifier.from_environ()
     watchdog = Watchdog(systemd, len(pipelines))
     for index, pipeline in enumerate(pipelines):
@@ -532,6 +548,8 @@ async def _run(settings: BridgeSettings) -> int:
     finally:
         waiter.cancel()
         ready.cancel()
+        if exporter is not None:
+            exporter.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)

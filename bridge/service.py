@@ -119,6 +119,9 @@ class MicrogridService:
     max_idle: float = 3600.0
     """The loop steps at least this often in seconds, with nothing due (for `on_step`)."""
 
+    on_due: Callable[[datetime, datetime], None] | None = None
+    """Told `(instant, step)` when a step ran for a due change (`bridge.metrics` lateness)."""
+
     on_types_changed: Callable[[list[str]], None] | None = None
     """Told the types whose dispatches changed (`bridge.upcoming` recomputes them)."""
 
@@ -186,12 +189,15 @@ class MicrogridService:
 
     async def run(self) -> None:
         """Step until cancelled: apply upstream items, publish changes on time."""
+        due: datetime | None = None
         while True:
             now = self._clock()
             self.step(now)
+            if self.on_due is not None and due is not None and now >= due:
+                self.on_due(due, now)
             if self.on_step is not None:
                 self.on_step()
-            wake = self.core.next_change()
+            wake = due = self.core.next_change()
             if self._inbox:
                 continue
             self._wakeup.clear()
