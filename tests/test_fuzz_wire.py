@@ -15,7 +15,6 @@ are fixed per run (`max_examples`), `deadline=None` for the slow CI machine.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,62 +22,29 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from actor_sdk import wire
+from tests.fixtures.wire_examples import T0, every_optional_part
 
 BUDGET = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
-
-
-def valid_dispatch(**changes: Any) -> wire.Dispatch:
-    """A dispatch using every optional part of the contract."""
-    fields: dict[str, Any] = {
-        "id": 42,
-        "type": "SET.POWER",
-        "start_time": T0,
-        "duration": 900,
-        "target": wire.Target(
-            categories=(
-                wire.TargetCategory(category="BATTERY", type="LI_ION"),
-                wire.TargetCategory(category="INVERTER"),
-            )
-        ),
-        "active": True,
-        "dry_run": False,
-        "payload": {"power_w": 5000, "nested": {"a": [1, 2, {"b": None}]}},
-        "recurrence": wire.Recurrence(
-            frequency="DAILY",
-            interval=1,
-            end=wire.EndCriteria(count=10),
-            byminutes=(0, 30),
-            byhours=(6,),
-            byweekdays=("MONDAY",),
-            bymonthdays=(1, -1),
-            bymonths=(11,),
-        ),
-        "create_time": T0,
-        "update_time": T0,
-        "end_time": None,
-        "running": True,
-        "until": T0,
-        "next_run": T0,
-    }
-    fields.update(changes)
-    return wire.Dispatch(**fields)
-
 
 VALID: dict[str, bytes] = {
-    "dispatch": wire.encode(valid_dispatch()),
+    "dispatch": wire.encode(every_optional_part()),
     "running": wire.encode(
         wire.RunningSnapshot(
             microgrid_id=1,
             type="SET.POWER",
-            running=(valid_dispatch(), valid_dispatch(id=43, target=wire.Target(ids=(7, 8)))),
+            running=(
+                every_optional_part(),
+                every_optional_part(id=43, target=wire.Target(ids=(7, 8))),
+            ),
             next_change=T0,
             as_of=T0,
             session=3,
             seq=17,
         )
     ),
-    "event": wire.encode(wire.DispatchEvent(event="created", dispatch=valid_dispatch(), as_of=T0)),
+    "event": wire.encode(
+        wire.DispatchEvent(event="created", dispatch=every_optional_part(), as_of=T0)
+    ),
     "status": wire.encode(
         wire.BridgeStatus(
             state="online",

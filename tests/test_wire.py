@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from actor_sdk import wire
+from tests.fixtures.wire_examples import T0, contract_example
 
 # --- strategies -------------------------------------------------------------
 
@@ -133,32 +134,6 @@ DECODERS = {
 }
 ALL_DECODERS = list(DECODERS.values())
 
-T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
-
-
-def contract_example(**changes: Any) -> wire.Dispatch:
-    """The example dispatch of docs/contract.md."""
-    fields: dict[str, Any] = {
-        "id": 42,
-        "type": "EXAMPLE_TYPE",
-        "start_time": T0,
-        "duration": 900,
-        "target": wire.Target(ids=(7, 8)),
-        "active": True,
-        "dry_run": False,
-        "payload": {"power_w": 5000},
-        "recurrence": wire.Recurrence(frequency="DAILY", interval=1),
-        "create_time": T0 - timedelta(days=1),
-        "update_time": T0 - timedelta(hours=1),
-        "end_time": None,
-        "running": True,
-        "until": T0 + timedelta(minutes=15),
-        "next_run": T0 + timedelta(days=1),
-    }
-    fields.update(changes)
-    return wire.Dispatch(**fields)
-
-
 # --- payload round trips ------------------------------------------------------
 
 
@@ -213,29 +188,30 @@ def test_every_target_kind_round_trips(target: ct.TargetComponents) -> None:
     assert type(back.target) is type(target)
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [
-        rec.RecurrenceRule(frequency=rec.Frequency.MINUTELY, interval=5),
-        rec.RecurrenceRule(
-            frequency=rec.Frequency.MONTHLY,
-            interval=2,
-            end_criteria=rec.EndCriteria(count=10),
-            bymonthdays=[-1, 15],
-            bymonths=[2, 12],
-        ),
-        rec.RecurrenceRule(
-            frequency=rec.Frequency.WEEKLY,
-            interval=1,
-            end_criteria=rec.EndCriteria(until=T0 + timedelta(days=30)),
-            byweekdays=[rec.Weekday.MONDAY, rec.Weekday.SUNDAY],
-            byhours=[0, 23],
-            byminutes=[0, 30],
-        ),
-        rec.RecurrenceRule(frequency=rec.Frequency.YEARLY, interval=1),
-    ],
-    ids=["minutely", "monthly-count-bymonthdays", "weekly-until-by-lists", "yearly"],
-)
+SAMPLE_RULES = {
+    "minutely": rec.RecurrenceRule(frequency=rec.Frequency.MINUTELY, interval=5),
+    "monthly-count-bymonthdays": rec.RecurrenceRule(
+        frequency=rec.Frequency.MONTHLY,
+        interval=2,
+        end_criteria=rec.EndCriteria(count=10),
+        bymonthdays=[-1, 15],
+        bymonths=[2, 12],
+    ),
+    "weekly-until-every-list": rec.RecurrenceRule(
+        frequency=rec.Frequency.WEEKLY,
+        interval=1,
+        end_criteria=rec.EndCriteria(until=T0 + timedelta(days=30, microseconds=123457)),
+        byweekdays=list(rec.Weekday),
+        byhours=[0, 23],
+        byminutes=[0, 30],
+    ),
+    "daily": rec.RecurrenceRule(frequency=rec.Frequency.DAILY, interval=1, end_criteria=None),
+    "yearly": rec.RecurrenceRule(frequency=rec.Frequency.YEARLY, interval=1),
+}
+"""Recurrence rules that together use every field of the client library's rule."""
+
+
+@pytest.mark.parametrize("rule", SAMPLE_RULES.values(), ids=SAMPLE_RULES.keys())
 def test_every_recurrence_field_round_trips(rule: rec.RecurrenceRule) -> None:
     dispatch = ct.Dispatch(**{**wire.to_client(contract_example()).__dict__, "recurrence": rule})
     back = wire.to_client(wire.decode_dispatch(wire.encode(wire.from_client(dispatch))))
@@ -281,27 +257,8 @@ def test_from_protobuf_equals_the_client_library_path(dispatch: ct.Dispatch) -> 
 )
 @pytest.mark.parametrize(
     "rule",
-    [
-        rec.RecurrenceRule(),
-        rec.RecurrenceRule(frequency=rec.Frequency.MINUTELY, interval=5),
-        rec.RecurrenceRule(
-            frequency=rec.Frequency.MONTHLY,
-            interval=2,
-            end_criteria=rec.EndCriteria(count=10),
-            bymonthdays=[-1, 15],
-            bymonths=[2, 12],
-        ),
-        rec.RecurrenceRule(
-            frequency=rec.Frequency.WEEKLY,
-            interval=1,
-            end_criteria=rec.EndCriteria(until=T0 + timedelta(days=30, microseconds=123457)),
-            byweekdays=list(rec.Weekday),
-            byhours=[0, 23],
-            byminutes=[0, 30],
-        ),
-        rec.RecurrenceRule(frequency=rec.Frequency.DAILY, interval=1, end_criteria=None),
-    ],
-    ids=["none", "minutely", "monthly-count", "weekly-until-every-list", "daily"],
+    [rec.RecurrenceRule(), *SAMPLE_RULES.values()],
+    ids=["none", *SAMPLE_RULES.keys()],
 )
 def test_from_protobuf_every_target_kind_and_recurrence_field(
     target: ct.TargetComponents, rule: rec.RecurrenceRule
