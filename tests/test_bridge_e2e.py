@@ -22,7 +22,8 @@ from actor_sdk import wire
 from bridge import schedule
 from bridge.service import strip_state
 from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory, MqttTap, Received, TapFactory, retained_snapshot
+from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from tests.fixtures.bridge_flow import running_ids, synced_bridge, wait_flips
 from tests.fixtures.broker import Broker
 
 pytestmark = pytest.mark.slow
@@ -38,39 +39,6 @@ async def dispatch_cli(server: ApiServerHandle, *args: str) -> str:
     code, output = await run_dispatch_cli(server, *args)
     assert code == 0, output
     return output
-
-
-def running_ids(payload: bytes) -> list[int] | None:
-    """The ids of a running snapshot payload (None for a cleared topic)."""
-    if not payload:
-        return None
-    return [d.id for d in wire.decode_running(payload).running]
-
-
-def flips(messages: list[Received], topic: str, dispatch_id: int) -> list[tuple[float, bool]]:
-    """When `dispatch_id` appeared in / vanished from the running snapshots of `topic`."""
-    result: list[tuple[float, bool]] = []
-    state = False
-    for message in messages:
-        if message.topic != topic or not message.payload:
-            continue
-        now_running = dispatch_id in (running_ids(message.payload) or [])
-        if now_running != state:
-            result.append((message.at, now_running))
-            state = now_running
-    return result
-
-
-async def wait_flips(
-    tap: MqttTap, topic: str, dispatch_id: int, count: int, within: float
-) -> list[tuple[float, bool]]:
-    """Wait (without blocking the loop) until `count` flips of a dispatch were seen."""
-    return await asyncio.to_thread(
-        tap.wait_for,
-        lambda messages: f if len(f := flips(messages, topic, dispatch_id)) >= count else None,
-        within,
-        f"{count} start/stop flips of dispatch {dispatch_id}",
-    )
 
 
 def assert_on_time(
@@ -186,10 +154,9 @@ async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
     bridge_factory: BridgeFactory,
     mqtt_tap_factory: TapFactory,
 ) -> None:
-    tap = mqtt_tap_factory(mqtt_broker, f"microgrid/{MICROGRID}/dispatch/#")
-    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,))
-    bridge.wait_synced()
-    layout = bridge.layout()
+    tap, bridge, layout = synced_bridge(
+        api_server, mqtt_broker, bridge_factory, mqtt_tap_factory, MICROGRID
+    )
     mg = MicrogridId(MICROGRID)
     lateness: list[float] = []
 

@@ -21,6 +21,7 @@ from actor_sdk import wire
 from bridge.service import strip_state
 from tests.fixtures.api_server import ApiServerHandle
 from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from tests.fixtures.bridge_flow import running_ids, synced_bridge, wait_flips
 from tests.fixtures.broker import Broker
 from tests.fixtures.cache import cache_path, cached_dispatches
 from tests.fixtures.processes import wait_until
@@ -36,36 +37,15 @@ def status_of(tap: MqttTap, layout: wire.TopicLayout) -> wire.BridgeStatus | Non
     return wire.decode_status(payload) if payload else None
 
 
-def running_ids(payload: bytes | None) -> list[int] | None:
-    if not payload:
-        return None
-    return [d.id for d in wire.decode_running(payload).running]
-
-
-def flips(tap: MqttTap, topic: str, dispatch_id: int) -> list[tuple[float, bool]]:
-    """When a dispatch appeared in / vanished from the running snapshots of `topic`."""
-    result: list[tuple[float, bool]] = []
-    state = False
-    for message in tap.on(topic):
-        if not message.payload:
-            continue
-        now_running = dispatch_id in (running_ids(message.payload) or [])
-        if now_running != state:
-            result.append((message.at, now_running))
-            state = now_running
-    return result
-
-
 async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_reconciles(
     api_server: ApiServerHandle,
     mqtt_broker: Broker,
     bridge_factory: BridgeFactory,
     mqtt_tap_factory: TapFactory,
 ) -> None:
-    tap = mqtt_tap_factory(mqtt_broker, f"microgrid/{MICROGRID}/dispatch/#")
-    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,))
-    bridge.wait_synced()
-    layout = bridge.layout()
+    tap, bridge, layout = synced_bridge(
+        api_server, mqtt_broker, bridge_factory, mqtt_tap_factory, MICROGRID
+    )
     mg = MicrogridId(MICROGRID)
     async with api_server.client() as client:
         soon = await client.create(
@@ -113,14 +93,7 @@ async def test_bridge_restarted_while_the_api_is_down_runs_from_its_cache_then_r
     assert "loaded 2 dispatches from the cache" in bridge.output()
 
     # From the cache alone, the dispatch starts and stops on time.
-    topic = layout.running("CACHED")
-
-    observed = await asyncio.to_thread(
-        tap.wait_for,
-        lambda _: f if len(f := flips(tap, topic, soon_id)) >= 2 else None,
-        20,
-        "the cached dispatch to run",
-    )
+    observed = await wait_flips(tap, layout.running("CACHED"), soon_id, 2, 20)
     start = soon.start_time.timestamp()
     assert 0 <= observed[0][0] - start <= ON_TIME_S
     assert 0 <= observed[1][0] - (start + 2) <= ON_TIME_S
