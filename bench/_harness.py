@@ -52,7 +52,7 @@ MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
 _REPLACED = re.compile(
     r"^\s*(listener|port|bind_address|persistence_location|persistence_file|password_file"
     r"|acl_file|log_dest|pid_file|user|certfile|keyfile|cafile|capath|tls_version"
-    r"|require_certificate)\b"
+    r"|require_certificate|protocol|http_dir)\b"
 )
 
 
@@ -665,6 +665,28 @@ class Table:
         if ours is not None and reference and not math.isnan(ours) and not math.isnan(reference):
             ratio = f"{ours / reference:.2f}"
         self.rows.append((figure, fmt(ours, unit), fmt(reference, unit), ratio, budget))
+
+    def add_spread(
+        self,
+        figure: str,
+        ours: Sequence[float],
+        reference: Sequence[float],
+        unit: str,
+        budgets: dict[int, str] | None = None,
+    ) -> None:
+        """Add rows p50, p90, p99 and max of two samples, with a budget per percentile.
+
+        Args:
+            figure: What was measured; each row appends its percentile.
+            ours: Our samples.
+            reference: The reference's samples, from the same run.
+            unit: The unit, as for `add`.
+            budgets: The budget text of some percentiles, e.g. `{99: "≤ 1 ms"}`.
+        """
+        for q in (50, 90, 99):
+            budget = (budgets or {}).get(q, "")
+            self.add(f"{figure}, p{q}", percentile(ours, q), percentile(reference, q), unit, budget)
+        self.add(f"{figure}, max", max(ours), max(reference), unit)
 
     def note(self, text: str) -> None:
         """A line printed below the table."""

@@ -231,14 +231,7 @@ def _table(run: Run) -> Table:
                 recorder.times[(kind, p.dispatch_id)][0] - (p.start if kind == "start" else p.stop)
                 for p in planned[side]
             ]
-        for q in (50, 90, 99):
-            table.add(
-                f"actor {label}() late, p{q}",
-                percentile(late["o"], q),
-                percentile(late["r"], q),
-                "ms",
-            )
-        table.add(f"actor {label}() late, max", max(late["o"]), max(late["r"]), "ms")
+        table.add_spread(f"actor {label}() late", late["o"], late["r"], "ms")
     p99 = percentile(received, 99)
     table.note(
         f"budget: a scheduled start/stop published late by ≤ 1 ms at p99 — "
