@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from actor_sdk import wire
 from bridge.demo import adapt_mosquitto_config, find_mosquitto
+from bridge.web import SITE
 from tests.fixtures.api_server import dispatch_bridge_command
 from tests.fixtures.broker import Broker
+from tests.fixtures.browser import start_chromium
 from tests.fixtures.processes import ManagedProcess, ProcessFactory, port_accepts, wait_until
 
 SAMPLE_TYPES = {"CHARGE_BATTERY", "HEARTBEAT", "LIMIT_PV", "PEAK_SHAVING"}
@@ -122,6 +125,8 @@ def test_demo_runs_everything_and_cleans_up(
     assert [d.id for d in peak.running] == [4]
 
     check_watch_once(output, charge, peak)
+    if broker == "mosquitto":
+        check_web_page(output, tmp_path)
     check_dispatch_cli(output, sub)
     check_actor_snippet(output, process_factory, tmp_path)
 
@@ -158,6 +163,25 @@ def check_watch_once(output: str, charge: wire.RunningSnapshot, peak: wire.Runni
     assert peak.next_change is not None and peak.next_change > now
     assert f"next change {peak.next_change:%H:%M:%S}Z" in result.stdout
     assert "bridge ONLINE" in result.stdout
+
+
+def check_web_page(output: str, tmp_path: Path) -> None:
+    """The printed page URL, opened in Chromium: the samples show without typing anything."""
+    url = printed_line(output, "http://127.0.0.1:")
+    driver = start_chromium(tmp_path / "chromium-profile")
+    try:
+        driver.get(url)
+
+        def shown() -> bool:
+            running = driver.find_elements(By.CSS_SELECTOR, "#running [data-running-id]")
+            state = driver.find_element(By.ID, "bridge-state").get_attribute("data-state")
+            ids = {element.get_attribute("data-running-id") for element in running}
+            return state == "online" and {"1", "4"} <= ids
+
+        wait_until(shown, 30, "the page to show the bridge online and samples #1 and #4 running")
+        assert not driver.find_element(By.ID, "login").is_displayed()
+    finally:
+        driver.quit()
 
 
 def check_dispatch_cli(output: str, sub: list[str]) -> None:
@@ -212,6 +236,21 @@ def test_mosquitto_config_keeps_the_shipped_settings_and_moves_files(tmp_path: P
     assert "allow_anonymous false" in lines
     assert not any(line.startswith("log_dest syslog") for line in lines)
     assert sum(line.startswith("listener") for line in lines) == 1
+    assert not any(line.startswith(("protocol", "http_dir")) for line in lines)
+
+
+def test_mosquitto_config_gets_the_field_views_websockets_listener(tmp_path: Path) -> None:
+    shipped = (Path(__file__).resolve().parents[1] / "mosquitto.conf").read_text()
+
+    text = adapt_mosquitto_config(
+        shipped, port=12345, directory=tmp_path, run_as_root=False, web_port=12346
+    )
+
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    listener = lines.index("listener 12346 127.0.0.1")
+    assert lines[listener + 1 : listener + 3] == ["protocol websockets", f"http_dir {SITE}"]
+    assert (SITE / "index.html").is_file()
+    assert sum(line.startswith("listener") for line in lines) == 2
 
 
 def test_demo_usage_errors_exit_2() -> None:
