@@ -127,7 +127,7 @@
       state.connectedAt = Date.now();
       state.statusLiveAt = 0; // a retained status replayed now proves nothing
       setConnection("connected", "connected to " + settings.url);
-      client.subscribe([state.root + "#", state.actorsRoot + "#"], { qos: 1 });
+      client.subscribe([state.root + "#", state.actorsRoot + "#"], { qos: 0 });
       scheduleRender();
     });
     client.on("message", onMessage);
@@ -329,6 +329,7 @@
     const step = hours <= 1 ? 10 * 60000 : hours <= 6 ? 3600000 : 3 * 3600000;
     for (let t = Math.ceil(now / step) * step; t < now + horizon; t += step) {
       const px = x(t);
+      if (px > width - 40) break; // no room for its label
       g.beginPath();
       g.moveTo(px, axis);
       g.lineTo(px, height);
@@ -364,10 +365,15 @@
   }
 
   function renderNextStarts(rows, now) {
+    // The next start of each dispatch (a minutely one would fill the list otherwise).
     const starts = [];
     for (const row of rows) {
+      const seen = new Set();
       for (const run of row.runs) {
-        if (run.start > now) starts.push({ type: row.type, run: run });
+        if (run.start > now && !seen.has(run.id)) {
+          seen.add(run.id);
+          starts.push({ type: row.type, run: run });
+        }
       }
     }
     starts.sort((a, b) => a.run.start - b.run.start || a.run.id - b.run.id);
@@ -450,6 +456,7 @@
   }
 
   function render() {
+    const began = performance.now();
     const now = Date.now();
     renderStatus(now);
     renderRunning(now);
@@ -457,7 +464,12 @@
     renderTypes(now);
     renderActors();
     renderEvents();
+    // For the tests (and the curious): when and how long the last redraw took.
     document.body.dataset.rendered = String(now);
+    document.body.dataset.renderMs = (performance.now() - began).toFixed(1);
+    document.body.dataset.dispatches = String(
+      [...state.types.values()].reduce((n, entry) => n + entry.dispatches.size, 0),
+    );
   }
 
   // ---- start -----------------------------------------------------------------------
