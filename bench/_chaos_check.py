@@ -187,11 +187,8 @@ class Report:
         return max((abs(v) for v in [*self.start_lateness, *self.stop_lateness]), default=0.0)
 
     def add(self, message: str) -> None:
-        """Record a violation (at most 50 are kept verbatim)."""
-        if len(self.violations) < 50:
-            self.violations.append(message)
-        else:
-            self.violations.append("...")
+        """Record a violation."""
+        self.violations.append(message)
 
 
 def actor_runs(

@@ -53,6 +53,7 @@ NOTICE_SLACK = 0.5
 """Seconds a host may take to notice a fault that closes its connection or sends a will."""
 _SYNCED = re.compile(r"\bsynced \d+ dispatches from the Dispatch API")
 _UPSTREAM_LOST = "reconnecting in"
+_FROM_CACHE = re.compile(r"loaded [1-9]\d* dispatches from the cache")
 
 
 class HoldingProxy(TcpProxy):
@@ -303,20 +304,25 @@ class System:
     async def _blind_bridge(self, kind: str, began: float, down: float) -> Fault:
         online = {h.name: self._hosts_see_online(h) for h in self.hosts}
 
-        def restart_blind() -> int:
+        def restart_blind() -> tuple[int, int]:
             self.api.kill9()
             self._bridge.kill9()
-            cache = self.workdir / "bridge-state" / f"microgrid-{MG}" / "dispatches.json"
-            if kind == "blind-bridge":
-                cache.unlink(missing_ok=True)
-            else:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_bytes(b'{"version": 1, "dispatches": [{"id": "garbage\x00')
+            # Whatever the cache's format: its files go, or become garbage. The
+            # session counter stays (losing it is another fault: a lost state dir).
+            state = self.workdir / "bridge-state" / f"microgrid-{MG}"
+            for path in state.glob("*"):
+                if path.name == "session" or not path.is_file():
+                    continue
+                if kind == "blind-bridge":
+                    path.unlink()
+                else:
+                    path.write_bytes(b'{"version": 1, "dispatches": [{"id": "garbage\x00')
             synced = self._bridge_synced()
+            log_size = len(self._bridge.output())
             self._bridge.process.start()
-            return synced
+            return synced, log_size
 
-        synced = await asyncio.to_thread(restart_blind)
+        synced, log_size = await asyncio.to_thread(restart_blind)
         await asyncio.sleep(down)
         await asyncio.to_thread(self.api.start, RECOVERY_TIMEOUT)
         healed = time.time()
@@ -332,11 +338,13 @@ class System:
             self._wait_all_live()
 
         await asyncio.to_thread(recover)
+        if _FROM_CACHE.search(self._bridge.output()[log_size:]):
+            raise RuntimeError(f"{kind}: the bridge still loaded dispatches from its cache")
         return Fault(kind, "bridge", began, healed, time.time(), NOTICE_SLACK)
 
     def _kill(
         self, victim: str, *, wipe: bool = False
-    ) -> tuple[Callable[[], None], Callable[[], None]]:
+    ) -> tuple[Callable[[], object], Callable[[], None]]:
         """Kill `victim` now; return (restart it, wait until the system is whole)."""
         if victim == "broker":
             connected = self._bridge_connected()

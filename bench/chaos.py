@@ -209,7 +209,7 @@ _STATE = {"running": False, "until": None, "next_run": None}
 
 def _definition(dispatch: wire.Dispatch) -> wire.Dispatch:
     """The dispatch without the state the bridge computes."""
-    return msgspec.structs.replace(dispatch, **_STATE)  # type: ignore[arg-type]
+    return msgspec.structs.replace(dispatch, **_STATE)
 
 
 def _parse_tree(
@@ -457,8 +457,10 @@ def _print_figures(chaos: Chaos, report: Report, violations: list[str]) -> None:
         f"stop p50 {percentile(stops, 0.5):.3f} p99 {percentile(stops, 0.99):.3f} "
         f"max {max(stops, default=math.nan):.3f}"
     )
-    for problem in violations:
+    for problem in violations[:50]:
         print(f"VIOLATION: {problem}")
+    if len(violations) > 50:
+        print(f"VIOLATION: ... and {len(violations) - 50} more")
     print(f"kills survived: {sum(stats.kills.values())} ({_table(stats.kills)})")
     print(f"partitions survived: {sum(stats.partitions.values())} ({_table(stats.partitions)})")
     print(f"violations: {len(violations)}")
