@@ -262,64 +262,6 @@ _UNKNOWN = -1
 _NO_WINDOW: tuple[int, int, int | None, int | None] = (0, 0, None, None)
 
 
-class _Fixed:
-    """A rule without `by...` lists of MINUTELY to WEEKLY: every `period` seconds from `first`.
-
-    Same interface as `_Rule`, by closed-form arithmetic.
-    """
-
-    __slots__ = ("empty", "first", "last", "period")
-
-    def __init__(self, first: int, period: int, last: int | None, empty: bool) -> None:
-        self.first = first
-        self.period = period
-        self.last = last
-        self.empty = empty
-
-    def prev(self, at: int) -> int | None:
-        """Return the last occurrence at or before `at`."""
-        if self.empty:
-            return None
-        last = self.last
-        if last is not None and at > last:
-            at = last
-        if at < self.first:
-            return None
-        return at - (at - self.first) % self.period
-
-    def next(self, at: int) -> int | None:
-        """Return the first occurrence at or after `at`."""
-        if self.empty:
-            return None
-        first = self.first
-        at = max(at, first)
-        found = at + (first - at) % self.period
-        last = self.last
-        if last is not None and found > last:
-            return None
-        return found
-
-
-def _fixed(rule: wire.Recurrence, start: datetime, unit: int) -> _Fixed | None:
-    """Compile a rule without `by...` lists of MINUTELY to WEEKLY; `None` if invalid."""
-    interval = rule.interval
-    if interval < 1:
-        return None
-    first, _ = _seconds(start)
-    period = unit * interval
-    end = rule.end
-    last: int | None = None
-    empty = False
-    if end is not None:
-        if end.until is not None:
-            last, _ = _seconds(end.until)
-        if end.count is not None:
-            by_count = first + (end.count - 1) * period
-            last = by_count if last is None else min(last, by_count)
-        empty = last is not None and last < first
-    return _Fixed(first, period, last, empty)
-
-
 class _Remembering:
     """What `_Rule` and `_Monthly` share: answers remembered between calls.
 
@@ -1032,17 +974,32 @@ def _ever_passes(rule: _Rule) -> bool:
 _FIXED_BY_NAME = {"MINUTELY": 60, "HOURLY": 3600, "DAILY": _DAY, "WEEKLY": 7 * _DAY}
 
 
-def _rule_of(dispatch: wire.Dispatch) -> _Fixed | _Monthly | _Rule | None:
-    """Compile the recurrence of a recurring dispatch; `None` if invalid."""
+def _has_lists(rule: wire.Recurrence) -> bool:
+    return bool(
+        rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
+    )
+
+
+def _plain_unit(rule: wire.Recurrence) -> int | None:
+    """The unit of a rule without `by...` lists of MINUTELY to WEEKLY, else `None`.
+
+    Such rules are answered in closed form (`_fixed_bounds`), with nothing compiled.
+    """
+    if rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths:
+        return None
+    return _FIXED_BY_NAME.get(rule.frequency)
+
+
+def _rule_of(dispatch: wire.Dispatch) -> _Monthly | _Rule | None:
+    """Compile the recurrence of a recurring dispatch that `_plain_unit` does not cover.
+
+    Returns:
+        The compiled rule; `None` if invalid.
+    """
     rule = dispatch.recurrence
     assert rule is not None
-    if not (rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths):
-        unit = _FIXED_BY_NAME.get(rule.frequency)
-        if unit is not None:
-            # About a microsecond: caching would only cost memory.
-            return _fixed(rule, dispatch.start_time, unit)
-        if rule.frequency in _MONTHS and rule.interval >= 1:
-            return _monthly_cached(rule, dispatch.start_time)
+    if rule.frequency in _MONTHS and rule.interval >= 1 and not _has_lists(rule):
+        return _monthly_cached(rule, dispatch.start_time)
     return _compile_cached(rule, dispatch.start_time)
 
 
@@ -1078,22 +1035,16 @@ def validate(dispatch: wire.Dispatch) -> None:
         raise InvalidRecurrence(f"dispatch {dispatch.id}: {problem}")
 
 
-def _chain_end(rule: _Fixed | _Monthly | _Rule, latest: int, duration: int) -> int | None:
+def _chain_end(rule: _Monthly | _Rule, latest: int, duration: int) -> int | None:
     """Return when the run starting at occurrence `latest` ends, merged runs included."""
     if isinstance(rule, _Monthly):
         return rule.walk_chain(latest, duration)
-    if isinstance(rule, _Fixed):
-        if duration < rule.period:
-            return latest + duration
-        widest: int | None = rule.period
-    else:
-        widest = rule.widest_gap()
+    widest = rule.widest_gap()
     if widest is not None and widest <= duration:
         # Every gap is covered: the runs merge up to the last one, if any.
         if rule.last is None:
             return None
         return rule.prev(rule.last) + duration  # type: ignore[operator]
-    assert isinstance(rule, _Rule)
     end = latest + duration
     for _ in range(CHAIN_LIMIT):
         # Follow the runs chained back to back within the day, then cross to
@@ -1112,7 +1063,7 @@ _AT_START = -(1 << 61)
 
 
 def _recurring_core(
-    rule: _Fixed | _Monthly | _Rule,
+    rule: _Monthly | _Rule,
     start: datetime,
     duration: int,
     now: datetime,
@@ -1125,15 +1076,10 @@ def _recurring_core(
         in whole seconds (`None`: never; `_AT_START`: at `start`).
     """
     if now >= start:
-        if isinstance(rule, _Remembering):
-            latest, after = rule.around(now_s)
-            if latest is not None and now_s < latest + duration:
-                return latest, rule.chain_end(latest, duration)
-            return None, after
-        latest = rule.prev(now_s)
+        latest, after = rule.around(now_s)
         if latest is not None and now_s < latest + duration:
-            return latest, _chain_end(rule, latest, duration)
-        return None, rule.next(now_s + 1)
+            return latest, rule.chain_end(latest, duration)
+        return None, after
     # Not started yet: the first flip is at the start itself if the first
     # occurrence (the start truncated to the second) still runs then.
     start_s, _ = _seconds(start)
@@ -1145,7 +1091,7 @@ def _recurring_core(
 
 def _recurring_state(
     dispatch: wire.Dispatch,
-    rule: _Fixed | _Monthly | _Rule | None,
+    rule: _Monthly | _Rule | None,
     now: datetime,
     now_s: int,
     now_us: int,
@@ -1154,19 +1100,39 @@ def _recurring_state(
     assert duration is not None
     if rule is None:
         return _state(False, None, None, None)
-    if isinstance(rule, _Remembering):
-        latest, after = rule.around(now_s)
-        next_found = latest if latest == now_s and not now_us else after
-    else:
-        next_found = rule.next(now_s + 1 if now_us else now_s)
+    latest, after = rule.around(now_s)
+    next_found = latest if latest == now_s and not now_us else after
     next_run = None if next_found is None else _instant(next_found)
     if not dispatch.active or duration <= 0:
         return _state(False, None, next_run, None)
-    latest, change = _recurring_core(rule, dispatch.start_time, duration, now, now_s)
+    start = dispatch.start_time
+    core = _recurring_core(rule, start, duration, now, now_s)
+    return _state_of(start, duration, next_run, next_found, core)
+
+
+def _state_of(
+    start: datetime,
+    duration: int,
+    next_run: datetime | None,
+    next_found: int | None,
+    core: tuple[int | None, int | None],
+) -> RunState:
+    """Build the `RunState` of an active dispatch from a core's answer.
+
+    Args:
+        start: The dispatch's start.
+        duration: Its duration, positive.
+        next_run: Its next start, and `next_found`, the same in whole seconds.
+        next_found: See `next_run`.
+        core: What `_recurring_core` or `_fixed_core` answered: the occurrence
+            whose run goes on (`None`: not running) and the next change in whole
+            seconds (`None`: never; `_AT_START`: at `start`).
+    """
+    latest, change = core
     if change is None:
         changes_at = None
     elif change == _AT_START:
-        changes_at = dispatch.start_time
+        changes_at = start
     else:
         changes_at = next_run if change == next_found else _instant(change)
     if latest is None:
@@ -1211,10 +1177,9 @@ def run_state(dispatch: wire.Dispatch, now: datetime) -> RunState:
     now_s, now_us = _seconds(now)
     rule = dispatch.recurrence
     assert rule is not None
-    if not (rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths):
-        unit = _FIXED_BY_NAME.get(rule.frequency)
-        if unit is not None:
-            return _fixed_state(dispatch, rule, unit, now=now, now_s=now_s, now_us=now_us)
+    unit = _plain_unit(rule)
+    if unit is not None:
+        return _fixed_state(dispatch, rule, unit, now=now, now_s=now_s, now_us=now_us)
     return _recurring_state(dispatch, _rule_of(dispatch), now, now_s, now_us)
 
 
@@ -1242,22 +1207,8 @@ def _fixed_state(
     assert duration is not None
     if not dispatch.active or duration <= 0:
         return _state(False, None, next_run, None)
-    if now < start:
-        # The first occurrence is the start truncated to the second: it runs then.
-        return _state(False, None, next_run, start)
-    at = now_s if last is None or now_s <= last else last
-    latest = at - (at - first) % period
-    if now_s < latest + duration:
-        until = _instant(latest + duration)
-        if duration < period:
-            return _state(True, until, next_run, until)
-        if last is None:
-            return _state(True, until, next_run, None)
-        return _state(True, until, next_run, _instant(last - (last - first) % period + duration))
-    found = now_s + 1 + (first - now_s - 1) % period
-    if last is not None and found > last:
-        return _state(False, None, next_run, None)
-    return _state(False, None, next_run, next_run if found == next_found else _instant(found))
+    core = _fixed_core(bounds, duration, now < start, now_s)
+    return _state_of(start, duration, next_run, next_found, core)
 
 
 def _fixed_bounds(
@@ -1291,34 +1242,37 @@ def _fixed_bounds(
     return first, period, last
 
 
-def _fixed_change(
-    rule: wire.Recurrence, unit: int, start: datetime, duration: int, *, now: datetime, now_s: int
-) -> tuple[bool, int | None]:
-    """`running_at`'s allocation-free path for active rules without lists, MINUTELY..WEEKLY.
+def _fixed_core(
+    bounds: tuple[int, int, int | None], duration: int, before_start: bool, now_s: int
+) -> tuple[int | None, int | None]:
+    """`_recurring_core` for a rule without lists, MINUTELY..WEEKLY, in closed form.
+
+    Args:
+        bounds: The rule's `_fixed_bounds`.
+        duration: The dispatch's duration, positive.
+        before_start: Whether `now` is before the dispatch's start.
+        now_s: `now` in whole seconds.
 
     Returns:
-        Whether it runs, and its next change in whole seconds (`None`: never;
-        `_AT_START`: at `start`).
+        The latest occurrence when running (else `None`), and the next change
+        in whole seconds (`None`: never; `_AT_START`: at the start).
     """
-    bounds = _fixed_bounds(rule, unit, start)
-    if bounds is None:
-        return False, None
-    first, period, last = bounds
-    if now < start:
+    if before_start:
         # The first occurrence is the start truncated to the second: it runs then.
-        return False, _AT_START
+        return None, _AT_START
+    first, period, last = bounds
     at = now_s if last is None or now_s <= last else last
     latest = at - (at - first) % period
     if now_s < latest + duration:
         if duration < period:
-            return True, latest + duration
+            return latest, latest + duration
         if last is None:
-            return True, None
-        return True, last - (last - first) % period + duration
+            return latest, None
+        return latest, last - (last - first) % period + duration
     found = now_s + 1 + (first - now_s - 1) % period
     if last is not None and found > last:
-        return False, None
-    return False, found
+        return None, None
+    return None, found
 
 
 def running_at(
@@ -1364,26 +1318,17 @@ def running_at(
             continue
         if duration <= 0:
             continue
-        if not (
-            rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
-        ):
-            unit = _FIXED_BY_NAME.get(rule.frequency)
-            if unit is not None:
-                runs, found = _fixed_change(rule, unit, start, duration, now=now, now_s=now_s)
-                if runs:
-                    running.append(dispatch)
-                if found is None:
-                    continue
-                if found == _AT_START:
-                    if change is None or start < change:
-                        change = start
-                elif change_s is None or found < change_s:
-                    change_s = found
+        unit = _plain_unit(rule)
+        if unit is not None:
+            bounds = _fixed_bounds(rule, unit, start)
+            if bounds is None:
                 continue
-        compiled = _rule_of(dispatch)
-        if compiled is None:
-            continue
-        latest, found = _recurring_core(compiled, start, duration, now, now_s)
+            latest, found = _fixed_core(bounds, duration, now < start, now_s)
+        else:
+            compiled = _rule_of(dispatch)
+            if compiled is None:
+                continue
+            latest, found = _recurring_core(compiled, start, duration, now, now_s)
         if latest is not None:
             running.append(dispatch)
         if found is None:
@@ -1422,6 +1367,15 @@ def end_time(dispatch: wire.Dispatch) -> datetime | None:
         return None
     if _is_one_off(dispatch):
         return dispatch.start_time + timedelta(seconds=duration)
+    recurrence = dispatch.recurrence
+    assert recurrence is not None
+    unit = _plain_unit(recurrence)
+    if unit is not None:
+        bounds = _fixed_bounds(recurrence, unit, dispatch.start_time)
+        if bounds is None:
+            return None
+        first, period, bound = bounds
+        return None if bound is None else _instant(bound - (bound - first) % period + duration)
     rule = _rule_of(dispatch)
     if rule is None or rule.empty or rule.last is None:
         return None
