@@ -27,7 +27,9 @@ Checks (tolerance `tol` seconds, fail-safe grace `grace` seconds):
    it runs; starts and stops in undisturbed time are within `tol` of the instant;
 3. no duplicate actors: per host and actor identity, never two at once;
 4. nothing starts that cannot be confirmed: no actor starts while its host must
-   know that its view is not live (from `dark_after` of a fault until it is undone);
+   know that its view is not live (from `dark_after` of a fault until it is undone),
+   and no actor of one dispatch starts later than `grace` after the `until` it is
+   given;
 5. at the end, the actors running are the ones that run by the truth.
 """
 
@@ -365,12 +367,18 @@ def _check_outside(context: _Context, run: ActorRun, blind: list[Interval], repo
 def _check_dark_start(
     context: _Context, run: ActorRun, dark: list[Interval], report: Report
 ) -> None:
-    """4. No start while the host must know that its view is not live."""
+    """4. No start while the host must know its view is not live, or past the run's end."""
     if contains(dark, run.start) and not contains(context.key_uncertain(run.key), run.start):
         report.dark_starts += 1
         report.add(
             f"{run.name} ({run.key!r}) started at {run.start - context.begin:.2f} s while its "
             f"host could not have a live view (a fault it must have noticed by then)"
+        )
+    until = run.until_at(run.start)
+    if isinstance(run.key, int) and until is not None and run.start > until + context.grace:
+        report.add(
+            f"{run.name} ({run.key!r}) started at {run.start - context.begin:.2f} s, "
+            f"{run.start - until:.3f} s after the until it was given"
         )
 
 

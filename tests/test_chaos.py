@@ -154,6 +154,14 @@ def test_a_start_while_the_host_must_know_it_is_blind_is_a_violation() -> None:
     assert verdict(truth, [run(15.2, 20.1)], broker_down) == []
 
 
+def test_a_start_after_the_until_it_was_given_is_a_violation() -> None:
+    # Started 0.8 s after its run had ended, stopped 8 ms later: too short for the
+    # window check, still a start of something that no longer runs.
+    runs = [run(10.1, 20.1, until=20), run(20.8, 20.808, until=20, name="a2")]
+    problems = verdict(truth_with(one_off(1, 10, 10)), runs)
+    assert problems == ["a2 (1) started at 20.80 s, 0.800 s after the until it was given"]
+
+
 def test_the_actors_at_the_end_must_be_the_ones_that_run() -> None:
     left_running = verdict(truth_with(one_off(1, 10, 10)), [run(10.1, 60)])
     assert any("runs at the end" in p for p in left_running)
