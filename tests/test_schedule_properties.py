@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from actor_sdk import wire
 from bridge import schedule
+from bridge.schedule.compiler import _problem
 from tests.schedule_cases import (
     OracleTooSlow,
     client,
@@ -102,7 +103,7 @@ def recurrences(draw: st.DrawFn, start: datetime) -> wire.Recurrence | None:
             offset = draw(st.integers(-PERIOD[frequency], 60 * PERIOD[frequency] * interval))
             end = wire.EndCriteria(until=start + timedelta(seconds=offset))
     recurrence = wire.Recurrence(frequency=frequency, interval=interval, end=end, **fields)
-    if schedule._problem(recurrence, start) is not None:
+    if _problem(recurrence, start) is not None:
         reject()  # invalid rules have their own table tests
     return recurrence
 
