@@ -3,6 +3,7 @@
 pytest_plugins: list[str] = [
     "tests.fixtures.processes",
     "tests.fixtures.broker",
+    "tests.fixtures.nats",
     "tests.fixtures.api_server",
     "tests.fixtures.bridge",
     "tests.fixtures.sdk",
