@@ -10,6 +10,8 @@ Nothing else of the unit is changed.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -17,12 +19,16 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bridge.cli import build_parser
 from bridge.config import SettingsSource
+from tests.fixtures.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -209,8 +215,9 @@ def install_steps(text: str) -> list[tuple[str, ...]]:
     """The venv and pip commands of a shell text, normalised.
 
     `python3 -m venv DIR` becomes `("venv",)`; `.../pip install [options] SPEC`
-    becomes `("pip", package, *sorted extras)`, with `-e`, `--quiet` and
-    `--no-cache-dir` ignored (editable or not, quiet or not, the same package).
+    becomes `("pip", package, *sorted extras)`, and `pip install -r FILE`
+    `("pip", "-r", FILE)`, with other options ignored (editable or not, quiet or
+    not, hashes required or not: the same packages).
     """
     steps: list[tuple[str, ...]] = []
     joined = re.sub(r"\\\n", " ", text)
@@ -220,6 +227,9 @@ def install_steps(text: str) -> list[tuple[str, ...]]:
         if words[:3] in (["python3", "-m", "venv"], ["python", "-m", "venv"]):
             steps.append(("venv",))
         elif len(words) >= 2 and words[0].endswith("pip") and words[1] == "install":
+            if "-r" in words:
+                steps.append(("pip", "-r", words[words.index("-r") + 1]))
+                continue
             specs = [w for w in words[2:] if not w.startswith("-")]
             for spec in specs:
                 match = re.fullmatch(r"([^\[\]]+)(?:\[([^\]]*)\])?", spec)
@@ -233,10 +243,19 @@ def shell_blocks(markdown: str) -> str:
     return "\n".join(re.findall(r"```(?:sh|bash|console|shell)\n(.*?)```", markdown, re.S))
 
 
-def dockerfile_steps() -> list[tuple[str, ...]]:
+def dockerfile_runs() -> list[str]:
+    """The RUN lines of the Dockerfile, continuation lines joined."""
     text = (DEPLOY / "Dockerfile").read_text()
-    runs = re.findall(r"^RUN (.*?)(?<!\\)$", text, re.M | re.S)
-    return [step for run in runs for step in install_steps(run)]
+    return [
+        re.sub(r"\\\n\s*", "", run) for run in re.findall(r"^RUN (.*?)(?<!\\)$", text, re.M | re.S)
+    ]
+
+
+def dockerfile_steps() -> list[tuple[str, ...]]:
+    return [step for run in dockerfile_runs() for step in install_steps(run)]
+
+
+LOCKED_INSTALL = [("venv",), ("pip", "-r", "deploy/requirements.lock"), ("pip", ".")]
 
 
 def test_dockerfile_is_small_and_not_root() -> None:
@@ -245,13 +264,32 @@ def test_dockerfile_is_small_and_not_root() -> None:
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert dockerfile_steps() == [("venv",), ("pip", ".")]
+    assert dockerfile_steps() == LOCKED_INSTALL
+
+
+def test_dockerfile_installs_only_from_the_lock_with_hashes() -> None:
+    runs = " ".join(dockerfile_runs())
+
+    assert re.search(r"pip install [^&]*--require-hashes -r deploy/requirements\.lock", runs)
+    # The package alone: nothing resolved or fetched beside the lock.
+    assert re.search(r"pip install [^&]*--no-deps --no-build-isolation \.(\s|$)", runs)
+
+
+def test_image_and_compose_check_health_with_the_health_command() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    services = compose_file()["services"]
+
+    assert re.search(r'^\s+CMD \["dispatch-bridge", "health"\]$', text, re.M)
+    assert services["bridge"]["healthcheck"]["test"][:3] == ["CMD", "dispatch-bridge", "health"]
+    config = services["bridge"]["command"][services["bridge"]["command"].index("--config") + 1]
+    assert services["bridge"]["healthcheck"]["test"][3:] == ["--config", config]
+    assert services["api"]["healthcheck"] == {"disable": True}
 
 
 def test_dockerfile_installs_like_the_deploy_readme() -> None:
     readme = install_steps(shell_blocks((DEPLOY / "README.md").read_text()))
 
-    assert readme[:2] == dockerfile_steps()
+    assert readme[:3] == dockerfile_steps()
 
 
 def test_dockerfile_installs_like_the_readme() -> None:
@@ -260,7 +298,7 @@ def test_dockerfile_installs_like_the_readme() -> None:
     assert steps, "README.md has no install line (python3 -m venv .venv && .venv/bin/pip install .)"
     image = [step for step in dockerfile_steps() if step[0] == "pip"]
 
-    assert image[0] in steps, f"image installs {image}, README {steps}"
+    assert image[-1] in steps, f"image installs {image}, README {steps}"
     assert ("venv",) in install_steps(shell_blocks(readme))
 
 
@@ -272,6 +310,174 @@ def test_dockerignore_sends_only_what_the_image_copies() -> None:
     assert ignore[0] == "*" or "*" in ignore
     assert {f"!{src}".rstrip("/") for src in sources} <= {i.rstrip("/") for i in ignore}
     assert all((REPO / src).exists() for src in sources)
+
+
+# --- The lock file and the image's install, run outside a container ---------------------
+
+PYPROJECT = REPO / "pyproject.toml"
+LOCK = DEPLOY / "requirements.lock"
+IMAGE_PREFIX = "/opt/dispatch-bridge"
+
+
+def lock_tool() -> ModuleType:
+    """deploy/lock.py, loaded by path (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def locked_pins() -> dict[str, tuple[str, int]]:
+    """Each requirement of the lock: canonical name -> (pinned version, number of hashes)."""
+    pins: dict[str, tuple[str, int]] = {}
+    text = re.sub(r"\\\n\s*", " ", LOCK.read_text())
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.fullmatch(
+            r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)\s*", line
+        )
+        assert match, f"not a pinned, hashed requirement: {line!r}"
+        pins[canonicalize_name(match[1])] = (match[2], match[3].count("--hash="))
+    return pins
+
+
+def test_the_lock_is_current_with_pyproject() -> None:
+    """Offline: the hash of pyproject's dependency lists equals the one the lock records."""
+    tool = lock_tool()
+
+    assert tool.recorded_hash(LOCK) == tool.dependency_hash(PYPROJECT), (
+        "pyproject.toml's dependencies changed since deploy/requirements.lock was generated; "
+        "regenerate it: .venv/bin/python deploy/lock.py"
+    )
+
+
+def test_the_lock_hash_ignores_comments_and_order_but_not_a_dependency(tmp_path: Path) -> None:
+    tool = lock_tool()
+    original = PYPROJECT.read_text()
+    reordered = tmp_path / "reordered.toml"
+    reordered.write_text(
+        original.replace("dependencies = [\n", "dependencies = [\n    # a comment\n", 1)
+    )
+    document = tomllib.loads(original)
+    first = document["project"]["dependencies"][0]
+    added = tmp_path / "added.toml"
+    added.write_text(original.replace(f'"{first}",', f'"{first}",\n    "six>=1",', 1))
+
+    assert tool.dependency_hash(reordered) == tool.dependency_hash(PYPROJECT)
+    assert tool.dependency_hash(added) != tool.dependency_hash(PYPROJECT)
+
+
+def test_the_lock_pins_every_dependency_and_the_build_backend_with_hashes() -> None:
+    pins = locked_pins()
+    document = tomllib.loads(PYPROJECT.read_text())
+    wanted = [
+        Requirement(spec)
+        for spec in [*document["project"]["dependencies"], *document["build-system"]["requires"]]
+    ]
+
+    assert all(hashes >= 1 for _, hashes in pins.values()), pins
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in the lock"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), (
+            f"the lock pins {name}=={pins[name][0]}, pyproject wants {requirement}"
+        )
+
+
+def build_stage(text: str) -> str:
+    """The Dockerfile's first stage (where the venv is made), continuation lines joined."""
+    stages = re.split(r"^FROM ", re.sub(r"\\\n\s*", "", text), flags=re.M)
+    return stages[1]
+
+
+def copy_like_docker(stage: str, context: Path) -> None:
+    """Do the stage's COPY lines from the repository into `context` (its WORKDIR)."""
+    for line in re.findall(r"^COPY (?!--)(.*)$", stage, re.M):
+        *sources, target = line.split()
+        for source in sources:
+            origin = REPO / source
+            destination = context / target
+            if origin.is_dir():
+                shutil.copytree(
+                    origin, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                )
+            elif target.endswith("/"):
+                destination.mkdir(parents=True, exist_ok=True)
+                shutil.copy(origin, destination / origin.name)
+            else:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(origin, destination)
+
+
+@pytest.mark.slow
+def test_the_image_install_lines_work_outside_a_container(tmp_path: Path) -> None:
+    """The build stage's COPY and RUN lines, verbatim but for two substitutions.
+
+    The virtual environment goes to tmp_path instead of /opt, and `--no-cache-dir`
+    is dropped (pip's cache only saves downloads on a second run; the hashes are
+    checked either way). Needs the package index, as `docker build` does.
+    """
+    stage = build_stage((DEPLOY / "Dockerfile").read_text())
+    context = tmp_path / "src"
+    context.mkdir()
+    copy_like_docker(stage, context)
+    prefix = tmp_path / "opt" / "dispatch-bridge"
+    python = Path(sys.base_prefix) / "bin" / "python3"
+    runs = re.findall(r"^RUN (.*)$", stage, re.M)
+    assert len(runs) == 2, runs
+
+    for run in runs:
+        command = run.replace(IMAGE_PREFIX, str(prefix)).replace(" --no-cache-dir", "")
+        command = re.sub(r"^python3 ", f"{python} ", command)
+        result = subprocess.run(
+            ["sh", "-ec", command],
+            cwd=context,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+
+    check = subprocess.run(
+        [prefix / "bin" / "pip", "check"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    installed = subprocess.run(
+        [prefix / "bin" / "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    versions: dict[str, str] = {
+        canonicalize_name(each["name"]): each["version"] for each in json.loads(installed)
+    }
+    # Everything in the lock is what got installed, and nothing else but the package and pip.
+    assert {name: version for name, (version, _) in locked_pins().items()} == {
+        name: versions[name] for name in locked_pins()
+    }
+    assert set(versions) - set(locked_pins()) <= {"dispatch-bridge", "pip"}
+
+    # The image's HEALTHCHECK command, with the image's environment and no broker
+    # there: one line saying why, exit 1.
+    health = re.search(r"^\s+CMD \[(.*)\]$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert health
+    words = [word.strip().strip('"') for word in health[1].split(",")]
+    environment = {
+        "PATH": f"{prefix / 'bin'}:/usr/bin:/bin",
+        "MQTT_URL": f"mqtt://127.0.0.1:{free_port()}",
+        "MICROGRID_ID": "1",
+        "DISPATCH_BRIDGE_STATE_DIR": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        words, env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("broker unreachable: "), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- compose ------------------------------------------------------------------------
