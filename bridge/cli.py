@@ -24,6 +24,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bridge.demo", "start API server, broker, bridge and sample dispatches"),
     "watch": ("bridge.watch", "live view of the dispatch topics for field engineers"),
     "health": ("bridge.health", "exit 0 if the bridge is online and vouching, 1 otherwise"),
+    "audit": ("bridge.audit_command", "read the bridge's audit journal, one line per entry"),
 }
 
 

@@ -84,6 +84,10 @@ class Outbox:
     """How many lifecycle events of each kind were decided."""
     rejected: list[tuple[int, str]] = field(default_factory=list)
     """Dispatches that cannot be published (id, why), e.g. an empty type."""
+    changes: list[tuple[EventKind, wire.Dispatch, wire.Dispatch | None]] = field(
+        default_factory=list
+    )
+    """Each lifecycle event with the version held before (for the audit journal)."""
 
     def __bool__(self) -> bool:
         return bool(
@@ -223,14 +227,14 @@ class ScheduleCore:
         for dispatch_id in [i for i in self._dispatches if i not in incoming and i not in keep]:
             old = self._remove(dispatch_id, out)
             if events:
-                self._event(out, "deleted", _stopped(old), now)
+                self._event(out, "deleted", _stopped(old), now, old)
         for dispatch in incoming.values():
             held = self._dispatches.get(dispatch.id)
             if held is not None and _same(held, dispatch):
                 continue
             put = self._put(dispatch, now, out)
             if events:
-                self._event(out, "created" if held is None else "updated", put, now)
+                self._event(out, "created" if held is None else "updated", put, now, held)
         self._flush_types(now, out)
         return out
 
@@ -258,7 +262,7 @@ class ScheduleCore:
             if held is None:
                 return out
             self._remove(dispatch.id, out)
-            self._event(out, "deleted", _stopped(dispatch), now)
+            self._event(out, "deleted", _stopped(dispatch), now, held)
         else:
             if not self._acceptable(dispatch, out):
                 return out
@@ -267,7 +271,7 @@ class ScheduleCore:
             if held is not None and _same(held, dispatch):
                 return out
             put = self._put(dispatch, now, out)
-            self._event(out, "created" if held is None else "updated", put, now)
+            self._event(out, "created" if held is None else "updated", put, now, held)
         self._flush_types(now, out)
         return out
 
@@ -421,9 +425,17 @@ class ScheduleCore:
             )
         self._dirty_types.clear()
 
-    def _event(self, out: Outbox, kind: EventKind, dispatch: wire.Dispatch, now: datetime) -> None:
+    def _event(
+        self,
+        out: Outbox,
+        kind: EventKind,
+        dispatch: wire.Dispatch,
+        now: datetime,
+        before: wire.Dispatch | None,
+    ) -> None:
         payload = wire.encode(wire.DispatchEvent(event=kind, dispatch=dispatch, as_of=now))
         out.events.append((f"{self._level(dispatch.type)}/events", payload))
+        out.changes.append((kind, dispatch, before))
         out.counts[kind] = out.counts.get(kind, 0) + 1
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actor_sdk import wire
-from bridge import __version__, metrics
+from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.notify import SystemdNotifier, Watchdog
@@ -82,6 +82,7 @@ class BridgeSettings:
     status_interval: int = DEFAULT_STATUS_INTERVAL
     max_knowledge_age: float = DEFAULT_MAX_KNOWLEDGE_AGE
     metrics: metrics.MetricsSettings | None = None
+    journal: journal.JournalSettings | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "disconnected (env DISPATCH_BRIDGE_MAX_KNOWLEDGE_AGE; default 86400 = 24 h)",
     )
     metrics.add_arguments(parser)
+    journal.add_arguments(parser)
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file; settings in its [bridge] table"
     )
@@ -370,6 +372,7 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
     )
     return BridgeSettings(
         metrics=metrics.load_settings(source),
+        journal=journal.load_settings(source),
         status_interval=status_interval,
         max_knowledge_age=max_knowledge_age,
         upcoming_hours=upcoming_hours,
@@ -502,6 +505,7 @@ async def _run(settings: BridgeSettings) -> int:
         settings.state_dir,
     )
     pipelines = [_Pipeline(settings, microgrid_id) for microgrid_id in settings.microgrid_ids]
+    journal_writer = journal.start(settings.state_dir, settings.journal, pipelines)
     exporter = None
     if settings.metrics is not None:
         exporter = await metrics.start(
@@ -550,6 +554,8 @@ async def _run(settings: BridgeSettings) -> int:
         ready.cancel()
         if exporter is not None:
             exporter.close()
+        if journal_writer is not None:
+            journal_writer.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)

@@ -125,6 +125,12 @@ class MicrogridService:
     on_types_changed: Callable[[list[str]], None] | None = None
     """Told the types whose dispatches changed (`bridge.upcoming` recomputes them)."""
 
+    on_upstream: Callable[[UpstreamItem, datetime], None] | None = None
+    """Told each upstream item as it is applied, and the step's instant (`bridge.journal`)."""
+
+    on_outbox: Callable[[Outbox], None] | None = None
+    """Told each outbox with lifecycle changes or transitions, once handed on (`bridge.journal`)."""
+
     def __init__(
         self,
         core: ScheduleCore,
@@ -228,6 +234,8 @@ class MicrogridService:
         self.steps += 1
         while self._inbox:
             item = self._inbox.popleft()
+            if self.on_upstream is not None:
+                self.on_upstream(item, now)
             try:
                 self._handle(item, now)
             except Exception:  # one bad item must not stop the schedule of all others
@@ -315,6 +323,8 @@ class MicrogridService:
                 self._sink.set(topic, value)
         for topic, payload in out.events:
             self._sink.event(topic, payload)
+        if self.on_outbox is not None and (out.changes or out.transitions):
+            self.on_outbox(out)
         if out.changed:
             self.on_change()
             if self.on_types_changed is not None:

@@ -1,0 +1,352 @@
+"""The bridge's audit journal: every state change and every upstream event, as JSON lines.
+
+`<state-dir>/journal/journal.jsonl`, rotated by `actor_sdk.journal.JournalWriter`
+(`run --journal-max-bytes`, default 10 MiB per file; `run --journal-files`, default
+5 files in all, 0 for no journal). One journal for every microgrid of the bridge;
+each entry says its microgrid. `dispatch-bridge audit` reads it.
+
+Each entry is one JSON object with `time` (the step's instant for upstream
+events, the hand-over for changes), `source`, `event`, `microgrid_id` and
+`session` (the bridge's broker session when the entry was made: the `session`
+of the snapshots actors saw), and, where it applies, `dispatch_id`, `type`:
+
+| source | event | more |
+|---|---|---|
+| `upstream` | `created`, `updated`, `deleted` (streamed) | `update_time`, `buffered` |
+| `upstream` | `listed` (a complete listing) | `dispatches`, `unconvertible` |
+| `upstream` | `connected`, `disconnected` | `reason` (disconnected) |
+| `bridge` | `created`, `updated`, `deleted` (published) | `changed` (updated): fields |
+| `bridge` | `started`, `stopped` (a run began or ended) | `until` (started) |
+
+What is not journaled: republishing unchanged state (after a reconnect, a
+status heartbeat), a stream event that changes nothing, and the first listing
+of a bridge that had no cache (journaled as one `listed` entry, not one
+`created` per dispatch: the bridge sends no lifecycle events for it either).
+
+Entries are made after the step handed its topics to the publisher (10 ms
+later, as the log lines), in the order things happened (an upstream event,
+then what it changed), so journaling never delays a start or a stop; writing
+happens on the writer's own thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from actor_sdk import wire
+from actor_sdk.journal import DEFAULT_FILES, DEFAULT_MAX_BYTES, JournalWriter, format_time
+from bridge.config import SettingsSource
+from bridge.core import Outbox
+from bridge.publisher import Publisher
+from bridge.service import (
+    DeletedById,
+    LinkChanged,
+    MicrogridService,
+    StreamEvent,
+    Synced,
+    UpstreamItem,
+)
+from bridge.status import StatusBoard
+
+__all__ = [
+    "BridgeJournal",
+    "JournalSettings",
+    "add_arguments",
+    "changed_fields",
+    "journal_path",
+    "load_settings",
+    "start",
+]
+
+_DEFER_S = 0.01
+"""How long after a step its outcome is journaled (its topics go first)."""
+
+_COMPUTED = frozenset({"running", "until", "next_run", "update_time"})
+"""Fields that are not a change of the dispatch itself."""
+
+
+def journal_path(state_dir: Path) -> Path:
+    """The journal file of a state directory.
+
+    Args:
+        state_dir: The bridge's state directory.
+
+    Returns:
+        `<state_dir>/journal/journal.jsonl`.
+    """
+    return state_dir / "journal" / "journal.jsonl"
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    """The journal's retention; `files == 0` turns it off."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    files: int = DEFAULT_FILES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--journal-max-bytes` and `--journal-files` to `dispatch-bridge run`.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    parser.add_argument(
+        "--journal-max-bytes",
+        metavar="BYTES",
+        help="rotate the audit journal (<state-dir>/journal/journal.jsonl) at this size "
+        f"(env DISPATCH_BRIDGE_JOURNAL_MAX_BYTES; default {DEFAULT_MAX_BYTES} = 10 MiB)",
+    )
+    parser.add_argument(
+        "--journal-files",
+        metavar="N",
+        help="how many journal files to keep, the current one included; 0 keeps no journal "
+        f"(env DISPATCH_BRIDGE_JOURNAL_FILES; default {DEFAULT_FILES})",
+    )
+
+
+def _parse_count(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError("expected a whole number")
+        number = int(float(value))
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def load_settings(source: SettingsSource) -> JournalSettings:
+    """Resolve the journal settings (flags, environment, `[bridge]` table).
+
+    Args:
+        source: The settings source of `dispatch-bridge run`.
+
+    Returns:
+        The settings.
+    """
+    return JournalSettings(
+        max_bytes=source.get(
+            "journal_max_bytes",
+            env="DISPATCH_BRIDGE_JOURNAL_MAX_BYTES",
+            parse=_parse_count(1024, 1 << 40),
+            default=DEFAULT_MAX_BYTES,
+        ),
+        files=source.get(
+            "journal_files",
+            env="DISPATCH_BRIDGE_JOURNAL_FILES",
+            parse=_parse_count(0, 1000),
+            default=DEFAULT_FILES,
+        ),
+    )
+
+
+def changed_fields(before: wire.Dispatch, after: wire.Dispatch) -> list[str]:
+    """The fields in which two versions of a dispatch differ, computed state aside.
+
+    Args:
+        before: The version held before.
+        after: The new version.
+
+    Returns:
+        The field names, in the struct's order.
+    """
+    return [
+        name
+        for name in wire.Dispatch.__struct_fields__
+        if name not in _COMPUTED and getattr(before, name) != getattr(after, name)
+    ]
+
+
+def _later(entry: Callable[[Any, datetime], None], what: Any, now: datetime) -> None:
+    """Make entries once the step is over; in the order asked for."""
+    try:
+        asyncio.get_running_loop().call_later(_DEFER_S, entry, what, now)
+    except RuntimeError:  # stepped without a loop (tests)
+        entry(what, now)
+
+
+class BridgeJournal:
+    """Turns one microgrid's upstream items and outboxes into journal entries."""
+
+    def __init__(
+        self,
+        writer: JournalWriter,
+        microgrid_id: int,
+        session: Callable[[], int],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """Create the journal of a microgrid.
+
+        Args:
+            writer: The (shared) writer.
+            microgrid_id: The microgrid.
+            session: Returns the current broker session.
+            clock: The wall clock (the time of a step's outcome).
+        """
+        self._writer = writer
+        self._microgrid_id = microgrid_id
+        self._session = session
+        self._clock = clock
+
+    def _append(self, time: datetime, source: str, event: str, **more: Any) -> None:
+        self._writer.append(
+            {
+                "time": format_time(time),
+                "source": source,
+                "event": event,
+                "microgrid_id": self._microgrid_id,
+                "session": self._session(),
+                **more,
+            }
+        )
+
+    def upstream(self, item: UpstreamItem, now: datetime) -> None:
+        """Journal an upstream item (`MicrogridService.on_upstream`), after the step.
+
+        Args:
+            item: What the upstream delivered.
+            now: The step's instant.
+        """
+        _later(self._upstream, item, now)
+
+    def _upstream(self, item: UpstreamItem, now: datetime) -> None:
+        match item:
+            case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
+                self._append(
+                    now,
+                    "upstream",
+                    kind,
+                    dispatch_id=dispatch.id,
+                    type=dispatch.type,
+                    update_time=format_time(dispatch.update_time),
+                    buffered=buffered,
+                )
+            case DeletedById(dispatch_id=dispatch_id):
+                self._append(now, "upstream", "deleted", dispatch_id=dispatch_id)
+            case Synced(dispatches=dispatches, unconvertible=unconvertible):
+                self._append(
+                    now,
+                    "upstream",
+                    "listed",
+                    dispatches=len(dispatches),
+                    unconvertible=len(unconvertible),
+                )
+            case LinkChanged(connected=True):
+                self._append(now, "upstream", "connected")
+            case LinkChanged(reason=reason):
+                self._append(now, "upstream", "disconnected", reason=reason)
+
+    def outbox(self, out: Outbox) -> None:
+        """Journal a step's changes and transitions, after its topics (`on_outbox`).
+
+        Args:
+            out: What the step decided (not changed afterwards).
+        """
+        _later(self._outcome, out, self._clock())
+
+    def _outcome(self, out: Outbox, now: datetime) -> None:
+        for kind, dispatch, before in out.changes:
+            more: dict[str, Any] = {}
+            if kind == "updated" and before is not None:
+                more["changed"] = changed_fields(before, dispatch)
+            self._append(now, "bridge", kind, dispatch_id=dispatch.id, type=dispatch.type, **more)
+            # A change can start or stop a run as well (created while its run goes on,
+            # moved, deleted while running): no scheduled transition says so.
+            was = before is not None and before.running
+            if dispatch.running != was:
+                self._run(now, dispatch.type, dispatch.id, dispatch.running, dispatch.until)
+        for transition in out.transitions:
+            self._run(
+                now,
+                transition.dispatch_type,
+                transition.dispatch_id,
+                transition.started,
+                transition.until,
+            )
+
+    def _run(
+        self,
+        now: datetime,
+        dispatch_type: str,
+        dispatch_id: int,
+        started: bool,
+        until: datetime | None,
+    ) -> None:
+        if started:
+            self._append(
+                now,
+                "bridge",
+                "started",
+                dispatch_id=dispatch_id,
+                type=dispatch_type,
+                until=format_time(until),
+            )
+        else:
+            self._append(now, "bridge", "stopped", dispatch_id=dispatch_id, type=dispatch_type)
+
+
+class _Parts(Protocol):
+    """What the journal needs of a microgrid's pipeline."""
+
+    microgrid_id: int
+    service: MicrogridService
+    publisher: Publisher
+
+
+def _session_of(publisher: Publisher) -> Callable[[], int]:
+    return lambda: publisher.session
+
+
+def start(
+    state_dir: Path, settings: JournalSettings | None, pipelines: Iterable[_Parts]
+) -> JournalWriter | None:
+    """Open the journal of a bridge and hook it to each microgrid's service.
+
+    A journal that cannot be written is reported in each microgrid's status
+    `error` (and logged once) until it can be again; the bridge runs on.
+
+    Args:
+        state_dir: The state directory.
+        settings: The retention (`files == 0`: no journal; None: the defaults).
+        pipelines: The microgrids' pipelines.
+
+    Returns:
+        The running writer (close it at the end), or None without a journal.
+    """
+    settings = settings or JournalSettings()
+    if settings.files == 0:
+        return None
+    loop = asyncio.get_running_loop()
+    pipelines = list(pipelines)
+
+    def report(problem: str | None) -> None:
+        def change(board: StatusBoard) -> None:
+            if problem is None:
+                board.resolve("journal")
+            else:
+                board.report("journal", problem)
+
+        for pipeline in pipelines:
+            loop.call_soon_threadsafe(pipeline.publisher.update_status, change)
+
+    writer = JournalWriter(
+        journal_path(state_dir),
+        max_bytes=settings.max_bytes,
+        files=settings.files,
+        on_problem=report,
+    )
+    for pipeline in pipelines:
+        journal = BridgeJournal(writer, pipeline.microgrid_id, _session_of(pipeline.publisher))
+        pipeline.service.on_upstream = journal.upstream
+        pipeline.service.on_outbox = journal.outbox
+    writer.start()
+    return writer
