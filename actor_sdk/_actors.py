@@ -63,6 +63,7 @@ class ActorSet:
         clock: Callable[[], datetime],
         factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
         on_failure: Callable[[], None] = lambda: None,
+        record: Callable[[str, Dispatch, str | None], None] | None = None,
     ) -> None:
         """Create an empty set.
 
@@ -74,6 +75,8 @@ class ActorSet:
             clock: The wall clock (UTC).
             factory_timeout: How long the factory may take before the start fails.
             on_failure: Called when a start failed (`next_retry` changed).
+            record: Told each start, update, stop and failure (`event`, the
+                dispatch, the reason) for the journal (`actor_sdk.journal`).
         """
         self.name = name
         self._factory = factory
@@ -81,6 +84,7 @@ class ActorSet:
         self._factory_timeout = factory_timeout.total_seconds()
         self._clock = clock
         self._on_failure = on_failure
+        self._record = record or (lambda event, dispatch, reason: None)
         self._planner = ActorPlanner(identity)
         self._slots: dict[Hashable, _Slot] = {}
         self._retry_due: dict[Hashable, datetime] = {}
@@ -147,6 +151,7 @@ class ActorSet:
                             int(dispatch.id),
                         )
                         slot.dispatch = dispatch
+                        self._record("updated", dispatch, None)
                         await slot.sender.send(DispatchInfo.from_dispatch(dispatch))
                 case StartActor(key=key, dispatch=dispatch):
                     self._start(key, dispatch)
@@ -189,6 +194,7 @@ class ActorSet:
             self._start_failed(key, slot, timed_out=timed_out)
             return
         slot.actor = actor
+        self._record("started", dispatch, None)
         _logger.info(
             "started the actor of type %r for dispatch %s (until %s)",
             self.name,
@@ -216,6 +222,7 @@ class ActorSet:
             exc_info=not timed_out,
         )
         self._planner.start_failed(key)
+        self._record("failed", slot.dispatch, what)
         self._retry_due[key] = retry_at
         self._spawn_stop(slot.sender.aclose())
         self._on_failure()
@@ -242,6 +249,7 @@ class ActorSet:
             await slot.sender.aclose()
 
     async def _stop_actor(self, actor: Actor, dispatch: Dispatch, reason: str) -> None:
+        self._record("stopped", dispatch, reason)
         _logger.info(
             "stopping the actor of type %r (dispatch %s): %s",
             self.name,

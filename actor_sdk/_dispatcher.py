@@ -18,6 +18,8 @@ import logging
 import ssl
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any, Self, SupportsInt
 
 import aiomqtt
@@ -37,6 +39,7 @@ from actor_sdk._service import BackgroundService
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
 from actor_sdk._watchdog import watch_event_loop
+from actor_sdk.journal import ActorJournal
 
 __all__ = ["Dispatcher"]
 
@@ -89,6 +92,7 @@ class Dispatcher(BackgroundService):
         max_reconnect_delay: timedelta = timedelta(seconds=30),
         sync_timeout: timedelta = timedelta(seconds=3),
         max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
+        journal: Path | str | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Create a dispatcher; nothing connects before `start()`.
@@ -117,6 +121,8 @@ class Dispatcher(BackgroundService):
                 goes on without a live view before its actor is stopped. Runs with
                 an `until` always stop at it, live view or not.
             clock: The wall clock (UTC); tests may pass another (a skewed one).
+            journal: A file to journal each actor's start, update, stop and failure
+                in (JSON lines, rotated: `actor_sdk.journal`); None keeps none.
 
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
@@ -158,6 +164,7 @@ class Dispatcher(BackgroundService):
         )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
+        self._journal = ActorJournal.open(journal, microgrid_id)
         self._view = BridgeView(microgrid_id)
         self._bridge_clock = BridgeClock()
         self._subscribers = Subscribers(self._view)
@@ -289,6 +296,7 @@ class Dispatcher(BackgroundService):
             clock=self._clock,
             factory_timeout=factory_timeout,
             on_failure=self._request_reconcile,
+            record=None if self._journal is None else partial(self._journal.record, dispatch_type),
         )
         _logger.info("managing actors of type %r", dispatch_type)
         await self._reconcile(dispatch_type)
@@ -362,6 +370,8 @@ class Dispatcher(BackgroundService):
             # Concurrently: one actor's slow stop does not delay the others'.
             await asyncio.gather(*(actors.stop_all("Dispatcher stopped") for actors in managed))
             await self._subscribers.close()
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.writer.close)
 
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)

@@ -113,8 +113,9 @@ class JournalWriter:
         flush_interval: float = 0.2,
         max_queued: int = 100_000,
         on_problem: Callable[[str | None], None] = lambda problem: None,
+        thread: bool = True,
     ) -> None:
-        """Create the writer; `start()` starts its thread.
+        """Create the writer; `start()` or the first `append` starts its thread.
 
         Args:
             path: The file written; rotated files are `path` with `.1`, `.2`, ...
@@ -124,6 +125,7 @@ class JournalWriter:
             max_queued: The most entries waiting; more are dropped (and counted).
             on_problem: Told (from the writer's thread) what went wrong, and None
                 once a write succeeds again.
+            thread: False: no thread, only `flush()` writes (tests).
         """
         if max_bytes < 1 or files < 1:
             raise ValueError("a journal needs max_bytes >= 1 and files >= 1")
@@ -135,7 +137,7 @@ class JournalWriter:
         self._on_problem = on_problem
         self._queue: deque[bytes] = deque()
         self._wake = threading.Event()
-        self._closing = False
+        self._closing = not thread
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
         self._size: int | None = None
@@ -147,8 +149,8 @@ class JournalWriter:
         """Entries dropped (a failed write, or too many queued)."""
 
     def start(self) -> None:
-        """Start the writing thread (once)."""
-        if self._thread is None:
+        """Start the writing thread (once; the first `append` starts it too)."""
+        if self._thread is None and not self._closing:
             self._thread = threading.Thread(
                 target=self._loop, name=f"journal-{self.path.name}", daemon=True
             )
@@ -164,6 +166,8 @@ class JournalWriter:
             self.dropped += 1
             return
         self._queue.append(_encoder.encode(entry))
+        if self._thread is None and not self._closing:
+            self.start()
 
     def flush(self) -> None:
         """Write everything queued now, on the caller's thread (tests, shutdown)."""
@@ -196,15 +200,20 @@ class JournalWriter:
         self.flush()
 
     def _write(self, parts: list[bytes]) -> None:
-        data = b"\n".join(parts) + b"\n"
         try:
             size = self._current_size()
-            if size > 0 and size + len(data) > self.max_bytes:
-                self._rotate()
-                size = 0
-            with self.path.open("ab") as stream:
-                stream.write(data)
-            self._size = size + len(data)
+            chunk: list[bytes] = []
+            chunk_size = 0
+            for part in parts:
+                length = len(part) + 1
+                if size + chunk_size > 0 and size + chunk_size + length > self.max_bytes:
+                    self._append_lines(chunk)
+                    self._rotate()
+                    size = self._size = 0
+                    chunk, chunk_size = [], 0
+                chunk.append(part)
+                chunk_size += length
+            self._append_lines(chunk)
         except OSError as error:
             self._size = None
             self.dropped += len(parts)
@@ -222,6 +231,14 @@ class JournalWriter:
             _logger.info("writing the journal %s again", self.path)
             self.problem = None
             self._on_problem(None)
+
+    def _append_lines(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        data = b"\n".join(lines) + b"\n"
+        with self.path.open("ab") as stream:
+            stream.write(data)
+        self._size = (self._size or 0) + len(data)
 
     def _current_size(self) -> int:
         if self._size is None:
@@ -287,8 +304,23 @@ def read_journal(path: Path) -> Iterator[dict[str, Any] | CorruptLine]:
                 yield entry
 
 
+def _canonical(value: Any) -> Any:
+    # The API carries a payload as a protobuf Struct, whose numbers are doubles:
+    # 1000 and 1000.0 are the same payload, and must give the same digest.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(item) for item in value]
+    return value
+
+
 def payload_digest(payload: Any) -> str:
-    """The sha256 of a payload's canonical JSON (sorted keys), in hex.
+    """The sha256 of a payload's canonical JSON, in hex.
+
+    Canonical: keys sorted, whole-number floats written as integers (the API
+    turns every number into a double).
 
     Args:
         payload: The dispatch payload (JSON-like).
@@ -296,46 +328,66 @@ def payload_digest(payload: Any) -> str:
     Returns:
         The digest, prefixed `sha256:`.
     """
-    canonical = msgspec.json.encode(payload, order="sorted")
+    canonical = msgspec.json.encode(_canonical(payload), order="sorted")
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 class ActorJournal:
-    """The SDK's journal: starts, updates, stops and failures of actors."""
+    """The SDK's journal: starts, updates, stops and failures of actors.
 
-    def __init__(self, writer: JournalWriter, *, clock: Callable[[], datetime] = _utc_now) -> None:
+    Each entry: `time`, `source: "sdk"`, `event` (`started`, `updated`, `stopped`,
+    `failed`), `microgrid_id`, `type`, `dispatch_id`, `payload_digest` (sha256 of
+    the payload's canonical JSON, never the payload), `dry_run`, `until`, and
+    `reason` (a stop's message, a failure's cause).
+    """
+
+    def __init__(
+        self,
+        writer: JournalWriter,
+        microgrid_id: int | None = None,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
         """Wrap a writer.
 
         Args:
             writer: Where the entries go.
+            microgrid_id: The microgrid of the actors.
             clock: The wall clock of the entries' `time`.
         """
         self.writer = writer
+        self._microgrid_id = microgrid_id
         self._clock = clock
 
+    @classmethod
+    def open(cls, path: Path | str | None, microgrid_id: int) -> ActorJournal | None:
+        """The journal of a `Dispatcher(journal=...)`, with the default retention.
+
+        Args:
+            path: The journal file; None for no journal.
+            microgrid_id: The microgrid.
+
+        Returns:
+            The journal (its writer starts with the first entry), or None.
+        """
+        return None if path is None else cls(JournalWriter(Path(path)), microgrid_id)
+
     def record(
-        self,
-        event: str,
-        dispatch_type: str,
-        dispatch: Any,
-        *,
-        microgrid_id: int | None = None,
-        reason: str | None = None,
+        self, dispatch_type: str, event: str, dispatch: Any, reason: str | None = None
     ) -> None:
         """Append one entry about an actor.
 
         Args:
-            event: `started`, `updated`, `stopped` or `failed`.
             dispatch_type: The type the actor serves.
+            event: `started`, `updated`, `stopped` or `failed`.
             dispatch: The dispatch it was given (`id`, `payload`, `until`, `dry_run`).
-            microgrid_id: The microgrid.
             reason: The stop message or the failure.
         """
         entry: dict[str, Any] = {
             "time": format_time(self._clock()),
             "source": "sdk",
             "event": event,
-            "microgrid_id": microgrid_id,
+            "microgrid_id": self._microgrid_id,
             "type": dispatch_type,
             "dispatch_id": int(dispatch.id),
             "payload_digest": payload_digest(dispatch.payload),

@@ -37,7 +37,7 @@ def test_entries_come_back_in_order_across_rotations_and_only_files_are_kept(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "j" / "journal.jsonl"
-    writer = JournalWriter(path, max_bytes=200, files=3)
+    writer = JournalWriter(path, max_bytes=200, files=3, thread=False)
     for number in range(40):
         writer.append({"n": number, "pad": "x" * 20})
         writer.flush()  # one entry per write: rotations at every ~6 entries
@@ -52,9 +52,21 @@ def test_entries_come_back_in_order_across_rotations_and_only_files_are_kept(
     assert len(numbers) > 6
 
 
+def test_one_large_batch_is_spread_over_files_of_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    writer = JournalWriter(path, max_bytes=200, files=3, thread=False)
+    for number in range(40):
+        writer.append({"n": number, "pad": "x" * 20})
+    writer.flush()  # one write of everything
+    assert len(journal_files(path)) == 3
+    assert all(p.stat().st_size <= 200 for p in journal_files(path))
+    numbers = [e["n"] for e in entries(path)]
+    assert numbers == list(range(40 - len(numbers), 40))
+
+
 def test_a_single_file_journal_starts_over_when_full(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
-    writer = JournalWriter(path, max_bytes=100, files=1)
+    writer = JournalWriter(path, max_bytes=100, files=1, thread=False)
     for number in range(10):
         writer.append({"n": number, "pad": "x" * 30})
         writer.flush()
@@ -83,7 +95,9 @@ def test_an_unwritable_journal_is_reported_once_and_writing_resumes(
     blocker = tmp_path / "state"
     blocker.write_text("a file where the journal's directory should be")
     problems: list[str | None] = []
-    writer = JournalWriter(blocker / "journal" / "journal.jsonl", on_problem=problems.append)
+    writer = JournalWriter(
+        blocker / "journal" / "journal.jsonl", on_problem=problems.append, thread=False
+    )
     for number in range(3):
         writer.append({"n": number})
         writer.flush()  # never raises
@@ -99,7 +113,7 @@ def test_an_unwritable_journal_is_reported_once_and_writing_resumes(
 
 
 def test_too_many_queued_entries_are_dropped_and_counted(tmp_path: Path) -> None:
-    writer = JournalWriter(tmp_path / "journal.jsonl", max_queued=5)
+    writer = JournalWriter(tmp_path / "journal.jsonl", max_queued=5, thread=False)
     for number in range(8):
         writer.append({"n": number})
     assert writer.dropped == 3
@@ -118,14 +132,16 @@ def test_corrupt_lines_are_reported_not_raised(tmp_path: Path) -> None:
 def test_the_actor_journal_keeps_a_digest_of_the_payload_not_the_payload(tmp_path: Path) -> None:
     path = tmp_path / "sdk.jsonl"
     writer = JournalWriter(path)
-    journal = ActorJournal(writer, clock=lambda: T0)
+    journal = ActorJournal(writer, 5, clock=lambda: T0)
     secret = {"setpoint_w": 5000, "token": "do-not-log"}
-    journal.record("started", "T", dispatch(7, payload=secret), microgrid_id=5)
-    writer.flush()
+    journal.record("T", "started", dispatch(7, payload=secret))
+    writer.close()
     [entry] = entries(path)
     assert entry["event"] == "started" and entry["dispatch_id"] == 7
     assert entry["time"] == "2026-11-28T06:00:00Z"
-    assert entry["payload_digest"] == payload_digest({"token": "do-not-log", "setpoint_w": 5000})
+    # The same payload in any key order, numbers as the API's doubles: the same digest.
+    assert entry["payload_digest"] == payload_digest({"token": "do-not-log", "setpoint_w": 5e3})
+    assert entry["payload_digest"] != payload_digest({"setpoint_w": 5001, "token": "do-not-log"})
     assert "do-not-log" not in path.read_text()
 
 
@@ -138,7 +154,7 @@ def test_changed_fields_name_what_the_api_changed_not_the_computed_state() -> No
 
 def _service_with_journal(tmp_path: Path) -> tuple[MicrogridService, JournalWriter, Path]:
     path = tmp_path / "journal.jsonl"
-    writer = JournalWriter(path)
+    writer = JournalWriter(path, thread=False)
     service = MicrogridService(ScheduleCore(5, LAYOUT), FakeSink(), clock=lambda: T0)
     journal = BridgeJournal(writer, 5, lambda: 3, clock=lambda: T0)
     service.on_upstream = journal.upstream
