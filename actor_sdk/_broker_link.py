@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from actor_sdk._connection import BrokerSettings, ReceivedQueue, reconnect_delay
+from actor_sdk.mqtt import BrokerSettings, ReceivedQueue, receiving_client, reconnect_delay
 
 __all__ = ["BrokerLink", "LinkHandler"]
 
@@ -107,7 +107,7 @@ class BrokerLink:
         failures = 0
         while True:
             self.connected = False
-            client, received = self._settings.new_client(self._clock)
+            client, received = receiving_client(self._settings, clock=self._clock)
             try:
                 async with client:
                     self.connected = True

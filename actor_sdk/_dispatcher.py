@@ -18,8 +18,6 @@ import logging
 import ssl
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from pathlib import Path
 from typing import Any, Self, SupportsInt
 
 import aiomqtt
@@ -30,7 +28,6 @@ from actor_sdk._actor import ActorFactory
 from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._broker_link import BrokerLink
-from actor_sdk._connection import BrokerSettings
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._event import DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
@@ -39,7 +36,7 @@ from actor_sdk._service import BackgroundService
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
 from actor_sdk._watchdog import watch_event_loop
-from actor_sdk.journal import ActorJournal
+from actor_sdk.mqtt import BrokerSettings
 
 __all__ = ["Dispatcher"]
 
@@ -92,7 +89,6 @@ class Dispatcher(BackgroundService):
         max_reconnect_delay: timedelta = timedelta(seconds=30),
         sync_timeout: timedelta = timedelta(seconds=3),
         max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
-        journal: Path | str | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Create a dispatcher; nothing connects before `start()`.
@@ -121,8 +117,6 @@ class Dispatcher(BackgroundService):
                 goes on without a live view before its actor is stopped. Runs with
                 an `until` always stop at it, live view or not.
             clock: The wall clock (UTC); tests may pass another (a skewed one).
-            journal: A file to journal each actor's start, update, stop and failure
-                in (JSON lines, rotated: `actor_sdk.journal`); None keeps none.
 
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
@@ -164,7 +158,6 @@ class Dispatcher(BackgroundService):
         )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
-        self._journal = ActorJournal.open(journal, microgrid_id)
         self._view = BridgeView(microgrid_id)
         self._bridge_clock = BridgeClock()
         self._subscribers = Subscribers(self._view)
@@ -296,7 +289,6 @@ class Dispatcher(BackgroundService):
             clock=self._clock,
             factory_timeout=factory_timeout,
             on_failure=self._request_reconcile,
-            record=None if self._journal is None else partial(self._journal.record, dispatch_type),
         )
         _logger.info("managing actors of type %r", dispatch_type)
         await self._reconcile(dispatch_type)
@@ -370,8 +362,6 @@ class Dispatcher(BackgroundService):
             # Concurrently: one actor's slow stop does not delay the others'.
             await asyncio.gather(*(actors.stop_all("Dispatcher stopped") for actors in managed))
             await self._subscribers.close()
-        if self._journal is not None:
-            await asyncio.to_thread(self._journal.writer.close)
 
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)

@@ -3,8 +3,9 @@
 Every subcommand resolves its settings through `SettingsSource`, so that the
 precedence and the error messages are the same everywhere. A mistake raises
 `ConfigError`, which the CLI turns into one clear line and exit code 2.
-Secrets can also come from a file named by `<NAME>_FILE`, and are never
-echoed in an error message.
+Secrets can also come from a file named by `<NAME>_FILE` (read by
+`actor_sdk.mqtt.read_secret_file`: trailing line ends dropped, nothing else),
+and are never echoed in an error message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from actor_sdk.mqtt import read_secret_file
 
 _T = TypeVar("_T")
 
@@ -120,7 +123,7 @@ class SettingsSource:
             if self.environ.get(file_env):
                 path = self.environ[file_env]
                 try:
-                    return Path(path).read_text(encoding="utf-8").strip(), f"${file_env}"
+                    return read_secret_file(path), f"${file_env}"
                 except OSError as error:
                     raise ConfigError(
                         f"cannot read ${file_env} file {path}: {error.strerror}"

@@ -46,6 +46,7 @@ from typing import TextIO
 import aiomqtt
 
 from actor_sdk import wire
+from actor_sdk.mqtt import parse_broker_url
 from bridge.api import AuthConfig, ServerStartError, serve
 from bridge.config import ConfigError
 from bridge.demo_broker import (
@@ -58,7 +59,6 @@ from bridge.demo_broker import (
     tail,
 )
 from bridge.demo_samples import Sample, create_samples
-from bridge.publisher import parse_broker_url
 
 __all__ = ["DemoError", "adapt_mosquitto_config", "add_arguments", "find_mosquitto", "run"]
 

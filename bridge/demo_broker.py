@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
+from actor_sdk.mqtt import parse_broker_url
 from bridge.embedded_broker import EmbeddedBrokerError, embedded_broker
-from bridge.publisher import parse_broker_url
 from bridge.web import SITE
 
 __all__ = [

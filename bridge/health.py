@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 import aiomqtt
 
 from actor_sdk import wire
+from actor_sdk.mqtt import BrokerSettings
 from bridge.config import ConfigError
-from bridge.publisher import BrokerSettings
 from bridge.watch import add_target_arguments, broker_client, load_target
 
 __all__ = ["DEFAULT_STATUS_INTERVAL", "HealthCheck", "Verdict", "add_arguments", "check", "run"]

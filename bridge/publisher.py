@@ -1,28 +1,22 @@
-"""The MQTT side of one microgrid: hold the desired retained topics, keep the broker in line.
+"""The MQTT side of one microgrid: publish the retained topics, keep the broker in line.
 
-The publisher holds the desired retained state (topic -> payload) and an
-ordered, coalescing set of topics still to send: marking a topic again moves
-it to the end, so the newest state always wins and goes out last. The
+The async shell around `bridge.publish_queue.PublishQueue` (what to send, in
+which order, with which stamps) and `actor_sdk.mqtt` (the broker). The
 schedule loop only calls the synchronous `set`, `clear`, `event` and
 `set_status`: it never waits for the broker.
 
 One connection per microgrid, in a loop that never gives up:
 
-1. A new `aiomqtt.Client` per attempt (paho may otherwise deliver publishes
-   queued before a disconnect after the reconnect, stale ones included), with
-   a will: the offline status carrying this connection's session.
+1. A new client per attempt (`actor_sdk.mqtt.new_client`), with a will: the
+   offline status carrying this connection's session.
 2. On connect: the session number grows by one (persisted in the state dir,
    so it grows across restarts too), the status is published, and again every
    `status_interval` seconds (`bridge.status`, `bridge.status_watch`).
-3. Stale topics are found (`bridge.stale_scan`) and dealt with: a
-   `dispatches/ID` topic it does not hold is cleared; a `running` topic of a
-   type it does not hold gets an empty snapshot. Until the held state is
-   authoritative (`mark_authoritative`), the clearing waits.
+3. Stale topics are found (`bridge.stale_scan`) and cleared
+   (`PublishQueue.clear_stale`). Until the held state is authoritative
+   (`mark_authoritative`), the clearing waits.
 4. Meanwhile everything held is republished (the broker may have lost or
-   rolled back retained state). Running snapshots, the status and events go
-   ahead of dispatch topics and clears (two queues), so that a start or a
-   stop is never stuck behind thousands of dispatch topics; each topic is
-   sent with its newest value.
+   rolled back retained state), urgent topics first.
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
 about 2.5 times faster than awaiting each one, and avoids aiomqtt's quadratic
@@ -33,8 +27,8 @@ A lost connection is retried with capped, jittered exponential backoff.
 MQTT v5 is used when the broker speaks it; a broker that refuses it is
 spoken to in 3.1.1 from then on.
 
-`aiomqtt.MqttError` never leaves this module: it is logged where it happens
-and turned into a reconnect.
+The client library's errors never leave this module: they are logged where
+they happen and turned into a reconnect.
 """
 
 from __future__ import annotations
@@ -45,38 +39,20 @@ import contextlib
 import logging
 import math
 import re
-import socket
-import ssl
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import aiomqtt
-import msgspec
-
-from actor_sdk import wire
-from bridge.broker import (
-    Backoff,
-    BrokerError,
-    BrokerSettings,
-    broker_errors,
-    describe_error,
-    parse_broker_url,
-)
+from actor_sdk import mqtt, wire
+from bridge.publish_queue import Outgoing, PublishQueue, RetainedValue
 from bridge.stale_scan import RetainedScan, raise_first, scan_retained
 from bridge.status import StatusBoard
 from bridge.status_watch import StatusWatch
 from bridge.store import SessionCounter
 
-__all__ = ["Backoff", "BrokerError", "BrokerSettings", "Publisher", "parse_broker_url"]
+__all__ = ["Publisher", "RetainedValue"]
 
 _logger = logging.getLogger("bridge.publisher")
-
-RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | StatusBoard
-_Key = str | int
-"""A pending item: a retained topic (str) or an event number (int)."""
-
 
 _CLIENT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -86,7 +62,7 @@ class Publisher:
 
     def __init__(
         self,
-        settings: BrokerSettings,
+        settings: mqtt.BrokerSettings,
         *,
         microgrid_id: int,
         layout: wire.TopicLayout,
@@ -95,7 +71,7 @@ class Publisher:
         window: int = 100,
         scan_timeout: float = 3.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        backoff: Backoff | None = None,
+        backoff: mqtt.Backoff | None = None,
         board: StatusBoard | None = None,
     ) -> None:
         """Create the publisher; `run()` connects.
@@ -122,24 +98,14 @@ class Publisher:
         self._window = window
         self._scan_timeout = scan_timeout
         self._clock = clock
-        self._held: dict[str, RetainedValue] = {}
-        # Two queues: running snapshots, the status and events go out before
-        # dispatch topics and clears, so that a start or a stop is never stuck
-        # behind 100,000 dispatch topics of a first sync or a full republish.
-        self._pending: OrderedDict[_Key, None] = OrderedDict()
-        self._bulk: OrderedDict[_Key, None] = OrderedDict()
-        self._events: dict[int, tuple[str, bytes]] = {}
-        self._event_counter = 0
-        self._max_events = 10_000
+        self.queue = PublishQueue(microgrid_id=microgrid_id, layout=layout, clock=clock)
+        self.queue.session = sessions.last
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._in_flight = 0
         self._stop = asyncio.Event()
         self._grace = 3.0
-        self._session = sessions.last
-        self._seq = 0
-        self._protocol = aiomqtt.ProtocolVersion.V5
+        self._protocol = mqtt.ProtocolChoice()
         self.board = board or StatusBoard(bridge=bridge_name)
         self._watch = StatusWatch(self.board, microgrid_id, clock)
         self._scan: RetainedScan | None = None
@@ -150,14 +116,17 @@ class Publisher:
         self.published = 0
         # Told each retained value the broker acknowledged (`bridge.metrics` lateness).
         self.on_handed: Callable[[RetainedValue | None], None] | None = None
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or mqtt.Backoff()
+        self.listeners: dict[str, Callable[[mqtt.Message], None]] = {}
+        """Topics subscribed on every connection (QoS 1), each with who is handed its
+        messages (`bridge.request_handler`: the requests to the bridge)."""
 
     # ---- the synchronous face (never blocks) ----------------------------------
 
     @property
     def session(self) -> int:
         """The session of the current (or last) connection."""
-        return self._session
+        return self.queue.session
 
     def set(self, topic: str, payload: RetainedValue) -> None:
         """Hold a retained topic and publish it.
@@ -167,8 +136,8 @@ class Publisher:
             payload: Its payload; a struct is encoded when sent, a running
                 snapshot or status gets the session and sequence number then.
         """
-        self._held[topic] = payload
-        self._mark(topic)
+        self.queue.set(topic, payload)
+        self._changed()
 
     def clear(self, topic: str) -> None:
         """Clear a retained topic (publish an empty retained payload).
@@ -176,8 +145,8 @@ class Publisher:
         Args:
             topic: The topic.
         """
-        self._held.pop(topic, None)
-        self._mark(topic)
+        self.queue.clear(topic)
+        self._changed()
 
     def event(self, topic: str, payload: bytes) -> None:
         """Send a non-retained event (kept in order, dropped oldest first beyond 10,000).
@@ -186,18 +155,12 @@ class Publisher:
             topic: The topic.
             payload: The payload.
         """
-        if len(self._events) >= self._max_events:
-            oldest = next(iter(self._events))
-            del self._events[oldest]
-            self._pending.pop(oldest, None)
+        if not self.queue.event(topic, payload):
             _logger.warning(
-                "microgrid %d: more than %d events waiting for the broker: dropped the oldest",
+                "microgrid %d: more than 10000 events waiting for the broker: dropped the oldest",
                 self.microgrid_id,
-                self._max_events,
             )
-        self._event_counter += 1
-        self._events[self._event_counter] = (topic, payload)
-        self._mark(self._event_counter)
+        self._changed()
 
     def set_status(
         self,
@@ -237,24 +200,23 @@ class Publisher:
 
     def held(self) -> dict[str, RetainedValue]:
         """The retained topics currently held, topic to payload (a copy), e.g. for tests."""
-        return dict(self._held)
+        return self.queue.held()
 
     @property
     def pending(self) -> int:
         """How many topics and events wait to be sent."""
-        return len(self._pending) + len(self._bulk)
+        return self.queue.pending
 
-    def _queue_of(self, key: _Key) -> OrderedDict[_Key, None]:
-        if isinstance(key, int) or isinstance(
-            self._held.get(key), wire.RunningSnapshot | StatusBoard
-        ):
-            return self._pending
-        return self._bulk
+    def republish(self) -> None:
+        """Send every retained topic held again, and the status (a rebirth)."""
+        self.queue.requeue_all()
+        self.publish_status()
 
-    def _mark(self, key: _Key) -> None:
-        self._bulk.pop(key, None)
-        self._pending.pop(key, None)
-        self._queue_of(key)[key] = None
+    async def flushed(self) -> None:
+        """Wait until the broker acknowledged everything handed over so far."""
+        await self._idle.wait()
+
+    def _changed(self) -> None:
         self._idle.clear()
         self._wakeup.set()
 
@@ -265,18 +227,16 @@ class Publisher:
         while not self._stop.is_set():
             session = self._sessions.peek_next()
             try:
-                client = self._new_client(session)
-                with broker_errors():
-                    async with client:
+                with mqtt.broker_errors():
+                    async with self._new_client(session) as client:
                         self._sessions.commit(session)
-                        self._session = session
-                        self._seq = 0
+                        self.queue.new_session(session)
                         self.connections += 1
                         await self._serve(client)
                         return
-            except BrokerError as error:
+            except mqtt.BrokerError as error:
                 reason = str(error)
-                if not self._stop.is_set() and self._maybe_fall_back(error):
+                if not self._stop.is_set() and self._fall_back(error):
                     continue
             except Exception as error:  # never let the publisher die: log, reconnect
                 _logger.exception("microgrid %d: unexpected MQTT failure", self.microgrid_id)
@@ -305,8 +265,8 @@ class Publisher:
         self._grace = grace
         self._stop.set()
 
-    def _maybe_fall_back(self, error: BrokerError) -> bool:
-        if self._protocol != aiomqtt.ProtocolVersion.V5 or not error.refused_protocol:
+    def _fall_back(self, error: mqtt.BrokerError) -> bool:
+        if not self._protocol.fall_back(error):
             return False
         _logger.warning(
             "microgrid %d: MQTT broker %s refused MQTT v5 (%s): using MQTT 3.1.1",
@@ -314,44 +274,39 @@ class Publisher:
             self._settings.describe(),
             error,
         )
-        self._protocol = aiomqtt.ProtocolVersion.V311
         return True
 
-    def _new_client(self, session: int) -> aiomqtt.Client:
-        settings = self._settings
-        will_payload = self._status_payload(session, offline=True)
-        v5 = self._protocol == aiomqtt.ProtocolVersion.V5
-        tls_context = None
-        if settings.tls:
-            tls_context = ssl.create_default_context(cafile=settings.ca_file)
+    def _new_client(self, session: int) -> mqtt.Client:
+        # The will carries the session this connection is about to get.
+        will_payload = self.queue.status_payload(self.board, offline=True, session=session)
         identifier = _CLIENT_ID_UNSAFE.sub("_", f"dispatch-bridge-{self._bridge_name}")
-        client = aiomqtt.Client(
-            settings.host,
-            settings.port,
-            username=settings.username,
-            password=settings.password,
+        client = mqtt.new_client(
+            self._settings,
             identifier=f"{identifier}-mg{self.microgrid_id}"[:64],
-            protocol=self._protocol,
-            will=aiomqtt.Will(self.layout.status, will_payload, qos=1, retain=True),
-            clean_session=None if v5 else True,
-            keepalive=settings.keepalive,
-            timeout=10,
-            tls_context=tls_context,
-            max_inflight_messages=self._window,
-            queue_type=self._queue_type(),
-            # Without it, Nagle holds back publishes while PUBACKs are pending.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            v5=self._protocol.v5,
+            will=mqtt.Will(self.layout.status, will_payload, qos=1, retain=True),
+            queue_type=mqtt.handing_queue(self._received),
+            max_inflight=self._window,
             logger=logging.getLogger("bridge.publisher.mqtt"),
         )
-        client.pending_calls_threshold = self._window * 4 + 16
-        self._watch.install(client)
+        mqtt.on_refused_publish(client, self._watch.refused)
         return client
 
-    def _status_payload(self, session: int, *, offline: bool = False) -> bytes:
-        now = self._clock()
+    def _received(self, message: mqtt.Message) -> None:
+        # Nothing is queued: the status watch and the scan see each message as it arrives.
+        listener = self.listeners.get(message.topic.value)
+        if listener is not None:
+            listener(message)
+            return
+        if message.topic.value == self.layout.status:
+            self._watch.feed(message)
+        if self._scan is not None:
+            self._scan.feed(message)
+
+    def _status_payload(self, *, offline: bool = False) -> bytes:
         if not offline:
-            self._watch.status_sent(now)
-        return wire.encode(self.board.status(now, session, offline=offline))
+            self._watch.status_sent(self._clock())
+        return self.queue.status_payload(self.board, offline=offline)
 
     async def _heartbeat(self) -> None:
         # The status is republished every interval, as of the moment it is sent:
@@ -362,18 +317,18 @@ class Publisher:
             self._watch.check_read_back(self._clock())
             self.publish_status()
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: mqtt.Client) -> None:
         _logger.info(
             "microgrid %d: connected to MQTT broker %s (MQTT %s, session %d)",
             self.microgrid_id,
             self._settings.describe(),
-            "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
-            self._session,
+            self._protocol.name,
+            self.session,
         )
-        v5 = self._protocol == aiomqtt.ProtocolVersion.V5
-        self._watch.new_session(self._session, read_back=not v5)
-        online = self._status_payload(self._session)
-        await client.publish(self.layout.status, online, qos=1, retain=True)
+        self._watch.new_session(self.session, read_back=not self._protocol.v5)
+        await client.publish(self.layout.status, self._status_payload(), qos=1, retain=True)
+        if self.listeners:
+            await client.subscribe([(topic, 1) for topic in self.listeners])
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._monitor(client)),
             asyncio.create_task(self._heartbeat()),
@@ -381,7 +336,8 @@ class Publisher:
         try:
             # Republishing starts at once; the scan runs beside it (the broker sends
             # a subscription's retained messages before any later publish of ours).
-            self._requeue_all()
+            self.queue.requeue_all()
+            self._changed()
             tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
             self._backoff.reset()
             self.connected.set()
@@ -396,63 +352,44 @@ class Publisher:
                 await self._close(client, tasks)
                 return
             raise_first(done)
-            raise aiomqtt.MqttError("publisher task ended unexpectedly")
+            raise mqtt.MqttError("publisher task ended unexpectedly")
         finally:
             self.connected.clear()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _close(self, client: aiomqtt.Client, tasks: list[asyncio.Task[Any]]) -> None:
+    async def _close(self, client: mqtt.Client, tasks: list[asyncio.Task[Any]]) -> None:
         timeout = self._grace
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        offline = self._status_payload(self._session, offline=True)
+        offline = self._status_payload(offline=True)
         try:
             await client.publish(self.layout.status, offline, qos=1, retain=True, timeout=timeout)
-        except aiomqtt.MqttError as error:
+        except mqtt.MqttError as error:
             _logger.warning(
                 "microgrid %d: could not publish the offline status (%s); the will says it",
                 self.microgrid_id,
-                describe_error(error),
+                mqtt.describe_error(error),
             )
             return
         _logger.info(
             "microgrid %d: published offline status (session %d), disconnecting",
             self.microgrid_id,
-            self._session,
+            self.session,
         )
 
-    async def _monitor(self, client: aiomqtt.Client) -> None:
-        # Nothing is ever queued (see `_queue_type`): iterating only shows when the
+    async def _monitor(self, client: mqtt.Client) -> None:
+        # Nothing is ever queued (see `_received`): iterating only shows when the
         # connection is lost, also while idle.
         async for _ in client.messages:
             pass
 
-    def _queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
-        publisher = self
-
-        class _ScanFeed(asyncio.Queue[aiomqtt.Message]):
-            """Hands each incoming message straight to the scan, unqueued.
-
-            Much cheaper than aiomqtt's message iterator (a task per message)
-            when a tree of 100,000 retained topics arrives.
-            """
-
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                if item.topic.value == publisher.layout.status:
-                    publisher._watch.feed(item)
-                scan = publisher._scan
-                if scan is not None:
-                    scan.feed(item)
-
-        return _ScanFeed
-
     async def _find_stale(
-        self, client: aiomqtt.Client, tasks: list[asyncio.Task[Any]], stopper: asyncio.Task[Any]
+        self, client: mqtt.Client, tasks: list[asyncio.Task[Any]], stopper: asyncio.Task[Any]
     ) -> builtins.set[str] | None:
         self._scan = RetainedScan(self.layout.status)
         try:
@@ -460,7 +397,7 @@ class Publisher:
                 client,
                 self._scan,
                 self.layout,
-                noLocal=self._protocol == aiomqtt.ProtocolVersion.V5,
+                noLocal=self._protocol.v5,
                 quiet_timeout=self._scan_timeout,
                 watched=tasks,
                 stopper=stopper,
@@ -468,15 +405,6 @@ class Publisher:
             )
         finally:
             self._scan = None
-
-    def _requeue_all(self) -> None:
-        # What changed while disconnected stays ahead in its queue; the rest follows.
-        for topic in self._held:
-            if topic not in self._pending and topic not in self._bulk:
-                self._queue_of(topic)[topic] = None
-        if self._pending or self._bulk:
-            self._idle.clear()
-            self._wakeup.set()
 
     def mark_authoritative(self) -> None:
         """Declare that the held topics are the whole truth (a cache or a sync is loaded).
@@ -500,104 +428,44 @@ class Publisher:
                 len(retained_on_broker),
             )
             return
-        cleared = replaced = 0
-        upcoming: list[tuple[str, str]] = []
-        emptied: builtins.set[str] = builtins.set()
-        for topic in retained_on_broker:
-            if topic in self._held:
-                continue
-            try:
-                ref = self.layout.parse(topic)
-            except wire.WireError:
-                continue
-            if ref.kind == wire.TopicKind.DISPATCH:
-                self._mark(topic)
-                cleared += 1
-            elif ref.kind == wire.TopicKind.RUNNING and ref.dispatch_type is not None:
-                self.set(
-                    topic,
-                    wire.RunningSnapshot(
-                        microgrid_id=self.microgrid_id,
-                        type=ref.dispatch_type,
-                        running=(),
-                        next_change=None,
-                        as_of=self._clock(),
-                        session=0,
-                        seq=0,
-                    ),
-                )
-                emptied.add(topic)
-                replaced += 1
-            elif ref.kind == wire.TopicKind.UPCOMING and ref.dispatch_type is not None:
-                upcoming.append((topic, self.layout.running(ref.dispatch_type)))
-        for topic, running in upcoming:
-            # Kept for a type with dispatches: bridge.upcoming republishes it soon.
-            if running not in self._held or running in emptied:
-                self._mark(topic)
-                cleared += 1
+        cleared, replaced = self.queue.clear_stale(retained_on_broker)
+        self._changed()
         _logger.info(
             "microgrid %d: republishing %d retained topics; %d retained topics found on the "
             "broker; clearing %d stale dispatch and upcoming topics, emptying %d stale running "
             "topics",
             self.microgrid_id,
-            len(self._held),
+            self.queue.held_count,
             len(retained_on_broker),
             cleared,
             replaced,
         )
 
-    async def _take(self) -> _Key:
-        while not self._pending and not self._bulk:
-            if self._in_flight == 0:
+    async def _take(self) -> Outgoing:
+        while (item := self.queue.take()) is None:
+            if self.queue.idle:
                 self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
-        key: _Key
-        if self._pending:
-            key, _ = self._pending.popitem(last=False)
-        else:
-            key, _ = self._bulk.popitem(last=False)
-        return key
+        return item
 
-    def _materialize(self, value: RetainedValue) -> bytes:
-        if isinstance(value, bytes):
-            return value
-        if isinstance(value, wire.Dispatch):
-            return wire.encode(value)
-        if isinstance(value, wire.RunningSnapshot):
-            self._seq += 1
-            return wire.encode(msgspec.structs.replace(value, session=self._session, seq=self._seq))
-        return self._status_payload(self._session)
-
-    async def _worker(self, client: aiomqtt.Client) -> None:
+    async def _worker(self, client: mqtt.Client) -> None:
         while True:
-            key = await self._take()
-            self._in_flight += 1
+            item = await self._take()
+            if isinstance(item.value, StatusBoard):
+                self._watch.status_sent(self._clock())
             try:
-                if isinstance(key, int):
-                    topic, payload = self._events[key]
-                    await client.publish(topic, payload, qos=1, retain=False, timeout=math.inf)
-                    self._events.pop(key, None)
-                else:
-                    value = self._held.get(key)
-                    payload = b"" if value is None else self._materialize(value)
-                    await client.publish(key, payload, qos=1, retain=True, timeout=math.inf)
-                    if self.on_handed is not None:
-                        self.on_handed(value)
-                self.published += 1
+                await client.publish(
+                    item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf
+                )
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer
                 # state of the same topic is already waiting.
-                if (
-                    key not in self._pending
-                    and key not in self._bulk
-                    and (isinstance(key, str) or key in self._events)
-                ):
-                    queue = self._queue_of(key)
-                    queue[key] = None
-                    queue.move_to_end(key, last=False)
+                self.queue.failed(item)
                 raise
-            finally:
-                self._in_flight -= 1
-                if self._in_flight == 0 and not self._pending and not self._bulk:
-                    self._idle.set()
+            self.queue.sent(item)
+            if item.retain and self.on_handed is not None:
+                self.on_handed(item.value)
+            self.published += 1
+            if self.queue.idle:
+                self._idle.set()

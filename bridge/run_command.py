@@ -13,6 +13,8 @@ flags win over the environment, which wins over the file):
 | broker user | — | `MQTT_USERNAME` (or `_FILE`) | `mqtt_username` |
 | broker password | — | `MQTT_PASSWORD` (or `_FILE`) | `mqtt_password` |
 | broker CA file | `--broker-ca-file PATH` | `MQTT_CA_FILE` | `broker_ca_file` |
+| client certificate (mTLS) | `--broker-cert-file PATH` | `MQTT_CERT_FILE` | `broker_cert_file` |
+| its key | `--broker-key-file PATH` | `MQTT_KEY_FILE` | `broker_key_file` |
 | state directory | `--state-dir PATH` | `DISPATCH_BRIDGE_STATE_DIR` | `state_dir` |
 | topic root | `--topic-root TEMPLATE` | `DISPATCH_BRIDGE_TOPIC_ROOT` | `topic_root` |
 | bridge name | `--name NAME` | `DISPATCH_BRIDGE_NAME` | `name` |
@@ -40,11 +42,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actor_sdk import wire
+from actor_sdk.mqtt import Backoff, BrokerSettings, parse_broker_url
 from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.notify import SystemdNotifier, Watchdog
-from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
+from bridge.publisher import Publisher
 from bridge.service import MicrogridService, ScheduleCore
 from bridge.status import StatusBoard
 from bridge.store import DispatchCache, SessionCounter
@@ -118,6 +121,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(env MQTT_CA_FILE)",
     )
     parser.add_argument(
+        "--broker-cert-file",
+        metavar="PATH",
+        help="client certificate (PEM) for an mqtts:// broker that requires one "
+        "(env MQTT_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--broker-key-file",
+        metavar="PATH",
+        help="the key of --broker-cert-file, if not in that file (env MQTT_KEY_FILE)",
+    )
+    parser.add_argument(
         "--state-dir",
         metavar="PATH",
         help="directory for the offline cache of dispatches and the session counter "
@@ -181,6 +195,14 @@ def _parse_text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a non-empty string")
     return value.strip()
+
+
+def _parse_secret(value: Any) -> str:
+    # Taken as given (`actor_sdk.mqtt.read_secret_file` already dropped a file's line end):
+    # spaces may be part of a password.
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
 
 
 def _parse_ids(value: Any) -> tuple[int, ...]:
@@ -316,22 +338,25 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
             "no MQTT broker: give --broker mqtt://host:port (or MQTT_URL, or broker in [bridge])"
         )
     username = source.get(
-        "mqtt_username", env="MQTT_USERNAME", parse=_parse_text, default=None, secret=True
+        "mqtt_username", env="MQTT_USERNAME", parse=_parse_secret, default=None, secret=True
     )
     password = source.get(
-        "mqtt_password", env="MQTT_PASSWORD", parse=_parse_text, default=None, secret=True
+        "mqtt_password", env="MQTT_PASSWORD", parse=_parse_secret, default=None, secret=True
     )
-    ca_file = source.get("broker_ca_file", env="MQTT_CA_FILE", parse=_parse_text, default=None)
-    if ca_file is not None:
-        if not broker.tls:
-            raise ConfigError("--broker-ca-file is set but the broker URL is not mqtts://")
-        if not Path(ca_file).is_file():
-            raise ConfigError(f"--broker-ca-file {ca_file}: no such file")
+    tls_files = [
+        source.get(
+            f"broker_{key}_file", env=f"MQTT_{key.upper()}_FILE", parse=_parse_text, default=None
+        )
+        for key in ("ca", "cert", "key")
+    ]
+    try:
+        broker = broker.with_tls_files(*tls_files)
+    except ValueError as error:
+        raise ConfigError(f"invalid broker TLS settings: {error}") from None
     broker = replace(
         broker,
         username=username if username is not None else broker.username,
         password=password if password is not None else broker.password,
-        ca_file=ca_file,
     )
     if broker.password is not None and broker.username is None:
         raise ConfigError("an MQTT password is set but no user name: set MQTT_USERNAME too")

@@ -16,10 +16,7 @@ import builtins
 import logging
 from typing import Any
 
-import aiomqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
-from actor_sdk import wire
+from actor_sdk import mqtt, wire
 
 __all__ = ["RetainedScan", "raise_first", "scan_retained"]
 
@@ -35,7 +32,7 @@ class RetainedScan:
         self.done = asyncio.Event()
         self.received = 0
 
-    def feed(self, message: aiomqtt.Message) -> None:
+    def feed(self, message: mqtt.Message) -> None:
         """Take one message of the scan's subscriptions.
 
         Args:
@@ -54,7 +51,7 @@ class RetainedScan:
 
 
 async def scan_retained(
-    client: aiomqtt.Client,
+    client: mqtt.Client,
     scan: RetainedScan,
     layout: wire.TopicLayout,
     *,
@@ -83,8 +80,7 @@ async def scan_retained(
     filters = [f"{root}/+/dispatches/+", f"{root}/+/running", f"{root}/+/upcoming"]
     if noLocal:
         # Our own republishing runs meanwhile: no need to read it back.
-        options = SubscribeOptions(qos=1, noLocal=True)
-        await client.subscribe([(topic, options) for topic in filters])
+        await mqtt.subscribe_no_local(client, filters, qos=1)
     else:
         await client.subscribe([(topic, 1) for topic in filters])
     # Subscribed second: its retained message comes after all of the first's.

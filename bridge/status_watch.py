@@ -4,8 +4,8 @@ Three checks feed the `StatusBoard` of one microgrid, on every connection:
 
 * **Refused publishes, MQTT v5**: a PUBACK with a reason code of 0x80 or more
   (0x87 "not authorized": the ACL denies the topic) is logged as an error and
-  counted in the status's `refused`. aiomqtt drops PUBACK reason codes, so
-  `install()` wraps the paho client's `on_publish` callback.
+  counted in the status's `refused` (`actor_sdk.mqtt.on_refused_publish`
+  calls `refused`).
 * **Refused publishes, MQTT 3.1.1**: the broker acknowledges a denied publish
   and drops it. The bridge stays subscribed to its own status topic; when its
   own status (this session) has not come back within two status intervals of
@@ -21,11 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
-import aiomqtt
-
-from actor_sdk import wire
+from actor_sdk import mqtt, wire
 from bridge.status import StatusBoard
 
 __all__ = ["StatusWatch"]
@@ -77,25 +74,6 @@ class StatusWatch:
         self._board.refused = 0
         self._board.resolve("refused")
 
-    def install(self, client: aiomqtt.Client) -> None:
-        """Hook into the client's PUBACK handling (MQTT v5 reason codes).
-
-        Args:
-            client: The connection's client, before it connects.
-        """
-        paho = client._client  # aiomqtt offers no PUBACK reason codes
-        forward: Callable[..., None] | None = paho.on_publish
-
-        def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-            if getattr(reason, "is_failure", False):
-                message = paho_client._out_messages.get(mid)
-                topic = message.topic if message is not None else "?"
-                self.refused(topic, f"reason code 0x{reason.value:02X} {reason}")
-            if forward is not None:
-                forward(paho_client, userdata, mid, reason, props)
-
-        paho.on_publish = on_publish
-
     def refused(self, topic: str, why: str) -> None:
         """Count and report a publish the broker refused.
 
@@ -143,7 +121,7 @@ class StatusWatch:
             )
             self._sent_at = now
 
-    def feed(self, message: aiomqtt.Message) -> None:
+    def feed(self, message: mqtt.Message) -> None:
         """Look at a message on the own status topic.
 
         Args:

@@ -63,7 +63,7 @@ from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 
 from actor_sdk import wire
-from bridge.broker import Backoff
+from actor_sdk.mqtt import Backoff
 from bridge.service import (
     DeletedById,
     EventKind,

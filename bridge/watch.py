@@ -29,7 +29,6 @@ import contextlib
 import logging
 import math
 import shutil
-import ssl
 import sys
 import uuid
 from collections import deque
@@ -41,8 +40,8 @@ from typing import Any, TextIO
 import aiomqtt
 
 from actor_sdk import wire
+from actor_sdk.mqtt import BrokerSettings, new_client, parse_broker_url
 from bridge.config import ConfigError, SettingsSource
-from bridge.publisher import BrokerSettings, parse_broker_url
 from bridge.upcoming import dispatch_runs
 
 __all__ = [
@@ -481,22 +480,13 @@ def broker_client(settings: BrokerSettings, identifier: str) -> aiomqtt.Client:
     """Build a fresh aiomqtt client for one read-only connection.
 
     Args:
-        settings: The broker, parsed by the bridge's own `parse_broker_url`.
+        settings: The broker (`actor_sdk.mqtt.parse_broker_url`).
         identifier: The MQTT client id.
 
     Returns:
         The client (not yet connected).
     """
-    return aiomqtt.Client(
-        settings.host,
-        settings.port,
-        username=settings.username,
-        password=settings.password,
-        identifier=identifier,
-        clean_session=True,
-        tls_context=ssl.create_default_context(cafile=settings.ca_file) if settings.tls else None,
-        timeout=10,
-    )
+    return new_client(settings, identifier=identifier)
 
 
 def _connect_failure(error: aiomqtt.MqttError, target: BrokerSettings) -> str:
@@ -760,8 +750,10 @@ def load_target(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLay
     elif target.password is None and password is not None:
         target = replace(target, password=password)
     ca_file = source.get("broker_ca_file", env="MQTT_CA_FILE", parse=str, default=None)
-    if ca_file is not None:
-        target = replace(target, ca_file=ca_file)
+    try:
+        target = target.with_tls_files(ca_file)
+    except ValueError as error:
+        raise ConfigError(f"invalid --broker-ca-file: {error}") from None
     microgrid = source.get("microgrid_id", env="MICROGRID_ID", parse=_positive_int, default=None)
     if microgrid is None:
         raise ConfigError("no microgrid: give --microgrid-id M (or MICROGRID_ID)")

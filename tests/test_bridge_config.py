@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from actor_sdk.mqtt import parse_broker_url
 from bridge.cli import build_parser
 from bridge.config import ConfigError, SettingsSource
-from bridge.publisher import parse_broker_url
 from bridge.run_command import BridgeSettings, load_settings
 from tests.fixtures.api_server import dispatch_bridge_command
 

@@ -13,7 +13,8 @@ import aiomqtt
 import pytest
 
 from actor_sdk import wire
-from bridge.publisher import Backoff, BrokerSettings, Publisher, parse_broker_url
+from actor_sdk.mqtt import Backoff, BrokerSettings, parse_broker_url
+from bridge.publisher import Publisher
 from bridge.store import SessionCounter
 from tests.fixtures.bridge import retained_snapshot
 from tests.fixtures.broker import Broker
@@ -223,7 +224,7 @@ async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_
         backlog = publisher.pending
         # Taken out of the queue (sent) while most of the republish still waits.
         await async_wait_until(
-            lambda: urgent not in publisher._pending, 10, "the change sent", interval=0.001
+            lambda: not publisher.queue.is_waiting(urgent), 10, "the change sent", interval=0.001
         )
         left = publisher.pending
         await async_wait_until(lambda: publisher.pending == 0, 60, "the republish")

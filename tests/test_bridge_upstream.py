@@ -13,7 +13,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
-from bridge.publisher import Backoff
+from actor_sdk.mqtt import Backoff
 from bridge.service import LinkChanged, ScheduleCore, StreamEvent, Synced, UpstreamItem
 from bridge.upstream import Upstream, UpstreamSettings
 from tests.fixtures.api_server import ApiServerHandle

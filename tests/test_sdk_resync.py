@@ -20,7 +20,7 @@ import pytest
 
 from actor_sdk import Dispatcher, wire
 from actor_sdk._bridge_clock import CONVERGED_AFTER
-from actor_sdk._connection import ReceivedQueue
+from actor_sdk.mqtt import ReceivedQueue
 from tests.fixtures.sdk import utcnow, wire_dispatch
 
 T = "SDK_RESYNC"

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import random
-import ssl
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import msgspec
 import pytest
 
-from actor_sdk import BrokerUrlError, Created, Deleted, SdkError, Updated, wire
+from actor_sdk import Created, Deleted, Updated, wire
 from actor_sdk._bridge_clock import CONVERGED_AFTER, BridgeClock
-from actor_sdk._connection import BrokerSettings, reconnect_delay
 from actor_sdk._view import BridgeView, is_newer
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -228,56 +224,6 @@ def test_lifecycle_events_follow_the_definition_not_the_computed_state() -> None
     assert view.apply_dispatch("T", 1, b"") == []
     with pytest.raises(wire.WireError):
         view.apply_dispatch("T", 5, wire.encode(wire_dispatch(1)))
-
-
-# --- connection settings ------------------------------------------------------------
-
-
-def test_broker_url_with_credentials() -> None:
-    settings = BrokerSettings.from_url("mqtt://act%40or:p%3Ass@edge:1884")
-    assert (settings.host, settings.port, settings.username, settings.password) == (
-        "edge",
-        1884,
-        "act@or",
-        "p:ss",
-    )
-    assert settings.tls_context is None
-    assert "p:ss" not in settings.describe()
-
-
-def test_broker_url_defaults_and_tls() -> None:
-    assert BrokerSettings.from_url("mqtt://edge").port == 1883
-    secure = BrokerSettings.from_url("mqtts://edge")
-    assert secure.port == 8883 and isinstance(secure.tls_context, ssl.SSLContext)
-
-
-def test_credentials_from_the_environment_and_files(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    secret = tmp_path / "pw"
-    secret.write_text("from-file\n")
-    monkeypatch.setenv("MQTT_USERNAME", "actor")
-    monkeypatch.delenv("MQTT_PASSWORD", raising=False)
-    monkeypatch.setenv("MQTT_PASSWORD_FILE", str(secret))
-    settings = BrokerSettings.from_url("mqtt://edge:1883")
-    assert (settings.username, settings.password) == ("actor", "from-file")
-
-
-@pytest.mark.parametrize(
-    "url", ["http://edge", "mqtt://", "mqtt://edge:99999", "mqtt://edge/path", "edge:1883"]
-)
-def test_bad_broker_urls_are_refused_with_one_error_type(url: str) -> None:
-    with pytest.raises(BrokerUrlError) as caught:
-        BrokerSettings.from_url(url)
-    assert isinstance(caught.value, SdkError)
-
-
-def test_reconnect_delay_grows_is_capped_and_jittered() -> None:
-    rng = random.Random(1)
-    delays = [reconnect_delay(n, first=0.5, cap=8, rng=rng) for n in range(10)]
-    assert 0.25 <= delays[0] <= 0.5
-    assert all(4 <= d <= 8 for d in delays[5:])
-    assert len(set(delays[5:])) == 5  # jittered, not lockstep
 
 
 def test_bridge_clock_uses_the_local_clock_until_converged_then_the_minimum_offset() -> None:

@@ -15,9 +15,9 @@ import pytest
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
+from actor_sdk.mqtt import parse_broker_url
 from bridge.api import create_dispatch
 from bridge.cli import build_parser
-from bridge.publisher import parse_broker_url
 from bridge.watch import WatchState, format_span, load_settings, render, runs_within
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import BridgeFactory, retained_snapshot

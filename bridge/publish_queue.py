@@ -1,0 +1,310 @@
+"""What the bridge still has to publish, in which order, with which stamps (no I/O).
+
+The queue holds the desired retained state of one microgrid (topic to value)
+and an ordered, coalescing set of keys still to send: marking a topic again
+moves it to the end, so the newest state always wins and goes out last.
+
+Two priorities: running snapshots, the status and events go ahead of dispatch
+topics and clears, so that a start or a stop is never stuck behind the 100,000
+dispatch topics of a first sync or a full republish.
+
+Values are encoded when they are taken, not when they are set: a running
+snapshot then gets the connection's session and the next sequence number, the
+status is made from its board as of that moment.
+
+`bridge.publisher` is the async shell around it: its workers `take` an item,
+publish it, and report `sent` or `failed`.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+
+from actor_sdk import wire
+from bridge.status import StatusBoard
+
+__all__ = ["Outgoing", "PublishQueue", "RetainedValue"]
+
+RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | StatusBoard
+_Key = str | int
+"""A pending item: a retained topic (str) or an event number (int)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One publish to make."""
+
+    key: _Key
+    topic: str
+    payload: bytes
+    retain: bool
+    value: RetainedValue | None
+    """The held value it was made from (None for a clear or an event)."""
+
+
+class PublishQueue:
+    """The retained state of one microgrid and the order in which it goes out."""
+
+    def __init__(
+        self,
+        *,
+        microgrid_id: int,
+        layout: wire.TopicLayout,
+        clock: Callable[[], datetime],
+        max_events: int = 10_000,
+    ) -> None:
+        """Create an empty queue.
+
+        Args:
+            microgrid_id: The microgrid (for snapshots and the log).
+            layout: Its topics.
+            clock: Returns now (the status's instant, replacement snapshots' `as_of`).
+            max_events: The most events held; beyond it the oldest is dropped.
+        """
+        self.microgrid_id = microgrid_id
+        self.layout = layout
+        self._clock = clock
+        self._max_events = max_events
+        self._held: dict[str, RetainedValue] = {}
+        self._urgent: OrderedDict[_Key, None] = OrderedDict()
+        self._bulk: OrderedDict[_Key, None] = OrderedDict()
+        self._events: dict[int, tuple[str, bytes]] = {}
+        self._event_counter = 0
+        self._in_flight = 0
+        self.session = 0
+        self._seq = 0
+
+    # ---- what to hold -------------------------------------------------------------
+
+    def set(self, topic: str, payload: RetainedValue) -> None:
+        """Hold a retained topic and mark it to be sent.
+
+        Args:
+            topic: The topic.
+            payload: Its value.
+        """
+        self._held[topic] = payload
+        self._mark(topic)
+
+    def clear(self, topic: str) -> None:
+        """Stop holding a topic and mark it to be cleared (an empty retained payload).
+
+        Args:
+            topic: The topic.
+        """
+        self._held.pop(topic, None)
+        self._mark(topic)
+
+    def event(self, topic: str, payload: bytes) -> bool:
+        """Add a non-retained event (kept in order).
+
+        Args:
+            topic: The topic.
+            payload: The payload.
+
+        Returns:
+            False when the oldest waiting event was dropped to make room.
+        """
+        kept = True
+        if len(self._events) >= self._max_events:
+            oldest = next(iter(self._events))
+            del self._events[oldest]
+            self._urgent.pop(oldest, None)
+            kept = False
+        self._event_counter += 1
+        self._events[self._event_counter] = (topic, payload)
+        self._mark(self._event_counter)
+        return kept
+
+    def held(self) -> dict[str, RetainedValue]:
+        """The retained topics held, topic to value (a copy)."""
+        return dict(self._held)
+
+    @property
+    def held_count(self) -> int:
+        """How many retained topics are held."""
+        return len(self._held)
+
+    # ---- what to send -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """How many topics and events wait to be sent."""
+        return len(self._urgent) + len(self._bulk)
+
+    def is_waiting(self, key: str) -> bool:
+        """Whether a topic waits to be sent (taken ones are in flight or sent).
+
+        Args:
+            key: The topic.
+
+        Returns:
+            True while it waits.
+        """
+        return key in self._urgent or key in self._bulk
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and nothing is in flight."""
+        return self._in_flight == 0 and not self._urgent and not self._bulk
+
+    def new_session(self, session: int) -> None:
+        """A connection is up: stamp with its session, number snapshots from 1 again.
+
+        Args:
+            session: The connection's session number.
+        """
+        self.session = session
+        self._seq = 0
+
+    def requeue_all(self) -> None:
+        """Mark everything held to be sent again (after a connect).
+
+        What changed while disconnected stays ahead in its queue; the rest follows.
+        """
+        for topic in self._held:
+            if topic not in self._urgent and topic not in self._bulk:
+                self._queue_of(topic)[topic] = None
+
+    def take(self) -> Outgoing | None:
+        """Take the next publish, urgent ones first, and count it in flight.
+
+        Returns:
+            The publish, or None when nothing waits.
+        """
+        if self._urgent:
+            key, _ = self._urgent.popitem(last=False)
+        elif self._bulk:
+            key, _ = self._bulk.popitem(last=False)
+        else:
+            return None
+        self._in_flight += 1
+        if isinstance(key, int):
+            topic, payload = self._events[key]
+            return Outgoing(key, topic, payload, retain=False, value=None)
+        value = self._held.get(key)
+        payload = b"" if value is None else self._encode(value)
+        return Outgoing(key, key, payload, retain=True, value=value)
+
+    def sent(self, item: Outgoing) -> None:
+        """The broker acknowledged a publish.
+
+        Args:
+            item: What `take` returned.
+        """
+        self._in_flight -= 1
+        if isinstance(item.key, int):
+            self._events.pop(item.key, None)
+
+    def failed(self, item: Outgoing) -> None:
+        """A publish was not sent (or not confirmed): send it again first.
+
+        Unless a newer state of the same topic already waits (it goes instead).
+
+        Args:
+            item: What `take` returned.
+        """
+        self._in_flight -= 1
+        key = item.key
+        if key in self._urgent or key in self._bulk:
+            return
+        if isinstance(key, int) and key not in self._events:
+            return
+        queue = self._queue_of(key)
+        queue[key] = None
+        queue.move_to_end(key, last=False)
+
+    def _queue_of(self, key: _Key) -> OrderedDict[_Key, None]:
+        if isinstance(key, int) or isinstance(
+            self._held.get(key), wire.RunningSnapshot | StatusBoard
+        ):
+            return self._urgent
+        return self._bulk
+
+    def _mark(self, key: _Key) -> None:
+        self._bulk.pop(key, None)
+        self._urgent.pop(key, None)
+        self._queue_of(key)[key] = None
+
+    def _encode(self, value: RetainedValue) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, wire.Dispatch):
+            return wire.encode(value)
+        if isinstance(value, wire.RunningSnapshot):
+            self._seq += 1
+            return wire.encode(msgspec.structs.replace(value, session=self.session, seq=self._seq))
+        return self.status_payload(value)
+
+    def status_payload(
+        self, board: StatusBoard, *, offline: bool = False, session: int | None = None
+    ) -> bytes:
+        """Encode the status as of now.
+
+        Args:
+            board: The facts behind it.
+            offline: The offline status (the will, or the goodbye).
+            session: Its session (None: the current one).
+
+        Returns:
+            The payload.
+        """
+        stamp = self.session if session is None else session
+        return wire.encode(board.status(self._clock(), stamp, offline=offline))
+
+    # ---- stale topics on the broker -----------------------------------------------
+
+    def clear_stale(self, retained_on_broker: builtins.set[str]) -> tuple[int, int]:
+        """Clear what the broker holds under the tree and this queue does not.
+
+        A `dispatches/ID` topic not held is cleared; a `running` topic of a type
+        not held gets an empty snapshot; an `upcoming` topic is cleared unless its
+        type still has a running topic held (it is republished soon).
+
+        Args:
+            retained_on_broker: The retained topics the broker holds (the scan).
+
+        Returns:
+            How many topics were cleared, and how many running topics emptied.
+        """
+        cleared = replaced = 0
+        upcoming: list[tuple[str, str]] = []
+        emptied: builtins.set[str] = builtins.set()
+        for topic in retained_on_broker:
+            if topic in self._held:
+                continue
+            try:
+                ref = self.layout.parse(topic)
+            except wire.WireError:
+                continue
+            if ref.kind == wire.TopicKind.DISPATCH:
+                self._mark(topic)
+                cleared += 1
+            elif ref.kind == wire.TopicKind.RUNNING and ref.dispatch_type is not None:
+                self.set(topic, self._empty_snapshot(ref.dispatch_type))
+                emptied.add(topic)
+                replaced += 1
+            elif ref.kind == wire.TopicKind.UPCOMING and ref.dispatch_type is not None:
+                upcoming.append((topic, self.layout.running(ref.dispatch_type)))
+        for topic, running in upcoming:
+            if running not in self._held or running in emptied:
+                self._mark(topic)
+                cleared += 1
+        return cleared, replaced
+
+    def _empty_snapshot(self, dispatch_type: str) -> wire.RunningSnapshot:
+        return wire.RunningSnapshot(
+            microgrid_id=self.microgrid_id,
+            type=dispatch_type,
+            running=(),
+            next_change=None,
+            as_of=self._clock(),
+            session=0,
+            seq=0,
+        )

@@ -1,0 +1,119 @@
+"""`bridge.publish_queue`: order, coalescing, stamping and stale clearing, without a broker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from actor_sdk import wire
+from bridge.publish_queue import Outgoing, PublishQueue
+from bridge.status import StatusBoard
+
+MG = 3
+LAYOUT = wire.TopicLayout.for_microgrid(MG)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def queue() -> PublishQueue:
+    return PublishQueue(microgrid_id=MG, layout=LAYOUT, clock=lambda: NOW, max_events=3)
+
+
+def snapshot(type_: str = "T") -> wire.RunningSnapshot:
+    return wire.RunningSnapshot(
+        microgrid_id=MG,
+        type=type_,
+        running=(),
+        next_change=None,
+        as_of=NOW,
+        session=0,
+        seq=0,
+    )
+
+
+def drain(q: PublishQueue) -> list[Outgoing]:
+    items = []
+    while (item := q.take()) is not None:
+        q.sent(item)
+        items.append(item)
+    return items
+
+
+def test_urgent_topics_go_first_and_a_topic_set_again_goes_once_with_its_newest_value() -> None:
+    q = queue()
+    q.set(LAYOUT.dispatch("T", 1), b"old")
+    q.set(LAYOUT.dispatch("T", 2), b"two")
+    q.event("events", b"e1")
+    q.set(LAYOUT.running("T"), snapshot())
+    q.set(LAYOUT.dispatch("T", 1), b"new")
+    items = drain(q)
+    assert [item.topic for item in items] == [
+        "events",
+        LAYOUT.running("T"),
+        LAYOUT.dispatch("T", 2),
+        LAYOUT.dispatch("T", 1),
+    ]
+    assert items[-1].payload == b"new" and items[-1].retain
+    assert not items[0].retain and q.idle
+
+
+def test_snapshots_and_the_status_are_stamped_with_the_session_when_taken() -> None:
+    q = queue()
+    q.set(LAYOUT.running("T"), snapshot())
+    q.new_session(7)
+    first = wire.decode_running(drain(q)[0].payload)
+    q.set(LAYOUT.running("T"), snapshot())
+    second = wire.decode_running(drain(q)[0].payload)
+    assert (first.session, first.seq, second.seq) == (7, 1, 2)
+    q.new_session(8)
+    q.set(LAYOUT.status, StatusBoard(bridge="b"))
+    q.requeue_all()
+    items = drain(q)
+    statuses = [wire.decode_status(i.payload) for i in items if i.topic == LAYOUT.status]
+    snapshots = [wire.decode_running(i.payload) for i in items if i.topic == LAYOUT.running("T")]
+    assert statuses[0].session == 8 and (snapshots[0].session, snapshots[0].seq) == (8, 1)
+
+
+def test_a_failed_publish_goes_again_first_unless_a_newer_value_waits() -> None:
+    q = queue()
+    for index in range(3):
+        q.set(LAYOUT.dispatch("T", index), b"x")
+    first = q.take()
+    assert first is not None
+    q.failed(first)
+    assert q.take() == first
+    q.set(first.topic, b"newer")
+    q.failed(first)
+    assert [item.topic for item in drain(q)] == [
+        LAYOUT.dispatch("T", 1),
+        LAYOUT.dispatch("T", 2),
+        first.topic,
+    ]
+
+
+def test_clear_sends_an_empty_payload_and_the_oldest_event_is_dropped_when_full() -> None:
+    q = queue()
+    q.set(LAYOUT.dispatch("T", 1), b"x")
+    q.clear(LAYOUT.dispatch("T", 1))
+    assert [(i.payload, i.value) for i in drain(q)] == [(b"", None)]
+    assert [q.event("e", bytes([n])) for n in range(4)] == [True, True, True, False]
+    assert [item.payload for item in drain(q)] == [b"\x01", b"\x02", b"\x03"]
+
+
+def test_stale_topics_are_cleared_or_emptied_and_held_ones_kept() -> None:
+    q = queue()
+    q.set(LAYOUT.dispatch("T", 1), b"held")
+    q.set(LAYOUT.running("T"), snapshot())
+    drain(q)
+    on_broker = {
+        LAYOUT.dispatch("T", 1),
+        LAYOUT.dispatch("T", 2),
+        LAYOUT.running("GONE"),
+        LAYOUT.upcoming("GONE"),
+        LAYOUT.upcoming("T"),
+        "not/of/the/tree",
+    }
+    assert q.clear_stale(on_broker) == (2, 1)
+    items = {item.topic: item for item in drain(q)}
+    assert items[LAYOUT.dispatch("T", 2)].payload == b""
+    assert items[LAYOUT.upcoming("GONE")].payload == b""
+    assert wire.decode_running(items[LAYOUT.running("GONE")].payload).running == ()
+    assert LAYOUT.dispatch("T", 1) not in items and LAYOUT.upcoming("T") not in items
