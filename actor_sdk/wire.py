@@ -45,7 +45,12 @@ __all__ = [
     "Dispatch",
     "DispatchEvent",
     "EndCriteria",
+    "Hold",
+    "Holds",
     "Recurrence",
+    "Request",
+    "RequestAnswer",
+    "RequestError",
     "RunningSnapshot",
     "Target",
     "TargetCategory",
@@ -55,6 +60,7 @@ __all__ = [
     "UpcomingRun",
     "UpcomingRuns",
     "WireError",
+    "decode_answer",
     "actor_id_of",
     "actor_status_filter",
     "actor_status_topic",
@@ -62,6 +68,7 @@ __all__ = [
     "decode_actor_status",
     "decode_dispatch",
     "decode_event",
+    "decode_request",
     "decode_running",
     "decode_status",
     "decode_type",
@@ -174,6 +181,10 @@ class RunningSnapshot(_Wire, frozen=True, kw_only=True):
     as_of: UtcTime
     session: int
     seq: int
+    held: bool = False
+    """The site holds this type (`ROOT/request/hold`): nothing runs, whatever the schedule."""
+    hold_reason: str | None = None
+    """Why it is held, as the hold request said (set when `held`)."""
 
 
 class DispatchEvent(_Wire, frozen=True, kw_only=True):
@@ -444,6 +455,8 @@ class TopicKind(Enum):
     EVENTS = "events"
     STATUS = "status"
     UPCOMING = "upcoming"
+    REQUEST = "request"
+    RESPONSE = "response"
 
 
 @dataclass(frozen=True)
@@ -453,6 +466,8 @@ class TopicRef:
     kind: TopicKind
     dispatch_type: str | None = None
     dispatch_id: int | None = None
+    action: str | None = None
+    """For a request or response topic: `resync`, `hold` or `release`."""
 
 
 @dataclass(frozen=True)
@@ -535,6 +550,28 @@ class TopicLayout:
         """
         return f"{self.root}/{encode_type(dispatch_type)}/upcoming"
 
+    def request(self, action: str) -> str:
+        """Return the topic of a request to the bridge (see `REQUEST_ACTIONS`).
+
+        Args:
+            action: `resync`, `hold` or `release`.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/request/{action}"
+
+    def response(self, action: str) -> str:
+        """Return the topic of the bridge's answers to one kind of request.
+
+        Args:
+            action: `resync`, `hold` or `release`.
+
+        Returns:
+            The topic.
+        """
+        return f"{self.root}/response/{action}"
+
     def parse(self, topic: str) -> TopicRef:
         """Tell which topic of this layout a topic is.
 
@@ -560,6 +597,9 @@ class TopicLayout:
                 return TopicRef(TopicKind.EVENTS, decode_type(level))
             case [level, "upcoming"]:
                 return TopicRef(TopicKind.UPCOMING, decode_type(level))
+            # No action is a kind above, so a type called "request" keeps its topics.
+            case ["request" | "response" as side, action] if action in REQUEST_ACTIONS:
+                return TopicRef(TopicKind(side), action=action)
             case [level, "dispatches", dispatch_id] if (
                 # Canonical ids only (one dispatch, one topic); at most 20 digits (uint64),
                 # which also keeps int() clear of its 4300-digit limit (ValueError).
@@ -1030,3 +1070,124 @@ def encode_actor_status(status: ActorStatus) -> bytes:
         The JSON bytes.
     """
     return encode(status)
+
+# --- Requests to the bridge and its answers (contract: "Requests and responses") ---
+
+REQUEST_ACTIONS = ("resync", "hold", "release")
+"""The requests a bridge answers, each on `ROOT/request/<action>`, answered on
+`ROOT/response/<action>`. None of them is a kind of type topic (`running`,
+`dispatches`, `events`, `upcoming`), so a type called `request` or `response`
+never meets them."""
+
+MAX_REQUEST_BYTES = 64 * 1024
+"""The largest request payload a bridge reads; larger ones are answered with an error."""
+
+
+class Request(_Wire, frozen=True, kw_only=True):
+    """A request to the bridge: `transaction` is echoed in the answer, whatever it is.
+
+    `type` names the dispatch type to hold or release (None: every type);
+    `reason` says why, and is shown in the held type's running snapshot.
+    """
+
+    transaction: Any = None
+    type: str | None = None
+    reason: str | None = None
+
+
+class Hold(_Wire, frozen=True, kw_only=True):
+    """One hold: since when, and why."""
+
+    since: UtcTime
+    reason: str
+
+
+class Holds(_Wire, frozen=True, kw_only=True):
+    """Every hold of one microgrid: of every type (`all_types`), and of named types."""
+
+    all_types: Hold | None = None
+    types: dict[str, Hold] = msgspec.field(default_factory=dict)
+
+
+class RequestAnswer(_Wire, frozen=True, kw_only=True):
+    """The bridge's answer to one request, sent on `ROOT/response/<request>`.
+
+    `transaction` is the request's (null when the request could not be read);
+    `error` is null exactly when `status` is `ok`. A resync answer says how many
+    dispatches the bridge holds and when it last listed them; a hold or release
+    answer gives every hold in force after it.
+    """
+
+    status: Literal["ok", "error"]
+    transaction: Any
+    error: str | None
+    request: str
+    microgrid_id: int
+    as_of: UtcTime
+    dispatches: int | None = None
+    synced_at: UtcTime | None = None
+    holds: Holds | None = None
+
+
+class RequestError(WireError):
+    """A request that cannot be carried out as sent; `transaction` is what it carried."""
+
+    def __init__(self, message: str, transaction: Any = None) -> None:
+        """Create the error.
+
+        Args:
+            message: What is wrong with the request.
+            transaction: The request's transaction, when it could be read.
+        """
+        super().__init__(message)
+        self.transaction = transaction
+
+
+_decode_any = msgspec.json.Decoder()
+_decode_answer = _decoder(RequestAnswer)
+
+
+def decode_request(data: bytes | bytearray) -> Request:
+    """Decode a request payload: a JSON object, e.g. `{"transaction": "abc"}`.
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The request.
+
+    Raises:
+        RequestError: The payload is not a request; carries the transaction when
+            the payload was an object with one.
+    """
+    if len(data) > MAX_REQUEST_BYTES:
+        raise RequestError(f"request of {len(data)} bytes exceeds {MAX_REQUEST_BYTES} bytes")
+    try:
+        raw = _decode_any.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
+        raise RequestError(f"the request is not JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise RequestError(
+            f"the request must be a JSON object such as {{\"transaction\": 1}}, "
+            f"not {type(raw).__name__}"
+        )
+    transaction = raw.get("transaction")
+    try:
+        return msgspec.convert(raw, Request)
+    except msgspec.ValidationError as error:
+        raise RequestError(f"invalid request: {error}", transaction) from None
+
+
+def decode_answer(data: bytes | bytearray) -> RequestAnswer:
+    """Decode an answer of the bridge (`ROOT/response/<request>`).
+
+    Args:
+        data: The raw payload.
+
+    Returns:
+        The answer.
+
+    Raises:
+        WireError: The payload is not a valid answer.
+    """
+    return _decode(_decode_answer, "request answer", data)

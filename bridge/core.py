@@ -34,6 +34,7 @@ import msgspec
 
 from actor_sdk import wire
 from bridge import schedule
+from bridge.requests import HoldBook
 
 __all__ = ["EventKind", "Outbox", "RetainedValue", "ScheduleCore", "Transition", "strip_state"]
 
@@ -119,6 +120,8 @@ class ScheduleCore:
         self._heaps: dict[str, list[tuple[datetime, int]]] = {}
         self._levels: dict[str, str] = {}
         self._dirty_types: dict[str, None] = {}
+        self.holds = HoldBook()
+        """The types held by a local request (`bridge.requests`): their snapshots run nothing."""
 
     # ---- queries --------------------------------------------------------------
 
@@ -334,6 +337,23 @@ class ScheduleCore:
         self._flush_types(now, out)
         return out
 
+    def refresh(self, dispatch_types: Iterable[str] | None, now: datetime) -> Outbox:
+        """New running snapshots of some types, or of all (after a hold or release).
+
+        Args:
+            dispatch_types: The types; None: every type held.
+            now: The current instant.
+
+        Returns:
+            The snapshots of those types the core holds.
+        """
+        for dispatch_type in self._running if dispatch_types is None else dispatch_types:
+            if dispatch_type in self._running:
+                self._dirty_types[dispatch_type] = None
+        out = Outbox()
+        self._flush_types(now, out)
+        return out
+
     # ---- internals ------------------------------------------------------------
 
     def _put(self, dispatch: wire.Dispatch, now: datetime, out: Outbox) -> wire.Dispatch:
@@ -412,6 +432,9 @@ class ScheduleCore:
             held = self._dispatches
             running = tuple(map(held.__getitem__, sorted(self._running.get(dispatch_type, ()))))
             next_change = self._head(dispatch_type) if dispatch_type in self._heaps else None
+            hold = self.holds.of(dispatch_type) if self.holds else None
+            if hold is not None:
+                running, next_change = (), None
             topic = f"{self._level(dispatch_type)}/running"
             out.retained.pop(topic, None)
             out.retained[topic] = wire.RunningSnapshot(
@@ -422,6 +445,8 @@ class ScheduleCore:
                 as_of=now,
                 session=0,
                 seq=0,
+                held=hold is not None,
+                hold_reason=None if hold is None else hold.reason,
             )
         self._dirty_types.clear()
 
