@@ -221,6 +221,7 @@ class DispatchCache:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_BYTES}")
             db.execute("PRAGMA busy_timeout=2000")
             db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:

@@ -110,3 +110,22 @@ def test_fanout_bench_quick_prints_start_and_stop_rows() -> None:
     ):
         ours, reference, _, _ = table[figure]
         assert measured(ours) and measured(reference)
+
+
+def test_cache_writes_bench_quick_prints_bytes_per_change() -> None:
+    table = run_quick("cache_writes.py")
+    ours, reference, _, _ = table["bytes written per change"]
+    assert measured(ours) and measured(reference)
+    assert float(ours.split()[0]) < 64  # KB: a change writes a few pages, not the whole cache
+    assert measured(table["commit on the event loop, p50"][0])
+
+
+def test_mqtt_io_bench_quick_prints_every_client() -> None:
+    table = run_quick("mqtt_io.py")
+    for client in ("aiomqtt, awaiting each publish", "paho-mqtt's own loop", "gmqtt"):
+        assert any(f.startswith(f"publish rate, {client}") for f in table), client
+    for figure, cells in table.items():
+        assert measured(cells[0]), figure
+    project = [f for f in table if f.startswith("retained catch-up, actor_sdk.mqtt")]
+    assert len(project) == 1 and table[project[0]][3].startswith("≤ 2 × mosquitto_sub")  # noqa: RUF001
+    assert measured(table["retained catch-up, mosquitto_sub (C, the floor)"][0])
