@@ -290,3 +290,59 @@ async def test_the_page_stays_usable_with_10000_dispatches(
     more = browser.find_element(By.CSS_SELECTOR, '#running [data-type="TYPE_0"]').text
     assert "+ 76 more" in more
     assert browser.find_element(By.ID, "timeline").get_attribute("data-types") == "10"
+
+
+async def test_the_page_tells_a_retained_online_from_a_live_one_and_shows_syncing(
+    mqtt_broker: Broker, browser: webdriver.Chrome
+) -> None:
+    layout = wire.TopicLayout.for_microgrid(MICROGRID)
+
+    def status(state: str, error: str | None = None) -> bytes:
+        return wire.encode(
+            wire.BridgeStatus(
+                state=state,  # type: ignore[arg-type]
+                upstream="disconnected",
+                synced_at=None,
+                session=3,
+                bridge="test",
+                version="0",
+                dispatches=0,
+                status_interval=5,
+                error=error,
+                contract=2,
+            )
+        )
+
+    async with aiomqtt.Client(**mqtt_broker.client_kwargs("admin")) as client:
+        await client.publish(layout.status, status("online"), qos=1, retain=True)
+        browser.get(page_url(mqtt_broker))
+        await asyncio.to_thread(
+            when,
+            lambda: attribute(browser, "connection", "data-state") == "connected",
+            15,
+            "the page to connect",
+        )
+        # Only the retained replay so far: not vouched for.
+        await asyncio.to_thread(
+            when,
+            lambda: attribute(browser, "bridge-state", "data-state") == "unconfirmed",
+            10,
+            "the page to call a retained online unconfirmed",
+        )
+        await client.publish(layout.status, status("online"), qos=1, retain=True)
+        await asyncio.to_thread(
+            when,
+            lambda: attribute(browser, "bridge-state", "data-state") == "online",
+            10,
+            "the page to show online after a live status",
+        )
+        problem = "the Dispatch API refused the key: check DISPATCH_API_AUTH_KEY"
+        await client.publish(layout.status, status("syncing", problem), qos=1, retain=True)
+        await asyncio.to_thread(
+            when,
+            lambda: attribute(browser, "bridge-state", "data-state") == "syncing",
+            10,
+            "the page to show syncing",
+        )
+        assert problem in browser.find_element(By.ID, "bridge-state").text
+        assert problem in browser.find_element(By.ID, "status-details").text

@@ -217,7 +217,8 @@
     if (status.state === "syncing") return ["syncing", "syncing: " + (status.error || "not vouching for the schedule yet")];
     if (status.state !== "online") return ["unknown", "unknown state " + status.state];
     const interval = (status.status_interval || DEFAULT_STATUS_INTERVAL_S) * 1000;
-    if (!state.statusLiveAt) return ["online", "online (retained; waiting for a live status)"];
+    // A retained "online" replayed on connect proves nothing until a live one follows.
+    if (!state.statusLiveAt) return ["unconfirmed", "online? (retained; waiting for a live status)"];
     if (now - state.statusLiveAt > 2 * interval) return ["stale", "online, but no live status for " + formatSpan(now - state.statusLiveAt)];
     return ["online", "online"];
   }
