@@ -249,9 +249,16 @@ def check_tree_is_the_truth(
     running_topics = {}
     for topic, payload in retained.items():
         ref = LAYOUT.parse(topic)  # no topic outside the contract
-        assert ref.kind in (wire.TopicKind.DISPATCH, wire.TopicKind.RUNNING), topic
+        assert ref.kind in (
+            wire.TopicKind.DISPATCH,
+            wire.TopicKind.RUNNING,
+            wire.TopicKind.UPCOMING,
+        ), topic
         if ref.kind is wire.TopicKind.RUNNING and payload:
             running_topics[ref.dispatch_type] = wire.decode_running(payload)
+        if ref.kind is wire.TopicKind.UPCOMING and payload:
+            upcoming = wire.decode_upcoming(payload)  # decodes, and names its own type
+            assert upcoming.type == ref.dispatch_type, topic
     for dispatch_id, topic in by_id.items():
         published = wire.decode_dispatch(retained[topic])
         expected = truth[dispatch_id]

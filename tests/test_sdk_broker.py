@@ -7,10 +7,8 @@ user (wire structs) and watches what the SDK's actors do. Windows are seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
@@ -25,7 +23,6 @@ from actor_sdk import (
     DispatchInfo,
     MergeByType,
     MergeByTypeTarget,
-    MergeStrategy,
     Updated,
     manage,
     wire,
@@ -36,49 +33,15 @@ from tests.fixtures.sdk import (
     Record,
     ScriptedBridge,
     TcpProxy,
+    dispatcher_for,
+    managing,
     new_microgrid_id,
+    poll,
     utcnow,
     wire_dispatch,
 )
 
 T = "SDK_TEST"
-
-
-@contextlib.asynccontextmanager
-async def dispatcher_for(
-    bridge: ScriptedBridge, url: str | None = None, **options: object
-) -> AsyncIterator[Dispatcher]:
-    options.setdefault("reconnect_delay", timedelta(seconds=0.1))
-    options.setdefault("max_reconnect_delay", timedelta(seconds=0.5))
-    options.setdefault("sync_timeout", timedelta(seconds=1))
-    dispatcher = Dispatcher(
-        microgrid_id=bridge.microgrid_id,
-        broker=url or bridge.broker.url("actor"),
-        **options,  # type: ignore[arg-type]
-    )
-    async with dispatcher:
-        yield dispatcher
-
-
-@contextlib.asynccontextmanager
-async def managing(
-    bridge: ScriptedBridge,
-    log: ActorLog,
-    url: str | None = None,
-    *,
-    merge_strategy: MergeStrategy | None = None,
-    retry_interval: timedelta = timedelta(seconds=60),
-    **options: object,
-) -> AsyncIterator[Dispatcher]:
-    """A `dispatcher_for(bridge, url, **options)` that manages type `T` with `log`'s actors."""
-    async with dispatcher_for(bridge, url, **options) as dispatcher:
-        await dispatcher.start_managing(
-            T,
-            actor_factory=log.factory,
-            merge_strategy=merge_strategy,
-            retry_interval=retry_interval,
-        )
-        yield dispatcher
 
 
 async def test_starts_an_actor_with_the_payload_target_and_dry_run_then_stops_it(
@@ -241,13 +204,6 @@ async def test_lost_broker_connection_stops_the_actor_at_its_until_and_reconnect
         await log.wait_for(lambda lg: lg.running_dispatch_ids() == [3], what="only d3")
         assert [r.dispatch_id for r in log.of("start")] == [1, 2, 3]
         assert sorted(r.dispatch_id for r in log.of("stop")) == [1, 2]
-
-
-async def poll(condition: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_running_snapshot_lost_by_the_broker_keeps_the_last_one(
@@ -575,8 +531,11 @@ async def test_a_frequenz_sdk_actor_fits(scripted_bridge: ScriptedBridge) -> Non
             async for info in self.updates:  # type: ignore[attr-defined]
                 seen.append(info.options)
 
+    created: list[PowerActor] = []
+
     async def create(info: DispatchInfo, updates: object) -> PowerActor:
-        return PowerActor(info, updates)
+        created.append(PowerActor(info, updates))
+        return created[-1]
 
     await scripted_bridge.status("online")
     await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 1})])
@@ -585,11 +544,10 @@ async def test_a_frequenz_sdk_actor_fits(scripted_bridge: ScriptedBridge) -> Non
         await poll(lambda: seen == [{"v": 1}])
         await scripted_bridge.running(T, [wire_dispatch(1, T, payload={"v": 2})])
         await poll(lambda: seen == [{"v": 1}, {"v": 2}])
-        actors = dispatcher._managed[T]._slots
-        [running] = actors.values()
-        assert running.actor is not None and running.actor.is_running
+        [running] = created  # one actor, sent the update rather than replaced
+        assert running.is_running
         await scripted_bridge.running(T, [])
-        await poll(lambda: not actors and not running.actor.is_running)  # type: ignore[union-attr]
+        await poll(lambda: not running.is_running)
 
 
 async def test_a_garbage_retained_status_still_ends_the_sync(

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
-from typing import Self
+from typing import Any, Self
 
 import aiomqtt
 import pytest
@@ -169,3 +169,21 @@ async def test_live_snapshots_handled_late_are_sampled_at_their_arrival_not_as_s
         assert dispatcher._bridge_clock.converged
         assert dispatcher.clock_offset == timedelta(0)
         assert not [r for r in caplog.records if "clock" in r.getMessage()]
+
+
+async def test_an_unexpected_error_handling_a_message_is_logged_with_its_topic(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _session(sync_timeout=0.2) as (dispatcher, client):
+        real = dispatcher._view.apply_dispatch
+
+        def failing_once(dispatch_type: str, dispatch_id: int, *args: Any, **kwargs: Any) -> Any:
+            if dispatch_id == 1:
+                raise RuntimeError("unexpected")
+            return real(dispatch_type, dispatch_id, *args, **kwargs)
+
+        monkeypatch.setattr(dispatcher._view, "apply_dispatch", failing_once)
+        client.messages.source.put_nowait(_message(1))
+        client.messages.source.put_nowait(_message(2))
+        await _poll(lambda: dispatcher._view.dispatch(T, 2) is not None)
+        assert f"handling the message on topic {LAYOUT.dispatch(T, 1)} failed" in caplog.text

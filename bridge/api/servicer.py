@@ -456,12 +456,15 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             )
             await context.abort(refusal.code, refusal.message)
             return
+        # Read once, while the call is live: gRPC's context.peer() after the client
+        # cancelled the call crashed the server with a segfault (grpcio 1.85).
+        peer = context.peer()
         subscription = self._hub.subscribe(microgrid_id)
         _logger.debug(
             "%s microgrid=%d opened (peer %s, %d open)",
             method,
             microgrid_id,
-            context.peer(),
+            peer,
             self._hub.count(microgrid_id),
         )
         try:
@@ -478,7 +481,7 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
                         method,
                         microgrid_id,
                         message,
-                        context.peer(),
+                        peer,
                     )
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
                     return
@@ -490,7 +493,7 @@ class DispatchServicer(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
                 yield item
         finally:
             self._hub.unsubscribe(subscription)
-            _logger.debug("%s microgrid=%d closed (peer %s)", method, microgrid_id, context.peer())
+            _logger.debug("%s microgrid=%d closed (peer %s)", method, microgrid_id, peer)
 
 
 def _varint(value: int) -> bytes:
