@@ -112,42 +112,130 @@ def project_modules() -> dict[str, Path]:
     return {module_name(path): path for path in python_files("bridge", "actor_sdk")}
 
 
+def modules_imported(name: str, modules: dict[str, Path]) -> Iterator[tuple[str, Import]]:
+    """The modules of ours that module `name` imports, each with its import."""
+    for imported in imports_of(modules[name]):
+        if imported.package_of_from:
+            # `from actor_sdk import wire` is followed to actor_sdk.wire, not to what
+            # actor_sdk/__init__.py re-exports (the SDK's shell): the rules are about
+            # the code a module uses.
+            continue
+        # `from a import b`: `a.b` when it is a module, else the module `a`.
+        target = imported.module
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            yield target, imported
+
+
 def reachable_from(start: set[str], modules: dict[str, Path]) -> dict[str, list[str]]:
     """Every module of ours reachable by imports from `start`, with the chain that gets there."""
     chains: dict[str, list[str]] = {name: [name] for name in start}
     pending = sorted(start)
     while pending:
         name = pending.pop()
-        for imported in imports_of(modules[name]):
-            if imported.package_of_from:
-                # `from actor_sdk import wire` is followed to actor_sdk.wire, not to what
-                # actor_sdk/__init__.py re-exports (the SDK's shell): the rule is about
-                # the code the core uses.
-                continue
-            # `from a import b`: `a.b` when it is a module, else the module `a`.
-            target = imported.module
-            while target and target not in modules:
-                target = target.rpartition(".")[0]
-            if target and target not in chains:
+        for target, _ in modules_imported(name, modules):
+            if target not in chains:
                 chains[target] = [*chains[name], target]
                 pending.append(target)
     return chains
 
 
-def test_the_schedule_core_imports_no_io_library_even_indirectly() -> None:
+PURE_CORES = [
+    "bridge.schedule",
+    "bridge.core",
+    "bridge.publish_queue",
+    "bridge.status",
+    "bridge.requests",
+    "bridge.watch_state",
+    "actor_sdk.wire",
+    "actor_sdk._planner",
+    "actor_sdk._view",
+    "actor_sdk._resync",
+    "actor_sdk._bridge_clock",
+]
+"""The sans-I/O cores of docs/design.md (a package stands for its modules)."""
+
+
+@pytest.mark.parametrize("core", PURE_CORES)
+def test_a_pure_core_imports_no_io_library_even_indirectly(core: str) -> None:
     modules = project_modules()
-    core = {
-        name for name in modules if name == "bridge.schedule" or name.startswith("bridge.schedule.")
-    }
-    assert core, "bridge/schedule/ is gone: update this test and docs/design.md"
+    start = {name for name in modules if name == core or name.startswith(f"{core}.")}
+    assert start, f"{core} is gone: update this test and docs/design.md"
 
     found = []
-    for name, chain in reachable_from(core, modules).items():
+    for name, chain in reachable_from(start, modules).items():
         for imported in imports_of(modules[name]):
             if top(imported.module) in IO_LIBRARIES:
                 found.append(f"{imported} (via {' -> '.join(chain)})")
 
     assert sorted(set(found)) == []
+
+
+TOOLS = frozenset(
+    {
+        "bridge.audit_command",
+        "bridge.demo",
+        "bridge.demo_broker",
+        "bridge.demo_samples",
+        "bridge.embedded_broker",
+        "bridge.health",
+        "bridge.request_command",
+        "bridge.watch",
+        "bridge.watch_app",
+        "bridge.watch_state",
+        "bridge.watch_text",
+        "bridge.watch_view",
+        "bridge.web",
+    }
+)
+"""The subcommands other than `run` and `api`, and their parts."""
+
+ENTRY = frozenset({"bridge", "bridge.cli"})
+
+
+def room(name: str) -> str:
+    if name in ENTRY:
+        return "entry"
+    if name in TOOLS:
+        return "tool"
+    if name == "bridge.api" or name.startswith("bridge.api."):
+        return "api"
+    return "daemon" if top(name) == "bridge" else "sdk"
+
+
+def arrows(modules: dict[str, Path]) -> Iterator[tuple[str, str, Import]]:
+    """(importer, imported module of ours, the import) for every import between our modules."""
+    for name in modules:
+        for target, imported in modules_imported(name, modules):
+            yield name, target, imported
+
+
+def test_the_daemon_never_imports_a_tool_or_the_api_server() -> None:
+    """`dispatch-bridge run` loads the daemon alone (cli.py imports subcommands by name)."""
+    modules = project_modules()
+    wrong = [
+        str(i)
+        for source, target, i in arrows(modules)
+        if room(source) == "daemon" and room(target) in {"tool", "api"}
+    ]
+
+    assert wrong == []
+
+
+def test_the_api_server_imports_only_the_schedule_config_and_contract() -> None:
+    modules = project_modules()
+    allowed = {"bridge", "bridge.config", "actor_sdk.wire"}
+    wrong = [
+        str(i)
+        for source, target, i in arrows(modules)
+        if room(source) == "api"
+        and room(target) != "api"
+        and target not in allowed
+        and not target.startswith("bridge.schedule")
+    ]
+
+    assert wrong == []
 
 
 def test_tests_never_import_bench() -> None:
