@@ -1,0 +1,83 @@
+"""The bridge's clock checked against the Dispatch API's (#18 item 6), end to end.
+
+The local API server runs in this process with a clock 20 s behind the test
+machine's (`serve(clock=...)`, the one seam for it), so every change it streams
+carries an `update_time` 20 s before it arrives: to a real `dispatch-bridge run`
+subprocess, its clock is 20 s ahead of the API's. The bridge must say so in its
+log and in its retained status (read by `mosquitto_sub`), and take it back once a
+change shows the clocks agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import TargetIds
+
+from actor_sdk import wire
+from bridge.api import AuthConfig, serve
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.bridge import BridgeFactory, TapFactory
+from tests.fixtures.broker import Broker
+
+LAYOUT = wire.TopicLayout.for_microgrid(1)
+SKEW_S = 20.0
+
+
+async def latest_status(tap_wait: object, check: object) -> wire.BridgeStatus:
+    assert callable(tap_wait) and callable(check)
+    payload = await asyncio.to_thread(
+        tap_wait, LAYOUT.status, lambda p: bool(p) and bool(check(wire.decode_status(p))), 20.0
+    )
+    return wire.decode_status(payload)
+
+
+async def test_a_bridge_clock_off_from_the_apis_is_reported_until_they_agree(
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+    tmp_path: Path,
+) -> None:
+    skew = [SKEW_S]
+    api = ApiServerHandle(tmp_path / "api")  # only its credentials and port: served below
+    assert api.key is not None and api.secret is not None
+    async with serve(
+        "127.0.0.1:0",
+        tmp_path / "api" / "api.sqlite3",
+        AuthConfig(key=api.key, sign_secret=api.secret),
+        clock=lambda: time.time() - skew[0],
+    ) as server:
+        api.port = int(server.address.rpartition(":")[2])
+        tap = mqtt_tap_factory(mqtt_broker, LAYOUT.status)
+        bridge = bridge_factory(
+            api, mqtt_broker, extra_args=["--status-interval", "1"], start=False
+        )
+        await asyncio.to_thread(bridge.start)
+        await asyncio.to_thread(bridge.wait_synced)
+        async with api.client() as client:
+            created = await client.create(
+                microgrid_id=MicrogridId(1),
+                type="CLOCK",
+                start_time=datetime.now(UTC) + timedelta(hours=1),
+                duration=timedelta(seconds=60),
+                target=TargetIds(1),
+            )
+
+            reported = await latest_status(tap.wait_latest, lambda s: "clock" in (s.error or ""))
+            assert reported.error is not None
+            assert "the bridge's clock is 20" in reported.error
+            assert "ahead of the Dispatch API's" in reported.error
+            assert reported.state == "online"  # it keeps working: a warning, not a stop
+            assert "the bridge's clock is 20" in bridge.output()
+
+            skew[0] = 0.0
+            await client.update(
+                microgrid_id=MicrogridId(1), dispatch_id=created.id, new_fields={"active": False}
+            )
+            await latest_status(tap.wait_latest, lambda s: s.error is None)
+            assert "agrees with the Dispatch API's again" in bridge.output()
+    assert bridge.stop() == 0
