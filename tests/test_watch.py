@@ -1,10 +1,13 @@
-"""`dispatch-bridge watch`: the pure rendering, and `--once` against a real broker."""
+"""`dispatch-bridge watch`: the `--once` text (pure rendering, and against a real broker).
+
+The interactive view: tests/test_watch_view.py (its pure parts) and
+tests/test_watch_tmux.py (in a terminal).
+"""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,11 +21,13 @@ from actor_sdk import wire
 from actor_sdk.mqtt import parse_broker_url
 from bridge.api import create_dispatch
 from bridge.cli import build_parser
-from bridge.watch import WatchState, format_span, load_settings, render, runs_within
+from bridge.watch import load_settings
+from bridge.watch_state import WatchState
+from bridge.watch_text import format_span, render, runs_within
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
-from tests.fixtures.processes import ProcessFactory, free_port, wait_until
+from tests.fixtures.processes import free_port, wait_until
 
 NOW = datetime(2026, 11, 28, 7, 3, 20, tzinfo=UTC)
 LAYOUT = wire.TopicLayout.for_microgrid(1)
@@ -404,35 +409,6 @@ def test_watch_usage_errors_exit_2(args: list[str], message: str) -> None:
 
     assert result.returncode == 2
     assert message in result.stderr
-
-
-async def test_live_watch_redraws_when_a_message_arrives_and_stops_on_sigint(
-    mqtt_broker: Broker, process_factory: ProcessFactory
-) -> None:
-    watch = process_factory(
-        [
-            *dispatch_bridge_command(),
-            "watch",
-            "--broker",
-            mqtt_broker.url("actor"),
-            "--microgrid-id",
-            "1",
-            "--width",
-            "60",
-        ],
-        name="watch",
-    )
-    watch.wait_for_output(r"connected to mqtt://actor@", timeout=20)
-    now = datetime.now(UTC).replace(microsecond=0)
-    dispatch = make_dispatch(21, now + timedelta(minutes=2), 300)
-
-    await publish_retained(
-        mqtt_broker, {LAYOUT.dispatch("EXAMPLE_TYPE", 21): wire.encode(dispatch)}
-    )
-
-    watch.wait_for_output(r"#21 \|[.+]*#", timeout=20)
-    watch.signal(signal.SIGINT)
-    assert watch.wait(20) == 0
 
 
 async def test_watch_once_against_a_running_bridge_shows_what_is_really_there(
