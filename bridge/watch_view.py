@@ -51,7 +51,7 @@ MAX_ROWS = 2000
 """Dispatch rows listed at most; the filter narrows a larger microgrid."""
 
 NO_ACTOR_GRACE = timedelta(seconds=5)
-"""How long a dispatch may run before "no actor reports running it" is flagged."""
+"""How long a dispatch may run before "no actor reports it" is flagged."""
 
 _UPCOMING_SHOWN = 5
 """Coming runs listed in a dispatch's details."""
@@ -123,7 +123,7 @@ def running_rows(state: WatchState, now: datetime, filter_text: str = "") -> lis
             if dispatch.until is not None and dispatch.until < now:
                 flag = "no new snapshot past its end (bridge down?)"
             elif not actors and now - since >= NO_ACTOR_GRACE:
-                flag = "no actor reports running it"
+                flag = "no actor reports it"
             rows.append(
                 RunningRow(
                     dispatch_type=printable(dispatch_type, 40),

@@ -135,7 +135,7 @@ def test_a_running_dispatch_no_actor_reports_is_flagged_after_a_grace() -> None:
     assert row.target == "ids 7,8"
 
     (row,) = running_rows(state, NOW + NO_ACTOR_GRACE)
-    assert row.flag == "no actor reports running it"
+    assert row.flag == "no actor reports it"
     assert row.actors == "-"
 
 
@@ -163,7 +163,7 @@ def test_the_actors_that_report_running_a_dispatch_are_shown_and_offline_ones_ar
     # A cleared topic removes the actor.
     state.apply(ACTORS + "pv-1", b"", later)
     state.apply(ACTORS + "pv-2", b"", later)
-    assert running_rows(state, later)[0].flag == "no actor reports running it"
+    assert running_rows(state, later)[0].flag == "no actor reports it"
 
 
 def test_bad_actor_topics_and_payloads_become_warnings() -> None:
