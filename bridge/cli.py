@@ -25,6 +25,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("bridge.watch", "live view of the dispatch topics for field engineers"),
     "health": ("bridge.health", "exit 0 if the bridge is online and vouching, 1 otherwise"),
     "audit": ("bridge.audit_command", "read the bridge's audit journal, one line per entry"),
+    # One module for the three requests: it tells them apart by the parser's name.
+    "resync": ("bridge.request_command", "ask the bridge to list the API again, republish all"),
+    "hold": ("bridge.request_command", "hold a dispatch type locally: published as not running"),
+    "release": ("bridge.request_command", "end a hold of a dispatch type, or every hold"),
 }
 
 

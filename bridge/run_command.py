@@ -48,6 +48,7 @@ from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
+from bridge.request_handler import RequestHandler
 from bridge.service import MicrogridService, ScheduleCore
 from bridge.status import StatusBoard
 from bridge.store import DispatchCache, SessionCounter
@@ -471,6 +472,9 @@ class _Pipeline:
             backoff=Backoff(cap=settings.retry_max),
             on_skipped=self._skipped,
             on_clock=self._clock_problem,
+        )
+        self.requests = RequestHandler(
+            layout, directory, self.service, self.publisher, self.upstream
         )
         self.tasks: list[asyncio.Task[None]] = []
 

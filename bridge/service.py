@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -130,6 +130,10 @@ class MicrogridService:
 
     on_outbox: Callable[[Outbox], None] | None = None
     """Told each outbox with lifecycle changes or transitions, once handed on (`bridge.journal`)."""
+
+    on_listing: Callable[[str | None], None] | None = None
+    """Told how each listing of the API ended, once applied: None, or why it failed
+    (`bridge.request_handler` answers a resync with it)."""
 
     def __init__(
         self,
@@ -262,6 +266,8 @@ class MicrogridService:
                         len(self.core),
                     )
                 self._publish_status()
+                if not connected and self.on_listing is not None:
+                    self.on_listing(reason)
             case DeletedById(dispatch_id=dispatch_id):
                 held = self.core.get(dispatch_id)
                 if held is not None:
@@ -294,6 +300,8 @@ class MicrogridService:
                 self._sink.mark_authoritative()
                 self.on_change()
                 self._publish_status()
+                if self.on_listing is not None:
+                    self.on_listing(None)
             case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
                 out = self.core.apply(kind, dispatch, now, only_newer=buffered)
                 if out:
@@ -306,6 +314,14 @@ class MicrogridService:
                     )
                     self._deliver(out)
                     self._publish_status()
+
+    def refresh(self, dispatch_types: Collection[str] | None) -> None:
+        """Publish new running snapshots of some types, or of all (after a hold or release).
+
+        Args:
+            dispatch_types: The types; None: every type.
+        """
+        self._deliver(self.core.refresh(dispatch_types, self._clock()))
 
     def _deliver(self, out: Outbox) -> None:
         # The publisher sends in the order it is handed topics: the running

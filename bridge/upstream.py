@@ -153,12 +153,23 @@ class Upstream:
         self.syncs = 0
         self._buffer: list[UpstreamItem] = []
         self._live = False
+        self._relist = asyncio.Event()
+
+    def resync(self) -> None:
+        """List again now (`bridge.request_handler`).
+
+        Connects at once when waiting to reconnect; opens a new stream and lists when
+        streaming; a listing under way already does.
+        """
+        self._relist.set()
 
     async def run(self) -> None:
         """Connect, sync and stream until cancelled; reconnect on every failure."""
         while True:
+            self._relist.clear()
             try:
-                await self._session()
+                if await self._session_until_resync():
+                    continue
                 reason = "the server ended the stream"
             except UpstreamError as error:
                 reason = str(error)
@@ -176,7 +187,27 @@ class Upstream:
                 reason,
                 delay,
             )
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relist.wait(), delay)
+
+    async def _session_until_resync(self) -> bool:
+        """Run one session; True when a resync ended it (to connect again at once)."""
+        session = asyncio.create_task(self._session())
+        try:
+            while True:
+                relist = asyncio.create_task(self._relist.wait())
+                await asyncio.wait({session, relist}, return_when=asyncio.FIRST_COMPLETED)
+                relist.cancel()
+                if session.done():
+                    session.result()  # the session's error, if any
+                    return False
+                self._relist.clear()
+                if self._live:
+                    return True
+        finally:
+            session.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session
 
     async def _session(self) -> None:
         client = DispatchApiClient(
