@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     action = parser.prog.rsplit(" ", 1)[-1]
     add_target_arguments(parser)
+    for option in parser._actions:  # the shared flag's help says a reader is enough
+        if option.dest == "broker":
+            option.help = (
+                "mqtt://user:pass@host:port or mqtts://... (env MQTT_URL); a user that may "
+                "publish requests (`operator` in the shipped ACL)"
+            )
     if action in ("hold", "release"):
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--type", metavar="T", help=f"the dispatch type to {action}")
