@@ -412,7 +412,7 @@ def copy_like_docker(stage: str, context: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 16 s with pip's cache; downloads ~40 MB without it
+@pytest.mark.timeout(900)  # 16 s with pip's cache; 13 MB to download without it
 def test_the_image_install_lines_work_outside_a_container(tmp_path: Path) -> None:
     """The build stage's COPY and RUN lines, verbatim but for two substitutions.
 
