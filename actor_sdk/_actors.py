@@ -63,6 +63,7 @@ class ActorSet:
         clock: Callable[[], datetime],
         factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
         on_failure: Callable[[], None] = lambda: None,
+        on_started: Callable[[], None] = lambda: None,
         record: Callable[[str, Dispatch, str | None], None] | None = None,
     ) -> None:
         """Create an empty set.
@@ -75,6 +76,7 @@ class ActorSet:
             clock: The wall clock (UTC).
             factory_timeout: How long the factory may take before the start fails.
             on_failure: Called when a start failed (`next_retry` changed).
+            on_started: Called when an actor started.
             record: Told each start, update, stop and failure (`event`, the
                 dispatch, the reason) for the journal (`actor_sdk.journal`).
         """
@@ -84,6 +86,11 @@ class ActorSet:
         self._factory_timeout = factory_timeout.total_seconds()
         self._clock = clock
         self._on_failure = on_failure
+        self._on_started = on_started
+        self._identity = identity
+        self._running: tuple[tuple[Hashable, int], ...] = ()
+        """The actor key and id of each running dispatch, as of the last `apply`."""
+        self._failure: str | None = None
         self._record = record or (lambda event, dispatch, reason: None)
         self._planner = ActorPlanner(identity)
         self._slots: dict[Hashable, _Slot] = {}
@@ -96,6 +103,17 @@ class ActorSet:
         """When the next failed start is due again; None when none failed."""
         return min(self._retry_due.values(), default=None)
 
+    @property
+    def running_ids(self) -> tuple[int, ...]:
+        """The ids of the running dispatches whose actor has started, sorted."""
+        started = {key for key, slot in self._slots.items() if slot.actor is not None}
+        return tuple(sorted(dispatch_id for key, dispatch_id in self._running if key in started))
+
+    @property
+    def failure(self) -> str | None:
+        """Why the latest start failed, while a failed start waits for its retry."""
+        return self._failure if self._retry_due else None
+
     async def apply(self, running: Iterable[Dispatch], *, reason: str) -> None:
         """Bring the actors to match what runs (without waiting for any actor).
 
@@ -103,6 +121,8 @@ class ActorSet:
             running: Every dispatch of the type that runs now.
             reason: The stop message for actors no longer needed.
         """
+        running = tuple(running)
+        self._running = tuple((self._identity(d), int(d.id)) for d in running)
         await self._execute(self._planner.reconcile(running, reason=reason))
 
     async def retry(self, now: datetime) -> None:
@@ -127,6 +147,7 @@ class ActorSet:
         """
         self._planner.stop_all(reason)
         self._retry_due.clear()
+        self._running = ()
         for key in list(self._slots):
             self._stop(self._slots.pop(key), reason)
         await self.wait_idle()
@@ -191,9 +212,10 @@ class ActorSet:
             actor.start()
         except Exception as error:
             timed_out = isinstance(error, TimeoutError) and deadline.expired()
-            self._start_failed(key, slot, timed_out=timed_out)
+            self._start_failed(key, slot, error, timed_out=timed_out)
             return
         slot.actor = actor
+        self._on_started()
         self._record("started", dispatch, None)
         _logger.info(
             "started the actor of type %r for dispatch %s (until %s)",
@@ -202,7 +224,9 @@ class ActorSet:
             dispatch.until.isoformat() if dispatch.until else "changed",
         )
 
-    def _start_failed(self, key: Hashable, slot: _Slot, *, timed_out: bool) -> None:
+    def _start_failed(
+        self, key: Hashable, slot: _Slot, error: Exception, *, timed_out: bool
+    ) -> None:
         if self._slots.get(key) is not slot:
             return  # stopped meanwhile: nothing to retry
         del self._slots[key]
@@ -224,6 +248,9 @@ class ActorSet:
         self._planner.start_failed(key)
         self._record("failed", slot.dispatch, what)
         self._retry_due[key] = retry_at
+        self._failure = f"the actor for dispatch {int(slot.dispatch.id)} {what}" + (
+            "" if timed_out else f": {type(error).__name__}: {error}"
+        )
         self._spawn_stop(slot.sender.aclose())
         self._on_failure()
 

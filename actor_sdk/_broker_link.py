@@ -39,8 +39,12 @@ class LinkHandler(Protocol):
     def in_sync(self) -> bool:
         """Whether the retained state of this connection was received completely."""
 
-    async def connected(self) -> None:
-        """A connection is up; the subscriptions are about to be made."""
+    async def connected(self, client: aiomqtt.Client | None) -> None:
+        """A connection is up (its client; the subscriptions are about to be made) or gone.
+
+        Args:
+            client: The connected client, or None once it is gone.
+        """
 
     async def message(self, message: aiomqtt.Message, arrived: datetime) -> None:
         """Handle one message (never raises: its errors are the handler's to log).
@@ -70,6 +74,9 @@ class BrokerLink:
         reconnect_cap: float,
         sync_timeout: float,
         clock: Callable[[], datetime],
+        identifier: str | None = None,
+        will: Callable[[], aiomqtt.Will] | None = None,
+        farewell: Callable[[], tuple[str, bytes]] | None = None,
     ) -> None:
         """Create a link; nothing connects before `run`.
 
@@ -81,6 +88,10 @@ class BrokerLink:
             reconnect_cap: The longest wait before reconnecting (seconds).
             sync_timeout: Seconds of silence that end the wait for the retained state.
             clock: The wall clock that stamps each message as it arrives.
+            identifier: The MQTT client id (None: a random one).
+            will: Makes the will of each new connection.
+            farewell: Makes the retained message (topic, payload) a clean stop
+                publishes before disconnecting (bounded by one second).
         """
         self._settings = settings
         self._subscriptions = subscriptions
@@ -89,6 +100,9 @@ class BrokerLink:
         self._reconnect_cap = reconnect_cap
         self._sync_timeout = sync_timeout
         self._clock = clock
+        self._identifier = identifier
+        self._will = will
+        self._farewell = farewell
         self.connected = False
         self.problem: str | None = None
         """The latest reason the link is down, for whoever waits for it."""
@@ -107,7 +121,12 @@ class BrokerLink:
         failures = 0
         while True:
             self.connected = False
-            client, received = receiving_client(self._settings, clock=self._clock)
+            client, received = receiving_client(
+                self._settings,
+                clock=self._clock,
+                identifier=self._identifier,
+                will=None if self._will is None else self._will(),
+            )
             try:
                 async with client:
                     self.connected = True
@@ -116,6 +135,9 @@ class BrokerLink:
                     _logger.info("connected to the broker at %s", self.where)
                     try:
                         await self._session(client, received, handler)
+                    except asyncio.CancelledError:
+                        await self._say_farewell(client)
+                        raise
                     except aiomqtt.MqttError:
                         # Before the goodbye, which a dead link may hold up.
                         self.connected = False
@@ -140,7 +162,7 @@ class BrokerLink:
     async def _session(
         self, client: aiomqtt.Client, received: ReceivedQueue, handler: LinkHandler
     ) -> None:
-        await handler.connected()
+        await handler.connected(client)
         for subscription in self._subscriptions:
             await client.subscribe(subscription)
         loop = asyncio.get_running_loop()
@@ -175,11 +197,23 @@ class BrokerLink:
                     await self._handle(received.get_nowait(), received, handler)
                 sync_deadline = loop.time() + self._sync_timeout
         finally:
+            await handler.connected(None)
             probe.cancel()
             if pending is not None:
                 pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await probe
+
+    async def _say_farewell(self, client: aiomqtt.Client) -> None:
+        if self._farewell is None:
+            return
+        topic, payload = self._farewell()
+        # In a task of its own: aiomqtt's wait_for may swallow a cancellation (3.11).
+        publishing = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=True))
+        done, _ = await asyncio.wait({publishing}, timeout=1.0)
+        publishing.cancel()
+        if not done or publishing.cancelled() or publishing.exception() is not None:
+            _logger.info("could not say goodbye on %s before disconnecting", topic)
 
     async def _handle(
         self, message: aiomqtt.Message, received: ReceivedQueue, handler: LinkHandler

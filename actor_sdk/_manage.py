@@ -7,6 +7,7 @@ from typing import Any, SupportsInt
 
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
+from actor_sdk._actor_status import choose_actor_id, release_actor_id
 from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT
 from actor_sdk._dispatcher import DEFAULT_MAX_BLIND_TIME, Dispatcher
 from actor_sdk._merge_strategies import MergeStrategy
@@ -25,6 +26,7 @@ async def manage(
     factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
     max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
     topic_root: str = wire.DEFAULT_TOPIC_ROOT,
+    actor_id: str | None = None,
     **options: Any,
 ) -> None:
     """Create, start, update and stop the actors of one type until cancelled.
@@ -45,20 +47,32 @@ async def manage(
         max_blind_time: How long an endless run (no `until`) goes on without a
             live view of the bridge before its actor stops.
         topic_root: The topic root; `{microgrid_id}` is replaced.
+        actor_id: The MQTT client id and the last level of the execution status
+            topic `microgrid/<id>/actors/<actor_id>` (`[A-Za-z0-9_-]`, 1 to 128
+            characters); None: `<short host name>-<dispatch type>-mg<microgrid_id>`.
         **options: More `Dispatcher` options (TLS, credentials, reconnect delays).
+
+    Raises:
+        ValueError: The actor id has a character outside `[A-Za-z0-9_-]`.
     """
-    async with Dispatcher(
-        microgrid_id=microgrid_id,
-        broker=broker,
-        topic_root=topic_root,
-        max_blind_time=max_blind_time,
-        **options,
-    ) as dispatcher:
-        await dispatcher.start_managing(
-            dispatch_type,
-            actor_factory=actor_factory,
-            merge_strategy=merge_strategy,
-            retry_interval=retry_interval,
-            factory_timeout=factory_timeout,
-        )
-        await dispatcher
+    chosen, claimed = choose_actor_id(actor_id, int(microgrid_id), dispatch_type)
+    try:
+        async with Dispatcher(
+            microgrid_id=microgrid_id,
+            broker=broker,
+            topic_root=topic_root,
+            max_blind_time=max_blind_time,
+            actor_id=chosen,
+            **options,
+        ) as dispatcher:
+            await dispatcher.start_managing(
+                dispatch_type,
+                actor_factory=actor_factory,
+                merge_strategy=merge_strategy,
+                retry_interval=retry_interval,
+                factory_timeout=factory_timeout,
+            )
+            await dispatcher
+    finally:
+        if claimed:
+            release_actor_id(chosen)
