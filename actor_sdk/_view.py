@@ -38,6 +38,7 @@ import msgspec
 from actor_sdk import wire
 from actor_sdk._dispatch import Dispatch, from_wire
 from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
+from actor_sdk._resync import ResyncTally
 
 __all__ = ["DEFAULT_STATUS_INTERVAL", "BridgeView", "is_newer"]
 
@@ -133,6 +134,9 @@ class BridgeView:
         self._snapshots: dict[str, _Snapshot] = {}
         self._dispatches: dict[str, dict[int, _Held]] = {}
         self._seen_dispatches: set[tuple[str, int]] = set()
+        self.resync = ResyncTally()
+        """What arrived of the retained tree since the connect (`missing`)."""
+        self._latest: dict[str, wire.RunningSnapshot] = {}
         self._online_heard_at: datetime | None = None
 
     @property
@@ -252,6 +256,16 @@ class BridgeView:
         self.in_sync = False
         self._online_heard_at = None
         self._seen_dispatches.clear()
+        self.resync.reset()
+
+    def missing(self) -> list[str]:
+        """Say what the retained tree of this connection still lacks (`_resync`).
+
+        Returns:
+            One line per gap; empty when the sync is complete.
+        """
+        expected = [t for t, snapshot in self._snapshots.items() if snapshot.running]
+        return self.resync.missing(self.status, self._latest, expected)
 
     def end_sync(self, events_for: Callable[[str], bool] = lambda _: True) -> list[DispatchEvent]:
         """Finish a sync: a dispatch whose retained topic did not come back is gone.
@@ -268,12 +282,18 @@ class BridgeView:
             A `Deleted` for each dispatch whose retained topic disappeared.
         """
         events: list[DispatchEvent] = []
+        # A sync ended by its timeout concludes deletions only in the complete types.
+        whole = not self.missing()
         if self.status is not None and self.status.state == "online":
             for key in [
                 (dispatch_type, dispatch_id)
                 for dispatch_type, of_type in self._dispatches.items()
                 for dispatch_id in of_type
                 if (dispatch_type, dispatch_id) not in self._seen_dispatches
+                and (
+                    whole
+                    or self.resync.complete_type(dispatch_type, self._latest.get(dispatch_type))
+                )
             ]:
                 gone = self._forget(*key)
                 if events_for(key[0]):
@@ -305,6 +325,7 @@ class BridgeView:
                 example a state of a newer contract); the status is then unknown and
                 the view not live.
         """
+        self.resync.status_seen = True
         if not payload:
             changed = self.status is not None
             self.status = None
@@ -363,6 +384,7 @@ class BridgeView:
                 f"snapshot of type {message.type!r}, microgrid {message.microgrid_id} "
                 f"on the topic of type {dispatch_type!r}, microgrid {self._microgrid_id}"
             )
+        self.resync.snapshot(dispatch_type)
         last = self._snapshots.get(dispatch_type)
         online = self.status.session if self.status and self.status.state == "online" else None
         if not is_newer(
@@ -385,6 +407,7 @@ class BridgeView:
         self._snapshots[dispatch_type] = _Snapshot(
             message.session, message.seq, message.as_of, tuple(running)
         )
+        self._latest[dispatch_type] = message
         return message
 
     def apply_dispatch(
@@ -409,6 +432,7 @@ class BridgeView:
         self._seen_dispatches.add((dispatch_type, dispatch_id))
         known = self._dispatches.get(dispatch_type, {}).get(dispatch_id)
         if not payload:
+            self.resync.dispatch(dispatch_type, dispatch_id, None)
             if known is None:
                 return []
             self._forget(dispatch_type, dispatch_id)
@@ -419,6 +443,7 @@ class BridgeView:
                 f"dispatch {message.id} of type {message.type!r} on the topic of "
                 f"dispatch {dispatch_id} of type {dispatch_type!r}"
             )
+        self.resync.dispatch(dispatch_type, dispatch_id, message.update_time)
         held = _Held(message)
         if events:
             held.dispatch()  # a target the client library cannot represent is garbage

@@ -18,6 +18,7 @@ field names follow `frequenz-client-dispatch`'s attribute names.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import string
 from collections.abc import Iterable
@@ -40,7 +41,6 @@ __all__ = [
     "STATUS_CONTRACT",
     "ActorState",
     "ActorStatus",
-    "ActorTypeState",
     "ActorTypeStatus",
     "BridgeStatus",
     "Dispatch",
@@ -58,6 +58,7 @@ __all__ = [
     "TopicKind",
     "TopicLayout",
     "TopicRef",
+    "TypeTally",
     "UpcomingRun",
     "UpcomingRuns",
     "WireError",
@@ -182,10 +183,59 @@ class RunningSnapshot(_Wire, frozen=True, kw_only=True):
     as_of: UtcTime
     session: int
     seq: int
+    dispatches: int | None = None
+    """How many `dispatches/ID` topics of this type the bridge holds (None: older bridge)."""
+    digest: str | None = None
+    """`TypeTally.digest` of those topics' ids and update times (None: older bridge)."""
     held: bool = False
     """The site holds this type (`ROOT/request/hold`): nothing runs, whatever the schedule."""
     hold_reason: str | None = None
     """Why it is held, as the hold request said (set when `held`)."""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class TypeTally:
+    """The `dispatches/ID` topics of one type: their count and an order-free digest.
+
+    The digest is the XOR, over the topics, of the first 8 bytes (big-endian) of
+    BLAKE2b of `"<id>/<update_time in whole microseconds since 1970>"`, written as
+    16 lower-case hex digits: both ends keep it up to date in O(1) per topic, in
+    whatever order the topics come.
+    """
+
+    __slots__ = ("_items", "_xor")
+
+    def __init__(self) -> None:
+        self._items: dict[int, int] = {}
+        self._xor = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, dispatch_id: int, update_time: datetime) -> None:
+        """Count the topic of a dispatch (replacing an earlier version of it)."""
+        micros = (update_time - _EPOCH) // timedelta(microseconds=1)
+        key = f"{dispatch_id}/{micros}".encode()
+        item = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+        self._xor ^= self._items.get(dispatch_id, 0) ^ item
+        self._items[dispatch_id] = item
+
+    def remove(self, dispatch_id: int) -> None:
+        """Stop counting the topic of a dispatch (cleared)."""
+        self._xor ^= self._items.pop(dispatch_id, 0)
+
+    @property
+    def digest(self) -> str:
+        """The digest as the running snapshot carries it."""
+        return f"{self._xor:016x}"
+
+    def matches(self, snapshot: RunningSnapshot) -> bool:
+        """Whether these are the topics a snapshot counts (always, for an older bridge's)."""
+        if snapshot.dispatches is None:
+            return True
+        return len(self._items) == snapshot.dispatches and self.digest == snapshot.digest
 
 
 class DispatchEvent(_Wire, frozen=True, kw_only=True):
@@ -229,6 +279,8 @@ class BridgeStatus(_Wire, frozen=True, kw_only=True):
     """The latest problem, in words a field engineer can act on."""
     contract: int = 1
     """The contract version; 1 for bridges older than this field."""
+    tree_counts: bool = False
+    """`dispatches` counts the dispatch topics held, each running snapshot its type's."""
 
 
 class UpcomingRun(_Wire, frozen=True, kw_only=True):
@@ -938,10 +990,6 @@ ActorState = Literal["running", "idle", "failed", "offline"]
 """Overall: `failed` over `running` over `idle`; `offline` is the will or a clean stop."""
 
 
-ActorTypeState = Literal["running", "idle", "failed"]
-"""What one managed type does on an actor host."""
-
-
 class ActorTypeStatus(_Wire, frozen=True, kw_only=True):
     """What one managed type runs on an actor host.
 
@@ -949,7 +997,7 @@ class ActorTypeStatus(_Wire, frozen=True, kw_only=True):
     while its dispatch runs; `idle`: nothing of the type runs.
     """
 
-    state: ActorTypeState
+    state: Literal["running", "idle", "failed"]
     dispatches: tuple[int, ...]
     """The ids of the dispatches an actor of the type runs now, sorted."""
 

@@ -120,6 +120,8 @@ class ScheduleCore:
         self._heaps: dict[str, list[tuple[datetime, int]]] = {}
         self._levels: dict[str, str] = {}
         self._dirty_types: dict[str, None] = {}
+        self._tallies: dict[str, wire.TypeTally] = {}
+        """Per type, its dispatch topics as the running snapshot counts them."""
         self.holds = HoldBook()
         """The types held by a local request (`bridge.requests`): their snapshots run nothing."""
 
@@ -364,6 +366,9 @@ class ScheduleCore:
         state = schedule.run_state(dispatch, now)
         put = _with_state(dispatch, state)
         self._dispatches[dispatch.id] = put
+        self._tallies.setdefault(dispatch_type, wire.TypeTally()).put(
+            dispatch.id, dispatch.update_time
+        )
         running = self._running.setdefault(dispatch_type, set())
         if state.running:
             running.add(dispatch.id)
@@ -385,6 +390,7 @@ class ScheduleCore:
 
     def _remove(self, dispatch_id: int, out: Outbox) -> wire.Dispatch:
         held = self._dispatches.pop(dispatch_id)
+        self._tallies[held.type].remove(dispatch_id)
         self._changes_at.pop(dispatch_id, None)
         self._running.get(held.type, set()).discard(dispatch_id)
         topic = self._dispatch_topic(held.type, dispatch_id)
@@ -436,6 +442,7 @@ class ScheduleCore:
             if hold is not None:
                 running, next_change = (), None
             topic = f"{self._level(dispatch_type)}/running"
+            tally = self._tallies.get(dispatch_type) or wire.TypeTally()
             out.retained.pop(topic, None)
             out.retained[topic] = wire.RunningSnapshot(
                 microgrid_id=self.microgrid_id,
@@ -445,6 +452,8 @@ class ScheduleCore:
                 as_of=now,
                 session=0,
                 seq=0,
+                dispatches=len(tally),
+                digest=tally.digest,
                 held=hold is not None,
                 hold_reason=None if hold is None else hold.reason,
             )

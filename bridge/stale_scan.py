@@ -1,20 +1,35 @@
 """The scan of the retained topics a broker holds under a microgrid's tree.
 
 On every connection the publisher subscribes to the tree's dispatch,
-running and upcoming topics, then to its own status topic; the broker sends
-the retained messages of the first subscription before those of the second,
-so once its own (just published) status comes back retained, every retained
-topic of the tree has been seen. The publisher then clears what it does not
-hold. The tree filters are unsubscribed at the end; the status topic stays
-subscribed (`bridge.status_watch` reads it).
+running and upcoming topics, then to its own status topic, and clears what
+the broker holds and it does not. The tree filters are unsubscribed at the
+end; the status topic stays subscribed (`bridge.status_watch` reads it).
+
+When has every retained topic been seen? Mosquitto sends the retained
+messages of the first subscription before those of the second, so its own
+(just published) status coming back retained would do; other brokers (NATS)
+send a retained catch-up in an order of their own. So the tree is also
+checked against itself: each running snapshot of an earlier session counts
+its type's dispatch topics and carries their digest (`wire.TypeTally`); the
+scan ends when its status came back and, in every type seen, the snapshot
+came and the dispatch topics it counts all came. A snapshot of this session
+(the broker already holds our republished one) or of a bridge older than the
+counts is taken as it comes. Otherwise the scan ends after `quiet_timeout`
+seconds without a message, and the log says which types were incomplete.
+The limit: a type none of whose topics came before our status is not waited
+for (nothing tells the scan it exists); the next connection's scan finds it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
+from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from actor_sdk import mqtt, wire
 
@@ -23,14 +38,37 @@ __all__ = ["RetainedScan", "raise_first", "scan_retained"]
 _logger = logging.getLogger("bridge.publisher")
 
 
+class _Version(msgspec.Struct):
+    """What the scan reads of a retained dispatch topic."""
+
+    update_time: datetime
+
+
+class _Counts(msgspec.Struct):
+    """What the scan reads of a retained running snapshot, or of the status."""
+
+    session: int
+    dispatches: int | None = None
+    digest: str | None = None
+
+
+_read_version = msgspec.json.Decoder(_Version)
+_read_counts = msgspec.json.Decoder(_Counts)
+
+
 class RetainedScan:
     """Collects the retained topics the broker holds, during the stale-topic scan."""
 
     def __init__(self, status_topic: str) -> None:
         self.status_topic = status_topic
+        self._root = status_topic.rpartition("/")[0]
         self.topics: set[str] = set()
         self.done = asyncio.Event()
         self.received = 0
+        self._session: int | None = None
+        """Our session, from our status come back retained (the end marker on Mosquitto)."""
+        self._tallies: dict[str, wire.TypeTally] = {}
+        self._snapshots: dict[str, _Counts] = {}
 
     def feed(self, message: mqtt.Message) -> None:
         """Take one message of the scan's subscriptions.
@@ -40,14 +78,49 @@ class RetainedScan:
         """
         self.received += 1
         topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else b""
         if topic == self.status_topic:
-            # Subscribed after the tree: its retained message (ours, or a newer
-            # status of ours already) comes after every retained message of the tree.
-            if message.retain:
-                self.done.set()
-            return
-        if message.retain and message.payload:
+            if message.retain and payload:
+                with contextlib.suppress(msgspec.DecodeError):
+                    self._session = _read_counts.decode(payload).session
+        elif message.retain and payload:
             self.topics.add(topic)
+            self._count(topic, payload)
+        if self._session is not None and not self.missing():
+            self.done.set()
+
+    def _count(self, topic: str, payload: bytes) -> None:
+        level, _, rest = topic.removeprefix(self._root + "/").partition("/")
+        kind, _, dispatch_id = rest.partition("/")
+        try:
+            if kind == "running":
+                self._snapshots[level] = _read_counts.decode(payload)
+            elif kind == "dispatches" and dispatch_id.isdigit():
+                version = _read_version.decode(payload)
+                tally = self._tallies.setdefault(level, wire.TypeTally())
+                tally.put(int(dispatch_id), version.update_time)
+        except msgspec.DecodeError:
+            pass  # garbage: cleared if stale, not counted
+
+    def missing(self) -> list[str]:
+        """Say what the scan still waits for.
+
+        Returns:
+            One line per gap; empty when every retained topic of the tree was seen.
+        """
+        if self._session is None:
+            return ["our status, retained"]
+        gaps = [
+            f"the running snapshot of {level!r}"
+            for level in sorted(set(self._tallies) - set(self._snapshots))
+        ]
+        for level, counts in sorted(self._snapshots.items()):
+            if counts.dispatches is None or counts.session >= self._session:
+                continue
+            tally = self._tallies.get(level, wire.TypeTally())
+            if len(tally) != counts.dispatches or tally.digest != counts.digest:
+                gaps.append(f"{level!r}: {len(tally)} of {counts.dispatches} dispatch topics")
+        return gaps
 
 
 async def scan_retained(
@@ -83,7 +156,7 @@ async def scan_retained(
         await mqtt.subscribe_no_local(client, filters, qos=1)
     else:
         await client.subscribe([(topic, 1) for topic in filters])
-    # Subscribed second: its retained message comes after all of the first's.
+    # Subscribed second: on Mosquitto its retained message comes after all of the first's.
     await client.subscribe(layout.status, qos=1)
     waiter = asyncio.create_task(scan.done.wait())
     try:
@@ -104,10 +177,12 @@ async def scan_retained(
         waiter.cancel()
     if not scan.done.is_set():
         _logger.warning(
-            "microgrid %d: the stale-topic scan got nothing for %.0f s and no end marker; "
-            "clearing only the %d stale topics seen",
+            "microgrid %d: the stale-topic scan got nothing for %.0f s and the retained tree "
+            "is incomplete (missing: %s); clearing only the stale topics among the %d seen "
+            "(the next connection scans again)",
             microgrid_id,
             quiet_timeout,
+            "; ".join(scan.missing()),
             len(scan.topics),
         )
     # The status topic stays subscribed: another bridge's status, or (MQTT

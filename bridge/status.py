@@ -113,6 +113,7 @@ class StatusBoard:
             refused=self.refused,
             error=self._error(now, vouches),
             contract=wire.STATUS_CONTRACT,
+            tree_counts=True,
         )
 
     def _error(self, now: datetime, vouches: bool) -> str | None:

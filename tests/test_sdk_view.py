@@ -195,6 +195,8 @@ def test_a_resync_deletes_dispatches_not_delivered_again_and_keeps_snapshots() -
     view.lost_connection()
     view.begin_sync()
     view.apply_dispatch("T", 1, wire.encode(wire_dispatch(1)))
+    view.apply_status(status("online"), **REPLAY)
+    view.apply_running("T", snapshot(1))
     events = view.end_sync()
     assert [(type(e), int(e.dispatch.id)) for e in events] == [(Deleted, 2)]
     # The bridge never clears a running topic: a missing one was lost by the broker.

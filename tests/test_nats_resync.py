@@ -1,0 +1,149 @@
+"""On a real NATS server: the SDK's view is complete, and stale topics are cleared.
+
+NATS sends a new subscriber's retained topics out of publish order. Here the status
+even arrives before part of the tree (the rest is published after the SDK
+subscribed, as a bridge still busy republishing would): the SDK must not count
+itself in sync, nor live, before every dispatch topic the tree counts has come.
+The bridge's stale-topic scan meets an earlier session's tree full of dispatches it
+no longer holds, on NATS's MQTT 3.1.1, and must clear all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import aiomqtt
+import pytest
+
+from actor_sdk import Created, Dispatcher, wire
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.bridge import BridgeFactory, retained_snapshot
+from tests.fixtures.nats import NatsNode
+from tests.fixtures.processes import wait_until
+from tests.fixtures.sdk import ScriptedBridge, dispatcher_for, new_microgrid_id, wire_dispatch
+
+pytestmark = pytest.mark.slow
+
+TYPES = ("NATS_A", "NATS.B")
+PER_TYPE = 150
+
+
+def consistent_tree(microgrid_id: int) -> tuple[dict[str, list[wire.Dispatch]], dict[str, bytes]]:
+    """Dispatches per type, and each type's running snapshot counting them."""
+    held: dict[str, list[wire.Dispatch]] = {}
+    snapshots: dict[str, bytes] = {}
+    for index, dispatch_type in enumerate(TYPES):
+        items = [
+            wire_dispatch(index * 1000 + n, dispatch_type, running=False) for n in range(PER_TYPE)
+        ]
+        tally = wire.TypeTally()
+        for item in items:
+            tally.put(item.id, item.update_time)
+        held[dispatch_type] = items
+        snapshots[dispatch_type] = wire.encode(
+            wire.RunningSnapshot(
+                microgrid_id=microgrid_id,
+                type=dispatch_type,
+                running=(),
+                next_change=None,
+                as_of=items[0].update_time,
+                session=1,
+                seq=index + 1,
+                dispatches=len(tally),
+                digest=tally.digest,
+            )
+        )
+    return held, snapshots
+
+
+async def test_the_sdk_is_in_sync_only_once_the_tree_it_counts_has_come(
+    nats_server: NatsNode,
+) -> None:
+    async with ScriptedBridge(nats_server, new_microgrid_id()) as bridge:
+        held, snapshots = consistent_tree(bridge.microgrid_id)
+        everything = [d for items in held.values() for d in items]
+        early, late = everything[::2], everything[1::2]
+        for dispatch_type, payload in snapshots.items():
+            await bridge.raw(bridge.layout.running(dispatch_type), payload)
+        for item in early:
+            await bridge.dispatch(item)
+        await bridge.status(dispatches=len(everything), tree_counts=True)
+
+        dispatcher = Dispatcher(
+            microgrid_id=bridge.microgrid_id,
+            broker=nats_server.url("actor"),
+            sync_timeout=timedelta(seconds=30),
+        )
+        dispatcher.start()
+        try:
+            # Connected, the status and half the tree in: not in sync, not live.
+            with pytest.raises(TimeoutError, match="not received yet"):
+                await dispatcher.wait_for_initialization(1.5)
+            assert not dispatcher.in_sync and not dispatcher.is_live
+            for item in late:
+                await bridge.dispatch(item)
+            await dispatcher.wait_for_initialization(20)
+            assert dispatcher.in_sync and dispatcher.is_live
+            for dispatch_type, items in held.items():
+                receiver = dispatcher.new_lifecycle_events_receiver(dispatch_type)
+                created = [await receiver.receive() for _ in items]
+                assert all(isinstance(event, Created) for event in created)
+                assert sorted(int(e.dispatch.id) for e in created) == sorted(d.id for d in items)
+        finally:
+            await dispatcher.stop()
+
+
+async def test_an_incomplete_tree_ends_the_sync_at_the_timeout_saying_what_is_missing(
+    nats_server: NatsNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with ScriptedBridge(nats_server, new_microgrid_id()) as bridge:
+        held, snapshots = consistent_tree(bridge.microgrid_id)
+        for dispatch_type, payload in snapshots.items():
+            await bridge.raw(bridge.layout.running(dispatch_type), payload)
+        for item in held[TYPES[0]]:
+            await bridge.dispatch(item)
+        await bridge.dispatch(held[TYPES[1]][0])
+        await bridge.status(dispatches=2 * PER_TYPE, tree_counts=True)
+        async with dispatcher_for(bridge, sync_timeout=timedelta(seconds=1)) as dispatcher:
+            assert dispatcher.in_sync
+    assert f"{PER_TYPE + 1} of the {2 * PER_TYPE} dispatch topics the status counts" in caplog.text
+
+
+async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
+    api_server: ApiServerHandle, nats_server: NatsNode, bridge_factory: BridgeFactory
+) -> None:
+    microgrid_id = new_microgrid_id()
+    layout = wire.TopicLayout.for_microgrid(microgrid_id)
+    held, snapshots = consistent_tree(microgrid_id)
+    async with aiomqtt.Client(**nats_server.client_kwargs("admin")) as client:
+        for dispatch_type, items in held.items():
+            for item in items:
+                payload = wire.encode(item)
+                await client.publish(layout.dispatch(dispatch_type, item.id), payload, retain=True)
+            # An earlier session's snapshot: session 0, before this bridge's first (1).
+            old = wire.decode_running(snapshots[dispatch_type])
+            await client.publish(
+                layout.running(dispatch_type),
+                wire.encode(wire.RunningSnapshot(**{**_fields(old), "session": 0})),
+                retain=True,
+            )
+    assert len(retained_snapshot(nats_server, f"{layout.root}/+/dispatches/+")) == 2 * PER_TYPE
+
+    bridge = bridge_factory(api_server, nats_server, (microgrid_id,))
+    bridge.wait_synced()
+
+    def cleared() -> dict[str, bytes] | None:
+        retained = retained_snapshot(nats_server, layout.everything)
+        left = [topic for topic in retained if "/dispatches/" in topic]
+        return retained if not left else None
+
+    retained = await asyncio.to_thread(wait_until, cleared, 30, "the stale topics cleared")
+    for dispatch_type in TYPES:
+        emptied = wire.decode_running(retained[layout.running(dispatch_type)])
+        assert emptied.running == ()
+    assert "stale-topic scan got nothing" not in bridge.output()
+
+
+def _fields(snapshot: wire.RunningSnapshot) -> dict[str, object]:
+    return {name: getattr(snapshot, name) for name in snapshot.__struct_fields__}
