@@ -25,6 +25,7 @@ from frequenz.channels import Receiver
 
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
+from actor_sdk._actor_status import StatusPublisher, choose_actor_id, release_actor_id
 from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._broker_link import BrokerLink
@@ -89,6 +90,7 @@ class Dispatcher(BackgroundService):
         max_reconnect_delay: timedelta = timedelta(seconds=30),
         sync_timeout: timedelta = timedelta(seconds=3),
         max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
+        actor_id: str | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Create a dispatcher; nothing connects before `start()`.
@@ -116,12 +118,17 @@ class Dispatcher(BackgroundService):
             max_blind_time: How long an endless run (duration None, no `until`)
                 goes on without a live view before its actor is stopped. Runs with
                 an `until` always stop at it, live view or not.
+            actor_id: The MQTT client id and the last level of the status topic
+                `microgrid/<id>/actors/<actor_id>` (`[A-Za-z0-9_-]`, 1 to 128); None:
+                `<host>-<program>-mg<microgrid_id>` (see docs/actor-sdk.md).
             clock: The wall clock (UTC); tests may pass another (a skewed one).
 
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
+            ValueError: The actor id has a character outside `[A-Za-z0-9_-]`.
         """
         microgrid_id = self._microgrid_id = int(microgrid_id)
+        self.actor_id, self._claimed = choose_actor_id(actor_id, microgrid_id)
         super().__init__(name=f"dispatcher-{microgrid_id}")
         self._settings = BrokerSettings.from_url(
             broker,
@@ -139,6 +146,12 @@ class Dispatcher(BackgroundService):
             from actor_sdk._errors import BrokerUrlError  # noqa: PLC0415
 
             raise BrokerUrlError(str(error)) from None
+        self._status = StatusPublisher(
+            wire.actor_status_topic(microgrid_id, self.actor_id),
+            lambda: self._reconciler.managed,
+            clock=clock,
+            who=f"user {self._settings.username!r} with client id {self.actor_id!r}",
+        )
         self._link = BrokerLink(
             self._settings,
             subscriptions=[
@@ -147,6 +160,7 @@ class Dispatcher(BackgroundService):
                 [
                     (f"{self._layout.root}/+/running", 1),
                     (f"{self._layout.root}/+/dispatches/+", 1),
+                    (self._status.topic, 1),  # to see that the broker stored ours
                 ],
                 [(self._layout.status, 1)],
             ],
@@ -155,6 +169,9 @@ class Dispatcher(BackgroundService):
             reconnect_cap=max_reconnect_delay.total_seconds(),
             sync_timeout=sync_timeout.total_seconds(),
             clock=clock,
+            identifier=self.actor_id,
+            will=self._status.will,
+            farewell=self._status.farewell,
         )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
@@ -289,6 +306,7 @@ class Dispatcher(BackgroundService):
             clock=self._clock,
             factory_timeout=factory_timeout,
             on_failure=self._request_reconcile,
+            on_started=self._status.changed,
         )
         _logger.info("managing actors of type %r", dispatch_type)
         await self._reconcile(dispatch_type)
@@ -353,8 +371,12 @@ class Dispatcher(BackgroundService):
                 group.create_task(self._link.run(self), name="dispatcher-connection")
                 group.create_task(self._timer_loop(), name="dispatcher-timer")
                 group.create_task(watch_event_loop(), name="dispatcher-watchdog")
+                group.create_task(self._status.run(), name="dispatcher-actor-status")
         finally:
             await self._shutdown()
+            if self._claimed:
+                self._claimed = False
+                release_actor_id(self.actor_id)
 
     async def _shutdown(self) -> None:
         async with self._reconciler.lock:
@@ -366,6 +388,7 @@ class Dispatcher(BackgroundService):
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)
         self._wakeup.set()  # the timer takes the new deadline
+        self._status.changed()
 
     def _request_reconcile(self) -> None:
         self._reconcile_requested = True
@@ -403,9 +426,15 @@ class Dispatcher(BackgroundService):
         """Whether the retained state of this connection was received completely."""
         return self._view.in_sync
 
-    async def connected(self) -> None:
-        """A connection is up: the retained state comes again."""
-        self._view.begin_sync()
+    async def connected(self, client: aiomqtt.Client | None) -> None:
+        """A connection is up (the retained state comes again), or gone (None).
+
+        Args:
+            client: The connected client, or None.
+        """
+        self._status.connected(client)
+        if client is not None:
+            self._view.begin_sync()
 
     async def quiet(self) -> None:
         """The retained tree is still incomplete after the sync timeout: go on with it."""
@@ -437,6 +466,9 @@ class Dispatcher(BackgroundService):
         topic = message.topic.value
         raw = message.payload
         payload = raw if isinstance(raw, bytes) else (b"" if raw is None else str(raw).encode())
+        if topic == self._status.topic:
+            self._status.echo(payload)
+            return
         try:
             await self._route(
                 self._parse(topic), payload, retained=bool(message.retain), arrived=arrived

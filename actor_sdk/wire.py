@@ -41,6 +41,7 @@ __all__ = [
     "STATUS_CONTRACT",
     "ActorState",
     "ActorStatus",
+    "ActorTypeState",
     "ActorTypeStatus",
     "BridgeStatus",
     "Dispatch",
@@ -990,6 +991,10 @@ ActorState = Literal["running", "idle", "failed", "offline"]
 """Overall: `failed` over `running` over `idle`; `offline` is the will or a clean stop."""
 
 
+ActorTypeState = Literal["running", "idle", "failed"]
+"""What one managed type does on an actor host."""
+
+
 class ActorTypeStatus(_Wire, frozen=True, kw_only=True):
     """What one managed type runs on an actor host.
 
@@ -997,7 +1002,7 @@ class ActorTypeStatus(_Wire, frozen=True, kw_only=True):
     while its dispatch runs; `idle`: nothing of the type runs.
     """
 
-    state: Literal["running", "idle", "failed"]
+    state: ActorTypeState
     dispatches: tuple[int, ...]
     """The ids of the dispatches an actor of the type runs now, sorted."""
 
