@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,6 +150,7 @@ class RequestHandler:
         self._clock = clock
         self._listing: asyncio.Future[str | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._saving = asyncio.Lock()
         service.core.holds = load_holds(directory, microgrid_id, clock())
         service.on_listing = self._listed
         for action in wire.REQUEST_ACTIONS:
@@ -174,10 +175,17 @@ class RequestHandler:
                 topic,
             )
             return
-        self.handle(action, bytes(payload))
+        try:
+            self.handle(action, bytes(payload))
+        except Exception:  # a bug here must not take the broker connection down
+            _logger.exception(
+                "microgrid %d: handling a %s request failed; not answered",
+                self.microgrid_id,
+                action,
+            )
 
     def handle(self, action: str, payload: bytes) -> None:
-        """Carry out one request and answer it (a resync answers later, from a task).
+        """Carry out one request; it is answered from a task (once saved, or resynced).
 
         Args:
             action: `resync`, `hold` or `release`.
@@ -202,11 +210,16 @@ class RequestHandler:
             "" if parsed.dispatch_type is None else f", type {parsed.dispatch_type!r}",
         )
         if action == "resync":
-            task = asyncio.create_task(self._resync(parsed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._resync(parsed))
         else:
-            self._change_hold(parsed)
+            # In force at once, in the order the requests came; saved and answered after.
+            refused = self._change_hold(parsed)
+            self._spawn(self._save_and_answer(parsed, refused, HoldBook(self.holds.snapshot())))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _answer(self, action: str, transaction: Any, error: str | None, **facts: Any) -> None:
         payload = answer(
@@ -258,7 +271,7 @@ class RequestHandler:
 
     # ---- hold and release --------------------------------------------------------------
 
-    def _change_hold(self, request: Parsed) -> None:
+    def _change_hold(self, request: Parsed) -> str | None:
         book = self.holds
         name = request.dispatch_type
         if request.action == "hold":
@@ -276,13 +289,19 @@ class RequestHandler:
             request.reason,
             _describe_holds(book.snapshot()),
         )
-        try:
-            atomic_write(self._path, encode_hold_file(self.microgrid_id, book))
-        except OSError as problem:
-            saved = (
-                f"the holds could not be saved to {self._path} ({describe_error(problem)}): "
-                "in force until the bridge stops, not after a restart"
-            )
-            _logger.error("microgrid %d: %s", self.microgrid_id, saved)
-            error = saved if error is None else f"{error}; {saved}"
+        return error
+
+    async def _save_and_answer(self, request: Parsed, error: str | None, book: HoldBook) -> None:
+        # One write at a time, each of the holds as they are then: the last write wins.
+        async with self._saving:
+            data = encode_hold_file(self.microgrid_id, self.holds)
+            try:
+                await asyncio.to_thread(atomic_write, self._path, data)
+            except OSError as problem:
+                saved = (
+                    f"the holds could not be saved to {self._path} ({describe_error(problem)}): "
+                    "in force until the bridge stops, not after a restart"
+                )
+                _logger.error("microgrid %d: %s", self.microgrid_id, saved)
+                error = saved if error is None else f"{error}; {saved}"
         self._answer(request.action, request.transaction, error, holds=book)

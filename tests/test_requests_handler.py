@@ -133,7 +133,8 @@ async def test_holds_are_saved_and_loaded_and_an_unwritable_state_dir_is_said(
     service.step(T0 + timedelta(minutes=1))
     handler.handle("hold", b'{"transaction": 1, "type": "A", "reason": "works"}')
     snapshot = publisher.retained[LAYOUT.running("A")]
-    assert snapshot.held and snapshot.running == ()
+    assert snapshot.held and snapshot.running == ()  # at once; saved, then answered
+    await async_wait_until(lambda: publisher.answers, 5, "the answer")
     topic, reply = publisher.answers[-1]
     assert topic == LAYOUT.response("hold") and reply.status == "ok"
     assert reply.holds == wire.Holds(types={"A": wire.Hold(since=T0, reason="works")})
@@ -146,6 +147,7 @@ async def test_holds_are_saved_and_loaded_and_an_unwritable_state_dir_is_said(
     service.put(Synced([running_now(1, "A")]))
     service.step(T0 + timedelta(minutes=1))
     handler.handle("hold", b'{"transaction": 2}')
+    await async_wait_until(lambda: publisher.answers, 5, "the answer")
     reply = publisher.answers[-1][1]
     assert reply.status == "error" and reply.error is not None
     assert "could not be saved" in reply.error and "not after a restart" in reply.error
@@ -162,3 +164,24 @@ def test_a_damaged_hold_file_holds_every_type(
     assert hold is not None and "cannot be read" in hold.reason
     assert "release --all" in caplog.text
     assert not load_holds(tmp_path / "none", 3, T0)
+
+
+async def test_quick_holds_and_releases_act_in_order_and_the_file_keeps_the_last(
+    tmp_path: Path,
+) -> None:
+    handler, service, publisher, _ = make_handler(tmp_path)
+    service.put(Synced([running_now(1, "A"), running_now(2, "B")]))
+    service.step(T0 + timedelta(minutes=1))
+    handler.handle("hold", b'{"transaction": 1, "type": "A"}')
+    handler.handle("hold", b'{"transaction": 2, "type": "B"}')
+    handler.handle("release", b'{"transaction": 3, "type": "A"}')
+    assert not publisher.retained[LAYOUT.running("A")].held
+    assert publisher.retained[LAYOUT.running("B")].held
+    await async_wait_until(lambda: len(publisher.answers) == 3, 5, "three answers")
+    assert [a.transaction for _, a in publisher.answers] == [1, 2, 3]
+    assert [sorted(a.holds.types) for _, a in publisher.answers if a.holds] == [
+        ["A"],
+        ["A", "B"],
+        ["B"],
+    ]
+    assert sorted(load_holds(tmp_path, 3, T0).snapshot().types) == ["B"]
