@@ -25,6 +25,7 @@ from actor_sdk._merge_strategies import (
     MergeByTypeTarget,
     MergeStrategy,
 )
+from actor_sdk._upcoming import UpcomingRun
 
 __all__ = [
     "Actor",
@@ -42,6 +43,7 @@ __all__ = [
     "MergeByTypeTarget",
     "MergeStrategy",
     "SdkError",
+    "UpcomingRun",
     "Updated",
     "manage",
 ]

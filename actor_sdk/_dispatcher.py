@@ -18,6 +18,8 @@ import logging
 import ssl
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any, Self, SupportsInt
 
 import aiomqtt
@@ -35,8 +37,10 @@ from actor_sdk._merge_strategies import MergeStrategy
 from actor_sdk._reconciler import Reconciler
 from actor_sdk._service import BackgroundService
 from actor_sdk._subscribers import Subscribers
+from actor_sdk._upcoming import UpcomingFeeds, UpcomingRun
 from actor_sdk._view import BridgeView
 from actor_sdk._watchdog import watch_event_loop
+from actor_sdk.journal import ActorJournal
 from actor_sdk.mqtt import BrokerSettings
 
 __all__ = ["Dispatcher"]
@@ -90,6 +94,7 @@ class Dispatcher(BackgroundService):
         max_reconnect_delay: timedelta = timedelta(seconds=30),
         sync_timeout: timedelta = timedelta(seconds=3),
         max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
+        journal: Path | str | None = None,
         actor_id: str | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
@@ -122,6 +127,8 @@ class Dispatcher(BackgroundService):
                 `microgrid/<id>/actors/<actor_id>` (`[A-Za-z0-9_-]`, 1 to 128); None:
                 `<host>-<program>-mg<microgrid_id>` (see docs/actor-sdk.md).
             clock: The wall clock (UTC); tests may pass another (a skewed one).
+            journal: A file to journal each actor's start, update, stop and failure
+                in (JSON lines, rotated: `actor_sdk.journal`); None keeps none.
 
         Raises:
             BrokerUrlError: The broker URL or a TLS option is not usable.
@@ -160,6 +167,7 @@ class Dispatcher(BackgroundService):
                 [
                     (f"{self._layout.root}/+/running", 1),
                     (f"{self._layout.root}/+/dispatches/+", 1),
+                    (f"{self._layout.root}/+/upcoming", 1),
                     (self._status.topic, 1),  # to see that the broker stored ours
                 ],
                 [(self._layout.status, 1)],
@@ -175,9 +183,13 @@ class Dispatcher(BackgroundService):
         )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
+        self._journal = ActorJournal.open(journal, microgrid_id)
         self._view = BridgeView(microgrid_id)
         self._bridge_clock = BridgeClock()
         self._subscribers = Subscribers(self._view)
+        self._upcoming = UpcomingFeeds(
+            lambda: self._bridge_clock.to_bridge(self._clock()), self._view.dispatch
+        )
         self._wakeup = asyncio.Event()
         self._reconcile_requested = False
         self._topics: dict[str, wire.TopicRef] = {}
@@ -306,6 +318,7 @@ class Dispatcher(BackgroundService):
             clock=self._clock,
             factory_timeout=factory_timeout,
             on_failure=self._request_reconcile,
+            record=None if self._journal is None else partial(self._journal.record, dispatch_type),
             on_started=self._status.changed,
         )
         _logger.info("managing actors of type %r", dispatch_type)
@@ -363,6 +376,25 @@ class Dispatcher(BackgroundService):
                 dispatch_type, merge_strategy, self._reconciler.effective.get(dispatch_type, {})
             )
 
+    def new_upcoming_receiver(
+        self, dispatch_type: str, *, within: timedelta = timedelta(minutes=5)
+    ) -> Receiver[UpcomingRun]:
+        """Return a receiver of each run of a type once its start is `within` away.
+
+        For an actor to prepare (pre-charge, ramp) before a start. The rules (once per
+        run, again when its end changes, `cancelled` runs, reconnects) are in
+        `actor_sdk._upcoming` and docs/actor-sdk.md; the bridge must publish its
+        `upcoming` topics (`run --upcoming-hours`, on by default).
+
+        Args:
+            dispatch_type: The type.
+            within: How long before its start a run is delivered (positive).
+
+        Returns:
+            The receiver; runs already within the window come at once.
+        """
+        return self._upcoming.receiver(dispatch_type, within)
+
     # --- the loops ---------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -371,6 +403,7 @@ class Dispatcher(BackgroundService):
                 group.create_task(self._link.run(self), name="dispatcher-connection")
                 group.create_task(self._timer_loop(), name="dispatcher-timer")
                 group.create_task(watch_event_loop(), name="dispatcher-watchdog")
+                group.create_task(self._upcoming.run(), name="dispatcher-upcoming")
                 group.create_task(self._status.run(), name="dispatcher-actor-status")
         finally:
             await self._shutdown()
@@ -384,6 +417,9 @@ class Dispatcher(BackgroundService):
             # Concurrently: one actor's slow stop does not delay the others'.
             await asyncio.gather(*(actors.stop_all("Dispatcher stopped") for actors in managed))
             await self._subscribers.close()
+            await self._upcoming.close()
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.writer.close)
 
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)
@@ -504,6 +540,9 @@ class Dispatcher(BackgroundService):
                 await self._subscribers.publish_lifecycle(events)
                 if not self._view.in_sync:
                     await self._maybe_finish_sync()
+            case wire.TopicKind.UPCOMING:
+                assert ref.dispatch_type is not None
+                await self._upcoming.apply(ref.dispatch_type, payload)
             case _:
                 pass
 
