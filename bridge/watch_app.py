@@ -67,8 +67,8 @@ class WatchApp(App[None]):
     #top, #bridge { height: 1; padding: 0 1; }
     #filter { height: 3; }
     #middle { height: 1fr; }
-    #left { width: 3fr; }
-    #detail-box { width: 2fr; max-width: 64; border: round $secondary; }
+    #left { width: 2fr; }
+    #detail-box { width: 1fr; min-width: 36; max-width: 64; border: round $secondary; }
     .title { height: 1; padding: 0 1; text-style: bold; }
     #running { height: auto; max-height: 10; }
     #dispatches { height: 1fr; }

@@ -301,15 +301,14 @@ def detail_lines(
     running = next((d for d in snapshot.running if d.id == dispatch_id), None) if snapshot else None
     lines = [
         f"{label} ({', '.join(flags)})",
-        f"start:      {dispatch.start_time:%Y-%m-%d %H:%M:%SZ}, runs {duration}",
+        f"start:      {dispatch.start_time:%Y-%m-%d %H:%M:%SZ}",
+        f"duration:   {duration}",
         f"recurrence: {recurrence_text(dispatch.recurrence)}",
         f"target:     {target_text(dispatch.target)}",
         f"now:        {'RUNNING ' + time_left(running, now) if running else 'not running'}",
     ]
     actors = state.actors_running(dispatch_type, dispatch_id)
-    lines.append(
-        f"actors:     {', '.join(printable(a, 30) for a in actors) or 'none reports running it'}"
-    )
+    lines.append(f"actors:     {', '.join(printable(a, 30) for a in actors) or 'none reports it'}")
     upcoming = state.upcoming.get(dispatch_type)
     if upcoming is not None:
         runs = [
@@ -317,16 +316,14 @@ def detail_lines(
             for r in upcoming.runs
             if r.id == dispatch_id and (r.end is None or r.end > now)
         ]
-        coming = (
-            ", ".join(runs[:_UPCOMING_SHOWN]) or f"none until {clock_text(upcoming.until, now)}"
-        )
-        more = f" (+{len(runs) - _UPCOMING_SHOWN} more)" if len(runs) > _UPCOMING_SHOWN else ""
-        lines.append(f"coming:     {coming}{more}")
+        shown = runs[:_UPCOMING_SHOWN] or [f"none until {clock_text(upcoming.until, now)}"]
+        if len(runs) > _UPCOMING_SHOWN:
+            shown.append(f"(+{len(runs) - _UPCOMING_SHOWN} more)")
+        for index, run in enumerate(shown):
+            lines.append(("coming:" if index == 0 else "").ljust(12) + run)
     lines.extend(_payload_lines(dispatch.payload))
-    lines.append(
-        f"created {dispatch.create_time:%Y-%m-%d %H:%M:%SZ}, "
-        f"updated {dispatch.update_time:%Y-%m-%d %H:%M:%SZ}"
-    )
+    lines.append(f"created {dispatch.create_time:%Y-%m-%d %H:%M:%SZ}")
+    lines.append(f"updated {dispatch.update_time:%Y-%m-%d %H:%M:%SZ}")
     return lines
 
 

@@ -232,12 +232,13 @@ def test_the_details_show_payload_target_recurrence_and_coming_runs() -> None:
     text = "\n".join(detail_lines(state, "EXAMPLE_TYPE", 7, NOW))
 
     assert "#7 EXAMPLE_TYPE (active)" in text
-    assert "runs until changed" in text
+    assert "duration:   until changed" in text
     assert "recurrence: every 2 weeks, weekdays MONDAY,FRIDAY, ends after 10 runs" in text
     assert "target:     ids 7,8" in text
     assert '"power_w": 5000' in text
     assert "coming:     08:03:20Z-..." in text
     assert "now:        not running" in text
+    assert "actors:     none reports it" in text
     assert detail_lines(state, "EXAMPLE_TYPE", 99, NOW) == [
         "#99 EXAMPLE_TYPE: no longer published (deleted, or its type changed)"
     ]
@@ -323,6 +324,12 @@ def test_minutely_dispatches_show_every_run_of_the_window() -> None:
     # 18 cells of 10 s: the 20 s of each minute fill two.
     assert lines[3] == " #2 |##....##....##...."
     assert dispatch_rows(state, NOW)[0][0].when == "next 07:04:20Z"
+    details = detail_lines(state, dispatch.type, 2, NOW)
+    coming = details.index("coming:     07:03:20Z-07:03:40Z")
+    assert details[coming + 1 : coming + 3] == [
+        "            07:04:20Z-07:04:40Z",
+        "            07:05:20Z-07:05:40Z",
+    ]
 
 
 @pytest.mark.parametrize("module", [watch_state, watch_text, watch_view])
