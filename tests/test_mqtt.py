@@ -226,3 +226,25 @@ def test_other_failures_do_not_change_the_protocol() -> None:
         raise aiomqtt.MqttCodeError(5, "not authorized")
     assert not caught.value.refused_protocol
     assert not ProtocolChoice().fall_back(caught.value)
+
+
+def test_socket_reads_are_buffered_and_pending_counts_the_buffer() -> None:
+    # paho reads a packet's header byte by byte; aiomqtt reads on while `pending`.
+    import socket  # noqa: PLC0415
+
+    from actor_sdk.mqtt import _BufferedReads  # noqa: PLC0415
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        reads = _BufferedReads(ours)
+        theirs.sendall(b"\x30\x03abc\x30\x01d")
+        assert reads.recv(1) == b"\x30"
+        assert reads.pending() == 7  # the rest came in the same read
+        assert (reads.recv(1), reads.recv(3), reads.recv(10)) == (b"\x03", b"abc", b"\x30\x01d")
+        assert reads.pending() == 0
+        with pytest.raises(BlockingIOError):
+            reads.recv(1)
+        assert reads.fileno() == ours.fileno()
+        theirs.close()
+        assert reads.recv(1) == b""
