@@ -23,6 +23,7 @@ from actor_sdk import Dispatcher, wire
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
 from tests.fixtures.broker import Broker
+from tests.fixtures.nats import NatsNode
 from tests.fixtures.sdk import ActorLog
 
 pytestmark = pytest.mark.slow
@@ -73,15 +74,17 @@ def answer_of(tap: MqttTap, action: str, transaction: object) -> tuple[int, wire
     return tap.wait_for(find, 20, f"the answer to {action} {transaction!r}")
 
 
-def command(broker: Broker, action: str, *args: str) -> tuple[int, str, float]:
-    """Run `dispatch-bridge <action>` as `operator`; exit code, stdout and seconds taken."""
+def command(
+    broker: Broker, action: str, *args: str, user: str = "operator"
+) -> tuple[int, str, float]:
+    """Run `dispatch-bridge <action>` as `user`; exit code, stdout and seconds taken."""
     started = time.monotonic()
     done = subprocess.run(
         [
             *dispatch_bridge_command(),
             action,
             "--broker",
-            broker.url("operator"),
+            broker.url(user),
             "--microgrid-id",
             "1",
             *args,
@@ -274,4 +277,28 @@ def test_a_hold_works_without_the_cloud_and_survives_a_restart(
     code, output, _ = command(mqtt_broker, "release", "--all")
     assert code == 0, output
     free = snapshot_of(tap, "KEEP", lambda s: not s.held)
+    assert [d.id for d in free.running] == [dispatch_id]
+
+
+def test_requests_over_mqtt_311_on_nats(
+    api_server: ApiServerHandle,
+    nats_server: NatsNode,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+) -> None:
+    # NATS speaks MQTT 3.1.1 only (the bridge falls back); it has no operator user:
+    # the fixture's admin asks.
+    dispatch_id = asyncio.run(create_running(api_server, "NATS_HOLD"))
+    tap = mqtt_tap_factory(nats_server, "microgrid/1/dispatch/#")
+    bridge = bridge_factory(api_server, nats_server)
+    bridge.wait_synced()
+    assert "(MQTT 3.1.1, session 1)" in bridge.output()
+    code, output, _ = command(nats_server, "resync", user="admin")
+    assert code == 0 and "resync ok (microgrid 1): 1 dispatches" in output, output
+    code, output, _ = command(nats_server, "hold", "--type", "NATS_HOLD", user="admin")
+    assert code == 0, output
+    assert snapshot_of(tap, "NATS_HOLD", lambda s: s.held).running == ()
+    code, output, _ = command(nats_server, "release", "--all", user="admin")
+    assert code == 0, output
+    free = snapshot_of(tap, "NATS_HOLD", lambda s: not s.held and s.running)
     assert [d.id for d in free.running] == [dispatch_id]
