@@ -119,6 +119,9 @@ def _describe_holds(holds: wire.Holds) -> str:
 class RequestHandler:
     """Answers the requests to the bridge of one microgrid."""
 
+    listing_timeout = LISTING_TIMEOUT
+    ack_timeout = ACK_TIMEOUT
+
     def __init__(
         self,
         layout: wire.TopicLayout,
@@ -241,16 +244,16 @@ class RequestHandler:
         listing = self._listing
         self._upstream.resync()
         try:
-            error = await asyncio.wait_for(asyncio.shield(listing), LISTING_TIMEOUT)
+            error = await asyncio.wait_for(asyncio.shield(listing), self.listing_timeout)
         except TimeoutError:
-            error = f"no listing from the Dispatch API within {LISTING_TIMEOUT:g} s"
+            error = f"no listing from the Dispatch API within {self.listing_timeout:g} s"
         if error is not None:
             error = f"Dispatch API: {error}; republished the dispatches held instead"
         self._publisher.republish()
         try:
-            await asyncio.wait_for(self._publisher.flushed(), ACK_TIMEOUT)
+            await asyncio.wait_for(self._publisher.flushed(), self.ack_timeout)
         except TimeoutError:
-            late = f"the broker did not acknowledge the republish within {ACK_TIMEOUT:g} s"
+            late = f"the broker did not acknowledge the republish within {self.ack_timeout:g} s"
             error = error or late
         service = self._service
         if error is None:

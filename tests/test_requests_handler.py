@@ -185,3 +185,24 @@ async def test_quick_holds_and_releases_act_in_order_and_the_file_keeps_the_last
         ["B"],
     ]
     assert sorted(load_holds(tmp_path, 3, T0).snapshot().types) == ["B"]
+
+
+async def test_a_resync_without_a_listing_or_an_ack_in_time_says_which(tmp_path: Path) -> None:
+    handler, service, publisher, upstream = make_handler(tmp_path)
+    handler.listing_timeout = handler.ack_timeout = 0.05
+    handler.handle("resync", b'{"transaction": "slow api"}')
+    await async_wait_until(lambda: publisher.answers, 5, "the answer")
+    slow = publisher.answers[-1][1]
+    assert slow.status == "error" and slow.error is not None
+    assert "no listing from the Dispatch API within 0.05 s" in slow.error
+    assert publisher.republished == 1  # what is held goes out all the same
+    # Listed in time, but the broker does not acknowledge the republish.
+    publisher.acked.clear()
+    handler.handle("resync", b'{"transaction": "slow broker"}')
+    await async_wait_until(lambda: upstream.resyncs == 2, 5, "the resync asked")
+    service.put(Synced([running_now(1, "A")]))
+    service.step(T0)
+    await async_wait_until(lambda: len(publisher.answers) == 2, 5, "the second answer")
+    late = publisher.answers[-1][1]
+    assert late.status == "error" and late.dispatches == 1
+    assert late.error == "the broker did not acknowledge the republish within 0.05 s"
