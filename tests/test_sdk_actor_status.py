@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import msgspec
 import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import TargetIds
 
-from actor_sdk import wire
+from actor_sdk import Dispatcher, manage, wire
+from actor_sdk._actor_status import StatusBoard, default_actor_id, release_actor_id
+from tests.fixtures import broker as fixtures_broker
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.bridge import BridgeFactory
+from tests.fixtures.broker import Broker
+from tests.fixtures.processes import (
+    ManagedProcess,
+    ProcessFactory,
+    async_wait_until,
+    wait_until,
+)
+from tests.fixtures.sdk import SDK_TEST_TYPE, ActorLog, ScriptedBridge, managing, wire_dispatch
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -103,3 +125,280 @@ def test_other_topics_are_not_actor_status_topics(topic: str) -> None:
 def test_actor_status_filters() -> None:
     assert wire.actor_status_filter(7) == "microgrid/7/actors/+"
     assert wire.actor_status_filter() == "microgrid/+/actors/+"
+
+
+# --- the SDK's report (unit: ActorSet and StatusBoard, no broker) --------------------
+
+
+class _Set:
+    """What `StatusBoard` reads of an `ActorSet`."""
+
+    def __init__(self, running: tuple[int, ...] = (), failure: str | None = None) -> None:
+        self.running_ids = running
+        self.failure = failure
+
+
+def test_board_overall_state_is_failed_over_running_over_idle() -> None:
+    board = StatusBoard(host="h", version="1")
+    later = T0 + timedelta(seconds=5)
+    idle, changed = board.update({"A": _Set(), "B": _Set()}, T0)  # type: ignore[dict-item]
+    assert (idle.state, changed, idle.since) == ("idle", True, T0)
+    running, changed = board.update({"A": _Set((4, 2)), "B": _Set()}, later)  # type: ignore[dict-item]
+    assert (running.state, changed, running.since) == ("running", True, later)
+    assert running.types["A"] == wire.ActorTypeStatus(state="running", dispatches=(4, 2))
+    failed, _ = board.update(
+        {"A": _Set((4, 2)), "B": _Set(failure="boom")},  # type: ignore[dict-item]
+        later + timedelta(seconds=1),
+    )
+    assert failed.state == "failed"
+    assert failed.error == "type 'B': boom"
+    assert failed.types["B"].state == "failed"
+    # Nothing changed but the clock: no new message is due, `since` stays.
+    again, changed = board.update(
+        {"A": _Set((4, 2)), "B": _Set(failure="boom")},  # type: ignore[dict-item]
+        later + timedelta(seconds=9),
+    )
+    assert not changed
+    assert again.since == failed.since
+    offline = board.offline(later)
+    assert (offline.state, offline.types, offline.error) == ("offline", {}, None)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "edge/1", "edge+", "café"])
+async def test_a_bad_actor_id_is_refused_before_anything_connects(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"invalid actor id .*\[A-Za-z0-9_-\]"):
+        Dispatcher(microgrid_id=1, broker="mqtt://localhost:1883", actor_id=bad)
+    with pytest.raises(ValueError, match="invalid actor id"):
+        await manage(
+            broker="mqtt://localhost:1883",
+            microgrid_id=1,
+            dispatch_type="T",
+            actor_factory=lambda info, updates: None,  # type: ignore[arg-type,return-value]
+            actor_id=bad,
+        )
+
+
+def test_the_default_actor_id_is_stable_and_made_of_allowed_characters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "edge-7.site.example")
+    monkeypatch.setattr(sys, "argv", ["/opt/site/pv_limit.py"])
+    assert default_actor_id(3) == "edge-7-pv_limit-mg3"
+    assert default_actor_id(3, "SET.POWER") == "edge-7-SET_POWER-mg3"
+    monkeypatch.setattr(sys, "argv", ["/opt/site/peak_shaver/__main__.py"])
+    assert default_actor_id(3) == "edge-7-peak_shaver-mg3"
+    long = default_actor_id(3, "X" * 300)
+    assert len(long) == 128
+    assert long == default_actor_id(3, "X" * 300)
+    wire.check_actor_id(long)
+    # A second dispatcher of one process gets a suffix, the first's id comes back.
+    first = Dispatcher(microgrid_id=3, broker="mqtt://localhost:1883")
+    second = Dispatcher(microgrid_id=3, broker="mqtt://localhost:1883")
+    assert (first.actor_id, second.actor_id) == (
+        "edge-7-peak_shaver-mg3",
+        "edge-7-peak_shaver-mg3-2",
+    )
+    release_actor_id(first.actor_id)
+    release_actor_id(second.actor_id)
+    assert Dispatcher(microgrid_id=3, broker="mqtt://localhost:1883").actor_id == first.actor_id
+    release_actor_id(first.actor_id)
+
+
+# --- end to end: API server, bridge, Mosquitto, an actor host; read as a field engineer ---
+
+MICROGRID = 1
+TYPE = "E2E_ACTORS"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+
+ACTOR_HOST = """
+import asyncio, contextlib, os
+from datetime import timedelta
+from actor_sdk import manage
+
+class Actor:
+    def __init__(self, info):
+        self.info = info
+    def start(self):
+        print(f"start {int(self.info._src.id)}", flush=True)
+    async def stop(self, msg=None):
+        print(f"stop {int(self.info._src.id)}: {msg}", flush=True)
+
+async def factory(info, updates):
+    if info.options.get("fail"):
+        raise RuntimeError(f"no inverter for dispatch {int(info._src.id)}")
+    return Actor(info)
+
+async def main():
+    await manage(
+        broker=os.environ["MQTT_URL"],
+        microgrid_id=int(os.environ["MICROGRID"]),
+        dispatch_type=os.environ["DISPATCH_TYPE"],
+        actor_factory=factory,
+        actor_id=os.environ.get("ACTOR_ID") or None,
+        reconnect_delay=timedelta(seconds=0.1),
+        keepalive=5,
+    )
+
+with contextlib.suppress(KeyboardInterrupt):
+    asyncio.run(main())
+"""
+
+
+def actor_host(
+    process_factory: ProcessFactory,
+    broker: Broker,
+    tmp_path: Path,
+    *,
+    actor_id: str | None,
+    dispatch_type: str = TYPE,
+) -> ManagedProcess:
+    """Start an actor host: a program that runs `manage(...)`, as a site would."""
+    script = tmp_path / "actor_host.py"
+    script.write_text(ACTOR_HOST)
+    return process_factory(
+        [sys.executable, str(script)],
+        name="actor-host",
+        extra_env={
+            "MQTT_URL": f"mqtt://{broker.host}:{broker.port}",
+            "MQTT_USERNAME": broker.username("actor") or "",
+            "MQTT_PASSWORD": broker.actor_password or "",
+            "MICROGRID": str(MICROGRID),
+            "DISPATCH_TYPE": dispatch_type,
+            "ACTOR_ID": actor_id or "",
+        },
+    )
+
+
+def read_retained(broker: Broker, topic: str, user: str = "actor") -> bytes | None:
+    """What a field engineer sees: `mosquitto_sub -C 1` of a retained topic (None: nothing)."""
+    assert MOSQUITTO_SUB is not None
+    done = subprocess.run(
+        [MOSQUITTO_SUB, *broker.cli_args(user), "-t", topic, "-C", "1", "-W", "1", "-N"],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    return done.stdout if done.returncode == 0 and done.stdout else None
+
+
+async def status_when(
+    broker: Broker, topic: str, condition: Callable[[wire.ActorStatus], bool], within: float = 15
+) -> wire.ActorStatus:
+    """Poll the retained status with `mosquitto_sub` until it meets `condition`."""
+
+    def probe() -> wire.ActorStatus | None:
+        raw = read_retained(broker, topic)
+        status = None if raw is None else wire.decode_actor_status(raw)
+        return status if status is not None and condition(status) else None
+
+    return await asyncio.to_thread(wait_until, probe, within, f"a status on {topic}")
+
+
+needs_mosquitto_clients = pytest.mark.skipif(
+    MOSQUITTO_SUB is None or MOSQUITTO_PUB is None,
+    reason="needs mosquitto_sub and mosquitto_pub (apt-get install mosquitto-clients)",
+)
+
+
+@needs_mosquitto_clients
+def mosquitto_pub(broker: Broker, client_id: str, topic: str, payload: bytes) -> None:
+    """Publish a retained message as the `actor` user with a client id of our choice."""
+    assert MOSQUITTO_PUB is not None
+    args = ["-i", client_id, "-q", "1", "-r", "-t", topic, "-m", payload.decode()]
+    subprocess.run([MOSQUITTO_PUB, *broker.cli_args("actor"), *args], check=True, timeout=10)
+
+
+async def test_an_actor_host_reports_what_it_runs_and_its_will_says_offline(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    process_factory: ProcessFactory,
+    tmp_path: Path,
+) -> None:
+    mqtt_broker.require_acl()
+    bridge_factory(api_server, mqtt_broker, (MICROGRID,))
+    topic = wire.actor_status_topic(MICROGRID, "edge-7")
+    host = actor_host(process_factory, mqtt_broker, tmp_path, actor_id="edge-7")
+    idle = await status_when(mqtt_broker, topic, lambda s: TYPE in s.types)
+    assert idle.state == "idle"
+    assert idle.types == {TYPE: wire.ActorTypeStatus(state="idle", dispatches=())}
+    assert idle.host == socket.gethostname()
+    assert idle.error is None
+    async with api_server.client() as client:
+        run = await client.create(
+            microgrid_id=MicrogridId(MICROGRID),
+            type=TYPE,
+            start_time="NOW",
+            duration=timedelta(seconds=60),
+            target=TargetIds(1),
+            payload={},
+        )
+        running = await status_when(mqtt_broker, topic, lambda s: s.state == "running")
+        assert running.types[TYPE].dispatches == (int(run.id),)
+        assert running.since >= idle.since
+        broken = await client.create(
+            microgrid_id=MicrogridId(MICROGRID),
+            type=TYPE,
+            start_time="NOW",
+            duration=timedelta(seconds=60),
+            target=TargetIds(2),
+            payload={"fail": True},
+        )
+        failed = await status_when(mqtt_broker, topic, lambda s: s.state == "failed")
+    # Failed over running: the type still runs the first dispatch and says so.
+    assert failed.types[TYPE] == wire.ActorTypeStatus(state="failed", dispatches=(int(run.id),))
+    assert failed.error is not None
+    assert f"no inverter for dispatch {int(broken.id)}" in failed.error
+
+    # Another client logged in as `actor` cannot write this host's topic: dropped.
+    forged = wire.encode_actor_status(msgspec.structs.replace(failed, state="idle", host="forged"))
+    await asyncio.to_thread(mosquitto_pub, mqtt_broker, "edge-8", topic, forged)
+    # What edge-8 may write, it can (so the dropped write above was the ACL at work).
+    own = wire.actor_status_topic(MICROGRID, "edge-8")
+    await asyncio.to_thread(mosquitto_pub, mqtt_broker, "edge-8", own, forged)
+    assert await asyncio.to_thread(read_retained, mqtt_broker, own) == forged
+    kept = await asyncio.to_thread(read_retained, mqtt_broker, topic)
+    assert kept is not None
+    assert wire.decode_actor_status(kept) == failed
+
+    # The host dies: the broker publishes its will.
+    await asyncio.to_thread(host.kill9)
+    offline = await status_when(mqtt_broker, topic, lambda s: s.state == "offline")
+    assert (offline.types, offline.error) == ({}, None)
+    assert "did not store" not in host.program_output()
+
+
+async def test_a_broker_whose_acl_drops_the_status_is_logged_once_and_actors_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A site that upgraded the SDK but kept the ACL of before: no `%c` pattern line.
+    old_acl = tmp_path / "old-acl"
+    shipped = fixtures_broker.SHIPPED_ACL.read_text()
+    kept = [line for line in shipped.splitlines() if "actors" not in line]
+    old_acl.write_text("\n".join(kept) + "\n")
+    monkeypatch.setattr(fixtures_broker, "SHIPPED_ACL", old_acl)
+    broker = fixtures_broker.start_broker(tmp_path / "broker")
+    try:
+        broker.require_acl()
+        log = ActorLog()
+        async with ScriptedBridge(broker, MICROGRID) as bridge:
+            await bridge.status("online")
+            async with managing(bridge, log, actor_id="edge-old") as dispatcher:
+                await bridge.running(SDK_TEST_TYPE, [wire_dispatch(1, SDK_TEST_TYPE)])
+                await log.wait_count("start", 1)
+                await bridge.running(SDK_TEST_TYPE, [])
+                await log.wait_count("stop", 1)
+                await bridge.running(SDK_TEST_TYPE, [wire_dispatch(2, SDK_TEST_TYPE)])
+                await log.wait_count("start", 2)
+                await async_wait_until(
+                    lambda: "did not store" in caplog.text, 15, "the refusal logged"
+                )
+                assert dispatcher.is_running
+        refusals = [r for r in caplog.records if "did not store" in r.getMessage()]
+        assert len(refusals) == 1, refusals
+        assert "microgrid/1/actors/edge-old" in refusals[0].getMessage()
+        assert "deploy/mosquitto/acl" in refusals[0].getMessage()
+        assert [r.kind for r in log.records] == ["start", "stop", "start", "stop"]
+    finally:
+        broker.close()
