@@ -28,7 +28,7 @@ from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import Action, ActorPlanner, StartActor, StopActor, UpdateActor
 
-__all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorSet"]
+__all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorCounts", "ActorSet"]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +50,17 @@ class _Slot:
     stopping: bool = False
 
 
+@dataclass
+class ActorCounts:
+    """What the actors of one type went through, for metrics (read, never reset)."""
+
+    started: int = 0
+    stopped: int = 0
+    failed: int = 0
+    """Failed starts: the factory raised, timed out, or the actor's `start()` raised."""
+    factory_timeouts: int = 0
+
+
 class ActorSet:
     """The actors serving the dispatches of one type."""
 
@@ -65,6 +76,7 @@ class ActorSet:
         on_failure: Callable[[], None] = lambda: None,
         on_started: Callable[[], None] = lambda: None,
         record: Callable[[str, Dispatch, str | None], None] | None = None,
+        counts: ActorCounts | None = None,
     ) -> None:
         """Create an empty set.
 
@@ -79,6 +91,7 @@ class ActorSet:
             on_started: Called when an actor started.
             record: Told each start, update, stop and failure (`event`, the
                 dispatch, the reason) for the journal (`actor_sdk.journal`).
+            counts: Where to count starts, stops and failures (None: a new one).
         """
         self.name = name
         self._factory = factory
@@ -92,6 +105,7 @@ class ActorSet:
         """The actor key and id of each running dispatch, as of the last `apply`."""
         self._failure: str | None = None
         self._record = record or (lambda event, dispatch, reason: None)
+        self.counts = ActorCounts() if counts is None else counts
         self._planner = ActorPlanner(identity)
         self._slots: dict[Hashable, _Slot] = {}
         self._retry_due: dict[Hashable, datetime] = {}
@@ -113,6 +127,11 @@ class ActorSet:
     def failure(self) -> str | None:
         """Why the latest start failed, while a failed start waits for its retry."""
         return self._failure if self._retry_due else None
+
+    @property
+    def started_actors(self) -> int:
+        """How many actors have started and are not being stopped."""
+        return sum(1 for slot in self._slots.values() if slot.actor is not None)
 
     async def apply(self, running: Iterable[Dispatch], *, reason: str) -> None:
         """Bring the actors to match what runs (without waiting for any actor).
@@ -215,6 +234,7 @@ class ActorSet:
             self._start_failed(key, slot, error, timed_out=timed_out)
             return
         slot.actor = actor
+        self.counts.started += 1
         self._on_started()
         self._record("started", dispatch, None)
         _logger.info(
@@ -230,6 +250,8 @@ class ActorSet:
         if self._slots.get(key) is not slot:
             return  # stopped meanwhile: nothing to retry
         del self._slots[key]
+        self.counts.failed += 1
+        self.counts.factory_timeouts += timed_out
         retry_at = self._clock() + self._retry_interval
         what = (
             f"did not return an actor within {self._factory_timeout:g} s (cancelled)"
@@ -276,6 +298,7 @@ class ActorSet:
             await slot.sender.aclose()
 
     async def _stop_actor(self, actor: Actor, dispatch: Dispatch, reason: str) -> None:
+        self.counts.stopped += 1
         self._record("stopped", dispatch, reason)
         _logger.info(
             "stopping the actor of type %r (dispatch %s): %s",

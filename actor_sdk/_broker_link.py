@@ -104,6 +104,8 @@ class BrokerLink:
         self._will = will
         self._farewell = farewell
         self.connected = False
+        self.connections = 0
+        """Connections made so far (for metrics: reconnects are those after the first)."""
         self.problem: str | None = None
         """The latest reason the link is down, for whoever waits for it."""
 
@@ -130,6 +132,7 @@ class BrokerLink:
             try:
                 async with client:
                     self.connected = True
+                    self.connections += 1
                     self.problem = None
                     failures = 0
                     _logger.info("connected to the broker at %s", self.where)

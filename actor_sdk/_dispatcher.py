@@ -28,7 +28,7 @@ from frequenz.channels import Receiver
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
 from actor_sdk._actor_status import StatusPublisher, choose_actor_id, release_actor_id
-from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
+from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorCounts, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._broker_link import BrokerLink
 from actor_sdk._dispatch import Dispatch
@@ -320,6 +320,7 @@ class Dispatcher(BackgroundService):
             on_failure=self._request_reconcile,
             record=None if self._journal is None else partial(self._journal.record, dispatch_type),
             on_started=self._status.changed,
+            counts=self._reconciler.counts.setdefault(dispatch_type, ActorCounts()),
         )
         _logger.info("managing actors of type %r", dispatch_type)
         await self._reconcile(dispatch_type)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from frequenz.client.dispatch.types import DispatchId
 
-from actor_sdk._actors import ActorSet
+from actor_sdk._actors import ActorCounts, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._dispatch import Dispatch
 from actor_sdk._planner import (
@@ -78,6 +78,8 @@ class Reconciler:
         """Held while reconciling; hold it to change `managed` consistently."""
         self.managed: dict[str, ActorSet] = {}
         """The actors of each managed type."""
+        self.counts: dict[str, ActorCounts] = {}
+        """Per type ever managed, its `ActorSet`'s counts (kept: metrics never go back)."""
         self.effective: dict[str, dict[DispatchId, Dispatch]] = {}
         """What runs now, per type and id, as the last run decided."""
         self.deadline: datetime | None = None

@@ -138,6 +138,8 @@ class BridgeView:
         """What arrived of the retained tree since the connect (`missing`)."""
         self._latest: dict[str, wire.RunningSnapshot] = {}
         self._online_heard_at: datetime | None = None
+        self.live_status_at: datetime | None = None
+        """When a status last arrived live (retain 0), on the local clock; for metrics."""
 
     @property
     def live_until(self) -> datetime | None:
@@ -326,6 +328,8 @@ class BridgeView:
                 the view not live.
         """
         self.resync.status_seen = True
+        if not retained:
+            self.live_status_at = arrived
         if not payload:
             changed = self.status is not None
             self.status = None
