@@ -196,11 +196,18 @@ class BridgeJournal:
         self._microgrid_id = microgrid_id
         self._session = session
         self._clock = clock
+        self._formatted: tuple[datetime | None, str | None] = (None, None)
+
+    def _format(self, time: datetime) -> str | None:
+        # The entries of one step share their instant: formatted once.
+        if time != self._formatted[0]:
+            self._formatted = (time, format_time(time))
+        return self._formatted[1]
 
     def _append(self, time: datetime, source: str, event: str, **more: Any) -> None:
         self._writer.append(
             {
-                "time": format_time(time),
+                "time": self._format(time),
                 "source": source,
                 "event": event,
                 "microgrid_id": self._microgrid_id,

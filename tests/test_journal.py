@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from actor_sdk.journal import (
 from bridge import audit_command
 from bridge.journal import BridgeJournal, changed_fields
 from bridge.service import LinkChanged, MicrogridService, ScheduleCore, StreamEvent, Synced
+from tests.fixtures.processes import wait_until
 from tests.test_bridge_service import LAYOUT, T0, FakeSink, dispatch
 
 
@@ -78,11 +78,8 @@ def test_a_single_file_journal_starts_over_when_full(tmp_path: Path) -> None:
 def test_the_thread_writes_what_was_appended_and_close_writes_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     writer = JournalWriter(path, flush_interval=0.01)
-    writer.start()
-    writer.append({"n": 1})
-    deadline = time.monotonic() + 5
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    writer.append({"n": 1})  # starts the thread
+    wait_until(lambda: writer.written == 1, timeout=5, what="the thread's write")
     assert [e["n"] for e in entries(path)] == [1]
     writer.append({"n": 2})
     writer.close()
