@@ -539,6 +539,12 @@ class Dispatcher(BackgroundService):
                     events=self._subscribers.wants_lifecycle(ref.dispatch_type),
                 )
                 await self._subscribers.publish_lifecycle(events)
+                if self._view.in_sync:  # its `next_run` is an own-clock start
+                    deadline = self._reconciler.deadline
+                    if self._reconciler.needs_run(ref.dispatch_type, ref.dispatch_id):
+                        await self._reconcile(ref.dispatch_type)
+                    elif self._reconciler.deadline != deadline:
+                        self._wakeup.set()
                 if not self._view.in_sync:
                     await self._maybe_finish_sync()
             case wire.TopicKind.UPCOMING:

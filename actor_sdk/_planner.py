@@ -1,7 +1,10 @@
 """The SDK's decisions, without I/O and without a clock: everything here is pure.
 
-Three questions, three answers:
+Four questions, four answers:
 
+* `own_clock_running`: what runs by the bridge's latest snapshot, plus the starts due
+  on the SDK's own clock at a `next_run` it was told (the broker hop is then off the
+  critical path of a scheduled start; the bridge's snapshot confirms or corrects)?
 * `confirmed_running`: of what the bridge reported as running, what may run now?
   (the fail-safe: nothing new without a live view, nothing past its `until`, no
   endless run for long without a live view)
@@ -31,6 +34,7 @@ __all__ = [
     "UpdateActor",
     "confirmed_running",
     "end_of",
+    "own_clock_running",
     "running_state_changes",
 ]
 
@@ -87,6 +91,59 @@ def confirmed_running(
             continue
         confirmed.append(dispatch)
     return tuple(confirmed)
+
+
+def own_clock_running(
+    reported: Iterable[Dispatch],
+    told: Iterable[Dispatch],
+    *,
+    as_of: datetime | None,
+    next_change: datetime | None,
+    now: datetime,
+) -> tuple[Dispatch, ...]:
+    """Return what the bridge's snapshot says runs, plus the runs due on the own clock.
+
+    A dispatch `told` (its latest `dispatches/ID` message, which says `next_run: T`)
+    runs from `T` to `T + duration` (endless without a duration), without waiting for
+    the bridge's snapshot of that instant, while: it is active and not deleted;
+    `T <= now`; the snapshot of its type is older than `T`
+    (`as_of < T`: the one for `T` has not arrived; once it has, it alone decides, so
+    a snapshot without the dispatch corrects the start); and that snapshot expects a
+    change by `T` (`next_change <= T`: the bridge's newest knowledge agrees that
+    something starts then; a snapshot made after a change that moved or cancelled
+    the run says otherwise). A reported run that ended before `T` gives way to it.
+
+    The following start is never computed here: it comes with a newer message.
+    Whether a start may be made at all (a live view, a confirmed session), and when
+    a run is over (its `until`, `duration: 0` at once), is `confirmed_running`'s
+    rule: feed it the result.
+
+    Args:
+        reported: The dispatches the latest accepted snapshot says run.
+        told: The held dispatches of the type whose `next_run` is at or before `now`,
+            each the latest version received.
+        as_of: When the latest accepted snapshot of the type was made; None: none.
+        next_change: That snapshot's `next_change`.
+        now: The current instant on the bridge's clock.
+
+    Returns:
+        The reported dispatches, then the own-clock runs (`started`, with their `until`).
+    """
+    running = {dispatch.id: dispatch for dispatch in reported}
+    if as_of is None or next_change is None:
+        return tuple(running.values())
+    for dispatch in told:
+        start = dispatch.next_run
+        if start is None or not dispatch.active or dispatch.deleted:
+            continue
+        if not (as_of < start <= now and next_change <= start):
+            continue
+        until = None if dispatch.duration is None else start + dispatch.duration
+        known = running.get(dispatch.id)
+        if known is not None and (known.until is None or known.until > start):
+            continue  # the reported run goes on through `start`
+        running[dispatch.id] = dispatch.with_state(running=True, until=until)
+    return tuple(running.values())
 
 
 def end_of(dispatch: Dispatch, *, live: bool) -> datetime:

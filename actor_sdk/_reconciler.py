@@ -1,11 +1,12 @@
 """Reconciling: actors and receivers brought to match the view, at one reading of the clock.
 
 `Reconciler.run` reads the clock once, tells whether the view is live, works out
-for each type what may run (`confirmed_running`, on the bridge's clock as far as it
-is known), sends the running state messages, lets each managed type's `ActorSet`
-start, update and stop actors (without waiting for them), and keeps the earliest
-local deadline at which it must run again: a run's `until`, the end of the view's
-liveness, the end of an endless run's blind time, a factory retry.
+for each type what may run (`own_clock_running` then `confirmed_running`, on the
+bridge's clock as far as it is known), sends the running state messages, lets each
+managed type's `ActorSet` start, update and stop actors (without waiting for them),
+and keeps the earliest local deadline at which it must run again: a run's `until`, a
+told `next_run` (an own-clock start), the end of the view's liveness, the end of an
+endless run's blind time, a factory retry.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from actor_sdk._planner import (
     STOPPED_UNCONFIRMED,
     confirmed_running,
     end_of,
+    own_clock_running,
 )
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
@@ -137,12 +139,61 @@ class Reconciler:
                 self._view.live_until if live else None, *self._type_deadlines.values()
             )
 
+    def told_start(self, dispatch_type: str, after: datetime) -> datetime | None:
+        """Return the next start told of a dispatch of a type after an instant.
+
+        Args:
+            dispatch_type: The type.
+            after: The instant on the bridge's clock.
+
+        Returns:
+            The start on the local clock (as estimated); None when none is told.
+        """
+        start = self._view.next_told_start(dispatch_type, after)
+        return None if start is None else self._bridge_clock.to_local(start)
+
+    def needs_run(self, dispatch_type: str, dispatch_id: int) -> bool:
+        """Tell whether a new message of a dispatch needs a run of its type now.
+
+        It does when the dispatch runs (an own-clock run ends when its dispatch
+        changes) or is told to start by now; a start told for later only moves the
+        deadline. While a run is under way, always (it sets the deadlines).
+
+        Args:
+            dispatch_type: The dispatch's type.
+            dispatch_id: Its id.
+
+        Returns:
+            True to call `run(dispatch_type)`.
+        """
+        running = self.effective.get(dispatch_type, {})
+        if self.lock.locked() or DispatchId(dispatch_id) in running:
+            return True
+        start = self._view.told_start_of(dispatch_type, dispatch_id)
+        if start is None:
+            return False
+        local = self._bridge_clock.to_local(start)
+        if local <= self._clock():
+            return True
+        earlier = self._type_deadlines.get(dispatch_type)
+        self._type_deadlines[dispatch_type] = local if earlier is None else min(earlier, local)
+        self.deadline = _earliest(self.deadline, local)
+        return False
+
     async def _type(self, dispatch_type: str, moment: _Moment, *, live: bool) -> datetime | None:
         """Reconcile one type; return its next deadline on the local clock."""
         previous = self.effective.get(dispatch_type, {})
         blind_too_long = moment.blind_until is not None and moment.blind_until <= moment.local_now
-        confirmed = confirmed_running(
+        as_of, next_change = self._view.snapshot_times(dispatch_type)
+        reported = own_clock_running(
             self._view.running(dispatch_type),
+            self._view.told_starts(dispatch_type, moment.bridge_now),
+            as_of=as_of,
+            next_change=next_change,
+            now=moment.bridge_now,
+        )
+        confirmed = confirmed_running(
+            reported,
             previous.keys(),
             now=moment.bridge_now,
             live=live,
@@ -164,6 +215,8 @@ class Reconciler:
         )
         if not live and any(d.until is None for d in confirmed):
             deadline = _earliest(deadline, moment.blind_until)
+        if live:  # an own-clock start needs a live view: wake up at the next one told
+            deadline = _earliest(deadline, self.told_start(dispatch_type, moment.bridge_now))
         managed = self.managed.get(dispatch_type)
         if managed is not None:
             reason = STOPPED if live else STOPPED_BLIND if blind_too_long else STOPPED_UNCONFIRMED

@@ -117,6 +117,7 @@ class _Snapshot:
     seq: int
     as_of: datetime | None
     running: tuple[Dispatch, ...]
+    next_change: datetime | None = None
 
 
 class BridgeView:
@@ -133,6 +134,8 @@ class BridgeView:
         self.in_sync = False
         self._snapshots: dict[str, _Snapshot] = {}
         self._dispatches: dict[str, dict[int, _Held]] = {}
+        self._starts: dict[str, dict[int, datetime]] = {}
+        """Per type, the `next_run` each held active dispatch was told (own-clock starts)."""
         self._seen_dispatches: set[tuple[str, int]] = set()
         self.resync = ResyncTally()
         """What arrived of the retained tree since the connect (`missing`)."""
@@ -201,6 +204,59 @@ class BridgeView:
         snapshot = self._snapshots.get(dispatch_type)
         return () if snapshot is None else snapshot.running
 
+    def snapshot_times(self, dispatch_type: str) -> tuple[datetime | None, datetime | None]:
+        """Return `as_of` and `next_change` of the latest accepted snapshot of a type.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            Both None when no snapshot of the type was accepted.
+        """
+        snapshot = self._snapshots.get(dispatch_type)
+        return (None, None) if snapshot is None else (snapshot.as_of, snapshot.next_change)
+
+    def told_starts(self, dispatch_type: str, until: datetime) -> list[Dispatch]:
+        """Return the held active dispatches of a type told to start at or before `until`.
+
+        Args:
+            dispatch_type: The type.
+            until: The latest `next_run` wanted (the bridge's clock).
+
+        Returns:
+            Each dispatch as last received (one not representable is logged, left out).
+        """
+        starts = self._starts.get(dispatch_type, {})
+        due = [dispatch_id for dispatch_id, start in starts.items() if start <= until]
+        return [d for i in due if (d := self.dispatch(dispatch_type, i)) is not None]
+
+    def told_start_of(self, dispatch_type: str, dispatch_id: int) -> datetime | None:
+        """Return the `next_run` the held message of one active dispatch tells.
+
+        Args:
+            dispatch_type: Its type.
+            dispatch_id: Its id.
+
+        Returns:
+            The instant (the bridge's clock); None when unknown, inactive or none.
+        """
+        return self._starts.get(dispatch_type, {}).get(dispatch_id)
+
+    def next_told_start(self, dispatch_type: str, after: datetime) -> datetime | None:
+        """Return the earliest `next_run` after an instant told of a held dispatch of a type.
+
+        Args:
+            dispatch_type: The type.
+            after: The instant (the bridge's clock).
+
+        Returns:
+            The instant; None when no start is told after it.
+        """
+        return min(
+            (start for start in self._starts.get(dispatch_type, {}).values() if start > after),
+            default=None,
+        )
+
     def dispatches(self, dispatch_type: str) -> dict[int, Dispatch]:
         """Return the known dispatches of a type, by id.
 
@@ -243,7 +299,17 @@ class BridgeView:
         gone = of_type.pop(dispatch_id)
         if not of_type:
             del self._dispatches[dispatch_type]
+        self._told(dispatch_type, dispatch_id, None)
         return gone
+
+    def _told(self, dispatch_type: str, dispatch_id: int, message: wire.Dispatch | None) -> None:
+        starts = self._starts.setdefault(dispatch_type, {})
+        if message is not None and message.active and message.next_run is not None:
+            starts[dispatch_id] = message.next_run
+        else:
+            starts.pop(dispatch_id, None)
+            if not starts:
+                del self._starts[dispatch_type]
 
     def _deleted(self, dispatch_type: str, held: _Held) -> list[DispatchEvent]:
         try:
@@ -379,7 +445,7 @@ class BridgeView:
             snapshot = self._snapshots.get(dispatch_type)
             if snapshot is not None and snapshot.running:
                 self._snapshots[dispatch_type] = _Snapshot(
-                    snapshot.session, snapshot.seq, snapshot.as_of, ()
+                    snapshot.session, snapshot.seq, snapshot.as_of, (), snapshot.next_change
                 )
             return None
         message = wire.decode_running(payload)
@@ -409,7 +475,7 @@ class BridgeView:
                     error,
                 )
         self._snapshots[dispatch_type] = _Snapshot(
-            message.session, message.seq, message.as_of, tuple(running)
+            message.session, message.seq, message.as_of, tuple(running), message.next_change
         )
         self._latest[dispatch_type] = message
         return message
@@ -452,6 +518,7 @@ class BridgeView:
         if events:
             held.dispatch()  # a target the client library cannot represent is garbage
         self._dispatches.setdefault(dispatch_type, {})[dispatch_id] = held
+        self._told(dispatch_type, dispatch_id, message)
         if not events:
             return []
         if known is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk import Dispatch, MergeByType, MergeByTypeTarget, wire
@@ -16,6 +17,7 @@ from actor_sdk._planner import (
     StopActor,
     UpdateActor,
     confirmed_running,
+    own_clock_running,
     running_state_changes,
 )
 from tests.fixtures.sdk import wire_dispatch
@@ -244,3 +246,125 @@ async def test_primed_receiver_hands_out_its_initial_messages_first() -> None:
     await sender.send(3)
     await sender.aclose()
     assert [message async for message in receiver] == [1, 2, 3]
+
+
+# --- own_clock_running ------------------------------------------------------------------
+
+START = NOW + timedelta(seconds=5)
+"""The `next_run` told in these tests."""
+
+
+def told(
+    dispatch_id: int,
+    *,
+    next_run: datetime | None = START,
+    duration: int | None = 60,
+    active: bool = True,
+) -> Dispatch:
+    """A held dispatch (its `dispatches/ID` message) that is told to start at `next_run`."""
+    wired = wire_dispatch(
+        dispatch_id, "T", start=START, duration=duration, running=False, active=active
+    )
+    return from_wire(msgspec.structs.replace(wired, next_run=next_run))
+
+
+def own_clock(
+    reported: list[Dispatch],
+    held: list[Dispatch],
+    now: datetime,
+    *,
+    as_of: datetime | None = NOW,
+    next_change: datetime | None = START,
+    previous: tuple[int, ...] = (),
+    live: bool = True,
+    blind_too_long: bool = False,
+) -> tuple[Dispatch, ...]:
+    """What runs: `own_clock_running`, then `confirmed_running`, as the shell does."""
+    return confirmed_running(
+        own_clock_running(reported, held, as_of=as_of, next_change=next_change, now=now),
+        {DispatchId(i) for i in previous},
+        now=now,
+        live=live,
+        blind_too_long=blind_too_long,
+    )
+
+
+def test_a_told_start_runs_at_its_next_run_on_the_own_clock_until_its_end() -> None:
+    held = [told(1)]
+    assert own_clock([], held, START - timedelta(milliseconds=1)) == ()
+    [run] = own_clock([], held, START)  # nothing the bridge said about START yet
+    assert run.started and run.until == START + timedelta(seconds=60)
+    end = START + timedelta(seconds=60)
+    assert ids(own_clock([], held, end + LIVE_GRACE / 2, previous=(1,))) == [1]
+    assert own_clock([], held, end + LIVE_GRACE, previous=(1,)) == ()
+    assert own_clock([], held, end, previous=(1,), live=False) == ()
+
+
+def test_an_endless_told_start_runs_without_until_and_duration_zero_never() -> None:
+    [run] = own_clock([], [told(1, duration=None)], START + timedelta(hours=5))
+    assert run.started and run.until is None
+    assert own_clock([], [told(2, duration=0)], START) == ()
+
+
+def test_no_own_clock_start_without_a_live_view() -> None:
+    # Stale, syncing, an older session's snapshot: the shell passes `live=False`.
+    assert own_clock([], [told(1)], START, live=False) == ()
+
+
+def test_a_started_own_clock_run_goes_on_to_its_end_when_the_view_is_lost() -> None:
+    later = START + timedelta(seconds=30)
+    assert ids(own_clock([], [told(1)], later, previous=(1,), live=False)) == [1]
+    endless = [told(2, duration=None)]
+    assert ids(own_clock([], endless, later, previous=(2,), live=False)) == [2]
+    blind = own_clock([], endless, later, previous=(2,), live=False, blind_too_long=True)
+    assert blind == ()
+
+
+def test_the_snapshot_of_that_instant_decides_and_corrects_an_own_clock_start() -> None:
+    held = [told(1)]
+    after = START + timedelta(milliseconds=3)
+    # The bridge's snapshot for the start arrived without the dispatch: it stops.
+    assert own_clock([], held, after, as_of=START, previous=(1,)) == ()
+    # With it: its run, as reported.
+    reported = [from_wire(wire_dispatch(1, "T", start=START, duration=60), as_of=START)]
+    assert own_clock(reported, held, after, as_of=START, previous=(1,)) == tuple(reported)
+
+
+def test_no_own_clock_start_when_the_dispatch_changed_since() -> None:
+    # The newer message: inactive, deleted, or told another start.
+    assert own_clock([], [told(1, active=False)], START) == ()
+    assert own_clock([], [told(1).with_state(running=False, deleted=True)], START) == ()
+    assert own_clock([], [told(1, next_run=START + timedelta(hours=1))], START) == ()
+    # The bridge's newer snapshot expects no change at that start (moved or cancelled).
+    assert own_clock([], [told(1)], START, next_change=START + timedelta(seconds=1)) == ()
+    assert own_clock([], [told(1)], START, next_change=None) == ()
+    # No snapshot of the type: nothing confirms the bridge's view at all.
+    assert own_clock([], [told(1)], START, as_of=None) == ()
+
+
+def test_a_recurring_run_takes_its_following_start_only_from_a_newer_message() -> None:
+    first_end = START + timedelta(seconds=60)
+    held = [told(1)]
+    # The first run is over; the message still says START: it does not start again.
+    assert own_clock([], held, first_end + LIVE_GRACE, previous=(1,)) == ()
+    assert own_clock([], held, first_end + timedelta(minutes=5)) == ()
+    # A newer message (the bridge's, at the first run's end) tells the next start.
+    following = START + timedelta(minutes=10)
+    newer = [told(1, next_run=following)]
+    before = following - timedelta(milliseconds=1)
+    assert own_clock([], newer, before, as_of=first_end, next_change=following) == ()
+    [run] = own_clock([], newer, following, as_of=first_end, next_change=following)
+    assert run.until == following + timedelta(seconds=60)
+
+
+def test_a_reported_run_that_ended_gives_way_to_the_told_next_start() -> None:
+    ended = from_wire(
+        wire_dispatch(1, "T", start=NOW - timedelta(seconds=55), duration=60), as_of=NOW
+    )
+    assert ended.until == START
+    following = START + timedelta(seconds=10)
+    held = [told(1, next_run=following)]
+    [run] = own_clock([ended], held, following, next_change=START, previous=(1,))
+    assert run.until == following + timedelta(seconds=60)
+    # While the reported run goes on, it stays as reported.
+    assert own_clock([ended], held, START - timedelta(seconds=1), previous=(1,)) == (ended,)

@@ -1,0 +1,381 @@
+"""Own-clock starts (#13 item 3): the SDK starts a run at the `next_run` it was told.
+
+The broker hop leaves the critical path of a scheduled start: a live view that holds
+the dispatch active and unchanged starts it on the SDK's clock (the bridge's, as
+estimated); the bridge's snapshot of that instant confirms or corrects it. Three
+levels: the reconciler with a fake clock (no broker), the SDK against a scripted
+bridge on a real Mosquitto, and the real bridge whose path to the broker is cut
+just before the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import TargetIds
+
+from actor_sdk import Dispatcher, wire
+from actor_sdk._bridge_clock import BridgeClock
+from actor_sdk._reconciler import Reconciler
+from actor_sdk._subscribers import Subscribers
+from actor_sdk._view import BridgeView
+from tests.fixtures.api_server import ApiServerHandle
+from tests.fixtures.bridge import BridgeFactory, TapFactory
+from tests.fixtures.broker import Broker
+from tests.fixtures.sdk import (
+    SDK_TEST_TYPE,
+    ActorLog,
+    ScriptedBridge,
+    TcpProxy,
+    managing,
+    poll,
+    utcnow,
+    wire_dispatch,
+)
+
+T = SDK_TEST_TYPE
+MG = 7
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+START = NOW + timedelta(seconds=5)
+LATENESS_TOLERANCE_S = 0.25
+"""How late an own-clock start may be in these tests (loaded machine; idle: ~1 ms)."""
+
+
+def told(
+    dispatch_id: int,
+    start: datetime,
+    *,
+    duration: int | None = 60,
+    active: bool = True,
+    payload: dict[str, Any] | None = None,
+) -> wire.Dispatch:
+    """A dispatch that does not run yet, told to start at `start` (its `next_run`)."""
+    wired = wire_dispatch(
+        dispatch_id,
+        T,
+        start=start,
+        duration=duration,
+        running=False,
+        active=active,
+        payload=payload,
+    )
+    return msgspec.structs.replace(wired, next_run=start)
+
+
+# --- the reconciler, with a fake clock ---------------------------------------------------
+
+
+class Shell:
+    """A view, a reconciler and a clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+        self.view = BridgeView(MG)
+        self.reconciler = Reconciler(
+            self.view,
+            BridgeClock(),
+            Subscribers(self.view),
+            max_blind_time=timedelta(seconds=300),
+            clock=lambda: self.now,
+        )
+        self.seq = 0
+
+    def status(self, state: str = "online", *, session: int = 1, retained: bool = False) -> None:
+        status = wire.BridgeStatus(
+            state=state,  # type: ignore[arg-type]
+            upstream="connected",
+            synced_at=self.now,
+            session=session,
+            bridge="b",
+            version="1",
+            dispatches=1,
+            as_of=self.now,
+            status_interval=5,
+            contract=2,
+        )
+        self.view.apply_status(wire.encode(status), retained=retained, arrived=self.now)
+        self.view.in_sync = True
+
+    def snapshot(
+        self,
+        *running: wire.Dispatch,
+        next_change: datetime | None = START,
+        session: int = 1,
+    ) -> None:
+        self.seq += 1
+        snapshot = wire.RunningSnapshot(
+            microgrid_id=MG,
+            type=T,
+            running=running,
+            next_change=next_change,
+            as_of=self.now,
+            session=session,
+            seq=self.seq,
+        )
+        self.view.apply_running(T, wire.encode(snapshot))
+
+    def dispatch(self, dispatch: wire.Dispatch) -> None:
+        self.view.apply_dispatch(T, dispatch.id, wire.encode(dispatch), events=False)
+
+    async def at(self, instant: datetime, *, heartbeat: bool = False) -> list[int]:
+        """Move the clock (a live status arrives then with `heartbeat`), reconcile;
+        return the ids that run."""
+        self.now = instant
+        if heartbeat:
+            self.status()
+        await self.reconciler.run()
+        return sorted(int(i) for i in self.reconciler.effective.get(T, {}))
+
+
+@pytest.fixture
+def shell() -> Shell:
+    """A live view holding dispatch 1, told to start at START, and the snapshot before."""
+    shell = Shell()
+    shell.status()
+    shell.snapshot()
+    shell.dispatch(told(1, START))
+    return shell
+
+
+async def test_a_live_view_starts_at_next_run_and_the_timer_wakes_for_it(shell: Shell) -> None:
+    assert await shell.at(NOW) == []
+    assert shell.reconciler.deadline == START  # the timer wakes at the told start
+    shell.status()
+    assert await shell.at(START - timedelta(milliseconds=1)) == []
+    assert await shell.at(START) == [1]
+    [run] = shell.reconciler.effective[T].values()
+    assert run.until == START + timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(
+    "view", ["not live any more", "retained online only", "syncing", "offline", "older session"]
+)
+async def test_no_own_clock_start_without_a_live_confirmed_view(shell: Shell, view: str) -> None:
+    match view:
+        case "not live any more":  # the last live status is 2 intervals old at START
+            shell.now = START - timedelta(seconds=10)
+            shell.status()
+        case "retained online only":
+            shell.view.begin_sync()
+            shell.status(retained=True)
+        case "syncing" | "offline":
+            shell.status(view)
+        case _:  # the bridge restarted: its snapshot of session 1 is unconfirmed
+            shell.status(session=2)
+    assert await shell.at(START) == []
+    assert await shell.at(START + timedelta(seconds=1)) == []
+
+
+@pytest.mark.parametrize("change", ["deactivated", "moved", "deleted"])
+async def test_no_own_clock_start_when_the_dispatch_changed_since(
+    shell: Shell, change: str
+) -> None:
+    match change:
+        case "deactivated":  # the newer message
+            shell.dispatch(told(1, START, active=False))
+        case "moved":  # the bridge's newer snapshot (one comes with each change) no
+            # longer expects a change at START, even before the dispatch's own message
+            shell.snapshot(next_change=START + timedelta(hours=1))
+        case _:
+            shell.view.apply_dispatch(T, 1, b"", events=False)
+    assert await shell.at(START) == []
+
+
+async def test_an_own_clock_run_stops_at_its_end_and_when_the_dispatch_changes(
+    shell: Shell,
+) -> None:
+    assert await shell.at(START) == [1]
+    end = START + timedelta(seconds=60)
+    assert await shell.at(end + timedelta(milliseconds=49), heartbeat=True) == [1]  # grace
+    assert await shell.at(end + timedelta(milliseconds=50), heartbeat=True) == []
+    # Another one, changed while it runs: it stops at once.
+    shell.dispatch(told(2, end + timedelta(seconds=1)))
+    shell.snapshot(next_change=end + timedelta(seconds=1))
+    assert await shell.at(end + timedelta(seconds=1), heartbeat=True) == [2]
+    shell.dispatch(told(2, end + timedelta(seconds=1), active=False))
+    assert shell.reconciler.needs_run(T, 2)
+    assert await shell.at(end + timedelta(seconds=2)) == []
+
+
+async def test_the_bridges_snapshot_of_that_instant_confirms_or_corrects(shell: Shell) -> None:
+    assert await shell.at(START) == [1]
+    # The bridge's snapshot for START says it runs: it goes on, as reported.
+    shell.now = START + timedelta(milliseconds=5)
+    running = msgspec.structs.replace(
+        told(1, START), running=True, until=START + timedelta(seconds=60)
+    )
+    shell.snapshot(running, next_change=running.until)
+    assert await shell.at(shell.now) == [1]
+    # The next snapshot says it does not run (deactivated on the API): stopped.
+    shell.now = START + timedelta(seconds=1)
+    shell.snapshot(next_change=None)
+    assert await shell.at(shell.now) == []
+
+
+async def test_a_snapshot_of_that_instant_without_the_dispatch_stops_it(shell: Shell) -> None:
+    assert await shell.at(START) == [1]
+    shell.now = START + timedelta(milliseconds=5)
+    shell.snapshot(next_change=None)
+    assert await shell.at(shell.now) == []
+    assert await shell.at(START + timedelta(seconds=1)) == []  # and it stays stopped
+
+
+async def test_a_recurring_run_takes_the_following_start_only_from_a_newer_message(
+    shell: Shell,
+) -> None:
+    assert await shell.at(START) == [1]
+    end = START + timedelta(seconds=60, milliseconds=50)
+    assert await shell.at(end, heartbeat=True) == []
+    # START is not used again.
+    assert await shell.at(end + timedelta(seconds=30), heartbeat=True) == []
+    following = end + timedelta(seconds=35)
+    shell.snapshot(next_change=following)
+    shell.dispatch(told(1, following))
+    assert not shell.reconciler.needs_run(T, 1)  # only the deadline moves
+    assert shell.reconciler.deadline == following
+    assert await shell.at(following, heartbeat=True) == [1]
+
+
+# --- a scripted bridge on a real Mosquitto ------------------------------------------------
+
+
+async def told_over_mqtt(
+    bridge: ScriptedBridge, dispatch_id: int, start: datetime, **fields: Any
+) -> wire.Dispatch:
+    """Publish what the bridge does when a dispatch for later is created."""
+    dispatch = told(dispatch_id, start, **fields)
+    await snapshot_over_mqtt(bridge, next_change=start)
+    await bridge.dispatch(dispatch)
+    return dispatch
+
+
+async def snapshot_over_mqtt(
+    bridge: ScriptedBridge, *, next_change: datetime | None, as_of: datetime | None = None
+) -> None:
+    """Publish an empty running snapshot of type T with a `next_change`."""
+    bridge.seq += 1
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=bridge.microgrid_id,
+        type=T,
+        running=(),
+        next_change=next_change,
+        as_of=as_of or utcnow(),
+        session=bridge.session,
+        seq=bridge.seq,
+    )
+    await bridge.raw(bridge.layout.running(T), wire.encode(snapshot))
+
+
+async def test_starts_at_next_run_before_the_bridges_snapshot_and_it_corrects(
+    scripted_bridge: ScriptedBridge,
+) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    async with managing(scripted_bridge, log) as dispatcher:
+        await poll(lambda: dispatcher.is_live)
+        start = utcnow().replace(microsecond=0) + timedelta(seconds=2)
+        await told_over_mqtt(scripted_bridge, 1, start)
+        started = await log.wait_count("start", 1, within=5)
+        lateness = (started.wall - start).total_seconds()
+        assert 0 <= lateness <= LATENESS_TOLERANCE_S, lateness
+        # The bridge's snapshot of that instant does not hold it: stopped at once.
+        await snapshot_over_mqtt(scripted_bridge, as_of=start, next_change=None)
+        stopped = await log.wait_count("stop", 1, within=5)
+        assert stopped.msg == "Dispatch stopped"
+        assert [r.kind for r in log.records] == ["start", "stop"]
+
+
+async def test_no_own_clock_start_without_a_live_view(scripted_bridge: ScriptedBridge) -> None:
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    async with managing(scripted_bridge, log) as dispatcher:
+        await poll(lambda: dispatcher.is_live)
+        start = utcnow() + timedelta(seconds=1)
+        await told_over_mqtt(scripted_bridge, 1, start)
+        await scripted_bridge.status("syncing")
+        await poll(lambda: not dispatcher.is_live)
+        await asyncio.sleep(max(0.0, (start - utcnow()).total_seconds()) + 0.3)  # past it
+        assert log.records == []
+        # Live again: still told, still due, the snapshot of that instant not there.
+        await scripted_bridge.status("online")
+        await log.wait_count("start", 1, within=5)
+
+
+# --- the real bridge, its path to the broker partitioned before the start ---------------------
+
+
+@pytest.fixture
+async def bridge_proxy(mqtt_broker: Broker) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(mqtt_broker.host, mqtt_broker.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.slow
+async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_clock(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+    bridge_proxy: TcpProxy,
+) -> None:
+    microgrid = 1
+    layout = wire.TopicLayout.for_microgrid(microgrid)
+    tap = mqtt_tap_factory(mqtt_broker, layout.running("E2E_OWN_CLOCK"))
+    bridge = bridge_factory(
+        api_server,
+        mqtt_broker,
+        (microgrid,),
+        extra_env={"MQTT_URL": f"mqtt://127.0.0.1:{bridge_proxy.port}"},
+        start=False,
+    )
+    # In threads: the proxy forwards on this event loop.
+    await asyncio.to_thread(bridge.start)
+    await asyncio.to_thread(bridge.wait_synced)
+    log = ActorLog()
+    async with (
+        asyncio.timeout(60),
+        api_server.client() as client,
+        Dispatcher(microgrid_id=microgrid, broker=mqtt_broker.url("actor"), keepalive=5) as sdk,
+    ):
+        await sdk.start_managing("E2E_OWN_CLOCK", actor_factory=log.factory)
+        await poll(lambda: sdk.is_live, within=15)
+        created = await client.create(
+            microgrid_id=MicrogridId(microgrid),
+            type="E2E_OWN_CLOCK",
+            start_time=utcnow() + timedelta(seconds=2),
+            duration=timedelta(seconds=3),
+            target=TargetIds(1),
+            payload={},
+        )
+        start = created.start_time
+        # The SDK holds the told start; then the bridge's path to the broker goes silent.
+        await poll(lambda: sdk._view.told_start_of("E2E_OWN_CLOCK", int(created.id)) == start)
+        assert (start - utcnow()).total_seconds() > 0.3, "created too late to test"
+        bridge_proxy.partition()
+        started = await log.wait_count("start", 1, within=5)
+        lateness = (started.wall - start).total_seconds()
+        assert 0 <= lateness <= LATENESS_TOLERANCE_S, lateness
+        # No snapshot of that instant reached the broker before the actor started.
+        made_after = [
+            m.at
+            for m in tap.messages()
+            if m.payload and wire.decode_running(m.payload).as_of >= start
+        ]
+        assert all(at > started.wall.timestamp() for at in made_after), made_after
+        # The run ends at its end, the bridge's path healed or not.
+        stopped = await log.wait_count("stop", 1, within=8)
+        assert created.duration is not None
+        end_lateness = (stopped.wall - (start + created.duration)).total_seconds()
+        assert 0 <= end_lateness <= LATENESS_TOLERANCE_S, end_lateness
+        bridge_proxy.heal()
+        assert [r.kind for r in log.records] == ["start", "stop"]
