@@ -14,6 +14,7 @@ import asyncio
 from datetime import timedelta
 
 import aiomqtt
+import msgspec
 import pytest
 
 from actor_sdk import Created, Dispatcher, wire
@@ -125,7 +126,7 @@ async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
             old = wire.decode_running(snapshots[dispatch_type])
             await client.publish(
                 layout.running(dispatch_type),
-                wire.encode(wire.RunningSnapshot(**{**_fields(old), "session": 0})),
+                wire.encode(msgspec.structs.replace(old, session=0)),
                 retain=True,
             )
     assert len(retained_snapshot(nats_server, f"{layout.root}/+/dispatches/+")) == 2 * PER_TYPE
@@ -143,7 +144,3 @@ async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
         emptied = wire.decode_running(retained[layout.running(dispatch_type)])
         assert emptied.running == ()
     assert "stale-topic scan got nothing" not in bridge.output()
-
-
-def _fields(snapshot: wire.RunningSnapshot) -> dict[str, object]:
-    return {name: getattr(snapshot, name) for name in snapshot.__struct_fields__}

@@ -24,7 +24,6 @@ from tests.fixtures.sdk import wire_dispatch
 MG = 7
 LAYOUT = wire.TopicLayout.for_microgrid(MG)
 T0 = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)
-REPLAY = {"retained": True, "arrived": T0}
 
 
 def dispatch(dispatch_id: int, dispatch_type: str = "T", *, updated: int = 0) -> wire.Dispatch:
@@ -146,7 +145,7 @@ def tree(types: dict[str, int]) -> list[tuple[str, str, int | None, bytes]]:
 def feed(view: BridgeView, item: tuple[str, str, int | None, bytes]) -> None:
     kind, dispatch_type, dispatch_id, payload = item
     if kind == "status":
-        view.apply_status(payload, **REPLAY)
+        view.apply_status(payload, retained=True, arrived=T0)
     elif kind == "running":
         view.apply_running(dispatch_type, payload)
     else:
@@ -172,7 +171,7 @@ def test_the_view_says_what_is_missing() -> None:
     view.begin_sync()
     assert view.missing() == ["the bridge status"]
     held = [dispatch(1), dispatch(2)]
-    view.apply_status(status(3), **REPLAY)
+    view.apply_status(status(3), retained=True, arrived=T0)
     assert view.missing() == ["0 of the 3 dispatch topics the status counts"]
     view.apply_dispatch("T", 1, wire.encode(held[0]))
     view.apply_dispatch("T", 2, wire.encode(held[1]))
@@ -200,7 +199,8 @@ def test_a_bridge_without_counts_is_complete_at_its_status_as_before() -> None:
     )
     view.apply_running("T", wire.encode(old))
     assert view.missing() == ["the bridge status"]
-    view.apply_status(status(0, counts=False), **REPLAY)  # its count is not the tree's
+    # Its count is not the tree's: not checked.
+    view.apply_status(status(0, counts=False), retained=True, arrived=T0)
     assert view.missing() == []
 
 
@@ -213,7 +213,7 @@ def test_a_sync_ended_by_its_timeout_concludes_deletions_only_in_complete_types(
     view.lost_connection()
     view.begin_sync()
     # Again, the bridge having deleted 1 (A) and 3 (B); B's snapshot does not come.
-    view.apply_status(status(2), **REPLAY)
+    view.apply_status(status(2), retained=True, arrived=T0)
     view.apply_dispatch("A", 2, wire.encode(dispatch(2, "A")))
     view.apply_running("A", snapshot("A", [dispatch(2, "A")], seq=2))
     view.apply_dispatch("B", 4, wire.encode(dispatch(4, "B")))
