@@ -19,13 +19,13 @@ import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
-from actor_sdk import Dispatcher
+from actor_sdk import Dispatcher, wire
 from actor_sdk.journal import journal_files, payload_digest, read_journal
 from bridge.journal import journal_path
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory
+from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
-from tests.fixtures.processes import async_wait_until
+from tests.fixtures.processes import async_wait_until, wait_until
 from tests.fixtures.sdk import ActorLog, utcnow
 
 pytestmark = pytest.mark.slow
@@ -173,3 +173,44 @@ async def test_rotation_keeps_the_configured_number_of_files(
     kept = [e["dispatch_id"] for e in entries(journal) if e["source"] == "bridge"]
     assert kept == created[-len(kept) :]  # the newest, in order
     assert created[0] not in kept
+
+
+async def test_a_journal_that_cannot_be_written_is_reported_and_the_bridge_runs_on(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "journal").write_text("a file where the journal's directory should be")
+    bridge = bridge_factory(api_server, mqtt_broker, (MICROGRID,), state_dir=state_dir)
+    bridge.wait_synced()
+    topic = bridge.layout().status
+
+    def status() -> wire.BridgeStatus:
+        return wire.decode_status(retained_snapshot(mqtt_broker, topic, 0.3)[topic])
+
+    def reported() -> bool:
+        return "cannot write the journal" in (status().error or "")
+
+    await asyncio.to_thread(wait_until, reported, 15, "the journal problem")
+    current = await asyncio.to_thread(status)
+    assert current.state == "online"
+    assert str(state_dir / "journal" / "journal.jsonl") in (current.error or "")
+    # Still publishing: a new dispatch reaches its topic.
+    async with api_server.client() as client:
+        dispatch = await client.create(
+            microgrid_id=MicrogridId(MICROGRID),
+            type="UNJOURNALED",
+            start_time=utcnow() + timedelta(hours=1),
+            duration=timedelta(minutes=5),
+            target=TargetIds(7),
+        )
+    dispatch_topic = bridge.layout().dispatch("UNJOURNALED", int(dispatch.id))
+
+    def published() -> bool:
+        return dispatch_topic in retained_snapshot(mqtt_broker, dispatch_topic, 0.3)
+
+    await asyncio.to_thread(wait_until, published, 15, "the new dispatch's topic")
+    assert bridge.output().count("cannot write the journal") == 1  # logged once
