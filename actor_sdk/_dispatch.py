@@ -10,7 +10,8 @@ there for callers that want to compute for another instant.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from frequenz.client.dispatch.types import Dispatch as ClientDispatch
@@ -82,6 +83,30 @@ class Dispatch(ClientDispatch):
     def next_run(self) -> datetime | None:
         """The next start after `as_of`, as the bridge computed it; None when none."""
         return None if self.deleted else self._state_next_run
+
+    def missed_runs(self, since: datetime, now: datetime | None = None) -> Iterator[datetime]:
+        """Yield each start of a run from `since` (included) up to now (excluded), once.
+
+        As `frequenz.dispatch.Dispatch.missed_runs`: the starts `next_run_after`
+        gives, walked from `since`, before the local clock's now. An actor that
+        joined late (its host rebooted mid-dispatch) may use it to see what it
+        missed; the SDK itself never replays a past run. Unlike frequenz-dispatch
+        1.0.4, whose generator yields its first missed start again and again
+        without end, this one ends.
+
+        Args:
+            since: The earliest start of interest.
+            now: The end of the window; None for the local clock's now.
+
+        Yields:
+            The start of each missed run, in order.
+        """
+        end = datetime.now(UTC) if now is None else now
+        run = self.next_run_after(since)
+        while run is not None and run < end:
+            yield run
+            # `next_run_after` includes its argument: step past this start.
+            run = self.next_run_after(run + timedelta(microseconds=1))
 
     def with_state(
         self,

@@ -220,7 +220,7 @@ class Actor:
     def __init__(self, info):
         self.info = info
     def start(self):
-        print(f"start {int(self.info._src.id)}", flush=True)
+        print(f"start {int(self.info._src.id)} until {self.info._src.until}", flush=True)
     async def stop(self, msg=None):
         print(f"stop {int(self.info._src.id)}: {msg}", flush=True)
 
@@ -317,7 +317,7 @@ async def test_an_actor_host_reports_what_it_runs_and_its_will_says_offline(
     tmp_path: Path,
 ) -> None:
     mqtt_broker.require_acl()
-    bridge_factory(api_server, mqtt_broker, (MICROGRID,))
+    bridge_factory(api_server, mqtt_broker, (MICROGRID,), extra_args=["--status-interval", "1"])
     topic = wire.actor_status_topic(MICROGRID, "edge-7")
     host = actor_host(process_factory, mqtt_broker, tmp_path, actor_id="edge-7")
     idle = await status_when(mqtt_broker, topic, lambda s: TYPE in s.types)
