@@ -12,6 +12,12 @@ Values are encoded when they are taken, not when they are set: a running
 snapshot then gets the connection's session and the next sequence number, the
 status is made from its board as of that moment.
 
+After a reconnect, dispatch topics are not republished blindly: they wait
+(`requeue_all`) while the broker's retained tree is read back (`confirm` for
+each retained dispatch topic), and only those the broker does not hold with
+the same payload are sent (`release_unconfirmed`). Running snapshots and the
+status go out in every session.
+
 `bridge.publisher` is the async shell around it: its workers `take` an item,
 publish it, and report `sent` or `failed`.
 """
@@ -77,6 +83,7 @@ class PublishQueue:
         self._events: dict[int, tuple[str, bytes]] = {}
         self._event_counter = 0
         self._in_flight = 0
+        self._unconfirmed: builtins.set[str] = builtins.set()
         self.session = 0
         self._seq = 0
 
@@ -135,8 +142,8 @@ class PublishQueue:
 
     @property
     def pending(self) -> int:
-        """How many topics and events wait to be sent."""
-        return len(self._urgent) + len(self._bulk)
+        """How many topics and events wait to be sent (or to be compared with the broker's)."""
+        return len(self._urgent) + len(self._bulk) + len(self._unconfirmed)
 
     def is_waiting(self, key: str) -> bool:
         """Whether a topic waits to be sent (taken ones are in flight or sent).
@@ -152,7 +159,7 @@ class PublishQueue:
     @property
     def idle(self) -> bool:
         """Nothing waits and nothing is in flight."""
-        return self._in_flight == 0 and not self._urgent and not self._bulk
+        return self._in_flight == 0 and not self._urgent and not self._bulk and not self.unconfirmed
 
     def new_session(self, session: int) -> None:
         """A connection is up: stamp with its session, number snapshots from 1 again.
@@ -163,14 +170,53 @@ class PublishQueue:
         self.session = session
         self._seq = 0
 
-    def requeue_all(self) -> None:
+    @property
+    def unconfirmed(self) -> int:
+        """How many dispatch topics wait for the broker's copy to be compared."""
+        return len(self._unconfirmed)
+
+    def requeue_all(self, *, compare_dispatches: bool = False) -> None:
         """Mark everything held to be sent again (after a connect).
 
         What changed while disconnected stays ahead in its queue; the rest follows.
+
+        Args:
+            compare_dispatches: Hold back every dispatch topic, also one that
+                changed while disconnected or before the first connection, until
+                the broker's copies were compared (`confirm`, then
+                `release_unconfirmed`).
         """
-        for topic in self._held:
-            if topic not in self._urgent and topic not in self._bulk:
+        for topic, value in self._held.items():
+            if compare_dispatches and isinstance(value, wire.Dispatch):
+                # Changed while disconnected or not: the broker's copy decides.
+                self._bulk.pop(topic, None)
+                self._unconfirmed.add(topic)
+            elif topic not in self._urgent and topic not in self._bulk:
                 self._queue_of(topic)[topic] = None
+
+    def confirm(self, topic: str, payload: bytes) -> None:
+        """The broker holds `payload` retained on `topic`: no need to send it if it is ours.
+
+        Args:
+            topic: A retained topic read back from the broker.
+            payload: Its payload.
+        """
+        if topic in self._unconfirmed:
+            value = self._held.get(topic)
+            if isinstance(value, wire.Dispatch) and wire.encode(value) == payload:
+                self._unconfirmed.discard(topic)
+
+    def release_unconfirmed(self) -> int:
+        """Send the dispatch topics the broker did not hold as held here (the read-back ended).
+
+        Returns:
+            How many.
+        """
+        released = len(self._unconfirmed)
+        for topic in self._unconfirmed:
+            self._bulk[topic] = None
+        self._unconfirmed.clear()
+        return released
 
     def take(self) -> Outgoing | None:
         """Take the next publish, urgent ones first, and count it in flight.
@@ -228,6 +274,8 @@ class PublishQueue:
         return self._bulk
 
     def _mark(self, key: _Key) -> None:
+        if isinstance(key, str):
+            self._unconfirmed.discard(key)
         self._bulk.pop(key, None)
         self._urgent.pop(key, None)
         self._queue_of(key)[key] = None

@@ -12,11 +12,13 @@ One connection per microgrid, in a loop that never gives up:
 2. On connect: the session number grows by one (persisted in the state dir,
    so it grows across restarts too), the status is published, and again every
    `status_interval` seconds (`bridge.status`, `bridge.status_watch`).
-3. Stale topics are found (`bridge.stale_scan`) and cleared
-   (`PublishQueue.clear_stale`). Until the held state is authoritative
-   (`mark_authoritative`), the clearing waits.
-4. Meanwhile everything held is republished (the broker may have lost or
-   rolled back retained state), urgent topics first.
+3. The broker's retained tree is read back (`bridge.stale_scan`): stale
+   topics are cleared (`PublishQueue.clear_stale`; until the held state is
+   authoritative, `mark_authoritative`, the clearing waits), and the dispatch
+   topics the broker holds with the same payload are not sent again.
+4. Meanwhile the running snapshots and the status are republished, and after
+   the read-back every dispatch topic the broker lost, rolled back or never
+   had (#13 item 5).
 
 Publishes run with a bounded window of `window` in flight (QoS 1), which is
 about 2.5 times faster than awaiting each one, and avoids aiomqtt's quadratic
@@ -302,6 +304,8 @@ class Publisher:
             self._watch.feed(message)
         if self._scan is not None:
             self._scan.feed(message)
+            if message.retain and isinstance(message.payload, bytes):
+                self.queue.confirm(message.topic.value, message.payload)
 
     def _status_payload(self, *, offline: bool = False) -> bytes:
         if not offline:
@@ -334,9 +338,10 @@ class Publisher:
             asyncio.create_task(self._heartbeat()),
         ]
         try:
-            # Republishing starts at once; the scan runs beside it (the broker sends
-            # a subscription's retained messages before any later publish of ours).
-            self.queue.requeue_all()
+            # Republishing starts at once, but dispatch topics wait for the scan: only
+            # those the broker does not hold as held here are sent (the broker sends a
+            # subscription's retained messages before any later publish of ours).
+            self.queue.requeue_all(compare_dispatches=True)
             self._changed()
             tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
             self._backoff.reset()
@@ -345,6 +350,7 @@ class Publisher:
             scan_tasks = list(tasks)
             tasks.append(stopper)
             stale = await self._find_stale(client, scan_tasks, stopper)
+            self._release_unconfirmed()
             if stale is not None:
                 self._apply_stale(stale)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -405,6 +411,17 @@ class Publisher:
             )
         finally:
             self._scan = None
+
+    def _release_unconfirmed(self) -> None:
+        released = self.queue.release_unconfirmed()
+        self._changed()
+        _logger.info(
+            "microgrid %d: the broker's retained tree read back: %d dispatch topics differ from "
+            "or are missing on the broker and are republished (%d topics held)",
+            self.microgrid_id,
+            released,
+            self.queue.held_count,
+        )
 
     def mark_authoritative(self) -> None:
         """Declare that the held topics are the whole truth (a cache or a sync is loaded).

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -19,6 +20,7 @@ from bridge.store import SessionCounter
 from tests.fixtures.bridge import retained_snapshot
 from tests.fixtures.broker import Broker
 from tests.fixtures.processes import async_wait_until, free_port
+from tests.fixtures.wire_examples import contract_example
 
 MICROGRID = 6
 LAYOUT = wire.TopicLayout.for_microgrid(MICROGRID)
@@ -232,3 +234,63 @@ async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_
     assert wire.decode_running(tree[urgent]).type == "URGENT"
     assert len([t for t in tree if "/BULK/" in t]) == 3000
     assert backlog > 2000 and left > 1000, (backlog, left)
+
+
+async def test_a_restart_onto_a_broker_that_kept_its_state_sends_only_the_differences(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    # #13 item 5: every running snapshot and the status go out in each session; of the
+    # dispatch topics only those the broker does not hold as held (changed, new).
+    def dispatch(number: int, **changes: Any) -> wire.Dispatch:
+        return contract_example(id=number, type="T", **changes)
+
+    running_topic = LAYOUT.running("T")
+    snapshot_value = wire.RunningSnapshot(
+        microgrid_id=MICROGRID,
+        type="T",
+        running=(1,),
+        next_change=None,
+        as_of=datetime(2026, 1, 1, tzinfo=UTC),
+        session=0,
+        seq=0,
+    )
+    first = make(mqtt_broker, tmp_path)
+    first.mark_authoritative()
+    for number in range(200):
+        first.set(LAYOUT.dispatch("T", number), dispatch(number))
+    first.set(running_topic, snapshot_value)
+    async with running(first):
+        await async_wait_until(lambda: first.pending == 0, 30, "the first bridge's tree")
+        await first.flushed()
+
+    second = make(mqtt_broker, tmp_path)
+    second.mark_authoritative()
+    for number in range(200):
+        second.set(LAYOUT.dispatch("T", number), dispatch(number))
+    second.set(LAYOUT.dispatch("T", 5), dispatch(5, payload={"power_w": 1}))
+    second.set(LAYOUT.dispatch("T", 500), dispatch(500))
+    second.set(running_topic, snapshot_value)
+    marker = f"{LAYOUT.root}/MARKER/dispatches/1"
+    live: list[str] = []
+    async with aiomqtt.Client(**mqtt_broker.client_kwargs("admin")) as tap:
+        await tap.subscribe(f"{LAYOUT.root}/#", qos=1)
+
+        async def collect() -> None:
+            async for message in tap.messages:
+                if not message.retain:
+                    live.append(message.topic.value)
+
+        collector = asyncio.create_task(collect())
+        try:
+            async with running(second):
+                await async_wait_until(lambda: second.pending == 0, 30, "the second bridge")
+                await second.flushed()
+                # Published after every acknowledged publish of the bridge: once the tap
+                # has it, the tap has everything the bridge sent before.
+                await tap.publish(marker, b"m", qos=1)
+                await async_wait_until(lambda: marker in live, 10, "the marker")
+        finally:
+            collector.cancel()
+    sent_dispatches = {t for t in live if "/dispatches/" in t and t != marker}
+    assert sent_dispatches == {LAYOUT.dispatch("T", 5), LAYOUT.dispatch("T", 500)}
+    assert running_topic in live and LAYOUT.status in live

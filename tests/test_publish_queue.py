@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from actor_sdk import wire
 from bridge.publish_queue import Outgoing, PublishQueue
 from bridge.status import StatusBoard
+from tests.fixtures.wire_examples import contract_example
 
 MG = 3
 LAYOUT = wire.TopicLayout.for_microgrid(MG)
@@ -117,3 +118,32 @@ def test_stale_topics_are_cleared_or_emptied_and_held_ones_kept() -> None:
     assert items[LAYOUT.upcoming("GONE")].payload == b""
     assert wire.decode_running(items[LAYOUT.running("GONE")].payload).running == ()
     assert LAYOUT.dispatch("T", 1) not in items and LAYOUT.upcoming("T") not in items
+
+
+def test_after_a_connect_only_dispatch_topics_the_broker_lacks_or_holds_otherwise_go() -> None:
+    q = queue()
+    same, changed, missing = (LAYOUT.dispatch("T", n) for n in (1, 2, 3))
+    for number, topic in enumerate((same, changed, missing), start=1):
+        q.set(topic, contract_example(id=number))
+    q.set(LAYOUT.running("T"), snapshot())
+    q.requeue_all(compare_dispatches=True)
+    # The snapshot goes at once; the dispatch topics wait for the broker's copies.
+    assert [item.topic for item in drain(q)] == [LAYOUT.running("T")]
+    assert q.pending == 3 and not q.idle
+    q.confirm(same, wire.encode(contract_example(id=1)))
+    q.confirm(changed, wire.encode(contract_example(id=2, payload={"power_w": 1})))
+    assert q.release_unconfirmed() == 2
+    assert {item.topic for item in drain(q)} == {changed, missing} and q.idle
+
+
+def test_a_change_while_comparing_is_sent_once_and_a_clear_is_not_held_back() -> None:
+    q = queue()
+    topic, gone = LAYOUT.dispatch("T", 1), LAYOUT.dispatch("T", 2)
+    q.set(topic, contract_example(id=1))
+    q.set(gone, contract_example(id=2))
+    q.clear(gone)
+    q.requeue_all(compare_dispatches=True)
+    assert [item.topic for item in drain(q)] == [gone]  # the clear goes at once
+    q.set(topic, contract_example(id=1, active=False))
+    assert q.release_unconfirmed() == 0
+    assert [item.topic for item in drain(q)] == [topic]
