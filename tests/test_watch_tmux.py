@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
+import msgspec
 import pytest
 from frequenz.client.dispatch.types import TargetIds
 
@@ -73,7 +74,7 @@ class Terminal:
         match = re.search(r"^\[exited (\d+)\]$", self.screen(), re.MULTILINE)
         return None if match is None else int(match[1])
 
-    def wait_for(self, check: Callable[[str], bool], what: str, timeout: float = 15.0) -> str:
+    def wait_for(self, check: Callable[[str], bool], what: str, timeout: float = 30.0) -> str:
         """Poll the screen until `check` accepts it; return that screen."""
         screens: list[str] = []
 
@@ -88,7 +89,7 @@ class Terminal:
                 f"{error}; the screen:\n{screens[-1] if screens else ''}"
             ) from None
 
-    def wait_text(self, text: str, timeout: float = 15.0) -> str:
+    def wait_text(self, text: str, timeout: float = 30.0) -> str:
         """Wait until the screen shows `text`."""
         return self.wait_for(lambda screen: text in screen, repr(text), timeout)
 
@@ -128,6 +129,7 @@ def running_line(screen: str, dispatch_id: int) -> str:
     return next((ln for ln in running.splitlines() if f" #{dispatch_id} " in ln), "")
 
 
+@pytest.mark.slow
 async def test_a_dispatch_made_with_dispatch_cli_shows_filters_selects_and_a_killed_bridge_shows(
     api_server: ApiServerHandle,
     mqtt_broker: Broker,
@@ -268,12 +270,22 @@ async def test_a_retained_online_waits_for_a_live_status_and_actors_show_what_th
     await publish(mqtt_broker, LAYOUT.running("PV_LIMIT"), wire.encode(snapshot))
     await publish(mqtt_broker, LAYOUT.dispatch("PV_LIMIT", 11), wire.encode(dispatch))
     await publish(mqtt_broker, wire.actor_status_topic(1, "pv-actor"), wire.encode(actor))
+    other = msgspec.structs.replace(dispatch, id=12, type="ZZ_OTHER", running=False, until=None)
+    await publish(mqtt_broker, LAYOUT.dispatch("ZZ_OTHER", 12), wire.encode(other))
 
     term = terminal(watch_command(mqtt_broker))
 
     screen = term.wait_text("online? (retained only: waiting for a live status)")
     screen = term.wait_for(lambda s: "pv-actor" in running_line(s, 11), "the actor running #11")
     assert "inverter-host" in screen and "PV_LIMIT: #11" in screen
+
+    # `t` filters on the first type, Esc shows every type again.
+    term.wait_text("Dispatches: 2")
+    term.keys("t")
+    screen = term.wait_text("Dispatches: 1")
+    assert "ZZ_OTHER" not in screen and "#11 PV_LIMIT (active)" in screen
+    term.keys("Escape")
+    term.wait_for(lambda s: "Dispatches: 2" in s and "ZZ_OTHER" in s, "every type again")
 
     await publish(mqtt_broker, LAYOUT.status, status("online"))
     term.wait_text("bridge LIVE")
