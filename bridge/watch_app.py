@@ -180,8 +180,8 @@ class WatchApp(App[None]):
                     return
                 delay = backoff.next()
                 self.connection = (
-                    f"DISCONNECTED from {settings.target.describe()}: {error}; "
-                    f"retrying in {delay:.0f} s (showing the last known state)"
+                    f"DISCONNECTED, retrying in {delay:.0f} s, last known state shown "
+                    f"({settings.target.describe()}: {error})"
                 )
                 self._dirty = True
                 await asyncio.sleep(delay)

@@ -292,6 +292,12 @@ async def test_a_retained_online_waits_for_a_live_status_and_actors_show_what_th
     await publish(mqtt_broker, LAYOUT.status, status("offline"))
     term.wait_text("OFFLINE: the bridge stopped or its will fired")
 
+    # The broker gone: the last known state stays on screen while it retries.
+    mqtt_broker.stop()
+    screen = term.wait_text("DISCONNECTED, retrying in ")
+    assert "last known state shown" in screen
+    assert "pv-actor" in running_line(screen, 11)
+
 
 def test_without_a_terminal_the_live_view_says_to_use_once(mqtt_broker: Broker) -> None:
     result = subprocess.run(
