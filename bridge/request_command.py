@@ -29,9 +29,13 @@ from actor_sdk import mqtt, wire
 from bridge.config import ConfigError
 from bridge.watch import add_target_arguments, broker_client, load_target
 
-__all__ = ["ask", "describe", "run"]
+__all__ = ["RefusedError", "ask", "describe", "run"]
 
 DEFAULT_TIMEOUT = 10.0
+
+
+class RefusedError(Exception):
+    """The broker refused this user's subscription or request."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,28 +104,49 @@ async def ask(
         The answer and its raw payload, or `(None, b"")` when none came in time.
 
     Raises:
-        mqtt.MqttError: The broker cannot be reached or the connection was lost.
+        mqtt.MqttError: The broker cannot be reached.
+        RefusedError: The broker refused the subscription to the answers, or closed the
+            connection (as Mosquitto does when its ACL denies a subscription or publish).
     """
     transaction = uuid.uuid4().hex
     payload = msgspec.json.encode({"transaction": transaction, **request})
+    connected = False
+    try:
+        async with broker_client(target, f"dispatch-bridge-{action}-{transaction[:12]}") as client:
+            connected = True
+            granted = await client.subscribe(layout.response(action), qos=1)
+            if any(getattr(code, "value", code) >= 0x80 for code in granted):
+                raise RefusedError(
+                    f"the broker refused the subscription to {layout.response(action)}"
+                )
+            await client.publish(layout.request(action), payload, qos=1)
+            return await _answer(client, transaction, within)
+    except mqtt.MqttError as error:
+        if not connected:
+            raise
+        # Mosquitto closes the connection of a client whose subscription or publish its
+        # ACL denies (MQTT 3.1.1 has no other way to say so).
+        raise RefusedError(f"the broker closed the connection ({error})") from None
+
+
+async def _answer(
+    client: mqtt.Client, transaction: str, within: float
+) -> tuple[wire.RequestAnswer | None, bytes]:
     loop = asyncio.get_running_loop()
-    async with broker_client(target, f"dispatch-bridge-{action}-{transaction[:12]}") as client:
-        await client.subscribe(layout.response(action), qos=1)
-        await client.publish(layout.request(action), payload, qos=1)
-        deadline = loop.time() + within
-        messages = aiter(client.messages)
-        while (left := deadline - loop.time()) > 0:
-            try:
-                message = await asyncio.wait_for(anext(messages), left)
-            except TimeoutError:
-                break
-            raw = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            try:
-                answer = wire.decode_answer(raw)
-            except wire.WireError:
-                continue  # not an answer of this contract: not ours
-            if answer.transaction == transaction and not message.retain:
-                return answer, bytes(raw)
+    deadline = loop.time() + within
+    messages = aiter(client.messages)
+    while (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(anext(messages), left)
+        except TimeoutError:
+            break
+        raw = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        try:
+            answer = wire.decode_answer(raw)
+        except wire.WireError:
+            continue  # not an answer of this contract: not ours
+        if answer.transaction == transaction and not message.retain:
+            return answer, bytes(raw)
     return None, b""
 
 
@@ -176,6 +201,13 @@ def run(args: argparse.Namespace) -> int:
         answer, raw = asyncio.run(ask(target, layout, action, request, args.timeout))
     except mqtt.MqttError as error:
         print(f"broker unreachable: {target.describe()}: {error}", flush=True)
+        return 1
+    except RefusedError as error:
+        print(
+            f"{error}: may this user send requests and read the answers (`operator` in "
+            "the shipped ACL)?",
+            flush=True,
+        )
         return 1
     if answer is None:
         print(

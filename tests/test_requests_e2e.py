@@ -186,6 +186,11 @@ def test_no_bridge_means_no_answer_in_time(mqtt_broker: Broker) -> None:
     code, output, took = command(mqtt_broker, "resync", "--timeout", "1")
     assert code == 1 and "no answer on microgrid/1/dispatch/response/resync within 1 s" in output
     assert took < 10
+    # Outside what the ACL lets the operator read: said at once, not as a silent wait.
+    code, output, _ = command(
+        mqtt_broker, "hold", "--all", "--topic-root", "elsewhere/{microgrid_id}"
+    )
+    assert code == 1 and "may this user send requests and read the answers" in output
 
 
 def test_hold_stops_the_actors_release_restarts_them_and_an_actor_may_not_ask(
