@@ -402,3 +402,17 @@ async def test_a_broker_whose_acl_drops_the_status_is_logged_once_and_actors_run
         assert [r.kind for r in log.records] == ["start", "stop", "start", "stop"]
     finally:
         broker.close()
+
+
+async def test_a_type_no_longer_managed_leaves_the_status(
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker
+) -> None:
+    await scripted_bridge.status("online")
+    topic = wire.actor_status_topic(scripted_bridge.microgrid_id, "edge-types")
+    async with managing(scripted_bridge, ActorLog(), actor_id="edge-types") as dispatcher:
+        await status_when(mqtt_broker_session, topic, lambda s: SDK_TEST_TYPE in s.types)
+        await dispatcher.stop_managing(SDK_TEST_TYPE)
+        left = await status_when(mqtt_broker_session, topic, lambda s: s.types == {})
+        assert left.state == "idle"
+    # A clean stop says offline itself (no will: the connection closed cleanly).
+    await status_when(mqtt_broker_session, topic, lambda s: s.state == "offline")
