@@ -28,7 +28,6 @@ from frequenz.channels import Receiver
 from actor_sdk import wire
 from actor_sdk._actor import ActorFactory
 from actor_sdk._actor_status import StatusPublisher, choose_actor_id, release_actor_id
-from actor_sdk._actor_status import StatusPublisher, choose_actor_id, release_actor_id
 from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorCounts, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._broker_link import BrokerLink
@@ -127,9 +126,6 @@ class Dispatcher(BackgroundService):
             actor_id: The MQTT client id and the last level of the status topic
                 `microgrid/<id>/actors/<actor_id>` (`[A-Za-z0-9_-]`, 1 to 128); None:
                 `<host>-<program>-mg<microgrid_id>` (see docs/actor-sdk.md).
-            actor_id: The MQTT client id and the last level of the status topic
-                `microgrid/<id>/actors/<actor_id>` (`[A-Za-z0-9_-]`, 1 to 128); None:
-                `<host>-<program>-mg<microgrid_id>` (see docs/actor-sdk.md).
             clock: The wall clock (UTC); tests may pass another (a skewed one).
             journal: A file to journal each actor's start, update, stop and failure
                 in (JSON lines, rotated: `actor_sdk.journal`); None keeps none.
@@ -163,12 +159,6 @@ class Dispatcher(BackgroundService):
             clock=clock,
             who=f"user {self._settings.username!r} with client id {self.actor_id!r}",
         )
-        self._status = StatusPublisher(
-            wire.actor_status_topic(microgrid_id, self.actor_id),
-            lambda: self._reconciler.managed,
-            clock=clock,
-            who=f"user {self._settings.username!r} with client id {self.actor_id!r}",
-        )
         self._link = BrokerLink(
             self._settings,
             subscriptions=[
@@ -177,7 +167,6 @@ class Dispatcher(BackgroundService):
                 [
                     (f"{self._layout.root}/+/running", 1),
                     (f"{self._layout.root}/+/dispatches/+", 1),
-                    (self._status.topic, 1),  # to see that the broker stored ours
                     (f"{self._layout.root}/+/upcoming", 1),
                     (self._status.topic, 1),  # to see that the broker stored ours
                 ],
@@ -188,9 +177,6 @@ class Dispatcher(BackgroundService):
             reconnect_cap=max_reconnect_delay.total_seconds(),
             sync_timeout=sync_timeout.total_seconds(),
             clock=clock,
-            identifier=self.actor_id,
-            will=self._status.will,
-            farewell=self._status.farewell,
             identifier=self.actor_id,
             will=self._status.will,
             farewell=self._status.farewell,
@@ -332,7 +318,6 @@ class Dispatcher(BackgroundService):
             clock=self._clock,
             factory_timeout=factory_timeout,
             on_failure=self._request_reconcile,
-            on_started=self._status.changed,
             record=None if self._journal is None else partial(self._journal.record, dispatch_type),
             on_started=self._status.changed,
             counts=self._reconciler.counts.setdefault(dispatch_type, ActorCounts()),
@@ -420,14 +405,10 @@ class Dispatcher(BackgroundService):
                 group.create_task(self._link.run(self), name="dispatcher-connection")
                 group.create_task(self._timer_loop(), name="dispatcher-timer")
                 group.create_task(watch_event_loop(), name="dispatcher-watchdog")
-                group.create_task(self._status.run(), name="dispatcher-actor-status")
                 group.create_task(self._upcoming.run(), name="dispatcher-upcoming")
                 group.create_task(self._status.run(), name="dispatcher-actor-status")
         finally:
             await self._shutdown()
-            if self._claimed:
-                self._claimed = False
-                release_actor_id(self.actor_id)
             if self._claimed:
                 self._claimed = False
                 release_actor_id(self.actor_id)
@@ -445,7 +426,6 @@ class Dispatcher(BackgroundService):
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)
         self._wakeup.set()  # the timer takes the new deadline
-        self._status.changed()
         self._status.changed()
 
     def _request_reconcile(self) -> None:
@@ -524,9 +504,6 @@ class Dispatcher(BackgroundService):
         topic = message.topic.value
         raw = message.payload
         payload = raw if isinstance(raw, bytes) else (b"" if raw is None else str(raw).encode())
-        if topic == self._status.topic:
-            self._status.echo(payload)
-            return
         if topic == self._status.topic:
             self._status.echo(payload)
             return
