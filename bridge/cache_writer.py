@@ -99,6 +99,7 @@ class CacheWriter:
         held: Iterable[wire.Dispatch] = (),
         min_interval: float = 0.2,
         retry_interval: float = 5.0,
+        on_problem: Callable[[str | None], None] = lambda problem: None,
     ) -> None:
         """Create the writer.
 
@@ -109,12 +110,15 @@ class CacheWriter:
             held: The dispatches the cache holds (as loaded).
             min_interval: The shortest time between two syncs to disk, in seconds.
             retry_interval: How often a failed write is retried, in seconds.
+            on_problem: Told why the cache cannot be written (for the status), and
+                None once it is written again.
         """
         self._cache = cache
         self._dispatches = dispatches
         self._synced_at = synced_at
         self._min_interval = min_interval
         self._retry_interval = retry_interval
+        self._on_problem = on_problem
         self.pending: dict[int, wire.Dispatch | None] = {}
         """Dispatches changed since the last commit, by id (None: deleted)."""
         self._written = {d.id: d for d in held}
@@ -209,6 +213,7 @@ class CacheWriter:
         self._unsynced.set()
         if full:
             self._error = None
+            self._on_problem(None)
             _logger.warning(
                 "the dispatch cache %s is written again (%d dispatches): back from running "
                 "from memory",
@@ -234,10 +239,20 @@ class CacheWriter:
                 reason,
                 self._retry_interval,
             )
+            self._on_problem(self._problem(reason))
         self._error = reason
+
+    def _problem(self, reason: str) -> str:
+        return (
+            f"cannot write the dispatch cache {self._cache.path} ({reason}): running from "
+            "memory, a restart while the Dispatch API is unreachable would start from an "
+            "older cache; free space or fix permissions in the state directory"
+        )
 
     async def run(self) -> None:
         """Sync commits to disk and retry failed writes, until cancelled."""
+        if self._error is not None:  # the cache could not even be opened
+            self._on_problem(self._problem(self._error))
         while True:
             if self._error is None:
                 await self._unsynced.wait()

@@ -72,7 +72,10 @@ def _describe_live(status: wire.BridgeStatus) -> Verdict:
             return Verdict(
                 True,
                 f"bridge online: session {status.session}, {status.dispatches} dispatches, "
-                f"knowledge from {_time(status.knowledge_at or status.synced_at)}",
+                f"knowledge from {_time(status.knowledge_at or status.synced_at)}"
+                # Still healthy (it vouches for its tree), but not unnoticed: a full
+                # state dir, a clock off the API's, another bridge.
+                + (f"; but: {status.error}" if status.error else ""),
             )
         case "offline":
             return Verdict(

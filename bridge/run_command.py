@@ -37,6 +37,7 @@ import signal
 import socket
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,7 +51,7 @@ from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
 from bridge.service import MicrogridService, ScheduleCore
-from bridge.status import StatusBoard
+from bridge.status import ProblemKey, StatusBoard
 from bridge.store import DispatchCache, SessionCounter
 from bridge.upcoming import UpcomingTopics
 from bridge.upstream import Upstream, UpstreamSettings
@@ -443,6 +444,7 @@ class _Pipeline:
             core.dispatches,
             lambda: self.service.synced_at,
             held=() if loaded is None else loaded[0],
+            on_problem=partial(self._problem, "cache"),
         )
         self.service = MicrogridService(
             core, self.cache_writer.watch(self.publisher), had_state=loaded is not None
@@ -471,7 +473,7 @@ class _Pipeline:
             self.service.put,
             backoff=Backoff(cap=settings.retry_max),
             on_skipped=self._skipped,
-            on_clock=self._clock_problem,
+            on_clock=partial(self._problem, "clock"),
         )
         self.requests = RequestHandler(
             layout, directory, self.service, self.publisher, self.upstream
@@ -481,11 +483,11 @@ class _Pipeline:
     def _skipped(self, count: int) -> None:
         self.publisher.update_status(lambda board: setattr(board, "skipped", count))
 
-    def _clock_problem(self, text: str | None) -> None:
+    def _problem(self, key: ProblemKey, text: str | None) -> None:
         if text is None:
-            self.publisher.update_status(lambda board: board.resolve("clock"))
+            self.publisher.update_status(lambda board: board.resolve(key))
         else:
-            self.publisher.update_status(lambda board: board.report("clock", text))
+            self.publisher.update_status(lambda board: board.report(key, text))
 
     def start(self) -> None:
         self.service.start()

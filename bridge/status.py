@@ -24,7 +24,7 @@ from bridge import __version__
 
 __all__ = ["ProblemKey", "StatusBoard"]
 
-ProblemKey = Literal["knowledge", "refused", "peer", "clock", "skipped", "journal"]
+ProblemKey = Literal["knowledge", "refused", "peer", "clock", "skipped", "journal", "cache"]
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from bridge.health import HealthCheck
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
+from tests.fixtures.cache import cache_path
 from tests.fixtures.processes import ProcessFactory, free_port, wait_until
 
 LAYOUT = wire.TopicLayout.for_microgrid(1)
@@ -322,6 +323,44 @@ def test_health_exits_1_while_the_bridge_cannot_reach_the_api_and_has_no_cache(
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith("bridge syncing: "), result.stdout
     assert result.stdout.count("\n") == 1
+
+
+def retained_error(broker: Broker) -> str | None:
+    """The `error` of the retained status (raises when there is none)."""
+    return wire.decode_status(retained_snapshot(broker, LAYOUT.status)[LAYOUT.status]).error
+
+
+def test_a_bridge_that_cannot_write_its_cache_is_healthy_and_says_so_until_it_can(
+    api_server: ApiServerHandle, mqtt_broker: Broker, bridge_factory: BridgeFactory, tmp_path: Path
+) -> None:
+    """A full or read-only state dir (#18 item 6): from memory, in the status and health."""
+    state = tmp_path / "state"
+    blocker = cache_path(state, 1)
+    blocker.mkdir(parents=True)  # a directory where the cache file goes: unwritable for root too
+    bridge = bridge_factory(
+        api_server, mqtt_broker, state_dir=state, extra_args=["--status-interval", "1"]
+    )
+    bridge.wait_synced()
+    wait_until(
+        lambda: "dispatch cache" in (retained_error(mqtt_broker) or ""),
+        20,
+        "the status to say the cache cannot be written",
+    )
+
+    result = run_health(mqtt_broker, tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("bridge online: session "), result.stdout
+    assert "; but: cannot write the dispatch cache " in result.stdout
+    assert "running from memory" in result.stdout
+    blocker.rmdir()  # the state dir is writable again
+    wait_until(
+        lambda: retained_error(mqtt_broker) is None,
+        20,
+        "the status to drop the cache problem",
+    )
+    assert "is written again" in bridge.output()
+    assert bridge.stop() == 0
 
 
 def test_health_exits_1_once_the_bridge_was_killed(
