@@ -23,7 +23,8 @@ Series (all labelled `microgrid`):
 | `dispatch_bridge_last_sync_timestamp_seconds` | gauge | last good API listing (unix time) |
 | `dispatch_bridge_knowledge_timestamp_seconds` | gauge | when the dispatches were confirmed |
 | `dispatch_bridge_dispatches{type}` | gauge | dispatches held |
-| `dispatch_bridge_running{type}` | gauge | dispatches running now |
+| `dispatch_bridge_running{type}` | gauge | dispatches running now, as published (0 if held) |
+| `dispatch_bridge_type_on_hold{type}` | gauge | 1 while the type is held (`bridge.requests`) |
 | `dispatch_bridge_skipped_dispatches` | gauge | dispatches that could not be converted |
 | `dispatch_bridge_publish_queue_depth` | gauge | topics and events waiting to be sent |
 | `dispatch_bridge_publishes_total` | counter | publishes the broker acknowledged |
@@ -211,6 +212,7 @@ class _PipelineCollector(Collector):
         )
         held = gauge("dispatch_bridge_dispatches", "Dispatches held", ("type",))
         running = gauge("dispatch_bridge_running", "Dispatches running now", ("type",))
+        on_hold = gauge("dispatch_bridge_type_on_hold", "1 while the type is held", ("type",))
         skipped = gauge("dispatch_bridge_skipped_dispatches", "Dispatches not convertible")
         queue = gauge("dispatch_bridge_publish_queue_depth", "Topics and events waiting")
         published = counter("dispatch_bridge_publishes", "Publishes the broker acknowledged")
@@ -229,12 +231,15 @@ class _PipelineCollector(Collector):
             for family, moment in ((synced, board.synced_at), (knowledge, board.knowledge_at)):
                 if (value := _timestamp(moment)) is not None:
                     family.add_metric([label], value)
-            types = Counter(dispatch.type for dispatch in part.service.core.dispatches())
+            core = part.service.core
+            types = Counter(dispatch.type for dispatch in core.dispatches())
             for dispatch_type, count in sorted(types.items()):
+                hold = core.holds.of(dispatch_type)
                 held.add_metric([label, dispatch_type], count)
                 running.add_metric(
-                    [label, dispatch_type], len(part.service.core.running_ids(dispatch_type))
+                    [label, dispatch_type], 0 if hold else len(core.running_ids(dispatch_type))
                 )
+                on_hold.add_metric([label, dispatch_type], float(hold is not None))
             skipped.add_metric([label], board.skipped)
             queue.add_metric([label], part.publisher.pending)
             published.add_metric([label], part.publisher.published)
@@ -242,7 +247,7 @@ class _PipelineCollector(Collector):
             reconnects.add_metric([label], max(part.publisher.connections - 1, 0))
             syncs.add_metric([label], part.upstream.syncs)
             writes.add_metric([label], part.cache_writer.writes)
-        yield from (connected, vouching, synced, knowledge, held, running, skipped, queue)
+        yield from (connected, vouching, synced, knowledge, held, running, on_hold, skipped, queue)
         yield from (published, refused, reconnects, syncs, writes)
 
 

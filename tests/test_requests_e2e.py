@@ -24,7 +24,9 @@ from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
 from tests.fixtures.broker import Broker
 from tests.fixtures.nats import NatsNode
+from tests.fixtures.processes import free_port
 from tests.fixtures.sdk import ActorLog
+from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.slow
 
@@ -202,8 +204,15 @@ def test_hold_stops_the_actors_release_restarts_them_and_an_actor_may_not_ask(
     held_id = asyncio.run(create_running(api_server, "HOLDME"))
     other_id = asyncio.run(create_running(api_server, "OTHER"))
     tap = mqtt_tap_factory(mqtt_broker, "microgrid/1/dispatch/#")
-    bridge = bridge_factory(api_server, mqtt_broker, extra_args=["--status-interval", "1"])
+    port = free_port()
+    bridge = bridge_factory(
+        api_server,
+        mqtt_broker,
+        extra_args=["--status-interval", "1", "--metrics-listen", f"127.0.0.1:{port}"],
+    )
     bridge.wait_synced()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    hold_me = (("microgrid", "1"), ("type", "HOLDME"))
 
     async def scenario() -> None:
         log = ActorLog()
@@ -236,6 +245,9 @@ def test_hold_stops_the_actors_release_restarts_them_and_an_actor_may_not_ask(
             assert held.running == () and held.next_change is None
             assert held.hold_reason == "maintenance"
             await log.wait_for(lambda log: log.running_dispatch_ids() == [], 20)
+            values = scrape(metrics)
+            assert values[("dispatch_bridge_type_on_hold", hold_me)] == 1
+            assert values[("dispatch_bridge_running", hold_me)] == 0
             # Another type runs on.
             assert [d.id for d in snapshot_of(tap, "OTHER", lambda s: True).running] == [other_id]
 
