@@ -365,20 +365,26 @@ class MicrogridService:
                 reason,
             )
         for transition in out.transitions:
+            # By schedule; a held type's snapshot runs nothing all the same.
+            holds = self.core.holds
+            on_hold = bool(holds) and holds.of(transition.dispatch_type) is not None
+            held = " (type held: published as not running)" if on_hold else ""
             if transition.started:
                 _logger.info(
-                    "microgrid %d: dispatch %d of type %r started, until %s",
+                    "microgrid %d: dispatch %d of type %r started, until %s%s",
                     self.core.microgrid_id,
                     transition.dispatch_id,
                     transition.dispatch_type,
                     "changed" if transition.until is None else transition.until.isoformat(),
+                    held,
                 )
             else:
                 _logger.info(
-                    "microgrid %d: dispatch %d of type %r stopped",
+                    "microgrid %d: dispatch %d of type %r stopped%s",
                     self.core.microgrid_id,
                     transition.dispatch_id,
                     transition.dispatch_type,
+                    held,
                 )
 
     def _publish_status(self) -> None:

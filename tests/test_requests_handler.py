@@ -206,3 +206,20 @@ async def test_a_resync_without_a_listing_or_an_ack_in_time_says_which(tmp_path:
     late = publisher.answers[-1][1]
     assert late.status == "error" and late.dispatches == 1
     assert late.error == "the broker did not acknowledge the republish within 0.05 s"
+
+
+def test_the_log_says_when_a_scheduled_start_is_not_published_for_a_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler, service, publisher, _ = make_handler(tmp_path)
+    handler.holds.hold("A", "works", T0)
+    service.put(Synced([running_now(1, "A"), running_now(2, "B")]))
+    service.step(T0 - timedelta(seconds=1))
+    with caplog.at_level(logging.INFO, logger="bridge.service"):
+        service.step(T0)
+    assert (
+        "dispatch 1 of type 'A' started, until 2026-11-28T07:00:00+00:00 (type held" in caplog.text
+    )
+    lines = [line for line in caplog.text.splitlines() if "type 'B' started" in line]
+    assert len(lines) == 1 and "held" not in lines[0]
+    assert publisher.retained[LAYOUT.running("A")].running == ()
