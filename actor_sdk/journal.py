@@ -148,6 +148,11 @@ class JournalWriter:
         self.dropped = 0
         """Entries dropped (a failed write, or too many queued)."""
 
+    @property
+    def queued(self) -> int:
+        """Entries waiting to be written."""
+        return len(self._queue)
+
     def start(self) -> None:
         """Start the writing thread (once; the first `append` starts it too)."""
         if self._thread is None and not self._closing:

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +67,10 @@ __all__ = [
 
 _DEFER_S = 0.01
 """How long after a step its outcome is journaled (its topics go first)."""
+
+_SLICE = 200
+"""Entries made per turn of the event loop (about a millisecond): a step that changed
+100,000 dispatches never holds the loop for the half second its entries take."""
 
 _COMPUTED = frozenset({"running", "until", "next_run", "update_time"})
 """Fields that are not a change of the dispatch itself."""
@@ -165,14 +170,6 @@ def changed_fields(before: wire.Dispatch, after: wire.Dispatch) -> list[str]:
     ]
 
 
-def _later(entry: Callable[[Any, datetime], None], what: Any, now: datetime) -> None:
-    """Make entries once the step is over; in the order asked for."""
-    try:
-        asyncio.get_running_loop().call_later(_DEFER_S, entry, what, now)
-    except RuntimeError:  # stepped without a loop (tests)
-        entry(what, now)
-
-
 class BridgeJournal:
     """Turns one microgrid's upstream items and outboxes into journal entries."""
 
@@ -197,6 +194,32 @@ class BridgeJournal:
         self._session = session
         self._clock = clock
         self._formatted: tuple[datetime | None, str | None] = (None, None)
+        self._pending: deque[Iterator[None]] = deque()
+        self._scheduled = False
+
+    def _enqueue(self, work: Iterator[None]) -> None:
+        """Make the entries of `work` after the step, in order, a slice at a time."""
+        self._pending.append(work)
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_later(_DEFER_S, self._drain)
+        except RuntimeError:  # stepped without a loop (tests)
+            self._drain()
+            return
+        self._scheduled = True
+
+    def _drain(self) -> None:
+        made = 0
+        while self._pending and made < _SLICE:
+            try:
+                next(self._pending[0])
+                made += 1
+            except StopIteration:
+                self._pending.popleft()
+        self._scheduled = bool(self._pending)
+        if self._scheduled:
+            asyncio.get_running_loop().call_soon(self._drain)
 
     def _format(self, time: datetime) -> str | None:
         # The entries of one step share their instant: formatted once.
@@ -204,14 +227,14 @@ class BridgeJournal:
             self._formatted = (time, format_time(time))
         return self._formatted[1]
 
-    def _append(self, time: datetime, source: str, event: str, **more: Any) -> None:
+    def _append(self, time: datetime, session: int, source: str, event: str, **more: Any) -> None:
         self._writer.append(
             {
                 "time": self._format(time),
                 "source": source,
                 "event": event,
                 "microgrid_id": self._microgrid_id,
-                "session": self._session(),
+                "session": session,
                 **more,
             }
         )
@@ -223,13 +246,14 @@ class BridgeJournal:
             item: What the upstream delivered.
             now: The step's instant.
         """
-        _later(self._upstream, item, now)
+        self._enqueue(self._upstream(item, now, self._session()))
 
-    def _upstream(self, item: UpstreamItem, now: datetime) -> None:
+    def _upstream(self, item: UpstreamItem, now: datetime, session: int) -> Iterator[None]:
         match item:
             case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
                 self._append(
                     now,
+                    session,
                     "upstream",
                     kind,
                     dispatch_id=dispatch.id,
@@ -238,19 +262,21 @@ class BridgeJournal:
                     buffered=buffered,
                 )
             case DeletedById(dispatch_id=dispatch_id):
-                self._append(now, "upstream", "deleted", dispatch_id=dispatch_id)
+                self._append(now, session, "upstream", "deleted", dispatch_id=dispatch_id)
             case Synced(dispatches=dispatches, unconvertible=unconvertible):
                 self._append(
                     now,
+                    session,
                     "upstream",
                     "listed",
                     dispatches=len(dispatches),
                     unconvertible=len(unconvertible),
                 )
             case LinkChanged(connected=True):
-                self._append(now, "upstream", "connected")
+                self._append(now, session, "upstream", "connected")
             case LinkChanged(reason=reason):
-                self._append(now, "upstream", "disconnected", reason=reason)
+                self._append(now, session, "upstream", "disconnected", reason=reason)
+        yield
 
     def outbox(self, out: Outbox) -> None:
         """Journal a step's changes and transitions, after its topics (`on_outbox`).
@@ -258,39 +284,55 @@ class BridgeJournal:
         Args:
             out: What the step decided (not changed afterwards).
         """
-        _later(self._outcome, out, self._clock())
+        self._enqueue(self._outcome(out, self._clock(), self._session()))
 
-    def _outcome(self, out: Outbox, now: datetime) -> None:
+    def _outcome(self, out: Outbox, now: datetime, session: int) -> Iterator[None]:
         for kind, dispatch, before in out.changes:
             more: dict[str, Any] = {}
             if kind == "updated" and before is not None:
                 more["changed"] = changed_fields(before, dispatch)
-            self._append(now, "bridge", kind, dispatch_id=dispatch.id, type=dispatch.type, **more)
+            self._append(
+                now, session, "bridge", kind, dispatch_id=dispatch.id, type=dispatch.type, **more
+            )
+            yield
             # A change can start or stop a run as well (created while its run goes on,
             # moved, deleted while running): no scheduled transition says so.
             was = before is not None and before.running
             if dispatch.running != was:
-                self._run(now, dispatch.type, dispatch.id, dispatch.running, dispatch.until)
+                self._run(
+                    now,
+                    session,
+                    dispatch.type,
+                    dispatch.id,
+                    started=dispatch.running,
+                    until=dispatch.until,
+                )
+                yield
         for transition in out.transitions:
             self._run(
                 now,
+                session,
                 transition.dispatch_type,
                 transition.dispatch_id,
-                transition.started,
-                transition.until,
+                started=transition.started,
+                until=transition.until,
             )
+            yield
 
     def _run(
         self,
         now: datetime,
+        session: int,
         dispatch_type: str,
         dispatch_id: int,
+        *,
         started: bool,
         until: datetime | None,
     ) -> None:
         if started:
             self._append(
                 now,
+                session,
                 "bridge",
                 "started",
                 dispatch_id=dispatch_id,
@@ -298,7 +340,9 @@ class BridgeJournal:
                 until=format_time(until),
             )
         else:
-            self._append(now, "bridge", "stopped", dispatch_id=dispatch_id, type=dispatch_type)
+            self._append(
+                now, session, "bridge", "stopped", dispatch_id=dispatch_id, type=dispatch_type
+            )
 
 
 class _Parts(Protocol):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 from datetime import UTC, datetime, timedelta
@@ -195,6 +196,27 @@ def test_the_bridge_journals_changes_runs_and_upstream_events_but_no_republish(
     assert updated[0]["changed"] == ["duration"]
     assert {e["session"] for e in entries(path)} == {3}
     assert {e["microgrid_id"] for e in entries(path)} == {5}
+
+
+async def test_a_large_outcome_is_journaled_in_slices_after_the_step_and_in_order(
+    tmp_path: Path,
+) -> None:
+    service, writer, path = _service_with_journal(tmp_path)
+    for number in range(1, 1001):
+        service.put(StreamEvent("created", dispatch(number, start=T0 + timedelta(hours=1))))
+    service.step(T0)
+    service.put(StreamEvent("deleted", dispatch(1)))
+    service.step(T0)
+    assert writer.queued == 0  # nothing during the steps
+    seen: set[int] = set()
+    while writer.queued < 2002:  # 1000 upstream and 1000 bridge entries, then 2 more
+        await asyncio.sleep(0.001)
+        seen.add(writer.queued)
+    assert len(seen - {0, 2002}) >= 2  # the loop ran between slices
+    writer.flush()
+    got = [(e["source"], e["event"], e["dispatch_id"]) for e in entries(path)]
+    assert got[:2] == [("upstream", "created", 1), ("bridge", "created", 1)]
+    assert got[-2:] == [("upstream", "deleted", 1), ("bridge", "deleted", 1)]
 
 
 def _audit(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
