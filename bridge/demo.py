@@ -43,9 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import aiomqtt
-
-from actor_sdk import wire
+from actor_sdk import mqtt, wire
 from actor_sdk.mqtt import parse_broker_url
 from bridge.api import AuthConfig, ServerStartError, serve
 from bridge.config import ConfigError
@@ -249,9 +247,8 @@ async def _wait_online(
                 f"the bridge exited with code {bridge.returncode}; its log {log}:\n" + tail(log)
             )
         try:
-            async with aiomqtt.Client(
-                broker.host, broker.port, username=name, password=password, timeout=5
-            ) as client:
+            settings = mqtt.BrokerSettings(broker.host, broker.port, name, password)
+            async with mqtt.new_client(settings, timeout=5) as client:
                 await client.subscribe(layout.status, qos=1)
                 async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
                     async for message in client.messages:
@@ -263,7 +260,7 @@ async def _wait_online(
                                     return
                         if bridge.returncode is not None:
                             break
-        except aiomqtt.MqttError:
+        except mqtt.MqttError:
             await asyncio.sleep(0.2)
         except TimeoutError:
             break

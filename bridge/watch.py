@@ -175,6 +175,16 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="CA certificates to verify an mqtts:// broker with (env MQTT_CA_FILE)",
     )
+    parser.add_argument(
+        "--broker-cert-file",
+        metavar="PATH",
+        help="client certificate for an mqtts:// broker that requires one (env MQTT_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--broker-key-file",
+        metavar="PATH",
+        help="the key of --broker-cert-file, if not in that file (env MQTT_KEY_FILE)",
+    )
     parser.add_argument("--microgrid-id", metavar="M", help="the microgrid (env MICROGRID_ID)")
     parser.add_argument(
         "--topic-root",
@@ -268,7 +278,8 @@ def _resolve(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLayout
     (or `MQTT_PASSWORD_FILE`).
 
     Args:
-        args: The parsed flags (`broker`, `broker_ca_file`, `microgrid_id`, `topic_root`,
+        args: The parsed flags (`broker`, `broker_ca_file`, `broker_cert_file`,
+            `broker_key_file`, `microgrid_id`, `topic_root`,
             and `config`, a TOML file whose [bridge] table is read too, if the
             subcommand has that flag).
 
@@ -294,11 +305,14 @@ def _resolve(args: argparse.Namespace) -> tuple[BrokerSettings, wire.TopicLayout
         target = replace(target, username=username, password=password)
     elif target.password is None and password is not None:
         target = replace(target, password=password)
-    ca_file = source.get("broker_ca_file", env="MQTT_CA_FILE", parse=str, default=None)
+    tls_files = [
+        source.get(f"broker_{key}_file", env=f"MQTT_{key.upper()}_FILE", parse=str, default=None)
+        for key in ("ca", "cert", "key")
+    ]
     try:
-        target = target.with_tls_files(ca_file)
+        target = target.with_tls_files(*tls_files)
     except ValueError as error:
-        raise ConfigError(f"invalid --broker-ca-file: {error}") from None
+        raise ConfigError(f"invalid broker TLS settings: {error}") from None
     microgrid = source.get("microgrid_id", env="MICROGRID_ID", parse=_positive_int, default=None)
     if microgrid is None:
         raise ConfigError("no microgrid: give --microgrid-id M (or MICROGRID_ID)")

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from actor_sdk import mqtt, wire
+from bridge.health import check
 from bridge.publisher import Publisher
 from bridge.run_command import add_arguments, load_settings
 from bridge.store import SessionCounter
+from bridge.watch import add_target_arguments, load_target
 from tests.fixtures.broker import find_mosquitto
 from tests.fixtures.processes import ProcessFactory, free_port, wait_for_port
 
@@ -124,6 +126,21 @@ async def test_bridge_publishes_and_the_sdk_reads_with_client_certificates(
             await client.subscribe(topic, qos=1)
             message = await asyncio.wait_for(received.get(), 15)
         assert message.payload == b"over mTLS"
+        # The tools' way (`health`, `watch`): flags through `load_target`.
+        tool_parser = argparse.ArgumentParser()
+        add_target_arguments(tool_parser)
+        tool_args = tool_parser.parse_args(
+            [
+                f"--broker=mqtts://127.0.0.1:{port}",
+                f"--broker-ca-file={files['ca_file']}",
+                f"--broker-cert-file={files['cert_file']}",
+                f"--broker-key-file={files['key_file']}",
+                "--microgrid-id=4",
+            ]
+        )
+        target, layout = load_target(tool_args)
+        verdict = await check(target, layout, max_wait=10)
+        assert "unreachable" not in verdict.reason and "connection lost" not in verdict.reason
     finally:
         publisher.stop(grace=1)
         await asyncio.wait_for(task, 10)
