@@ -290,9 +290,7 @@ class WatchApp(App[None]):
         for row in rows:
             key = f"{row.dispatch_id}/{row.dispatch_type}"
             self._row_keys[key] = (row.dispatch_type, row.dispatch_id)
-            table.add_row(
-                Text(row.dispatch_type), f"#{row.dispatch_id}", row.when, row.rule, key=key
-            )
+            table.add_row(Text(row.type_label), f"#{row.dispatch_id}", row.when, row.rule, key=key)
         # Keep the selected dispatch if it is still listed, else select the first one.
         selected = self._selected
         wanted = None if selected is None else f"{selected[1]}/{selected[0]}"

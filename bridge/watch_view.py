@@ -143,12 +143,14 @@ class DispatchRow:
 
     Attributes:
         dispatch_type: Its type as published (the key to select it by).
+        type_label: Its type, safe to show.
         dispatch_id: Its id.
         when: Running with time left, its next start, or why it does not run.
         rule: Its recurrence in short, or `once`.
     """
 
     dispatch_type: str
+    type_label: str
     dispatch_id: int
     when: str
     rule: str
@@ -208,6 +210,7 @@ def dispatch_rows(
             rows.append(
                 DispatchRow(
                     dispatch_type=dispatch_type,
+                    type_label=printable(dispatch_type, 40),
                     dispatch_id=dispatch_id,
                     when=_when(state, dispatch, now, starts.get((dispatch_type, dispatch_id))),
                     rule=_short_rule(dispatch.recurrence),

@@ -71,6 +71,18 @@ def upcoming(dispatch_type: str, *runs: tuple[int, datetime, datetime | None]) -
     )
 
 
+def running_snapshot(*dispatches: wire.Dispatch) -> wire.RunningSnapshot:
+    return wire.RunningSnapshot(
+        microgrid_id=1,
+        type=dispatches[0].type,
+        running=dispatches,
+        next_change=None,
+        as_of=NOW,
+        session=1,
+        seq=1,
+    )
+
+
 def state_with_actors() -> WatchState:
     state = sample_state()
     state.microgrid_id = 1
@@ -253,6 +265,13 @@ def test_hostile_payload_text_cannot_reach_the_terminal() -> None:
     text = "\n".join(detail_lines(state, hostile.type, 3, NOW))
 
     assert "\x1b" not in text and "\x07" not in text
+    evil = make_dispatch(4, NOW, 60, dispatch_type="EVIL\x1b[2J")
+    state.apply(LAYOUT.dispatch(evil.type, 4), wire.encode(evil), NOW)
+    state.apply(LAYOUT.running(evil.type), wire.encode(running_snapshot(evil)), NOW)
+    labels = [row.type_label for row in dispatch_rows(state, NOW)[0]]
+    assert labels == ["EVIL?[2J", "EXAMPLE_TYPE"]
+    assert running_rows(state, NOW)[0].dispatch_type == "EVIL?[2J"
+    assert detail_lines(state, evil.type, 4, NOW)[0].startswith("#4 EVIL?[2J ")
 
 
 # --- The timeline -------------------------------------------------------------------------
