@@ -311,3 +311,17 @@ def test_without_a_terminal_the_live_view_says_to_use_once(mqtt_broker: Broker) 
 
     assert result.returncode == 2
     assert "needs a terminal; use --once" in result.stderr
+
+
+def test_refused_credentials_end_the_view_with_exit_code_1_and_say_why(
+    mqtt_broker: Broker, terminal: Callable[[list[str]], Terminal]
+) -> None:
+    mqtt_broker.require_acl()
+    url = f"mqtt://actor:wrong-password@{mqtt_broker.host}:{mqtt_broker.port}"
+    command = [*dispatch_bridge_command(), "watch", "--broker", url, "--microgrid-id", "1"]
+
+    term = terminal(command)
+
+    screen = term.wait_text("[exited 1]")
+    assert "cannot connect to the broker mqtt://actor@" in screen
+    assert "wrong-password" not in screen
