@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from actor_sdk import Dispatcher, UpcomingRun, wire
-from actor_sdk._upcoming import UpcomingNotices
+from actor_sdk._upcoming import UpcomingFeeds, UpcomingNotices
 from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
 from tests.fixtures.bridge import BridgeFactory
 from tests.fixtures.broker import Broker
@@ -100,6 +100,32 @@ def test_the_same_list_again_repeats_nothing() -> None:
     assert len(notices.due(T0)) == 1
     assert notices.update(listed, T0 + timedelta(seconds=5)) == []  # a reconnect's replay
     assert notices.due(T0 + timedelta(seconds=5)) == []
+
+
+async def test_the_feed_delivers_due_runs_with_their_dispatch_and_repeats_nothing_on_replay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [T0]
+    feeds = UpcomingFeeds(lambda: now[0], lambda kind, number: None)
+    listed = wire.encode(runs((1, T0 + MIN, None), (2, T0 + 20 * MIN, None)))
+    await feeds.apply("T", listed)  # before any receiver: kept, not decoded
+    receiver = feeds.receiver("T", within=timedelta(minutes=5))
+    task = asyncio.create_task(feeds.run())
+    try:
+        first = await asyncio.wait_for(receiver.receive(), 5)
+        assert (first.dispatch_id, first.cancelled) == (1, False)
+        await feeds.apply("T", listed)  # a reconnect's replay
+        await feeds.apply("T", b"not json")  # unreadable: taken as nothing listed
+        cancelled = await asyncio.wait_for(receiver.receive(), 5)
+        assert (cancelled.dispatch_id, cancelled.cancelled) == (1, True)
+        assert "cannot be read" in caplog.text
+        now[0] = T0 + 16 * MIN  # 1 started meanwhile (never told again), 2 is due
+        await feeds.apply("T", listed)
+        told_next = await asyncio.wait_for(receiver.receive(), 5)
+        assert (told_next.dispatch_id, told_next.cancelled) == (2, False)
+    finally:
+        task.cancel()
+        await feeds.close()
 
 
 @pytest.mark.slow
