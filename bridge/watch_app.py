@@ -27,9 +27,10 @@ from textual.widgets import DataTable, Footer, Input, Static
 from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
 from bridge.watch import WatchSettings, broker_client, connect_failure, is_auth_failure
-from bridge.watch_state import Liveness, WatchState, liveness
+from bridge.watch_state import Liveness, WatchState
 from bridge.watch_view import (
     actor_rows,
+    bridge_line,
     detail_lines,
     dispatch_rows,
     event_lines,
@@ -101,6 +102,7 @@ class WatchApp(App[None]):
         self._filter = ""
         self._selected: tuple[str, int] | None = None
         self._row_keys: dict[str, tuple[str, int]] = {}
+        self._connections = 0
         self._listed: tuple[int, int, str] | None = None
         self._listed_at = datetime.min.replace(tzinfo=UTC)
 
@@ -161,6 +163,7 @@ class WatchApp(App[None]):
                         warnings=self.state.warnings,
                         events=self.state.events,
                     )
+                    self._connections += 1
                     self.connection = f"connected to {settings.target.describe()}"
                     backoff.reset()
                     self._dirty = True
@@ -235,8 +238,11 @@ class WatchApp(App[None]):
         self.query_one("#top", Static).update(
             Text(f"{state.layout.root}  {now:%Y-%m-%d %H:%M:%SZ}  {self.connection}")
         )
-        verdict, line = liveness(state, now)
-        self.query_one("#bridge", Static).update(self._bridge_text(verdict, line, now))
+        verdict, line, details = bridge_line(state, now)
+        bridge = Text("bridge ")
+        bridge.append(line, style=_LEVEL_STYLES[verdict])
+        bridge.append(f"  {details}")
+        self.query_one("#bridge", Static).update(bridge)
         self._draw_running(now)
         self._draw_dispatches(now)
         self._draw_detail(now)
@@ -249,24 +255,6 @@ class WatchApp(App[None]):
             Text("\n".join(event_lines(state, now, self._filter)[-7:]))
         )
 
-    def _bridge_text(self, verdict: Liveness, line: str, now: datetime) -> Text:
-        text = Text("bridge ")
-        text.append(line, style=_LEVEL_STYLES[verdict])
-        status = self.state.status
-        if status is not None and verdict is Liveness.OFFLINE:
-            text.append(f"  session {status.session}")
-        elif status is not None and verdict is not Liveness.UNKNOWN:
-            synced = (
-                "never synced"
-                if status.synced_at is None
-                else f"synced {status.synced_at:%H:%M:%SZ}"
-            )
-            text.append(
-                f"  upstream {status.upstream}, {synced}, session {status.session}, "
-                f"{status.dispatches} dispatches"
-            )
-        return text
-
     def _draw_running(self, now: datetime) -> None:
         table = self.query_one("#running", DataTable)
         table.clear()
@@ -277,7 +265,7 @@ class WatchApp(App[None]):
             )
 
     def _draw_dispatches(self, now: datetime) -> None:
-        listed = (id(self.state), self.state.revision, self._filter)
+        listed = (self._connections, self.state.revision, self._filter)
         if listed == self._listed and now - self._listed_at < _LIST_REFRESH:
             return
         self._listed, self._listed_at = listed, now

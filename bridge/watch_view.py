@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from actor_sdk import wire
-from bridge.watch_state import WatchState, printable
+from bridge.watch_state import Liveness, WatchState, liveness, printable
 from bridge.watch_text import (
     MAX_DISPATCHES_PER_TYPE,
     axis,
@@ -37,6 +37,7 @@ __all__ = [
     "DispatchRow",
     "RunningRow",
     "actor_rows",
+    "bridge_line",
     "detail_lines",
     "dispatch_rows",
     "event_lines",
@@ -77,6 +78,31 @@ def matches(filter_text: str, dispatch_type: str, dispatch_id: int | None = None
     if text.casefold() in dispatch_type.casefold():
         return True
     return dispatch_id is not None and text.removeprefix("#") == str(dispatch_id)
+
+
+def bridge_line(state: WatchState, now: datetime) -> tuple[Liveness, str, str]:
+    """Say what the bridge is by the liveness rule, and what its status adds.
+
+    Args:
+        state: What the topics said.
+        now: The instant to judge at.
+
+    Returns:
+        The verdict, its line, and the status's details ("" when there are none
+        worth showing: no status, or the will's, whose counts say nothing).
+    """
+    verdict, line = liveness(state, now)
+    status = state.status
+    if status is None or verdict is Liveness.UNKNOWN:
+        return verdict, line, ""
+    if verdict is Liveness.OFFLINE:
+        return verdict, line, f"session {status.session}"
+    synced = "never synced" if status.synced_at is None else f"synced {status.synced_at:%H:%M:%SZ}"
+    details = (
+        f"upstream {status.upstream}, {synced}, session {status.session}, "
+        f"{status.dispatches} dispatches"
+    )
+    return verdict, line, details
 
 
 @dataclass(frozen=True)

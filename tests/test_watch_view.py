@@ -14,6 +14,7 @@ from bridge.watch_state import Liveness, WatchState, liveness
 from bridge.watch_view import (
     NO_ACTOR_GRACE,
     actor_rows,
+    bridge_line,
     detail_lines,
     dispatch_rows,
     event_lines,
@@ -125,6 +126,20 @@ def test_syncing_offline_and_unreadable_statuses_are_not_live() -> None:
     assert line.startswith("status unreadable: ")
     # Without any status the default interval (5 s) is not even considered.
     assert liveness(WatchState(LAYOUT), NOW)[0] is Liveness.UNKNOWN
+
+
+def test_the_bridge_line_adds_the_status_details_but_not_the_wills_counts() -> None:
+    state = WatchState(LAYOUT)
+    assert bridge_line(state, NOW)[2] == ""
+
+    state.apply(LAYOUT.status, status(), NOW, retained=False)
+    assert bridge_line(state, NOW) == (
+        Liveness.LIVE,
+        "LIVE",
+        "upstream connected, synced 07:03:20Z, session 3, 2 dispatches",
+    )
+    state.apply(LAYOUT.status, status("offline"), NOW, retained=False)
+    assert bridge_line(state, NOW)[2] == "session 3"
 
 
 def test_a_status_without_interval_is_live_for_ten_seconds() -> None:
