@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from frequenz.channels import Receiver
 
+from actor_sdk import DispatchInfo
+from actor_sdk._actors import ActorSet
+from actor_sdk._dispatch import from_wire
 from actor_sdk.journal import (
     ActorJournal,
     CorruptLine,
@@ -24,7 +29,8 @@ from actor_sdk.journal import (
 from bridge import audit_command
 from bridge.journal import BridgeJournal, changed_fields
 from bridge.service import LinkChanged, MicrogridService, ScheduleCore, StreamEvent, Synced
-from tests.fixtures.processes import wait_until
+from tests.fixtures.processes import async_wait_until, wait_until
+from tests.fixtures.sdk import wire_dispatch
 from tests.test_bridge_service import LAYOUT, T0, FakeSink, dispatch
 
 
@@ -270,3 +276,53 @@ def test_since_takes_a_time_or_a_time_ago() -> None:
     assert audit_command.parse_since("2026-12-04T05:00:00", now) == now - timedelta(hours=1)
     with pytest.raises(ValueError, match="neither"):
         audit_command.parse_since("yesterday", now)
+
+
+async def test_the_actor_set_journals_start_update_stop_and_failure(tmp_path: Path) -> None:
+    path = tmp_path / "actors.jsonl"
+    writer = JournalWriter(path, thread=False)
+    journal = ActorJournal(writer, 5, clock=lambda: T0)
+    calls = 0
+
+    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _Idle:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("no inverter")
+        return _Idle(updates)
+
+    actors = ActorSet(
+        "T",
+        factory=factory,
+        identity=lambda d: d.type,  # one actor for the type: a new dispatch is an update
+        retry_interval=timedelta(0),
+        clock=lambda: T0,
+        record=functools.partial(journal.record, "T"),
+    )
+    first = from_wire(wire_dispatch(1, "T", payload={"p": 1}))
+    await actors.apply([first], reason="")
+    await async_wait_until(lambda: actors.next_retry is not None, 5, "the failure")
+    await actors.retry(T0)
+    await async_wait_until(lambda: actors.running_ids == (1,), 5, "the start")
+    await actors.apply([from_wire(wire_dispatch(2, "T", payload={"p": 2}))], reason="")
+    await actors.stop_all("shutting down")
+    writer.flush()
+    got = [(e["event"], e["dispatch_id"], e.get("reason")) for e in entries(path)]
+    assert got == [
+        ("failed", 1, "failed"),
+        ("started", 1, None),
+        ("updated", 2, None),
+        ("stopped", 2, "shutting down"),
+    ]
+    assert entries(path)[2]["payload_digest"] == payload_digest({"p": 2})
+
+
+class _Idle:
+    def __init__(self, updates: Receiver[DispatchInfo]) -> None:
+        self.updates = updates  # an actor keeps its updates (the SDK's channel needs a reader)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self, msg: str | None = None) -> None:
+        pass
