@@ -8,6 +8,7 @@ keys with `tmux send-keys` and awaits what the screen shows with
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import subprocess
@@ -21,12 +22,13 @@ import msgspec
 import pytest
 from frequenz.client.dispatch.types import TargetIds
 
-from actor_sdk import wire
+from actor_sdk import Dispatcher, wire
 from bridge.api import create_dispatch
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
 from tests.fixtures.bridge import BridgeFactory
 from tests.fixtures.broker import Broker
 from tests.fixtures.processes import wait_until
+from tests.fixtures.sdk import ActorLog
 
 LAYOUT = wire.TopicLayout.for_microgrid(1)
 
@@ -166,6 +168,22 @@ async def test_a_dispatch_made_with_dispatch_cli_shows_filters_selects_and_a_kil
         "the running dispatch flagged",
     )
     assert re.search(r"until \d\d:\d\d:\d\dZ, 2\dm\d\ds left", running_line(screen, int(other.id)))
+
+    # A real SDK actor runs it: its id shows beside the dispatch; stopped, the flag is back.
+    async with Dispatcher(
+        microgrid_id=1, broker=mqtt_broker.url("actor"), actor_id="watch-actor"
+    ) as dispatcher:
+        await dispatcher.start_managing("OTHER_TYPE", actor_factory=ActorLog().factory)
+        await asyncio.to_thread(
+            term.wait_for,
+            lambda s: "watch-actor" in running_line(s, int(other.id)),
+            "the actor beside the dispatch",
+        )
+    await asyncio.to_thread(
+        term.wait_for,
+        lambda s: "no actor reports it" in running_line(s, int(other.id)),
+        "the flag once the actor stopped",
+    )
 
     code, output = await run_dispatch_cli(
         api_server,
