@@ -46,7 +46,7 @@ import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk._errors import BrokerUrlError
-from actor_sdk._mqtt_queues import ReceivedQueue, handing_queue, utc_now
+from actor_sdk._mqtt_receive import ReceivedQueue, handing_queue, read_in_bulk, utc_now
 
 __all__ = [
     "Backoff",
@@ -508,53 +508,8 @@ def new_client(
     )
     # aiomqtt warns about, and scans, its pending calls beyond this many.
     client.pending_calls_threshold = max_inflight * 4 + 16
-    _read_in_bulk(client)
+    read_in_bulk(client)
     return client
-
-
-class _BufferedReads:
-    """The connection's socket, read 64 KiB at a time.
-
-    paho reads each packet's fixed header byte by byte (a system call per
-    byte), and aiomqtt handles one packet per event-loop wake-up unless the
-    socket says more is `pending` (as a TLS socket does). Served from a buffer,
-    those reads cost no system call, and `pending` counts the buffer: one
-    wake-up handles every packet that arrived.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def recv(self, size: int) -> bytes:
-        if not self._buffer:
-            data = self._sock.recv(65536)  # raises when nothing is there, b"" at the end
-            if len(data) <= size:
-                return bytes(data)
-            self._buffer += data
-        chunk = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return chunk
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._buffer) + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-def _read_in_bulk(client: aiomqtt.Client) -> None:
-    paho = client._client
-    opened: Callable[..., None] | None = paho.on_socket_open
-
-    def on_socket_open(paho_client: Any, userdata: Any, sock: Any) -> None:
-        # Called once the socket exists, before anything is read from it.
-        paho_client._sock = _BufferedReads(sock)
-        if opened is not None:
-            opened(paho_client, userdata, sock)
-
-    paho.on_socket_open = on_socket_open
 
 
 def on_refused_publish(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:

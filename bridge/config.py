@@ -14,11 +14,11 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from actor_sdk.mqtt import read_secret_file
+from actor_sdk.mqtt import BrokerSettings, parse_broker_url, read_secret_file
 
 _T = TypeVar("_T")
 
@@ -131,3 +131,80 @@ class SettingsSource:
         if key in self.file_table:
             return self.file_table[key], f"{key} in {self.file_name}"
         return None, ""
+
+
+def parse_text(value: Any) -> str:
+    """Parse a non-empty string setting, without surrounding whitespace.
+
+    Args:
+        value: The raw value.
+
+    Returns:
+        The text.
+
+    Raises:
+        ValueError: Not a string, or blank.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _parse_secret(value: Any) -> str:
+    # Taken as given (`read_secret_file` already dropped a file's line end): spaces may
+    # be part of a password.
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def load_broker(source: SettingsSource) -> BrokerSettings:
+    """Resolve the bridge's broker: URL, then user and password, then TLS files.
+
+    `MQTT_USERNAME` / `MQTT_PASSWORD` (or their `_FILE`, or the TOML keys) win
+    over the URL's credentials: they keep the password out of the URL.
+
+    Args:
+        source: The settings.
+
+    Returns:
+        The broker.
+
+    Raises:
+        ConfigError: The broker is missing, or a setting is invalid.
+    """
+    broker = source.get(
+        "broker",
+        env="MQTT_URL",
+        parse=lambda value: parse_broker_url(parse_text(value)),
+        default=None,
+        secret=True,
+    )
+    if broker is None:
+        raise ConfigError(
+            "no MQTT broker: give --broker mqtt://host:port (or MQTT_URL, or broker in [bridge])"
+        )
+    username = source.get(
+        "mqtt_username", env="MQTT_USERNAME", parse=_parse_secret, default=None, secret=True
+    )
+    password = source.get(
+        "mqtt_password", env="MQTT_PASSWORD", parse=_parse_secret, default=None, secret=True
+    )
+    tls_files = [
+        source.get(
+            f"broker_{key}_file", env=f"MQTT_{key.upper()}_FILE", parse=parse_text, default=None
+        )
+        for key in ("ca", "cert", "key")
+    ]
+    try:
+        broker = broker.with_tls_files(*tls_files)
+    except ValueError as error:
+        raise ConfigError(f"invalid broker TLS settings: {error}") from None
+    broker = replace(
+        broker,
+        username=username if username is not None else broker.username,
+        password=password if password is not None else broker.password,
+    )
+    if broker.password is not None and broker.username is None:
+        raise ConfigError("an MQTT password is set but no user name: set MQTT_USERNAME too")
+    return broker

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import signal
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -43,10 +43,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actor_sdk import wire
-from actor_sdk.mqtt import Backoff, BrokerSettings, parse_broker_url
+from actor_sdk.mqtt import Backoff, BrokerSettings
 from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
-from bridge.config import ConfigError, SettingsSource
+from bridge.config import ConfigError, SettingsSource, load_broker, parse_text
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
@@ -193,20 +193,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a non-empty string")
-    return value.strip()
-
-
-def _parse_secret(value: Any) -> str:
-    # Taken as given (`actor_sdk.mqtt.read_secret_file` already dropped a file's line end):
-    # spaces may be part of a password.
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
 def _parse_ids(value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, list) else [value]
     ids: list[int] = []
@@ -230,7 +216,7 @@ def _parse_ids(value: Any) -> tuple[int, ...]:
 
 
 def _parse_dispatch_url(value: Any) -> str:
-    text = _parse_text(value)
+    text = parse_text(value)
     parts = urlsplit(text)
     if parts.scheme != "grpc" or not parts.hostname:
         raise ValueError("expected grpc://host[:port][?ssl=false]")
@@ -246,12 +232,8 @@ def _parse_dispatch_url(value: Any) -> str:
     return text
 
 
-def _parse_broker(value: Any) -> BrokerSettings:
-    return parse_broker_url(_parse_text(value))
-
-
 def _parse_root(value: Any) -> str:
-    text = _parse_text(value)
+    text = parse_text(value)
     try:
         wire.TopicLayout.for_microgrid(1, text)
     except (wire.WireError, KeyError, IndexError) as error:
@@ -324,7 +306,7 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
             "[bridge])"
         )
     key = source.get(
-        "auth_key", env="DISPATCH_API_AUTH_KEY", parse=_parse_text, default=None, secret=True
+        "auth_key", env="DISPATCH_API_AUTH_KEY", parse=parse_text, default=None, secret=True
     )
     if key is None:
         raise ConfigError(
@@ -332,38 +314,11 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
             "auth_key in [bridge])"
         )
     secret = source.get(
-        "sign_secret", env="DISPATCH_API_SIGN_SECRET", parse=_parse_text, default=None, secret=True
+        "sign_secret", env="DISPATCH_API_SIGN_SECRET", parse=parse_text, default=None, secret=True
     )
-    broker = source.get("broker", env="MQTT_URL", parse=_parse_broker, default=None, secret=True)
-    if broker is None:
-        raise ConfigError(
-            "no MQTT broker: give --broker mqtt://host:port (or MQTT_URL, or broker in [bridge])"
-        )
-    username = source.get(
-        "mqtt_username", env="MQTT_USERNAME", parse=_parse_secret, default=None, secret=True
-    )
-    password = source.get(
-        "mqtt_password", env="MQTT_PASSWORD", parse=_parse_secret, default=None, secret=True
-    )
-    tls_files = [
-        source.get(
-            f"broker_{key}_file", env=f"MQTT_{key.upper()}_FILE", parse=_parse_text, default=None
-        )
-        for key in ("ca", "cert", "key")
-    ]
-    try:
-        broker = broker.with_tls_files(*tls_files)
-    except ValueError as error:
-        raise ConfigError(f"invalid broker TLS settings: {error}") from None
-    broker = replace(
-        broker,
-        username=username if username is not None else broker.username,
-        password=password if password is not None else broker.password,
-    )
-    if broker.password is not None and broker.username is None:
-        raise ConfigError("an MQTT password is set but no user name: set MQTT_USERNAME too")
+    broker = load_broker(source)
     state_dir = source.get(
-        "state_dir", env="DISPATCH_BRIDGE_STATE_DIR", parse=_parse_text, default=DEFAULT_STATE_DIR
+        "state_dir", env="DISPATCH_BRIDGE_STATE_DIR", parse=parse_text, default=DEFAULT_STATE_DIR
     )
     root = source.get(
         "topic_root",
@@ -377,7 +332,7 @@ def load_settings(args: argparse.Namespace) -> BridgeSettings:
             "their topics would collide"
         )
     name = source.get(
-        "name", env="DISPATCH_BRIDGE_NAME", parse=_parse_text, default=socket.gethostname()
+        "name", env="DISPATCH_BRIDGE_NAME", parse=parse_text, default=socket.gethostname()
     )
     retry_max = source.get(
         "retry_max", env="DISPATCH_BRIDGE_RETRY_MAX", parse=_parse_seconds, default=30.0

@@ -232,12 +232,12 @@ def test_socket_reads_are_buffered_and_pending_counts_the_buffer() -> None:
     # paho reads a packet's header byte by byte; aiomqtt reads on while `pending`.
     import socket  # noqa: PLC0415
 
-    from actor_sdk.mqtt import _BufferedReads  # noqa: PLC0415
+    from actor_sdk._mqtt_receive import BufferedReads  # noqa: PLC0415
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
-        reads = _BufferedReads(ours)
+        reads = BufferedReads(ours)
         theirs.sendall(b"\x30\x03abc\x30\x01d")
         assert reads.recv(1) == b"\x30"
         assert reads.pending() == 7  # the rest came in the same read

@@ -1,4 +1,4 @@
-"""The client's queues of received messages (part of `actor_sdk.mqtt`, re-exported there)."""
+"""The client's receive path: bulk socket reads and queues (part of `actor_sdk.mqtt`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import asyncio
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import aiomqtt
 
-__all__ = ["ReceivedQueue", "handing_queue", "utc_now"]
+__all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk", "utc_now"]
 
 
 def handing_queue(
@@ -78,3 +79,53 @@ class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
             The wall-clock time it arrived; None for a message this queue never held.
         """
         return self._arrivals.get(message)
+
+
+class BufferedReads:
+    """The connection's socket, read 64 KiB at a time.
+
+    paho reads each packet's fixed header byte by byte (a system call per
+    byte), and aiomqtt handles one packet per event-loop wake-up unless the
+    socket says more is `pending` (as a TLS socket does). Served from a buffer,
+    those reads cost no system call, and `pending` counts the buffer: one
+    wake-up handles every packet that arrived.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def recv(self, size: int) -> bytes:
+        if not self._buffer:
+            data = self._sock.recv(65536)  # raises when nothing is there, b"" at the end
+            if len(data) <= size:
+                return bytes(data)
+            self._buffer += data
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buffer) + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def read_in_bulk(client: aiomqtt.Client) -> None:
+    """Wrap the client's socket in `BufferedReads` as it opens (before the first read).
+
+    Args:
+        client: The client, before it connects.
+    """
+    paho = client._client
+    opened: Callable[..., None] | None = paho.on_socket_open
+
+    def on_socket_open(paho_client: Any, userdata: Any, sock: Any) -> None:
+        # Called once the socket exists, before anything is read from it.
+        paho_client._sock = BufferedReads(sock)
+        if opened is not None:
+            opened(paho_client, userdata, sock)
+
+    paho.on_socket_open = on_socket_open
