@@ -45,6 +45,7 @@ from actor_sdk.journal import DEFAULT_FILES, DEFAULT_MAX_BYTES, JournalWriter, f
 from bridge.config import SettingsSource
 from bridge.core import Outbox
 from bridge.publisher import Publisher
+from bridge.request_handler import RequestHandler
 from bridge.service import (
     DeletedById,
     LinkChanged,
@@ -278,6 +279,23 @@ class BridgeJournal:
                 self._append(now, session, "upstream", "disconnected", reason=reason)
         yield
 
+    def request(self, event: str, dispatch_type: str | None, reason: str, now: datetime) -> None:
+        """Journal a hold or release (`RequestHandler.on_hold`).
+
+        Args:
+            event: `held` or `released`.
+            dispatch_type: The type; None: every type.
+            reason: The hold's reason.
+            now: When.
+        """
+        self._enqueue(self._request(event, dispatch_type, reason, now, self._session()))
+
+    def _request(
+        self, event: str, dispatch_type: str | None, reason: str, now: datetime, session: int
+    ) -> Iterator[None]:
+        self._append(now, session, "request", event, type=dispatch_type, reason=reason)
+        yield
+
     def outbox(self, out: Outbox) -> None:
         """Journal a step's changes and transitions, after its topics (`on_outbox`).
 
@@ -351,6 +369,7 @@ class _Parts(Protocol):
     microgrid_id: int
     service: MicrogridService
     publisher: Publisher
+    requests: RequestHandler
 
 
 def _session_of(publisher: Publisher) -> Callable[[], int]:
@@ -399,5 +418,6 @@ def start(
         journal = BridgeJournal(writer, pipeline.microgrid_id, _session_of(pipeline.publisher))
         pipeline.service.on_upstream = journal.upstream
         pipeline.service.on_outbox = journal.outbox
+        pipeline.requests.on_hold = journal.request
     writer.start()
     return writer

@@ -122,6 +122,9 @@ class RequestHandler:
     listing_timeout = LISTING_TIMEOUT
     ack_timeout = ACK_TIMEOUT
 
+    on_hold: Callable[[str, str | None, str, datetime], None] | None = None
+    """Told `(held | released, type or None for every type, reason, now)` (the journal)."""
+
     def __init__(
         self,
         layout: wire.TopicLayout,
@@ -277,11 +280,16 @@ class RequestHandler:
     def _change_hold(self, request: Parsed) -> str | None:
         book = self.holds
         name = request.dispatch_type
+        now = self._clock()
         if request.action == "hold":
-            book.hold(name, request.reason, self._clock())
+            book.hold(name, request.reason, now)
             error = None
         else:
             error = book.release(name)
+        if self.on_hold is not None and error is None:
+            self.on_hold(
+                "held" if request.action == "hold" else "released", name, request.reason, now
+            )
         self._service.refresh(None if name is None else [name])
         what = "every type" if name is None else f"type {name!r}"
         _logger.warning(

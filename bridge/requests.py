@@ -28,6 +28,7 @@ from actor_sdk import wire
 __all__ = [
     "DEFAULT_REASON",
     "HOLD_FILE_VERSION",
+    "OTHER_REASON",
     "HoldBook",
     "Parsed",
     "answer",
@@ -38,6 +39,9 @@ __all__ = [
 
 DEFAULT_REASON = "held by a local request"
 """The reason a hold carries when its request gave none."""
+
+OTHER_REASON = "by a local request"
+"""The reason of a release or resync that gave none (for the log and the journal)."""
 
 MAX_REASON_CHARS = 500
 """The longest reason a hold request may give (it goes into every snapshot of the type)."""
@@ -81,7 +85,8 @@ def parse_request(action: str, payload: bytes) -> Parsed | tuple[str, Any]:
             wire.encode_type(dispatch_type)
         except wire.WireError as error:
             return f'invalid "type": {error}', transaction
-    reason = DEFAULT_REASON if request.reason is None else request.reason.strip()
+    default = DEFAULT_REASON if action == "hold" else OTHER_REASON
+    reason = default if request.reason is None else request.reason.strip()
     if not reason:
         return '"reason" is empty: leave it out, or say why', transaction
     if len(reason) > MAX_REASON_CHARS:

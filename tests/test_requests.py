@@ -16,6 +16,7 @@ from actor_sdk import wire
 from bridge.core import ScheduleCore
 from bridge.requests import (
     DEFAULT_REASON,
+    OTHER_REASON,
     HoldBook,
     Parsed,
     answer,
@@ -68,7 +69,7 @@ def test_garbage_gets_an_error_with_the_transaction_when_one_was_readable(
 def test_requests_are_read_with_their_transaction_as_sent() -> None:
     parsed = parse_request("hold", b'{"transaction": {"id": 7, "by": "me"}, "type": "SET.POWER"}')
     assert parsed == Parsed("hold", {"id": 7, "by": "me"}, "SET.POWER", DEFAULT_REASON)
-    assert parse_request("resync", b"{}") == Parsed("resync", None, None, DEFAULT_REASON)
+    assert parse_request("resync", b"{}") == Parsed("resync", None, None, OTHER_REASON)
     held = parse_request("hold", b'{"reason": "  maintenance  ", "extra": 1}')
     assert held == Parsed("hold", None, None, "maintenance")
 

@@ -20,11 +20,12 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, wire
+from bridge.journal import journal_path
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
 from tests.fixtures.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
 from tests.fixtures.broker import Broker
 from tests.fixtures.nats import NatsNode
-from tests.fixtures.processes import free_port
+from tests.fixtures.processes import free_port, wait_until
 from tests.fixtures.sdk import ActorLog
 from tests.test_metrics import scrape
 
@@ -295,6 +296,31 @@ def test_a_hold_works_without_the_cloud_and_survives_a_restart(
     assert code == 0, output
     free = snapshot_of(tap, "KEEP", lambda s: not s.held)
     assert [d.id for d in free.running] == [dispatch_id]
+    # The audit journal has both, across the restart; not the refused release.
+    journal = journal_path(bridge.state_dir)
+
+    def requests() -> list[tuple[str, str | None, int]] | None:
+        lines = journal.read_text().splitlines() if journal.exists() else []
+        found = [json.loads(line) for line in lines if '"source":"request"' in line]
+        entries = [(e["event"], e["type"], e["session"]) for e in found]
+        return entries if len(entries) >= 2 else None
+
+    assert wait_until(requests, 10, "the journal's hold and release") == [
+        ("held", None, first.session),
+        ("released", None, restarted.session),
+    ]
+    audit = subprocess.run(
+        [*dispatch_bridge_command(), "audit", "--state-dir", str(bridge.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert audit.returncode == 0, audit.stderr
+    assert [line.split()[1:3] for line in audit.stdout.splitlines() if " request " in line] == [
+        ["request", "held"],
+        ["request", "released"],
+    ]
 
 
 def test_requests_over_mqtt_311_on_nats(
