@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from frequenz.channels import BroadcastChannel, Receiver, Sender
+from frequenz.channels import BroadcastChannel, Receiver, Sender, SenderError
 
 from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
 from actor_sdk._dispatch import Dispatch
@@ -192,7 +192,15 @@ class ActorSet:
                         )
                         slot.dispatch = dispatch
                         self._record("updated", dispatch, None)
-                        await slot.sender.send(DispatchInfo.from_dispatch(dispatch))
+                        try:
+                            await slot.sender.send(DispatchInfo.from_dispatch(dispatch))
+                        except SenderError:  # the actor dropped its receiver of updates
+                            _logger.warning(
+                                "the actor of type %r (dispatch %s) does not keep its "
+                                "receiver of updates: it runs on with its first parameters",
+                                self.name,
+                                int(dispatch.id),
+                            )
                 case StartActor(key=key, dispatch=dispatch):
                     self._start(key, dispatch)
 
