@@ -28,7 +28,14 @@ from tests.fixtures.processes import (
     async_wait_until,
     wait_until,
 )
-from tests.fixtures.sdk import SDK_TEST_TYPE, ActorLog, ScriptedBridge, managing, wire_dispatch
+from tests.fixtures.sdk import (
+    SDK_TEST_TYPE,
+    ActorLog,
+    ScriptedBridge,
+    TcpProxy,
+    managing,
+    wire_dispatch,
+)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -416,3 +423,33 @@ async def test_a_type_no_longer_managed_leaves_the_status(
         assert left.state == "idle"
     # A clean stop says offline itself (no will: the connection closed cleanly).
     await status_when(mqtt_broker_session, topic, lambda s: s.state == "offline")
+
+
+async def test_a_status_stuck_on_a_dead_link_never_delays_a_stop_and_is_told_after_it(
+    scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
+) -> None:
+    await scripted_bridge.status("online")
+    topic = wire.actor_status_topic(scripted_bridge.microgrid_id, "edge-cut")
+    now = datetime.now(UTC)
+    ending = wire_dispatch(
+        1, SDK_TEST_TYPE, start=now - timedelta(seconds=10), until=now + timedelta(seconds=1.5)
+    )
+    staying = wire_dispatch(2, SDK_TEST_TYPE, duration=600)
+    log = ActorLog()
+    url = broker_proxy.url(mqtt_broker_session)
+    async with managing(scripted_bridge, log, url, keepalive=2, actor_id="edge-cut"):
+        await scripted_bridge.running(SDK_TEST_TYPE, [ending, staying])
+        await log.wait_count("start", 2)
+        both = await status_when(mqtt_broker_session, topic, lambda s: s.state == "running")
+        assert both.types[SDK_TEST_TYPE].dispatches == (1, 2)
+        # A silent partition: the status publish of the stop gets no answer...
+        broker_proxy.partition()
+        stop = await log.wait_count("stop", 1, within=5)
+        # ...and the fail-safe stop is on time all the same (the promise is 100 ms).
+        assert ending.until is not None
+        assert (stop.wall - ending.until).total_seconds() <= 0.25
+        # The broker sees the dead link and tells the will; once healed, the truth.
+        await status_when(mqtt_broker_session, topic, lambda s: s.state == "offline")
+        broker_proxy.heal()
+        after = await status_when(mqtt_broker_session, topic, lambda s: s.state == "running")
+        assert after.types[SDK_TEST_TYPE].dispatches == (2,)
