@@ -37,7 +37,8 @@ class Terminal:
     """One command in a detached tmux session of its own tmux server."""
 
     def __init__(self, command: list[str], directory: Path, width: int = 150, height: int = 48):
-        self.socket = f"watch-test-{uuid.uuid4().hex[:10]}"
+        # The server's socket in the test's directory: nothing is left in /tmp/tmux-*.
+        self.socket = str(directory / f"tmux-{uuid.uuid4().hex[:8]}.sock")
         config = directory / "tmux.conf"
         # Keep the pane once the command exits, to read its last screen.
         config.write_text("set -g remain-on-exit on\n")
@@ -52,7 +53,7 @@ class Terminal:
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run(
-            ["tmux", "-L", self.socket, *args],
+            ["tmux", "-S", self.socket, *args],
             capture_output=True,
             text=True,
             check=True,
@@ -97,7 +98,7 @@ class Terminal:
 
     def close(self) -> None:
         """End the tmux server of this terminal (and the command in it)."""
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, check=False)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, check=False)
 
 
 @pytest.fixture
