@@ -23,9 +23,7 @@ from typing import Any, TextIO
 import msgspec
 
 from actor_sdk.journal import CorruptLine, journal_files, read_journal
-from bridge.config import ConfigError, SettingsSource
-from bridge.journal import journal_path
-from bridge.run_command import DEFAULT_STATE_DIR
+from bridge.config import DEFAULT_STATE_DIR, ConfigError, SettingsSource, journal_path
 
 __all__ = ["add_arguments", "describe", "parse_since", "run"]
 

@@ -22,6 +22,21 @@ from actor_sdk.mqtt import BrokerSettings, parse_broker_url, read_secret_file
 
 _T = TypeVar("_T")
 
+DEFAULT_STATE_DIR = "/var/lib/dispatch-bridge"
+"""Where the bridge keeps its cache, session counter, holds and journal unless told."""
+
+
+def journal_path(state_dir: Path) -> Path:
+    """The audit journal of a state directory (`bridge.journal` writes it).
+
+    Args:
+        state_dir: The bridge's state directory.
+
+    Returns:
+        `<state_dir>/journal/journal.jsonl`.
+    """
+    return state_dir / "journal" / "journal.jsonl"
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message says which and why."""

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from actor_sdk import wire
 from actor_sdk.journal import DEFAULT_FILES, DEFAULT_MAX_BYTES, JournalWriter, format_time
-from bridge.config import SettingsSource
+from bridge.config import SettingsSource, journal_path
 from bridge.core import Outbox
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
@@ -61,7 +61,6 @@ __all__ = [
     "JournalSettings",
     "add_arguments",
     "changed_fields",
-    "journal_path",
     "load_settings",
     "start",
 ]
@@ -75,18 +74,6 @@ _SLICE = 200
 
 _COMPUTED = frozenset({"running", "until", "next_run", "update_time"})
 """Fields that are not a change of the dispatch itself."""
-
-
-def journal_path(state_dir: Path) -> Path:
-    """The journal file of a state directory.
-
-    Args:
-        state_dir: The bridge's state directory.
-
-    Returns:
-        `<state_dir>/journal/journal.jsonl`.
-    """
-    return state_dir / "journal" / "journal.jsonl"
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,13 @@ from actor_sdk import wire
 from actor_sdk.mqtt import Backoff, BrokerSettings
 from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
-from bridge.config import ConfigError, SettingsSource, load_broker, parse_text
+from bridge.config import (
+    DEFAULT_STATE_DIR,
+    ConfigError,
+    SettingsSource,
+    load_broker,
+    parse_text,
+)
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
@@ -60,7 +66,6 @@ __all__ = ["BridgeSettings", "add_arguments", "load_settings", "run"]
 
 _logger = logging.getLogger("bridge")
 
-DEFAULT_STATE_DIR = "/var/lib/dispatch-bridge"
 
 DEFAULT_STATUS_INTERVAL = 5
 """Seconds between status republishes; at most the MQTT keepalive."""

@@ -21,7 +21,7 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import Dispatcher, wire
 from actor_sdk.journal import journal_files, payload_digest, read_journal
-from bridge.journal import journal_path
+from bridge.config import journal_path
 from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
 from tests.fixtures.bridge import BridgeFactory, retained_snapshot
 from tests.fixtures.broker import Broker
