@@ -146,7 +146,7 @@ def release_actor_id(actor_id: str) -> None:
         del _claimed[actor_id]
 
 
-async def within(work: Coroutine[Any, Any, object], seconds: float = PUBLISH_TIMEOUT_S) -> bool:
+async def within(work: Coroutine[Any, Any, object], seconds: float | None = None) -> bool:
     """Run `work` for at most `seconds`; return whether it finished without an error.
 
     The work runs in a task of its own and is cancelled when late: unlike
@@ -155,14 +155,16 @@ async def within(work: Coroutine[Any, Any, object], seconds: float = PUBLISH_TIM
 
     Args:
         work: The coroutine.
-        seconds: The longest wait.
+        seconds: The longest wait; None for `PUBLISH_TIMEOUT_S`.
 
     Returns:
         True when it finished in time without raising.
     """
     task = asyncio.ensure_future(work)
     try:
-        done, _ = await asyncio.wait({task}, timeout=seconds)
+        done, _ = await asyncio.wait(
+            {task}, timeout=PUBLISH_TIMEOUT_S if seconds is None else seconds
+        )
     finally:
         task.cancel()
     if not done or task.cancelled() or task.exception() is not None:
@@ -263,6 +265,7 @@ class StatusPublisher:
         *,
         clock: Callable[[], datetime],
         who: str,
+        in_sync: Callable[[], bool] = lambda: True,
     ) -> None:
         """Create a publisher; nothing is sent before `run`.
 
@@ -271,6 +274,8 @@ class StatusPublisher:
             actors: Returns the actors of each managed type.
             clock: The wall clock (UTC).
             who: The broker user and client id, for the log line of a refusal.
+            in_sync: Whether the connection's retained messages were all received
+                (before that, a missing echo proves nothing).
         """
         self.topic = topic
         self._actors = actors
@@ -284,6 +289,7 @@ class StatusPublisher:
         self._echo: asyncio.Event = asyncio.Event()
         self._awaited: bytes | None = None
         self._complained = False
+        self._in_sync = in_sync
 
     def will(self) -> aiomqtt.Will:
         """Return the will of a new connection: `offline`, retained.
@@ -349,9 +355,11 @@ class StatusPublisher:
                 await self._expect_echo()
 
     async def _expect_echo(self) -> None:
-        if not await within(self._echo.wait()):
+        while not await within(self._echo.wait()):
             if self._client is None:
                 return  # the connection went: no conclusion
+            if not self._in_sync():
+                continue  # the echo may wait behind a burst of retained messages
             self._complained = True
             _logger.warning(
                 "the broker did not store this actor host's status on %s (its ACL does "

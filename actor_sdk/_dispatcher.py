@@ -158,6 +158,7 @@ class Dispatcher(BackgroundService):
             lambda: self._reconciler.managed,
             clock=clock,
             who=f"user {self._settings.username!r} with client id {self.actor_id!r}",
+            in_sync=lambda: self._view.in_sync,
         )
         self._link = BrokerLink(
             self._settings,

@@ -17,6 +17,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, manage, wire
+from actor_sdk import _actor_status as actor_status
 from actor_sdk._actor_status import StatusBoard, default_actor_id, release_actor_id
 from tests.fixtures import broker as fixtures_broker
 from tests.fixtures.api_server import ApiServerHandle
@@ -453,3 +454,43 @@ async def test_a_status_stuck_on_a_dead_link_never_delays_a_stop_and_is_told_aft
         broker_proxy.heal()
         after = await status_when(mqtt_broker_session, topic, lambda s: s.state == "running")
         assert after.types[SDK_TEST_TYPE].dispatches == (2,)
+
+
+class _Client:
+    """Stands in for a connected aiomqtt client: every publish is acknowledged."""
+
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    async def publish(self, topic: str, payload: bytes, **_: object) -> None:
+        self.published.append(payload)
+
+
+async def test_a_missing_echo_is_concluded_only_once_the_retained_burst_is_over(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(actor_status, "PUBLISH_TIMEOUT_S", 0.05)
+    in_sync = False
+    publisher = actor_status.StatusPublisher(
+        "microgrid/1/actors/x",
+        dict,
+        clock=lambda: T0,
+        who="user 'actor' with client id 'x'",
+        in_sync=lambda: in_sync,
+    )
+    client = _Client()
+    running = asyncio.create_task(publisher.run())
+    try:
+        publisher.connected(client)  # type: ignore[arg-type]
+        await async_wait_until(lambda: client.published, 5, "a publish")
+        await asyncio.sleep(0.3)  # six echo timeouts while retained messages still come
+        assert "did not store" not in caplog.text
+        in_sync = True
+        await async_wait_until(lambda: "did not store" in caplog.text, 5, "the warning")
+        publisher.echo(client.published[-1])  # too late: it was concluded
+        publisher.changed()
+        publisher.connected(client)  # type: ignore[arg-type]
+        await async_wait_until(lambda: len(client.published) >= 2, 5, "a second publish")
+    finally:
+        running.cancel()
+    assert caplog.text.count("did not store") == 1
