@@ -46,13 +46,7 @@ from actor_sdk import wire
 from actor_sdk.mqtt import Backoff, BrokerSettings
 from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
-from bridge.config import (
-    DEFAULT_STATE_DIR,
-    ConfigError,
-    SettingsSource,
-    load_broker,
-    parse_text,
-)
+from bridge.config import DEFAULT_STATE_DIR, ConfigError, SettingsSource, load_broker, parse_text
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
