@@ -322,6 +322,9 @@ def _running_lines(
         f"({relative(snapshot.next_change, now)})"
     )
     lines = _wrap([f"{title}: {len(snapshot.running)} running", change], width)
+    if snapshot.held:
+        reason = printable(snapshot.hold_reason or "no reason given", max(width - 40, 16))
+        lines.append(f"  HELD by the site ({reason}): nothing runs until released")
     for dispatch in snapshot.running:
         flags = " dry-run" if dispatch.dry_run else ""
         lines.extend(

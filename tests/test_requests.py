@@ -24,6 +24,8 @@ from bridge.requests import (
     encode_hold_file,
     parse_request,
 )
+from bridge.watch_state import WatchState
+from bridge.watch_text import render
 from tests.fixtures.wire_examples import T0, contract_example
 
 LAYOUT = wire.TopicLayout.for_microgrid(3)
@@ -201,3 +203,16 @@ def test_request_topics_never_meet_the_topics_of_a_type_called_request() -> None
             assert LAYOUT.parse(LAYOUT.dispatch(dispatch_type, 5)).dispatch_type == dispatch_type
     with pytest.raises(wire.WireError):
         LAYOUT.parse(f"{LAYOUT.root}/request/other")
+
+
+def test_watch_shows_a_held_type_and_why() -> None:
+    state = WatchState(LAYOUT)
+    core = ScheduleCore(3, LAYOUT)
+    core.load([running_now(1, "A")], T0 + timedelta(minutes=1))
+    core.holds.hold("A", "inverter maintenance", T0)
+    for topic, value in core.refresh(["A"], T0 + timedelta(minutes=2)).retained.items():
+        assert isinstance(value, wire.RunningSnapshot)
+        state.apply(topic, wire.encode(value), T0)
+    text = "\n".join(render(state, now=T0 + timedelta(minutes=2), width=100))
+    assert "A: 0 running" in text
+    assert "HELD by the site (inverter maintenance): nothing runs until released" in text
