@@ -23,8 +23,12 @@ Figures:
 * memory held per dispatch in this process (tracemalloc), converting the API's
   protobufs: ours into the schedule core, the reference into the dict of
   `frequenz.dispatch.Dispatch` its scheduler keeps;
-* full republish after a broker restart (clean stop, same persistence): from the
-  broker accepting connections until a new subscriber got every topic again live;
+* republish after a broker restart that kept its state (clean stop, same
+  persistence): from the broker accepting connections until the bridge read the
+  tree back and every running topic came again live, and how many dispatch
+  topics it sent again (those the broker did not hold as the bridge does);
+* full republish after a broker restart without its state (persistence
+  deleted): until a new subscriber got every topic again live;
 * CPU of the bridge per scheduled transition (minutely rules make some every
   second), idle cost included;
 * a new subscriber sees every retained topic: a raw MQTT client; the actor SDK's
@@ -43,6 +47,7 @@ import asyncio
 import gc
 import logging
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -76,6 +81,8 @@ MG = 1
 IDLE_MG = 9
 TYPES = 50
 PUBLISH_BUDGET_S = 10.0
+KEPT_STATE_BUDGET_S = 3.0
+"""#13: the republish after a broker restart that kept its state."""
 MEMORY_BUDGET = 1000.0
 SUBSCRIBER_BUDGET_S = 1.0
 REFERENCE_INIT_MAX = 10_000
@@ -439,18 +446,38 @@ def _subscribers(
 
 
 def _republish(
-    stack: Stack, table: Table, broker: Mosquitto, bridge: Bridge, expected: int
+    stack: Stack, table: Table, broker: Mosquitto, bridge: Bridge, *, expected: int, types: int
 ) -> None:
-    """Restart the broker cleanly; time until every topic was published again, live."""
-    before = bridge.proc.output().count("republishing")
+    """Restart the broker cleanly, then without its state; time the bridge's republish."""
+    # Kept its state: the running topics go out again, of the dispatch topics only
+    # those the broker does not hold as the bridge does (#13 item 5).
+    before = bridge.proc.output().count("retained tree read back")
     broker.stop()
     broker.start()
     up = time.time()
-    live_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#", "tap-2"), True)
-    bridge.proc.wait_output("republishing", 30, before + 1)
+    running_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/+/running", "tap-2"), True)
+    bridge.proc.wait_output("retained tree read back", 60, before + 1)
+    running_tap.wait_all(types, 60)
+    table.add(
+        "republish after broker restart that kept its state (broker up → read back, every "
+        "running topic live)",
+        time.time() - up,
+        None,
+        "s",
+        f"≤ {KEPT_STATE_BUDGET_S:.0f} s (100k)",
+    )
+    counts = re.findall(r"read back: (\d+) dispatch topics differ", bridge.proc.output())
+    table.add("dispatch topics republished after that restart", float(counts[-1]), None, "")
+    # Without its state (persistence deleted): every topic again.
+    broker.stop()
+    for saved in (stack.workdir / "mosquitto" / "data").glob("*.db"):
+        saved.unlink()
+    broker.start()
+    up = time.time()
+    live_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#", "tap-3"), True)
     last = live_tap.wait_all(expected, 120)
     table.add(
-        "full republish after broker restart (broker up → every topic again)",
+        "full republish after broker restart without its state (broker up → every topic again)",
         last - up,
         None,
         "s",
@@ -472,7 +499,11 @@ def run_size(size: int, with_reference: bool) -> Table:
         broker, api, bridge = _startup(stack, table, size, expected)
         _cpu_per_transition(table, bridge, 3.0 if size <= 1000 else 6.0)
         _subscribers(table, broker, api, expected, with_reference)
-        _republish(stack, table, broker, bridge, expected)
+        with sqlite3.connect(db) as connection:
+            (types,) = connection.execute(
+                "SELECT COUNT(DISTINCT type) FROM dispatches WHERE microgrid_id = ?", (MG,)
+            ).fetchone()
+        _republish(stack, table, broker, bridge, expected=expected, types=int(types))
     ours = in_process(blobs, reference=False, now=now)
     ref = in_process(blobs, reference=True, now=now) if with_reference else None
     table.add(
