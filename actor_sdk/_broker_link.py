@@ -95,6 +95,8 @@ class BrokerLink:
         """
         self._settings = settings
         self._subscriptions = subscriptions
+        self._client: aiomqtt.Client | None = None
+        self._subscribing: set[asyncio.Task[None]] = set()
         self._probe_topic = probe_topic
         self._reconnect_first = reconnect_first
         self._reconnect_cap = reconnect_cap
@@ -166,6 +168,7 @@ class BrokerLink:
         self, client: aiomqtt.Client, received: ReceivedQueue, handler: LinkHandler
     ) -> None:
         await handler.connected(client)
+        self._client = client
         for subscription in self._subscriptions:
             await client.subscribe(subscription)
         loop = asyncio.get_running_loop()
@@ -200,12 +203,34 @@ class BrokerLink:
                     await self._handle(received.get_nowait(), received, handler)
                 sync_deadline = loop.time() + self._sync_timeout
         finally:
+            self._client = None
             await handler.connected(None)
             probe.cancel()
             if pending is not None:
                 pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await probe
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to one more topic (QoS 1): now when connected, and at every connect.
+
+        It joins the first SUBSCRIBE request (ahead of any later one, such as a
+        barrier's).
+
+        Args:
+            topic: The topic filter.
+        """
+        self._subscriptions[0].append((topic, 1))
+        if self._client is not None:
+            task = asyncio.ensure_future(self._subscribe_now(self._client, topic))
+            self._subscribing.add(task)
+            task.add_done_callback(self._subscribing.discard)
+
+    async def _subscribe_now(self, client: aiomqtt.Client, topic: str) -> None:
+        try:
+            await client.subscribe(topic, qos=1)
+        except aiomqtt.MqttError as error:  # the next connection makes it
+            _logger.info("subscribing to %s failed (%s); made at the next connect", topic, error)
 
     async def _say_farewell(self, client: aiomqtt.Client) -> None:
         if self._farewell is None:

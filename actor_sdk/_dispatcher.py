@@ -160,6 +160,8 @@ class Dispatcher(BackgroundService):
             who=f"user {self._settings.username!r} with client id {self.actor_id!r}",
             in_sync=lambda: self._view.in_sync,
         )
+        self._followed: set[str] = set()
+        """The types whose dispatch topics are subscribed (`_follow`)."""
         self._link = BrokerLink(
             self._settings,
             subscriptions=[
@@ -167,7 +169,6 @@ class Dispatcher(BackgroundService):
                 # the sync ends with it; elsewhere the tree's own counts end it (`_resync`).
                 [
                     (f"{self._layout.root}/+/running", 1),
-                    (f"{self._layout.root}/+/dispatches/+", 1),
                     (f"{self._layout.root}/+/upcoming", 1),
                     (self._status.topic, 1),  # to see that the broker stored ours
                 ],
@@ -186,6 +187,7 @@ class Dispatcher(BackgroundService):
         self._clock = clock
         self._journal = ActorJournal.open(journal, microgrid_id)
         self._view = BridgeView(microgrid_id)
+        self._view.followed = self._followed.__contains__
         self._bridge_clock = BridgeClock()
         self._subscribers = Subscribers(self._view)
         self._upcoming = UpcomingFeeds(
@@ -324,6 +326,7 @@ class Dispatcher(BackgroundService):
             counts=self._reconciler.counts.setdefault(dispatch_type, ActorCounts()),
         )
         _logger.info("managing actors of type %r", dispatch_type)
+        self._follow(dispatch_type)
         await self._reconcile(dispatch_type)
 
     async def stop_managing(self, dispatch_type: str) -> None:
@@ -351,6 +354,7 @@ class Dispatcher(BackgroundService):
         Returns:
             The receiver.
         """
+        self._follow(dispatch_type)
         return self._subscribers.lifecycle_receiver(dispatch_type)
 
     async def new_running_state_event_receiver(
@@ -374,6 +378,7 @@ class Dispatcher(BackgroundService):
         Returns:
             The receiver.
         """
+        self._follow(dispatch_type)
         async with self._reconciler.lock:
             return await self._subscribers.running_state_receiver(
                 dispatch_type, merge_strategy, self._reconciler.effective.get(dispatch_type, {})
@@ -396,6 +401,7 @@ class Dispatcher(BackgroundService):
         Returns:
             The receiver; runs already within the window come at once.
         """
+        self._follow(dispatch_type)  # each run comes with its dispatch
         return self._upcoming.receiver(dispatch_type, within)
 
     # --- the loops ---------------------------------------------------------------
@@ -474,6 +480,15 @@ class Dispatcher(BackgroundService):
         self._status.connected(client)
         if client is not None:
             self._view.begin_sync()
+
+    def _follow(self, dispatch_type: str) -> None:
+        # The dispatch topics of a type, once it is managed (own-clock starts) or has a
+        # receiver (stop messages' context, lifecycle events); retained ones then
+        # arrive like live ones (a lifecycle receiver gets a `Created` for each).
+        if dispatch_type not in self._followed:
+            self._followed.add(dispatch_type)
+            level = f"{self._layout.root}/{wire.encode_type(dispatch_type)}"
+            self._link.subscribe(f"{level}/dispatches/+")
 
     async def quiet(self) -> None:
         """The retained tree is still incomplete after the sync timeout: go on with it."""

@@ -21,13 +21,20 @@ Complete means all of these:
 Without counts (an older bridge, or one not vouching for its tree) the status
 ends the sync, as its coming last does on Mosquitto.
 
+An SDK subscribes to the `dispatches/ID` topics of the types it follows only
+(`followed`), and to every type's running snapshot. The status's count is then
+checked against the sum of the counts of the snapshots that arrived (every
+dispatch topic is counted by the snapshot of its type, so the sum reaches the
+status's count only once every type's snapshot came), and the count and digest
+against the arrived topics in the followed types only.
+
 The counts converge while the bridge publishes: a snapshot may announce a topic a
 moment before the topic itself arrives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 from actor_sdk import wire
@@ -94,6 +101,7 @@ class ResyncTally:
         status: wire.BridgeStatus | None,
         latest: Mapping[str, wire.RunningSnapshot],
         expected: Iterable[str] = (),
+        followed: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Say what the sync still waits for.
 
@@ -101,6 +109,7 @@ class ResyncTally:
             status: The current status (None: none, or unreadable).
             latest: The latest accepted snapshot of each type.
             expected: Types whose snapshot must come again (the last known runs something).
+            followed: Whether the dispatch topics of a type are subscribed; None: all.
 
         Returns:
             One line per gap; empty when the sync is complete.
@@ -110,19 +119,26 @@ class ResyncTally:
         if status is None or status.state != "online" or not status.tree_counts:
             # No counts to go by (a bridge older than them, or not vouching): the
             # status ends the sync, as its coming last does on Mosquitto.
-            return self._mismatches(latest)
-        if self._received != status.dispatches:
+            return self._mismatches(latest, followed)
+        if followed is None:
+            counted, what = self._received, "dispatch topics"
+        else:
+            counted = sum(latest[t].dispatches or 0 for t in self._snapshots if t in latest)
+            what = "dispatch topics counted by the running snapshots"
+        if counted != status.dispatches:
             # The cheap test first: during a large sync it fails for every message but the last.
-            return [
-                f"{self._received} of the {status.dispatches} dispatch topics the status counts"
-            ]
+            return [f"{counted} of the {status.dispatches} {what} the status counts"]
         types = {t for t, tally in self._tallies.items() if len(tally)} | set(expected)
         gaps = [f"the running snapshot of type {t!r}" for t in sorted(types - self._snapshots)]
-        return gaps + self._mismatches(latest)
+        return gaps + self._mismatches(latest, followed)
 
-    def _mismatches(self, latest: Mapping[str, wire.RunningSnapshot]) -> list[str]:
+    def _mismatches(
+        self, latest: Mapping[str, wire.RunningSnapshot], followed: Callable[[str], bool] | None
+    ) -> list[str]:
         gaps = []
         for dispatch_type in sorted(self._snapshots):
+            if followed is not None and not followed(dispatch_type):
+                continue
             snapshot = latest.get(dispatch_type)
             tally = self._tallies.get(dispatch_type, wire.TypeTally())
             if snapshot is not None and not tally.matches(snapshot):

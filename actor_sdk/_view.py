@@ -136,6 +136,8 @@ class BridgeView:
         self._dispatches: dict[str, dict[int, _Held]] = {}
         self._starts: dict[str, dict[int, datetime]] = {}
         """Per type, the `next_run` each held active dispatch was told (own-clock starts)."""
+        self.followed: Callable[[str], bool] | None = None
+        """Whether the dispatch topics of a type are subscribed; None: every type's."""
         self._seen_dispatches: set[tuple[str, int]] = set()
         self.resync = ResyncTally()
         """What arrived of the retained tree since the connect (`missing`)."""
@@ -333,7 +335,7 @@ class BridgeView:
             One line per gap; empty when the sync is complete.
         """
         expected = [t for t, snapshot in self._snapshots.items() if snapshot.running]
-        return self.resync.missing(self.status, self._latest, expected)
+        return self.resync.missing(self.status, self._latest, expected, self.followed)
 
     def end_sync(self, events_for: Callable[[str], bool] = lambda _: True) -> list[DispatchEvent]:
         """Finish a sync: a dispatch whose retained topic did not come back is gone.

@@ -11,6 +11,7 @@ import logging
 import time
 from datetime import timedelta
 
+import msgspec
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
 
@@ -228,7 +229,8 @@ async def test_lifecycle_events_from_the_retained_dispatch_topics(
     scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
 ) -> None:
     await scripted_bridge.status("online")
-    await scripted_bridge.dispatch(wire_dispatch(1, T, running=False))
+    one = wire_dispatch(1, T, running=False)
+    await scripted_bridge.dispatch(one)
     await scripted_bridge.dispatch(wire_dispatch(2, T, running=False))
     await scripted_bridge.dispatch(wire_dispatch(3, "OTHER", running=False))
     async with dispatcher_for(scripted_bridge, broker_proxy.url(mqtt_broker_session)) as dispatcher:
@@ -240,8 +242,9 @@ async def test_lifecycle_events_from_the_retained_dispatch_topics(
         first = [await next_event(), await next_event()]
         assert [(type(e), int(e.dispatch.id)) for e in first] == [(Created, 1), (Created, 2)]
         # Only the computed state changes: no event. The payload changes: Updated.
-        await scripted_bridge.dispatch(wire_dispatch(1, T, running=True))
-        await scripted_bridge.dispatch(wire_dispatch(1, T, payload={"new": True}))
+        # (The same definition: `wire_dispatch` would stamp the update time anew.)
+        await scripted_bridge.dispatch(msgspec.structs.replace(one, running=True))
+        await scripted_bridge.dispatch(msgspec.structs.replace(one, payload={"new": True}))
         updated = await next_event()
         assert isinstance(updated, Updated) and updated.dispatch.payload == {"new": True}
         await scripted_bridge.delete(T, 1)

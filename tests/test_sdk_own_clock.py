@@ -11,10 +11,12 @@ just before the start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiomqtt
 import msgspec
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
@@ -242,6 +244,58 @@ async def test_a_recurring_run_takes_the_following_start_only_from_a_newer_messa
     assert await shell.at(following, heartbeat=True) == [1]
 
 
+def test_a_view_following_some_types_is_in_sync_once_every_types_snapshot_came() -> None:
+    """Dispatch topics of the followed types only; the status counts them all."""
+    view = BridgeView(MG)
+    view.followed = {"A"}.__contains__
+    view.begin_sync()
+    one, two, three = (wire_dispatch(i, "A", running=False) for i in (1, 2, 3))
+    other = wire_dispatch(4, "B", running=False)
+    tally = wire.TypeTally()
+    for dispatch in (one, two, three):
+        tally.put(dispatch.id, dispatch.update_time)
+
+    def snapshot(dispatch_type: str, count: int, digest: str) -> bytes:
+        return wire.encode(
+            wire.RunningSnapshot(
+                microgrid_id=MG,
+                type=dispatch_type,
+                running=(),
+                next_change=None,
+                as_of=NOW,
+                session=1,
+                seq=1,
+                dispatches=count,
+                digest=digest,
+            )
+        )
+
+    status = wire.BridgeStatus(
+        state="online",
+        upstream="connected",
+        synced_at=NOW,
+        session=1,
+        bridge="b",
+        version="1",
+        dispatches=4,
+        tree_counts=True,
+    )
+    view.apply_status(wire.encode(status), retained=True, arrived=NOW)  # NATS: it may come first
+    for dispatch in (one, two, three):
+        view.apply_dispatch("A", dispatch.id, wire.encode(dispatch), events=False)
+    view.apply_running("A", snapshot("A", 3, tally.digest))
+    assert view.missing() == [
+        "3 of the 4 dispatch topics counted by the running snapshots the status counts"
+    ]
+    b_tally = wire.TypeTally()
+    b_tally.put(other.id, other.update_time)
+    view.apply_running("B", snapshot("B", 1, b_tally.digest))  # B's topic never comes
+    assert view.missing() == []
+    # A followed type's topics are still checked against its snapshot.
+    view.apply_dispatch("A", 3, b"", events=False)
+    assert view.missing() != []
+
+
 # --- a scripted bridge on a real Mosquitto ------------------------------------------------
 
 
@@ -379,3 +433,86 @@ async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_
         assert 0 <= end_lateness <= LATENESS_TOLERANCE_S, end_lateness
         bridge_proxy.heal()
         assert [r.kind for r in log.records] == ["start", "stop"]
+
+
+# --- fewer messages (#13 item 4) ----------------------------------------------------------
+
+
+class CountingDispatcher(Dispatcher):
+    """A dispatcher that records the topic of every message it receives."""
+
+    topics: list[str]
+
+    async def message(self, message: aiomqtt.Message, arrived: datetime) -> None:
+        self.topics.append(message.topic.value)
+        await super().message(message, arrived)
+
+
+def per_kind(topics: list[str], root: str) -> dict[str, int]:
+    """Count topics by `<type level>/<kind>` (a dispatch topic as `dispatches/+`)."""
+    counts: dict[str, int] = {}
+    for topic in topics:
+        parts = topic.removeprefix(root + "/").split("/")
+        key = "/".join(parts[:2]) + ("/+" if len(parts) == 3 else "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+async def test_a_managing_sdk_receives_only_its_types_dispatch_topics(
+    api_server: ApiServerHandle, mqtt_broker: Broker, bridge_factory: BridgeFactory
+) -> None:
+    microgrid = 1
+    layout = wire.TopicLayout.for_microgrid(microgrid)
+    bridge = bridge_factory(api_server, mqtt_broker, (microgrid,), start=False)
+    await asyncio.to_thread(bridge.start)
+    await asyncio.to_thread(bridge.wait_synced)
+    log = ActorLog()
+    before: list[str] = []  # what the SDK subscribed to before: every type's topics
+    old_filters = [f"{layout.root}/+/running", f"{layout.root}/+/dispatches/+"]
+    sdk = CountingDispatcher(microgrid_id=microgrid, broker=mqtt_broker.url("actor"))
+    sdk.topics = []
+    async with (
+        asyncio.timeout(60),
+        api_server.client() as client,
+        aiomqtt.Client(**mqtt_broker.client_kwargs("actor")) as old,
+        sdk,
+    ):
+        await old.subscribe([(f, 1) for f in old_filters])
+
+        async def listen() -> None:
+            async for message in old.messages:
+                before.append(message.topic.value)
+
+        listener = asyncio.create_task(listen())
+        await sdk.start_managing("MANAGED", actor_factory=log.factory)
+        start = utcnow().replace(microsecond=0) + timedelta(seconds=3)
+        for dispatch_type in ("MANAGED", "OTHER"):
+            await client.create(
+                microgrid_id=MicrogridId(microgrid),
+                type=dispatch_type,
+                start_time=start,
+                duration=timedelta(seconds=1),
+                target=TargetIds(1),
+                payload={},
+            )
+        # Count from just before the start to after the stop: two transitions each.
+        await asyncio.sleep(max(0.0, (start - utcnow()).total_seconds()) - 0.3)
+        sdk.topics.clear()
+        before.clear()
+        await log.wait_count("stop", 1, within=5)
+
+        def counts() -> tuple[dict[str, int], dict[str, int]]:
+            # Not counted: the bridge's status heartbeat, the SDK's own actor status.
+            ours = [t for t in sdk.topics if t.startswith(f"{layout.root}/")]
+            ours = [t for t in ours if t != layout.status]
+            return per_kind(before, layout.root), per_kind(ours, layout.root)
+
+        # Each type's stop is published at the same instant; wait for all of it.
+        each = {"MANAGED/running": 2, "MANAGED/dispatches/+": 2, "OTHER/running": 2}
+        expected = ({**each, "OTHER/dispatches/+": 2}, each)
+        with contextlib.suppress(AssertionError):
+            await poll(lambda: counts() == expected, within=3)
+        listener.cancel()
+    print(f"per 2 transitions of each type, before and after: {counts()}")
+    assert counts() == expected
