@@ -80,9 +80,13 @@ async def check_updates_and_delete(
         lambda p: bool(p) and wire.decode_running(p).running[0].payload == {"step": 2},
         3,
     )
-    assert wire.decode_dispatch(tap.latest(layout.dispatch("UPD", upd_id)) or b"").payload == {
-        "step": 2
-    }
+    # The snapshot goes out ahead of the dispatch topic (the publisher's two queues).
+    await asyncio.to_thread(
+        tap.wait_latest,
+        layout.dispatch("UPD", upd_id),
+        lambda p: bool(p) and wire.decode_dispatch(p).payload == {"step": 2},
+        3,
+    )
     await client.update(
         microgrid_id=mg, dispatch_id=DispatchId(upd_id), new_fields={"active": False}
     )
