@@ -305,6 +305,8 @@ async def new_subscribers(
     dispatches = expected - TYPES
     started = time.perf_counter()
     sdk = Dispatcher(microgrid_id=MG, broker=broker.url("actor"))
+    for index in range(TYPES):  # it holds the dispatches of the types it follows
+        sdk._follow(f"SCALE_TYPE_{index}")
     sdk.start()
     await sdk.wait_for_initialization()
     view = sdk._view
