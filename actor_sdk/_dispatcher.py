@@ -169,7 +169,6 @@ class Dispatcher(BackgroundService):
                 # the sync ends with it; elsewhere the tree's own counts end it (`_resync`).
                 [
                     (f"{self._layout.root}/+/running", 1),
-                    (f"{self._layout.root}/+/upcoming", 1),
                     (self._status.topic, 1),  # to see that the broker stored ours
                 ],
                 [(self._layout.status, 1)],
@@ -402,6 +401,8 @@ class Dispatcher(BackgroundService):
             The receiver; runs already within the window come at once.
         """
         self._follow(dispatch_type)  # each run comes with its dispatch
+        if not self._upcoming.follows(dispatch_type):
+            self._link.subscribe(self._layout.upcoming(dispatch_type))
         return self._upcoming.receiver(dispatch_type, within)
 
     # --- the loops ---------------------------------------------------------------

@@ -168,6 +168,17 @@ class UpcomingFeeds:
         self._feeds: list[_Feed] = []
         self._wakeup = asyncio.Event()
 
+    def follows(self, dispatch_type: str) -> bool:
+        """Tell whether a receiver of the type was handed out.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            True once `receiver` was called for it.
+        """
+        return any(feed.dispatch_type == dispatch_type for feed in self._feeds)
+
     def receiver(self, dispatch_type: str, within: timedelta) -> Receiver[UpcomingRun]:
         """A new receiver of the type's runs whose start comes within `within`.
 
@@ -192,7 +203,7 @@ class UpcomingFeeds:
         return receiver
 
     async def apply(self, dispatch_type: str, payload: bytes) -> None:
-        """Take the type's retained `upcoming` message (decoded only when followed).
+        """Take the type's `upcoming` message (the `Dispatcher` subscribes followed types).
 
         Args:
             dispatch_type: The type.

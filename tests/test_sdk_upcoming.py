@@ -14,9 +14,9 @@ import pytest
 
 from actor_sdk import Dispatcher, UpcomingRun, wire
 from actor_sdk._upcoming import UpcomingFeeds, UpcomingNotices
-from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, run_dispatch_cli
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
 from tests.fixtures.sdk import utcnow
 
 T0 = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)
@@ -134,6 +134,11 @@ async def test_an_upcoming_receiver_hears_of_a_run_before_its_start(
 ) -> None:
     bridge = bridge_factory(api_server, mqtt_broker, (1,))
     bridge.wait_synced()
+    # A type whose list is retained long before anyone follows it.
+    code, output = await run_dispatch_cli(
+        api_server, "create", "1", "EARLY", "7", "in 30 minutes", "5 minutes"
+    )
+    assert code == 0, output
     async with Dispatcher(microgrid_id=1, broker=mqtt_broker.url("actor")) as dispatcher:
         receiver = dispatcher.new_upcoming_receiver("PREPARE", within=timedelta(seconds=8))
         code, output = await run_dispatch_cli(
@@ -163,3 +168,7 @@ async def test_an_upcoming_receiver_hears_of_a_run_before_its_start(
             True,
         )
         assert utcnow() < run.start
+        # Subscribed when a receiver asks: the retained list of EARLY comes then.
+        early = dispatcher.new_upcoming_receiver("EARLY", within=timedelta(hours=1))
+        ahead = await asyncio.wait_for(early.receive(), 10)
+        assert ahead.start - utcnow() > timedelta(minutes=29) and not ahead.cancelled
