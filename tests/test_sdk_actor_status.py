@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -15,6 +17,8 @@ import msgspec
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actor_sdk import Dispatcher, manage, wire
 from actor_sdk import _actor_status as actor_status
@@ -100,6 +104,36 @@ def test_actor_status_of_a_newer_sdk_decodes() -> None:
 )
 def test_garbage_or_old_actor_status_is_a_wire_error(raw: bytes) -> None:
     with pytest.raises(wire.WireError, match="invalid actor status payload"):
+        wire.decode_actor_status(raw)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([*wire.ActorStatus.__struct_fields__, "types.A", "x"]), value=JSON)
+def test_any_change_of_one_field_decodes_or_is_a_wire_error(field: str, value: object) -> None:
+    document = json.loads(wire.encode_actor_status(_status()))
+    if field.startswith("types."):
+        document["types"][field.removeprefix("types.")] = value
+    else:
+        document[field] = value
+    raw = json.dumps(document).encode()
+    try:
+        status = wire.decode_actor_status(raw)
+    except wire.WireError as error:
+        assert "invalid actor status payload" in str(error)
+        return
+    assert wire.decode_actor_status(wire.encode_actor_status(status)) == status
+
+
+@given(raw=st.binary(max_size=200))
+def test_any_bytes_decode_or_are_a_wire_error(raw: bytes) -> None:
+    with contextlib.suppress(wire.WireError):
         wire.decode_actor_status(raw)
 
 
