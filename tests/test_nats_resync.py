@@ -11,11 +11,13 @@ no longer holds, on NATS's MQTT 3.1.1, and must clear all of them.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiomqtt
 import msgspec
 import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Created, Dispatcher, wire
 from tests.fixtures.api_server import ApiServerHandle
@@ -154,3 +156,50 @@ async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
         emptied = wire.decode_running(retained[layout.running(dispatch_type)])
         assert emptied.running == ()
     assert "stale-topic scan got nothing" not in bridge.output()
+
+
+async def test_an_sdk_is_in_sync_with_a_real_bridge_by_its_counts_on_nats(
+    api_server: ApiServerHandle, nats_server: NatsNode, bridge_factory: BridgeFactory
+) -> None:
+    microgrid_id = new_microgrid_id()
+    bridge = bridge_factory(api_server, nats_server, (microgrid_id,))
+    bridge.wait_synced()
+    async with api_server.client() as client:
+        for n in range(20):
+            await client.create(
+                microgrid_id=MicrogridId(microgrid_id),
+                type=TYPES[n % 2],
+                start_time=datetime.now(UTC) + timedelta(hours=1),
+                duration=timedelta(minutes=5),
+                target=TargetIds(1),
+                payload={"n": n},
+            )
+    layout = bridge.layout(microgrid_id)
+
+    def whole_tree() -> dict[str, bytes] | None:
+        retained = retained_snapshot(nats_server, layout.everything)
+        return retained if sum("/dispatches/" in t for t in retained) == 20 else None
+
+    retained = await asyncio.to_thread(wait_until, whole_tree, 30, "20 dispatch topics")
+    # The tree counts itself: the status, and each type's snapshot with its digest.
+    assert wire.decode_status(retained[layout.status]).tree_counts
+    for dispatch_type in TYPES:
+        tally = wire.TypeTally()
+        for topic, payload in retained.items():
+            if topic.startswith(f"{layout.root}/{wire.encode_type(dispatch_type)}/dispatches/"):
+                held = wire.decode_dispatch(payload)
+                tally.put(held.id, held.update_time)
+        snapshot = wire.decode_running(retained[layout.running(dispatch_type)])
+        assert (snapshot.dispatches, snapshot.digest) == (10, tally.digest)
+    dispatcher = Dispatcher(
+        microgrid_id=microgrid_id,
+        broker=nats_server.url("actor"),
+        sync_timeout=timedelta(seconds=60),
+    )
+    receivers = {t: dispatcher.new_lifecycle_events_receiver(t) for t in TYPES}
+    # Well before the 60 s sync timeout: the sync is ended by the tree's own counts.
+    async with asyncio.timeout(20), dispatcher:
+        assert dispatcher.in_sync
+        for receiver in receivers.values():
+            created = [await receiver.receive() for _ in range(10)]
+            assert all(isinstance(event, Created) for event in created)
