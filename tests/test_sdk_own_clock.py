@@ -109,6 +109,7 @@ class Shell:
         *running: wire.Dispatch,
         next_change: datetime | None = START,
         session: int = 1,
+        held: bool = False,
     ) -> None:
         self.seq += 1
         snapshot = wire.RunningSnapshot(
@@ -119,6 +120,7 @@ class Shell:
             as_of=self.now,
             session=session,
             seq=self.seq,
+            held=held,
         )
         self.view.apply_running(T, wire.encode(snapshot))
 
@@ -187,6 +189,19 @@ async def test_no_own_clock_start_when_the_dispatch_changed_since(
         case _:
             shell.view.apply_dispatch(T, 1, b"", events=False)
     assert await shell.at(START) == []
+
+
+async def test_no_own_clock_start_while_the_site_holds_the_type(shell: Shell) -> None:
+    # A hold (`ROOT/request/hold`) publishes the type's snapshot: nothing runs, no change.
+    shell.snapshot(next_change=None, held=True)
+    assert await shell.at(START) == []
+    # Released before the start, held again after it: that snapshot is newer, it decides.
+    shell.now = START - timedelta(seconds=1)
+    shell.snapshot()
+    assert await shell.at(START, heartbeat=True) == [1]
+    shell.now = START + timedelta(seconds=1)
+    shell.snapshot(next_change=None, held=True)
+    assert await shell.at(shell.now) == []
 
 
 async def test_an_own_clock_run_stops_at_its_end_and_when_the_dispatch_changes(
