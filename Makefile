@@ -20,7 +20,7 @@ demo: $(STAMP)
 # Lint, type-check, then every test (unit, integration, end-to-end).
 test: $(STAMP)
 	bash .ci/ensure-system-packages
-	$(VENV)/bin/ruff check bridge actor_sdk tests bench
-	$(VENV)/bin/ruff format --check bridge actor_sdk tests bench
+	$(VENV)/bin/ruff check bridge actor_sdk testkit tests bench
+	$(VENV)/bin/ruff format --check bridge actor_sdk testkit tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest

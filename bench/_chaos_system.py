@@ -36,12 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._chaos_check import Fault
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeHandle
-from tests.fixtures.broker import Broker, start_broker
-from tests.fixtures.processes import ManagedProcess, ProcessFactory, wait_until
-from tests.fixtures.sdk import TcpProxy
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeHandle
+from testkit.broker import Broker, start_broker
+from testkit.chaos_check import Fault
+from testkit.processes import ManagedProcess, ProcessFactory, wait_until
+from testkit.proxy import TcpProxy
 
 MG = 1
 TYPES = ("CHAOS_A", "CHAOS_B")

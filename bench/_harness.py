@@ -10,7 +10,7 @@ them, SIGTERM then SIGKILL.
   (loopback listener on a free port, persistence, password file with the users
   `bridge`, `actor` and `admin`, the shipped ACL plus `admin` on `#`).
 * `Stack.start_api()`: `dispatch-bridge api` with a key and signing secret and
-  past start times allowed; `populate()` fills its SQLite file in bulk first.
+  past start times allowed; `testkit.populate.populate()` fills its SQLite file in bulk first.
 * `Stack.start_bridge(...)`: `dispatch-bridge run` against both.
 * `Table`: the printed result, one row per figure: ours, the reference, the
   ratio and the budget.
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -484,41 +484,6 @@ def next_second(after: float) -> datetime:
     """The first whole second at least `after` seconds from now."""
     moment = utcnow() + timedelta(seconds=after)
     return moment.replace(microsecond=0) + timedelta(seconds=1)
-
-
-def populate(db_path: Path, microgrid_id: int, requests: Iterable[Any], now: datetime) -> int:
-    """Bulk-insert dispatches into the API server's SQLite file (before it starts).
-
-    Goes through `bridge.api.store.DispatchStore.create`, the servicer's own store
-    call, with the end time the servicer would compute; `synchronous=OFF` for the
-    fill only (the server reopens the file with its own settings).
-
-    Args:
-        db_path: The database file.
-        microgrid_id: The microgrid.
-        requests: `frequenz.client.dispatch` `DispatchCreateRequest`s.
-        now: Their create time.
-
-    Returns:
-        How many were inserted.
-    """
-    from frequenz.api.dispatch.v1 import dispatch_pb2 as pb  # noqa: PLC0415
-
-    from bridge.api.servicer import compute_end_time  # noqa: PLC0415
-    from bridge.api.store import DispatchStore  # noqa: PLC0415
-
-    store = DispatchStore(db_path)
-    store._db.execute("PRAGMA synchronous=OFF")
-    count = 0
-    try:
-        for request in requests:
-            data = request.to_protobuf().dispatch_data
-            end = compute_end_time(pb.Dispatch(data=data))
-            store.create(microgrid_id, data, now, end)
-            count += 1
-    finally:
-        store.close()
-    return count
 
 
 # --- recording actors -----------------------------------------------------------------

@@ -28,10 +28,10 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actor_sdk import wire
-from bench._dispatches import CREATED, dispatch
 from bench._harness import Table, command_line
 from bridge.cache_writer import CacheWriter
 from bridge.store import DispatchCache, atomic_write
+from testkit.dispatches import CREATED, dispatch
 
 _json = msgspec.json.Encoder()
 

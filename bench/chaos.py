@@ -23,8 +23,8 @@ restart that lost its database), undo it after a random time and wait until the
 system is whole again; faults of different parts overlap. When no fault is active
 and `--audit-gap` seconds passed since the last audit, the run pauses its changes
 and faults and checks the retained tree against the API. After the last fault and a
-quiet period it audits once more and checks the actors (see `_chaos_check`), with
-the oracle of `_chaos_oracle` (the client library's own schedule).
+quiet period it audits once more and checks the actors (see `testkit.chaos_check`), with
+the oracle of `testkit.chaos_oracle` (the client library's own schedule).
 
 The run ends with lines a script can read, each at the start of its line:
 `kills survived: N ...`, `partitions survived: N ...`, `violations: N` and
@@ -58,11 +58,11 @@ from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, Recurren
 from frequenz.client.dispatch.types import Dispatch, DispatchId, TargetIds
 
 from actor_sdk import wire
-from bench._chaos_check import Fault, Report, Truth, actor_runs, check, percentile
-from bench._chaos_oracle import running_ids
 from bench._chaos_system import MG, TYPES, System
-from tests.fixtures.bridge import retained_snapshot
-from tests.fixtures.broker import find_mosquitto
+from testkit.bridge import retained_snapshot
+from testkit.broker import find_mosquitto
+from testkit.chaos_check import Fault, Report, Truth, actor_runs, check, percentile
+from testkit.chaos_oracle import running_ids
 
 LAYOUT = wire.TopicLayout.for_microgrid(MG)
 

@@ -4,7 +4,7 @@ Run alone: `.venv/bin/python bench/scale.py` (1k, 10k and 100k; several minutes,
 most of it frequenz-dispatch's `started` over 100k), `--sizes 10000` for one size,
 or `--quick` (1k only, a few seconds).
 
-Per size, a realistic mix (`mix()`): 40 % one-offs ahead (hours to weeks), 15 %
+Per size, a realistic mix (`testkit.populate.mix`): 40 % one-offs ahead (hours to weeks), 15 %
 one-offs that ended days ago, 5 % running now, 40 % recurring (minutely started
 up to 8 hours ago, hourly up to 30 days, daily, weekly with weekdays, monthly
 with month days and yearly up to two years ago; a few with an end count or
@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import gc
 import logging
-import random
 import re
 import sqlite3
 import subprocess
@@ -54,7 +53,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +70,11 @@ from bench._harness import (
     async_wait_until,
     command_line,
     dispatch_bridge,
-    populate,
     progress,
     stop_reference,
     wait_until,
 )
+from testkit.populate import mix, populate
 
 MG = 1
 IDLE_MG = 9
@@ -87,92 +86,6 @@ MEMORY_BUDGET = 1000.0
 SUBSCRIBER_BUDGET_S = 1.0
 REFERENCE_INIT_MAX = 10_000
 """Above this, frequenz-dispatch's initial fetch would take hours (it is quadratic)."""
-
-
-def mix(count: int, now: datetime, seed: int = 8) -> list[Any]:
-    """`count` create requests of the realistic mix (see the module docstring)."""
-    from frequenz.client.common.microgrid import MicrogridId  # noqa: PLC0415
-    from frequenz.client.common.microgrid.electrical_components import (  # noqa: PLC0415
-        ElectricalComponentCategory,
-    )
-    from frequenz.client.dispatch._internal_types import (  # noqa: PLC0415
-        DispatchCreateRequest,
-    )
-    from frequenz.client.dispatch.recurrence import (  # noqa: PLC0415
-        EndCriteria,
-        Frequency,
-        RecurrenceRule,
-        Weekday,
-    )
-    from frequenz.client.dispatch.types import TargetCategories, TargetIds  # noqa: PLC0415
-
-    rng = random.Random(seed)
-    base = now.replace(microsecond=0)
-    requests = []
-    for index in range(count):
-        roll = rng.random()
-        rule = None
-        duration: timedelta | None = timedelta(minutes=15)
-        if roll < 0.40:
-            start = base + timedelta(seconds=rng.randint(3600, 30 * 86400))
-        elif roll < 0.55:
-            start = base - timedelta(seconds=rng.randint(2 * 86400, 60 * 86400))
-            duration = timedelta(hours=1)
-        elif roll < 0.60:
-            start = base - timedelta(seconds=rng.randint(60, 3000))
-            duration = rng.choice([timedelta(hours=1), None])
-        else:
-            frequency = rng.choice(
-                [
-                    Frequency.MINUTELY,
-                    Frequency.HOURLY,
-                    Frequency.DAILY,
-                    Frequency.WEEKLY,
-                    Frequency.MONTHLY,
-                    Frequency.YEARLY,
-                ]
-            )
-            # Ages keep the reference's walk over past occurrences bearable
-            # (a few hundred on average; bench/schedule.py covers the extremes).
-            age = {
-                Frequency.MINUTELY: 8 * 3600,
-                Frequency.HOURLY: 30 * 86400,
-            }.get(frequency, 2 * 365 * 86400)
-            start = base - timedelta(seconds=rng.randint(3600, age))
-            rule = RecurrenceRule(frequency=frequency, interval=rng.choice([1, 1, 2, 3]))
-            duration = {
-                Frequency.MINUTELY: timedelta(seconds=10),
-                Frequency.HOURLY: timedelta(minutes=5),
-            }.get(frequency, timedelta(hours=1))
-            if frequency == Frequency.MINUTELY:
-                rule.interval = 1
-            if frequency == Frequency.WEEKLY:
-                rule.byweekdays = [Weekday.MONDAY, Weekday.THURSDAY]
-            if frequency == Frequency.MONTHLY:
-                rule.bymonthdays = [1, 15, -1]
-            if rng.random() < 0.1:
-                rule.end_criteria = EndCriteria(count=rng.randint(1, 5000))
-            elif rng.random() < 0.1:
-                rule.end_criteria = EndCriteria(until=base + timedelta(days=rng.randint(-30, 300)))
-        target: Any = (
-            TargetIds(*rng.sample(range(1, 200), rng.randint(1, 4)))
-            if rng.random() < 0.8
-            else TargetCategories(ElectricalComponentCategory.BATTERY)
-        )
-        requests.append(
-            DispatchCreateRequest(
-                microgrid_id=MicrogridId(MG),
-                type=f"SCALE_TYPE_{index % TYPES}",
-                start_time=start,
-                duration=duration,
-                target=target,
-                active=rng.random() < 0.95,
-                dry_run=False,
-                payload={"power_w": rng.randint(-10_000, 10_000), "n": index},
-                recurrence=rule,
-            )
-        )
-    return requests
 
 
 class Tap:
@@ -493,7 +406,7 @@ def run_size(size: int, with_reference: bool) -> Table:
     with Stack() as stack:
         db = stack.workdir / "api.sqlite3"
         started = time.perf_counter()
-        populate(db, MG, mix(size, now), now)
+        populate(db, MG, mix(size, now, microgrid_id=MG, types=TYPES), now)
         fill_s = time.perf_counter() - started
         progress(f"filled {size} dispatches in {fill_s:.1f} s")
         expected = expected_topics(db)

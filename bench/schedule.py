@@ -26,8 +26,8 @@ from actor_sdk import wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._dispatches import dispatch
 from bridge import schedule
+from testkit.dispatches import dispatch
 
 NOW = datetime(2026, 11, 28, 6, 34, 25, 500_000, tzinfo=UTC)
 QUERY_BUDGET_US = 10.0

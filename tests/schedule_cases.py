@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from frequenz.client.dispatch import types as client_types
 
 from actor_sdk import wire
-from bench._dispatches import dispatch
+from testkit.dispatches import dispatch
 
 _T = TypeVar("_T")
 

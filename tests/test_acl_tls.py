@@ -29,16 +29,10 @@ import aiomqtt
 import pytest
 
 from actor_sdk import Dispatcher, wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import (
-    SHIPPED_ACL,
-    SHIPPED_CONFIG,
-    Broker,
-    find_mosquitto,
-    write_password_file,
-)
-from tests.fixtures.processes import ManagedProcess, free_port, wait_until
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory
+from testkit.broker import SHIPPED_ACL, SHIPPED_CONFIG, Broker, find_mosquitto, write_password_file
+from testkit.processes import ManagedProcess, free_port, wait_until
 from tests.fixtures.sdk import ActorLog, ScriptedBridge, wire_dispatch
 
 MOSQUITTO_SUB = shutil.which("mosquitto_sub")

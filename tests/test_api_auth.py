@@ -17,7 +17,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from bridge.api.auth import AuthConfig, Authenticator, AuthError, sign
-from tests.fixtures.api_server import (
+from testkit.api_server import (
     TEST_KEY,
     TEST_SECRET,
     ApiServerFactory,

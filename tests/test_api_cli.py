@@ -15,7 +15,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.recurrence import Frequency
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
-from tests.fixtures.api_server import DISPATCH_CLI, ApiServerHandle, run_dispatch_cli
+from testkit.api_server import DISPATCH_CLI, ApiServerHandle, run_dispatch_cli
 
 MICROGRID = 7
 

@@ -33,7 +33,7 @@ from frequenz.client.dispatch.types import (
 )
 
 from bridge.api import create_dispatch
-from tests.fixtures.api_server import ApiServerHandle, raw_stub, signed_metadata
+from testkit.api_server import ApiServerHandle, raw_stub, signed_metadata
 
 _microgrids = itertools.count(1001)
 

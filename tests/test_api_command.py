@@ -12,8 +12,8 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
 
-from tests.fixtures.api_server import dispatch_bridge_command
-from tests.fixtures.processes import ProcessFactory, wait_for_port
+from testkit.api_server import dispatch_bridge_command
+from testkit.processes import ProcessFactory, wait_for_port
 
 _LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 

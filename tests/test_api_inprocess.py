@@ -18,7 +18,7 @@ from frequenz.client.dispatch.types import TargetIds
 
 from bridge.api import ApiServer, AuthConfig, ServerStartError, parse_listen, serve
 from bridge.api.streams import Closing, Overflowed, StreamHub
-from tests.fixtures.api_server import signed_metadata
+from testkit.api_server import signed_metadata
 
 KEY, SECRET = "k", "s"
 BIG_PAYLOAD = {"blob": "x" * 40_000}

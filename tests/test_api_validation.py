@@ -20,7 +20,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.fixtures.api_server import ApiServerFactory, ApiServerHandle, raw_stub, signed_metadata
+from testkit.api_server import ApiServerFactory, ApiServerHandle, raw_stub, signed_metadata
 
 Stub = dispatch_pb2_grpc.MicrogridDispatchServiceStub
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

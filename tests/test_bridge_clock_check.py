@@ -20,9 +20,9 @@ from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
 from bridge.api import AuthConfig, serve
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, TapFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, TapFactory
+from testkit.broker import Broker
 
 LAYOUT = wire.TopicLayout.for_microgrid(1)
 SKEW_S = 20.0

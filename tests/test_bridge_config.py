@@ -11,7 +11,7 @@ from actor_sdk.mqtt import parse_broker_url
 from bridge.cli import build_parser
 from bridge.config import ConfigError, SettingsSource
 from bridge.run_command import BridgeSettings, load_settings
-from tests.fixtures.api_server import dispatch_bridge_command
+from testkit.api_server import dispatch_bridge_command
 
 SECRET = "s3cr3t-Pa55"
 BASE_ENV = {

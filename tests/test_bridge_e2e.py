@@ -21,10 +21,10 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 from actor_sdk import wire
 from bridge import schedule
 from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.api_server import ApiServerHandle, run_dispatch_cli
+from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.broker import Broker
 from tests.fixtures.bridge_flow import running_ids, synced_bridge, wait_flips
-from tests.fixtures.broker import Broker
 
 pytestmark = pytest.mark.slow
 

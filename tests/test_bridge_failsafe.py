@@ -18,11 +18,11 @@ from frequenz.client.dispatch.recurrence import Frequency, RecurrenceRule
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
-from tests.fixtures.broker import Broker, write_password_file
-from tests.fixtures.processes import wait_until
-from tests.fixtures.sdk import TcpProxy
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.broker import Broker, write_password_file
+from testkit.processes import wait_until
+from testkit.proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 

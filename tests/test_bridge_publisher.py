@@ -17,9 +17,9 @@ from actor_sdk import wire
 from actor_sdk.mqtt import Backoff, BrokerSettings, parse_broker_url
 from bridge.publisher import Publisher
 from bridge.store import SessionCounter
-from tests.fixtures.bridge import retained_snapshot
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import async_wait_until, free_port
+from testkit.bridge import retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import async_wait_until, free_port
 from tests.fixtures.wire_examples import contract_example
 
 MICROGRID = 6

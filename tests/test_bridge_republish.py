@@ -17,12 +17,12 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, TapFactory
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, TapFactory
+from testkit.broker import Broker
+from testkit.processes import wait_until
 from tests.fixtures.bridge_flow import synced_bridge
-from tests.fixtures.broker import Broker
 from tests.fixtures.cache import cached_dispatches
-from tests.fixtures.processes import wait_until
 
 MICROGRID = 4
 COUNT = 30

@@ -19,12 +19,12 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import wire
 from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import wait_until
 from tests.fixtures.bridge_flow import running_ids, synced_bridge, wait_flips
-from tests.fixtures.broker import Broker
 from tests.fixtures.cache import cache_path, cached_dispatches
-from tests.fixtures.processes import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from bridge.service import (
     Synced,
     strip_state,
 )
-from tests.fixtures.processes import async_wait_until
+from testkit.processes import async_wait_until
 
 T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 LAYOUT = wire.TopicLayout.for_microgrid(5)

@@ -16,8 +16,8 @@ from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
 from bridge.service import LinkChanged, ScheduleCore, StreamEvent, Synced, UpstreamItem
 from bridge.upstream import Upstream, UpstreamSettings
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.processes import async_wait_until
+from testkit.api_server import ApiServerHandle
+from testkit.processes import async_wait_until
 
 MICROGRID = 21
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

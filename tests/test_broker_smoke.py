@@ -18,8 +18,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from tests.fixtures.broker import SHIPPED_CONFIG, Broker, adapt_config
-from tests.fixtures.processes import wait_until
+from testkit.broker import SHIPPED_CONFIG, Broker, adapt_config
+from testkit.processes import wait_until
 
 MOSQUITTO_SUB = shutil.which("mosquitto_sub")
 needs_mosquitto_sub = pytest.mark.skipif(

@@ -23,11 +23,11 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import wire
 from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerFactory, ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerFactory, ApiServerHandle
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import wait_until
 from tests.fixtures.cache import cache_path, cached_dispatches
-from tests.fixtures.processes import wait_until
 
 pytestmark = pytest.mark.slow
 

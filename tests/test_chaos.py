@@ -26,9 +26,9 @@ import pytest
 from frequenz.client.dispatch.types import Dispatch
 
 from actor_sdk import wire
-from bench._chaos_check import ActorRun, Fault, Truth, actor_runs, check
-from bench._chaos_oracle import running_ids, windows
-from tests.fixtures.broker import find_mosquitto
+from testkit.broker import find_mosquitto
+from testkit.chaos_check import ActorRun, Fault, Truth, actor_runs, check
+from testkit.chaos_oracle import running_ids, windows
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_800_000_000.0  # whole seconds: dispatch starts are whole seconds

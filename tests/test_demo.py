@@ -29,10 +29,10 @@ from selenium.webdriver.common.by import By
 from actor_sdk import wire
 from bridge.demo import adapt_mosquitto_config, find_mosquitto
 from bridge.web import SITE
-from tests.fixtures.api_server import dispatch_bridge_command
-from tests.fixtures.broker import Broker
+from testkit.api_server import dispatch_bridge_command
+from testkit.broker import Broker
+from testkit.processes import ManagedProcess, ProcessFactory, port_accepts, wait_until
 from tests.fixtures.browser import start_chromium
-from tests.fixtures.processes import ManagedProcess, ProcessFactory, port_accepts, wait_until
 
 SAMPLE_TYPES = {"CHARGE_BATTERY", "HEARTBEAT", "LIMIT_PV", "PEAK_SHAVING"}
 LAYOUT = wire.TopicLayout.for_microgrid(1)

@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 
 from bridge.cli import build_parser
 from bridge.config import SettingsSource
-from tests.fixtures.processes import free_port
+from testkit.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -20,9 +20,9 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import (
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import (
     ROLES,
     SHIPPED_CONFIG,
     Broker,
@@ -31,7 +31,7 @@ from tests.fixtures.broker import (
     write_acl,
     write_password_file,
 )
-from tests.fixtures.processes import ManagedProcess, free_port, wait_until
+from testkit.processes import ManagedProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actor_sdk import Dispatcher, wire
-from tests.fixtures.broker import Broker
+from testkit.broker import Broker
 from tests.fixtures.sdk import ActorLog, ScriptedBridge, new_microgrid_id, wire_dispatch
 from tests.test_fuzz_wire import VALID, mutated
 

@@ -19,11 +19,11 @@ import pytest
 
 from actor_sdk import wire
 from bridge.health import HealthCheck
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import ProcessFactory, free_port, wait_until
 from tests.fixtures.cache import cache_path
-from tests.fixtures.processes import ProcessFactory, free_port, wait_until
 
 LAYOUT = wire.TopicLayout.for_microgrid(1)
 AS_OF = datetime(2026, 12, 2, 21, 40, 3, tzinfo=UTC)

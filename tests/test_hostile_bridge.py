@@ -34,15 +34,9 @@ from actor_sdk import wire
 from bridge import schedule
 from bridge.api.validation import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH
 from bridge.service import strip_state
-from tests.fixtures.api_server import ApiServerHandle, raw_stub, signed_metadata
-from tests.fixtures.bridge import (
-    BridgeFactory,
-    BridgeHandle,
-    MqttTap,
-    TapFactory,
-    retained_snapshot,
-)
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, raw_stub, signed_metadata
+from testkit.bridge import BridgeFactory, BridgeHandle, MqttTap, TapFactory, retained_snapshot
+from testkit.broker import Broker
 
 Stub = dispatch_pb2_grpc.MicrogridDispatchServiceStub
 Rule = pb.RecurrenceRule

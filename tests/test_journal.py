@@ -29,7 +29,7 @@ from actor_sdk.journal import (
 from bridge import audit_command
 from bridge.journal import BridgeJournal, changed_fields
 from bridge.service import LinkChanged, MicrogridService, ScheduleCore, StreamEvent, Synced
-from tests.fixtures.processes import async_wait_until, wait_until
+from testkit.processes import async_wait_until, wait_until
 from tests.fixtures.sdk import wire_dispatch
 from tests.test_bridge_service import LAYOUT, T0, FakeSink, dispatch
 

@@ -22,10 +22,10 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 from actor_sdk import Dispatcher, wire
 from actor_sdk.journal import journal_files, payload_digest, read_journal
 from bridge.config import journal_path
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import async_wait_until, wait_until
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import async_wait_until, wait_until
 from tests.fixtures.sdk import ActorLog, utcnow
 
 pytestmark = pytest.mark.slow

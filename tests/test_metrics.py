@@ -22,10 +22,10 @@ from actor_sdk import wire
 from bridge.api import create_dispatch
 from bridge.config import ConfigError, SettingsSource
 from bridge.metrics import BridgeMetrics, MetricsSettings, load_settings
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import free_port, wait_until
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
+from testkit.processes import free_port, wait_until
 
 T0 = datetime(2026, 12, 2, 21, 0, tzinfo=UTC)
 

@@ -21,8 +21,8 @@ from bridge.publisher import Publisher
 from bridge.run_command import add_arguments, load_settings
 from bridge.store import SessionCounter
 from bridge.watch import add_target_arguments, load_target
-from tests.fixtures.broker import find_mosquitto
-from tests.fixtures.processes import ProcessFactory, free_port, wait_for_port
+from testkit.broker import find_mosquitto
+from testkit.processes import ProcessFactory, free_port, wait_for_port
 
 OPENSSL = shutil.which("openssl")
 LAYOUT = wire.TopicLayout.for_microgrid(4)

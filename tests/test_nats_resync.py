@@ -20,10 +20,10 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Created, Dispatcher, wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.processes import wait_until
 from tests.fixtures.nats import NatsNode
-from tests.fixtures.processes import wait_until
 from tests.fixtures.sdk import ScriptedBridge, new_microgrid_id, wire_dispatch
 
 pytestmark = pytest.mark.slow

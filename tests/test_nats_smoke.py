@@ -20,8 +20,8 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
 from tests.fixtures.nats import NatsCluster, NatsNode
 
 pytestmark = pytest.mark.slow

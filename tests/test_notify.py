@@ -22,10 +22,10 @@ import pytest
 from actor_sdk import wire
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.service import MicrogridService, ScheduleCore, Synced
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import async_wait_until, wait_until
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import async_wait_until, wait_until
 from tests.test_bridge_service import FakeSink, dispatch
 
 

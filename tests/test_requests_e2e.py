@@ -21,11 +21,11 @@ from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, wire
 from bridge.journal import journal_path
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
-from tests.fixtures.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command
+from testkit.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
+from testkit.broker import Broker
+from testkit.processes import free_port, wait_until
 from tests.fixtures.nats import NatsNode
-from tests.fixtures.processes import free_port, wait_until
 from tests.fixtures.sdk import ActorLog
 from tests.test_metrics import scrape
 

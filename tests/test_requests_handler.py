@@ -17,7 +17,7 @@ from actor_sdk import mqtt, wire
 from bridge.core import ScheduleCore
 from bridge.request_handler import HOLD_FILE, RequestHandler, load_holds
 from bridge.service import LinkChanged, MicrogridService, Synced
-from tests.fixtures.processes import async_wait_until
+from testkit.processes import async_wait_until
 from tests.fixtures.wire_examples import T0
 from tests.test_requests import running_now
 

@@ -8,8 +8,8 @@ import contextlib
 from actor_sdk.mqtt import Backoff
 from bridge.service import LinkChanged
 from bridge.upstream import Upstream, UpstreamSettings
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.processes import async_wait_until
+from testkit.api_server import ApiServerHandle
+from testkit.processes import async_wait_until
 from tests.test_bridge_upstream import MICROGRID, Recorder, create, server_ids, upstream
 
 

@@ -18,12 +18,11 @@ import aiomqtt
 import pytest
 
 from actor_sdk import wire
-from bench._harness import populate
-from bench.scale import mix
 from bridge.service import MicrogridService, ScheduleCore, Synced
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
+from testkit.populate import mix, populate
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,7 +11,7 @@ from frequenz.channels import Receiver
 from actor_sdk import DispatchInfo
 from actor_sdk._actors import ActorSet
 from actor_sdk._dispatch import from_wire
-from tests.fixtures.processes import async_wait_until
+from testkit.processes import async_wait_until
 from tests.fixtures.sdk import wire_dispatch
 
 T0 = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)

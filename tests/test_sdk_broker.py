@@ -28,12 +28,12 @@ from actor_sdk import (
     manage,
     wire,
 )
-from tests.fixtures.broker import Broker
+from testkit.broker import Broker
+from testkit.proxy import TcpProxy
 from tests.fixtures.sdk import (
     ActorLog,
     Record,
     ScriptedBridge,
-    TcpProxy,
     dispatcher_for,
     managing,
     new_microgrid_id,

@@ -37,11 +37,12 @@ from actor_sdk import (
     MergeStrategy,
     Updated,
 )
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, BridgeHandle
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import ProcessFactory
-from tests.fixtures.sdk import ActorLog, TcpProxy
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, BridgeHandle
+from testkit.broker import Broker
+from testkit.processes import ProcessFactory
+from testkit.proxy import TcpProxy
+from tests.fixtures.sdk import ActorLog
 
 pytestmark = pytest.mark.slow
 

@@ -21,13 +21,13 @@ from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk import DispatchActorId, Dispatcher, DispatchInfo, MergeStrategy, wire
 from actor_sdk._dispatch import Dispatch
-from tests.fixtures.broker import Broker
+from testkit.broker import Broker
+from testkit.proxy import TcpProxy
 from tests.fixtures.sdk import (
     SDK_TEST_TYPE,
     ActorLog,
     RecordingActor,
     ScriptedBridge,
-    TcpProxy,
     dispatcher_for,
     managing,
     poll,

@@ -20,10 +20,10 @@ from frequenz.client.dispatch.types import TargetIds
 from frequenz.dispatch import Dispatch as ReferenceDispatch
 
 from actor_sdk import Dispatch, wire
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import ProcessFactory
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
+from testkit.processes import ProcessFactory
 from tests.test_sdk_actor_status import MICROGRID, actor_host, needs_mosquitto_clients, status_when
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actor_sdk import Dispatcher, DispatchInfo, metrics
+from testkit.proxy import TcpProxy
 from tests.fixtures.sdk import (
     SDK_TEST_TYPE,
     ActorLog,
     RecordingActor,
     ScriptedBridge,
-    TcpProxy,
     dispatcher_for,
     managing,
     poll,

@@ -27,14 +27,14 @@ from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._reconciler import Reconciler
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory, TapFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory, TapFactory
+from testkit.broker import Broker
+from testkit.proxy import TcpProxy
 from tests.fixtures.sdk import (
     SDK_TEST_TYPE,
     ActorLog,
     ScriptedBridge,
-    TcpProxy,
     managing,
     poll,
     utcnow,

@@ -15,8 +15,8 @@ import aiomqtt
 import pytest
 
 from actor_sdk import Dispatcher, wire
-from tests.fixtures.broker import find_mosquitto
-from tests.fixtures.processes import ProcessFactory, free_port, wait_for_port
+from testkit.broker import find_mosquitto
+from testkit.processes import ProcessFactory, free_port, wait_for_port
 from tests.fixtures.sdk import ActorLog, utcnow, wire_dispatch
 
 OPENSSL = shutil.which("openssl")

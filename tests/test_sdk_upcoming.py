@@ -14,9 +14,9 @@ import pytest
 
 from actor_sdk import Dispatcher, UpcomingRun, wire
 from actor_sdk._upcoming import UpcomingFeeds, UpcomingNotices
-from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, run_dispatch_cli
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
 from tests.fixtures.sdk import utcnow
 
 T0 = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)

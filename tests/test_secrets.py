@@ -23,10 +23,10 @@ from urllib.parse import quote
 import pytest
 from frequenz.client.dispatch.types import TargetIds
 
-from tests.fixtures.api_server import ApiServerFactory, dispatch_bridge_command
-from tests.fixtures.bridge import BridgeFactory, BridgeHandle
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import ManagedProcess, ProcessFactory, wait_until
+from testkit.api_server import ApiServerFactory, dispatch_bridge_command
+from testkit.bridge import BridgeFactory, BridgeHandle
+from testkit.broker import Broker
+from testkit.processes import ManagedProcess, ProcessFactory, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SDK_HOST = REPO / "bench" / "_chaos_sdk.py"

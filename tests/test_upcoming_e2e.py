@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory, TapFactory, retained_snapshot
-from tests.fixtures.broker import Broker
+from testkit.api_server import ApiServerHandle, run_dispatch_cli
+from testkit.bridge import BridgeFactory, TapFactory, retained_snapshot
+from testkit.broker import Broker
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,10 @@ from bridge.cli import build_parser
 from bridge.watch import load_settings
 from bridge.watch_state import WatchState
 from bridge.watch_text import format_span, render, runs_within
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command
-from tests.fixtures.bridge import BridgeFactory, retained_snapshot
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import free_port, wait_until
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command
+from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.broker import Broker
+from testkit.processes import free_port, wait_until
 
 NOW = datetime(2026, 11, 28, 7, 3, 20, tzinfo=UTC)
 LAYOUT = wire.TopicLayout.for_microgrid(1)

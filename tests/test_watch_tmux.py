@@ -24,10 +24,10 @@ from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, wire
 from bridge.api import create_dispatch
-from tests.fixtures.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import wait_until
+from testkit.api_server import ApiServerHandle, dispatch_bridge_command, run_dispatch_cli
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
+from testkit.processes import wait_until
 from tests.fixtures.sdk import ActorLog
 
 LAYOUT = wire.TopicLayout.for_microgrid(1)

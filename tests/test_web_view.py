@@ -26,11 +26,11 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from actor_sdk import wire
-from tests.fixtures.api_server import ApiServerHandle, run_dispatch_cli
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import WEB_SITE, Broker
+from testkit.api_server import ApiServerHandle, run_dispatch_cli
+from testkit.bridge import BridgeFactory
+from testkit.broker import WEB_SITE, Broker
+from testkit.processes import wait_until
 from tests.fixtures.browser import start_chromium
-from tests.fixtures.processes import wait_until
 
 pytestmark = pytest.mark.slow
 

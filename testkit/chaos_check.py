@@ -7,7 +7,7 @@ Inputs, all times unix seconds (one clock: everything runs on one machine):
   create/update/delete was acknowledged (None = deleted), plus windows where the
   version is uncertain (a request that failed mid-way, until the next successful
   list told what the API holds). Run windows come from the oracle
-  (`bench/_chaos_oracle.py`, the client library's own schedule), not from the
+  (`testkit/chaos_oracle.py`, the client library's own schedule), not from the
   bridge's `bridge.schedule`;
 * the faults: per fault, what it hit, when it began, when it was undone (process
   restarted, partition healed) and when the system was whole again (restarted part
@@ -44,8 +44,8 @@ from datetime import datetime
 
 from frequenz.client.dispatch.types import Dispatch
 
-from bench._chaos_oracle import Interval, running_ids
-from bench._chaos_oracle import windows as oracle_windows
+from testkit.chaos_oracle import Interval, running_ids
+from testkit.chaos_oracle import windows as oracle_windows
 
 STEP = 0.05
 """Sampling step of the interval checks, seconds."""

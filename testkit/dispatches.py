@@ -1,8 +1,6 @@
 """A wire dispatch built from the fields the schedule reads.
 
-Shared by `bench/schedule.py` and the schedule tests (`tests/schedule_cases.py`). It
-lives on the bench side so that the benchmarks never import the tests; the tests
-already import bench helpers (`bench._harness`, `bench._chaos_check`).
+Shared by `bench/schedule.py` and the schedule tests (`tests/schedule_cases.py`).
 """
 
 from __future__ import annotations
