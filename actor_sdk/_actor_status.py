@@ -45,8 +45,12 @@ _logger = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 5.0
 """How long one status publish (or the echo that proves it stored) may take."""
 
-FAREWELL_TIMEOUT_S = 1.0
-"""How long a clean stop waits for its `offline` status to be acknowledged."""
+LOST_UNCONFIRMED_LIMIT = 2
+"""After this many connections in a row lost before the broker echoed our status, stop.
+
+Mosquitto 2.0 closes a client whose publish a per-user ACL denies: without a limit
+an actor host with an old ACL would reconnect after every status it publishes.
+"""
 
 _MAX_ID = 128
 
@@ -290,6 +294,10 @@ class StatusPublisher:
         self._awaited: bytes | None = None
         self._complained = False
         self._in_sync = in_sync
+        self._unconfirmed = False
+        """A status was published on this connection and its echo has not come."""
+        self._lost_unconfirmed = 0
+        self._given_up = False
 
     def will(self) -> aiomqtt.Will:
         """Return the will of a new connection: `offline`, retained.
@@ -318,6 +326,20 @@ class StatusPublisher:
         Args:
             client: The connected client, or None.
         """
+        if client is None and self._client is not None and self._unconfirmed:
+            self._lost_unconfirmed += 1
+            if self._lost_unconfirmed >= LOST_UNCONFIRMED_LIMIT and not self._given_up:
+                self._given_up = True
+                _logger.warning(
+                    "the broker closed this actor host's connection %d times in a row "
+                    "right after it published its status on %s (its ACL does not let %s "
+                    "write it? Mosquitto closes such clients): no longer publishing it; "
+                    "actors run as usual; see deploy/mosquitto/acl",
+                    self._lost_unconfirmed,
+                    self.topic,
+                    self._who,
+                )
+        self._unconfirmed = False
         self._client = client
         self._sent = None
         self._dirty.set()
@@ -330,6 +352,8 @@ class StatusPublisher:
         """
         if self._awaited is not None and payload == self._awaited:
             self._echo.set()
+            self._unconfirmed = False
+            self._lost_unconfirmed = 0
 
     async def run(self) -> None:
         """Publish each change until cancelled."""
@@ -342,11 +366,14 @@ class StatusPublisher:
                 _logger.exception("making the actor status failed; not publishing it")
                 continue
             client = self._client
-            if client is None or (not changed and self._sent is not None):
+            if self._given_up or client is None or (not changed and self._sent is not None):
                 continue
+            if not self._in_sync():
+                continue  # after the subscriptions and their retained burst: poked then
             payload = wire.encode_actor_status(status)
             self._echo.clear()
             self._awaited = payload
+            self._unconfirmed = True
             if not await within(client.publish(self.topic, payload, qos=1, retain=True)):
                 continue  # the link notices a dead connection itself; `connected` follows
             if client is self._client:
@@ -368,3 +395,4 @@ class StatusPublisher:
                 self.topic,
                 self._who,
             )
+            return
