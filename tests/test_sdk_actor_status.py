@@ -24,24 +24,13 @@ from hypothesis import strategies as st
 from actor_sdk import Dispatcher, manage, wire
 from actor_sdk import _actor_status as actor_status
 from actor_sdk._actor_status import StatusBoard, default_actor_id, release_actor_id
+from testkit.api_server import ApiServerHandle
+from testkit.bridge import BridgeFactory
+from testkit.broker import Broker
+from testkit.processes import ManagedProcess, ProcessFactory, async_wait_until, wait_until
+from testkit.proxy import TcpProxy
 from tests.fixtures import broker as fixtures_broker
-from tests.fixtures.api_server import ApiServerHandle
-from tests.fixtures.bridge import BridgeFactory
-from tests.fixtures.broker import Broker
-from tests.fixtures.processes import (
-    ManagedProcess,
-    ProcessFactory,
-    async_wait_until,
-    wait_until,
-)
-from tests.fixtures.sdk import (
-    SDK_TEST_TYPE,
-    ActorLog,
-    ScriptedBridge,
-    TcpProxy,
-    managing,
-    wire_dispatch,
-)
+from tests.fixtures.sdk import SDK_TEST_TYPE, ActorLog, ScriptedBridge, managing, wire_dispatch
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
