@@ -99,6 +99,7 @@ def own_clock_running(
     *,
     as_of: datetime | None,
     next_change: datetime | None,
+    agrees: bool,
     now: datetime,
 ) -> tuple[Dispatch, ...]:
     """Return what the bridge's snapshot says runs, plus the runs due on the own clock.
@@ -111,7 +112,10 @@ def own_clock_running(
     a snapshot without the dispatch corrects the start); and that snapshot expects a
     change by `T` (`next_change <= T`: the bridge's newest knowledge agrees that
     something starts then; a snapshot made after a change that moved or cancelled
-    the run says otherwise). A reported run that ended before `T` gives way to it.
+    the run says otherwise); and the held dispatch topics of the type are those the
+    snapshot counts (`agrees`: the same count and digest of ids and update times,
+    so no change the snapshot knows of is still on its way). A reported run that
+    ended before `T` gives way to it.
 
     The following start is never computed here: it comes with a newer message.
     Whether a start may be made at all (a live view, a confirmed session), and when
@@ -124,13 +128,15 @@ def own_clock_running(
             each the latest version received.
         as_of: When the latest accepted snapshot of the type was made; None: none.
         next_change: That snapshot's `next_change`.
+        agrees: Whether the held dispatch topics of the type match that snapshot's
+            count and digest.
         now: The current instant on the bridge's clock.
 
     Returns:
         The reported dispatches, then the own-clock runs (`started`, with their `until`).
     """
     running = {dispatch.id: dispatch for dispatch in reported}
-    if as_of is None or next_change is None:
+    if as_of is None or next_change is None or not agrees:
         return tuple(running.values())
     for dispatch in told:
         start = dispatch.next_run

@@ -190,6 +190,7 @@ class Reconciler:
             self._view.told_starts(dispatch_type, moment.bridge_now),
             as_of=as_of,
             next_change=next_change,
+            agrees=self._view.agrees(dispatch_type),
             now=moment.bridge_now,
         )
         confirmed = confirmed_running(

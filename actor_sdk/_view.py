@@ -218,6 +218,22 @@ class BridgeView:
         snapshot = self._snapshots.get(dispatch_type)
         return (None, None) if snapshot is None else (snapshot.as_of, snapshot.next_change)
 
+    def agrees(self, dispatch_type: str) -> bool:
+        """Tell whether the held dispatch topics of a type are those its snapshot counts.
+
+        The latest snapshot (since the connect) carries the count and digest of the
+        type's `dispatches/ID` topics as the bridge made it (an older bridge's
+        carries none: taken as agreeing); a change whose topic is still on its way
+        shows as a difference.
+
+        Args:
+            dispatch_type: The type.
+
+        Returns:
+            False when they differ or no snapshot of the type came since the connect.
+        """
+        return self.resync.complete_type(dispatch_type, self._latest.get(dispatch_type))
+
     def told_starts(self, dispatch_type: str, until: datetime) -> list[Dispatch]:
         """Return the held active dispatches of a type told to start at or before `until`.
 

@@ -275,13 +275,16 @@ def own_clock(
     *,
     as_of: datetime | None = NOW,
     next_change: datetime | None = START,
+    agrees: bool = True,
     previous: tuple[int, ...] = (),
     live: bool = True,
     blind_too_long: bool = False,
 ) -> tuple[Dispatch, ...]:
     """What runs: `own_clock_running`, then `confirmed_running`, as the shell does."""
     return confirmed_running(
-        own_clock_running(reported, held, as_of=as_of, next_change=next_change, now=now),
+        own_clock_running(
+            reported, held, as_of=as_of, next_change=next_change, agrees=agrees, now=now
+        ),
         {DispatchId(i) for i in previous},
         now=now,
         live=live,
@@ -338,6 +341,8 @@ def test_no_own_clock_start_when_the_dispatch_changed_since() -> None:
     # The bridge's newer snapshot expects no change at that start (moved or cancelled).
     assert own_clock([], [told(1)], START, next_change=START + timedelta(seconds=1)) == ()
     assert own_clock([], [told(1)], START, next_change=None) == ()
+    # A change the snapshot counts whose topic has not arrived (count or digest differ).
+    assert own_clock([], [told(1)], START, agrees=False) == ()
     # No snapshot of the type: nothing confirms the bridge's view at all.
     assert own_clock([], [told(1)], START, as_of=None) == ()
 
