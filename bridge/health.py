@@ -32,9 +32,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import aiomqtt
-
-from actor_sdk import wire
+from actor_sdk import mqtt, wire
 from actor_sdk.mqtt import BrokerSettings
 from bridge.config import ConfigError
 from bridge.watch import add_target_arguments, broker_client, load_target
@@ -191,14 +189,12 @@ async def check(
         ) as client:
             connected = True
             return await _listen(client, layout, max_wait)
-    except aiomqtt.MqttError as error:
+    except mqtt.MqttError as error:
         what = "broker connection lost" if connected else "broker unreachable"
         return Verdict(False, f"{what}: {target.describe()}: {error}")
 
 
-async def _listen(
-    client: aiomqtt.Client, layout: wire.TopicLayout, max_wait: float | None
-) -> Verdict:
+async def _listen(client: mqtt.Client, layout: wire.TopicLayout, max_wait: float | None) -> Verdict:
     loop = asyncio.get_running_loop()
     await client.subscribe(layout.status, qos=1)
     health = HealthCheck(layout.status, loop.time(), max_wait)

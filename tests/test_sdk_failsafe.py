@@ -400,10 +400,10 @@ async def test_waiting_for_an_unreachable_broker_is_logged_and_times_out_clearly
             assert 0.9 <= time.monotonic() - started < 3
         finally:
             await dispatcher.stop()
-    assert "cannot reach the broker at mqtt://127.0.0.1:1" in str(raised.value)
+    assert "cannot reach the broker at mqtt://actor@127.0.0.1:1" in str(raised.value)
     waits = [
         r.getMessage() for r in caplog.records if "cannot connect to the broker" in r.getMessage()
     ]
     assert len(waits) >= 2, waits
-    assert "mqtt://127.0.0.1:1" in waits[0] and "retrying in" in waits[0]
+    assert "mqtt://actor@127.0.0.1:1" in waits[0] and "retrying in" in waits[0]
     assert "pw" not in caplog.text
