@@ -247,6 +247,13 @@ def test_bench_never_imports_tests() -> None:
     assert offending(python_files("bench"), {"tests"}) == []
 
 
+def test_testkit_imports_neither_tests_nor_bench() -> None:
+    files = python_files("testkit")
+    assert files, "testkit/ is gone: update this test and docs/design.md"
+
+    assert offending(files, {"tests", "bench"}) == []
+
+
 @pytest.mark.parametrize("part", ["bridge", "actor_sdk"])
 def test_no_module_is_over_600_lines(part: str) -> None:
     long = {
