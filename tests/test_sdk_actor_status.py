@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from actor_sdk import Dispatcher, manage, wire
 from actor_sdk import _actor_status as actor_status
 from actor_sdk._actor_status import StatusBoard, default_actor_id, release_actor_id
+from testkit import broker as testkit_broker
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory
 from testkit.broker import Broker
 from testkit.processes import ManagedProcess, ProcessFactory, async_wait_until, wait_until
 from testkit.proxy import TcpProxy
-from tests.fixtures import broker as fixtures_broker
 from tests.fixtures.sdk import SDK_TEST_TYPE, ActorLog, ScriptedBridge, managing, wire_dispatch
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -406,15 +406,13 @@ async def test_a_broker_whose_acl_drops_the_status_is_logged_once_and_actors_run
 ) -> None:
     # A site that upgraded the SDK but kept the ACL of before: no `%c` pattern line.
     # Mosquitto 2.0.11 then closes the connection of a client after a denied publish.
-    # Where `start_broker` reads the ACL (tests.fixtures.broker may re-export it).
-    starting = sys.modules[fixtures_broker.start_broker.__module__]
     old_acl = tmp_path / "old-acl"
-    kept = [line for line in starting.SHIPPED_ACL.read_text().splitlines() if "actors" not in line]
-    old_acl.write_text("\n".join(kept) + "\n")
-    monkeypatch.setattr(starting, "SHIPPED_ACL", old_acl)
+    shipped = testkit_broker.SHIPPED_ACL.read_text().splitlines()
+    old_acl.write_text("\n".join(line for line in shipped if "actors" not in line) + "\n")
+    monkeypatch.setattr(testkit_broker, "SHIPPED_ACL", old_acl)
     monkeypatch.setattr(actor_status, "PUBLISH_TIMEOUT_S", 0.5)
     caplog.set_level(logging.INFO, logger="actor_sdk")
-    broker = fixtures_broker.start_broker(tmp_path / "broker")
+    broker = testkit_broker.start_broker(tmp_path / "broker")
 
     def connections() -> int:
         return caplog.text.count("connected to the broker")
