@@ -148,6 +148,10 @@ async def _main(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(
         microgrid_id=args.microgrid_id,
         broker=broker,
+        # Every host runs this same program on one machine: the default id (host name,
+        # program, microgrid) would be one MQTT client id for all of them, and the
+        # broker would throw each off when the next connects.
+        actor_id=args.host,
         keepalive=args.keepalive,
         max_reconnect_delay=timedelta(seconds=args.max_reconnect_delay),
         clock=clock,

@@ -134,7 +134,8 @@ async def _actor_host(index: int, fd: int, ours: bool, target: str) -> None:
     if ours:
         from actor_sdk import Dispatcher, MergeByType  # noqa: PLC0415
 
-        dispatcher = Dispatcher(microgrid_id=OURS_MG, broker=target)
+        # Forked copies of one program on one host: each needs its own client id.
+        dispatcher = Dispatcher(microgrid_id=OURS_MG, broker=target, actor_id=f"fanout-{index}")
         strategy: Any = MergeByType()
     else:
         from frequenz.dispatch import Dispatcher as RefDispatcher  # noqa: PLC0415
