@@ -135,7 +135,6 @@ class Dispatcher(BackgroundService):
             ValueError: The actor id has a character outside `[A-Za-z0-9_-]`.
         """
         microgrid_id = self._microgrid_id = int(microgrid_id)
-        self.actor_id, self._claimed = choose_actor_id(actor_id, microgrid_id)
         super().__init__(name=f"dispatcher-{microgrid_id}")
         self._settings = BrokerSettings.from_url(
             broker,
@@ -153,6 +152,8 @@ class Dispatcher(BackgroundService):
             from actor_sdk._errors import BrokerUrlError  # noqa: PLC0415
 
             raise BrokerUrlError(str(error)) from None
+        # Claimed last: nothing below raises, so a claimed default is never lost.
+        self.actor_id, self._claimed = choose_actor_id(actor_id, microgrid_id)
         self._status = StatusPublisher(
             wire.actor_status_topic(microgrid_id, self.actor_id),
             lambda: self._reconciler.managed,

@@ -535,3 +535,13 @@ async def test_a_missing_echo_is_concluded_only_once_the_retained_burst_is_over(
     finally:
         running.cancel()
     assert caplog.text.count("did not store") == 1
+
+
+def test_a_dispatcher_refused_for_its_url_keeps_no_default_actor_id() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        Dispatcher(microgrid_id=4, broker="http://localhost:1883")
+    kept = Dispatcher(microgrid_id=4, broker="mqtt://localhost:1883")
+    try:
+        assert kept.actor_id == default_actor_id(4)  # not `-2`
+    finally:
+        release_actor_id(kept.actor_id)
