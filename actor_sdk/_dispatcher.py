@@ -152,7 +152,8 @@ class Dispatcher(BackgroundService):
             from actor_sdk._errors import BrokerUrlError  # noqa: PLC0415
 
             raise BrokerUrlError(str(error)) from None
-        # Claimed last: nothing below raises, so a claimed default is never lost.
+        self._journal = ActorJournal.open(journal, microgrid_id)
+        # Claimed once nothing below can raise, so a claimed default is never lost.
         self.actor_id, self._claimed = choose_actor_id(actor_id, microgrid_id)
         self._status = StatusPublisher(
             wire.actor_status_topic(microgrid_id, self.actor_id),
@@ -185,7 +186,6 @@ class Dispatcher(BackgroundService):
         )
         self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
-        self._journal = ActorJournal.open(journal, microgrid_id)
         self._view = BridgeView(microgrid_id)
         self._view.followed = self._followed.__contains__
         self._bridge_clock = BridgeClock()
