@@ -59,6 +59,7 @@ from frequenz.client.dispatch.types import Dispatch, DispatchId, TargetIds
 
 from actor_sdk import wire
 from bench._chaos_system import MG, TYPES, System
+from bridge import convert
 from testkit.bridge import retained_snapshot
 from testkit.broker import find_mosquitto
 from testkit.chaos_check import Fault, Report, Truth, actor_runs, check, percentile
@@ -256,7 +257,9 @@ def check_retained(
         extra, missing = set(published) - set(held), set(held) - set(published)
         problems.append(f"dispatch topics: stale {sorted(extra)}, missing {sorted(missing)}")
     for dispatch_id in set(published) & set(held):
-        if _definition(published[dispatch_id]) != _definition(wire.from_client(held[dispatch_id])):
+        if _definition(published[dispatch_id]) != _definition(
+            convert.from_client(held[dispatch_id])
+        ):
             problems.append(f"dispatch {dispatch_id}: published definition differs from the API")
     for dispatch_type in TYPES:
         of_type = [d for d in held.values() if d.type == dispatch_type]

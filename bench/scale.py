@@ -151,7 +151,7 @@ def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, 
     from frequenz.client.dispatch.types import Dispatch as ClientDispatch  # noqa: PLC0415
 
     from actor_sdk import wire  # noqa: PLC0415
-    from bridge import schedule  # noqa: PLC0415
+    from bridge import convert, schedule  # noqa: PLC0415
     from bridge.service import ScheduleCore  # noqa: PLC0415
 
     def client(blob: bytes) -> ClientDispatch:
@@ -171,7 +171,7 @@ def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, 
             held[dispatch.id] = dispatch
     else:
         held = ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG))
-        held.load([wire.from_client(client(blob)) for blob in blobs], now)
+        held.load([convert.from_client(client(blob)) for blob in blobs], now)
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()

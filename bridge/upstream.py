@@ -24,7 +24,7 @@ ends the stream cleanly; the bridge must know when the subscription is live
 client still provides the channel, authentication and signing. The list,
 too, calls the stub (pages of `page_size`, 5000 by default, under gRPC's 4 MB
 message limit at the usual payload sizes) and converts each protobuf straight
-into `wire.Dispatch` with `wire.from_protobuf`: `client.list()` builds the
+into `wire.Dispatch` with `convert.from_protobuf`: `client.list()` builds the
 client's dataclasses first, most of a 100k sync's time.
 
 A dispatch that cannot be converted (an unknown enum value from a newer
@@ -64,6 +64,7 @@ from frequenz.client.dispatch import DispatchApiClient
 
 from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
+from bridge import convert
 from bridge.service import (
     DeletedById,
     EventKind,
@@ -286,7 +287,7 @@ class Upstream:
                 )
                 continue
             try:
-                dispatch = wire.from_protobuf(message.dispatch)
+                dispatch = convert.from_protobuf(message.dispatch)
             except Exception as error:  # a malformed event must not end the stream
                 if kind != "deleted":
                     self._note_skipped({dispatch_id: f"{type(error).__name__}: {error}"})
@@ -399,7 +400,7 @@ class Upstream:
             response = await client.stub.ListMicrogridDispatches(request, timeout=30.0)
             for pb in response.dispatches:
                 try:
-                    listed.append(wire.from_protobuf(pb))
+                    listed.append(convert.from_protobuf(pb))
                 except Exception as error:
                     unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
             token = response.pagination_info.next_page_token

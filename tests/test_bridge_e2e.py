@@ -19,7 +19,7 @@ from frequenz.client.dispatch.recurrence import Frequency, RecurrenceRule
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import wire
-from bridge import schedule
+from bridge import convert, schedule
 from bridge.service import strip_state
 from testkit.api_server import ApiServerHandle, run_dispatch_cli
 from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
@@ -198,7 +198,7 @@ async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
         topic = layout.dispatch("ONE_OFF", one_id)
         payload = await asyncio.to_thread(tap.wait_latest, topic, bool)
         published = wire.decode_dispatch(payload)
-        assert strip_state(published) == wire.from_client(one_off)
+        assert strip_state(published) == convert.from_client(one_off)
         assert (published.running, published.until, published.next_run) == (
             False,
             None,
@@ -223,7 +223,7 @@ async def test_dispatches_flow_from_the_api_to_retained_topics_on_time(
         assert snapshot.microgrid_id == MICROGRID and snapshot.type == "ONE_OFF"
 
         # The recurring one starts and stops twice, on time.
-        rec = wire.from_client(recurring)
+        rec = convert.from_client(recurring)
         first = rec.start_time
         expected = [
             (first, True),

@@ -18,6 +18,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import DispatchId, TargetIds
 
 from actor_sdk import wire
+from bridge import convert
 from bridge.service import strip_state
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
@@ -173,7 +174,7 @@ async def test_broker_killed_and_rolled_back_gets_every_retained_topic_right_aga
         mqtt_broker.kill9()
         killed = time.monotonic()
         mqtt_broker.start()
-        truth = {int(d.id): wire.from_client(d) async for d in _all(client, mg)}
+        truth = {int(d.id): convert.from_client(d) async for d in _all(client, mg)}
 
     expected_dispatch_topics = {layout.dispatch(d.type, i) for i, d in truth.items()}
     assert {keep_a, keep_b, int(new.id)} == set(truth)

@@ -26,6 +26,7 @@ import pytest
 from frequenz.client.dispatch.types import Dispatch
 
 from actor_sdk import wire
+from bridge import convert
 from testkit.broker import find_mosquitto
 from testkit.chaos_check import ActorRun, Fault, Truth, actor_runs, check
 from testkit.chaos_oracle import running_ids, windows
@@ -181,7 +182,7 @@ def test_oracle_windows_come_from_the_client_library() -> None:
     assert windows(recurring, T0 + 72, T0 + 131) == [(T0 + 72, T0 + 75), (T0 + 130, T0 + 131)]
     assert running_ids([one_off(1, 10, 5), recurring], T0 + 12) == [1, 2]
     assert running_ids([one_off(1, 10, 5), recurring], T0 + 16) == []
-    inactive = wire.to_client(msgspec.structs.replace(wire.from_client(recurring), active=False))
+    inactive = wire.to_client(msgspec.structs.replace(convert.from_client(recurring), active=False))
     assert windows(inactive, T0, T0 + 200) == []
 
 

@@ -31,7 +31,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from actor_sdk import wire
-from bridge import schedule
+from bridge import convert, schedule
 from bridge.api.validation import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH
 from bridge.service import strip_state
 from testkit.api_server import ApiServerHandle, raw_stub, signed_metadata
@@ -199,7 +199,7 @@ async def api_truth(api: ApiServerHandle) -> dict[int, wire.Dispatch]:
     async with api.client() as client:
         async for page in client.list(MicrogridId(MG)):
             for dispatch in page:
-                found[int(dispatch.id)] = wire.from_client(dispatch)
+                found[int(dispatch.id)] = convert.from_client(dispatch)
     return found
 
 

@@ -32,8 +32,7 @@ from frequenz.api.dispatch.v1 import dispatch_pb2 as pb
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 from frequenz.client.dispatch.types import Dispatch as ClientDispatch
 
-from actor_sdk import wire
-from bridge import schedule
+from bridge import convert, schedule
 from bridge.api.auth import Authenticator, AuthError
 from bridge.api.store import DispatchStore, PageKey, SqlFilter, TargetWanted
 from bridge.api.streams import Closing, Overflowed, StreamHub
@@ -76,7 +75,7 @@ def compute_end_time(dispatch: pb.Dispatch) -> datetime | None:
         ValueError: The dispatch cannot be converted, or its recurrence rule
             can never produce an occurrence (`schedule.InvalidRecurrence`).
     """
-    converted = wire.from_client(ClientDispatch.from_protobuf(dispatch))
+    converted = convert.from_client(ClientDispatch.from_protobuf(dispatch))
     schedule.validate(converted)
     return schedule.end_time(converted)
 

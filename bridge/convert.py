@@ -1,0 +1,248 @@
+"""Into the wire contract's `Dispatch`: from the client library's and from protobuf.
+
+`from_client` takes `frequenz-client-dispatch`'s `Dispatch`, `from_protobuf` the
+Dispatch API's message. Only the bridge and the local API server convert this way,
+so it lives on the bridge's side; the SDK needs only the other direction
+(`actor_sdk.wire.to_client`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from frequenz.api.dispatch.v1 import dispatch_pb2
+from frequenz.client.common.microgrid.electrical_components import (
+    ElectricalComponentCategory,
+)
+from frequenz.client.dispatch import recurrence as client_recurrence
+from frequenz.client.dispatch import types as client_types
+
+from actor_sdk.wire._messages import Dispatch, EndCriteria, Recurrence, Target, TargetCategory
+
+_NO_RECURRENCE = Recurrence(frequency="UNSPECIFIED", interval=0)
+"""How the API's protobuf and the client say 'no recurrence'."""
+
+
+def _utc(instant: datetime) -> datetime:
+    return instant.astimezone(UTC)
+
+
+def _target_from_client(target: client_types.TargetComponents) -> Target:
+    if isinstance(target, client_types.TargetIds):
+        return Target(ids=tuple(sorted(target)))
+    categories = (
+        TargetCategory(
+            category=item.category2.name,
+            type=None if item.type is None else item.type.name,
+        )
+        for item in target
+    )
+    return Target(categories=tuple(sorted(categories, key=lambda c: (c.category, c.type or ""))))
+
+
+def _recurrence_from_client(rule: client_recurrence.RecurrenceRule) -> Recurrence | None:
+    end = None
+    if rule.end_criteria is not None:
+        criteria = rule.end_criteria
+        end = EndCriteria(
+            count=criteria.count,
+            until=None if criteria.until is None else _utc(criteria.until),
+        )
+    wire_rule = Recurrence(
+        frequency=rule.frequency.name,  # type: ignore[arg-type]
+        interval=rule.interval,
+        end=end,
+        byminutes=tuple(rule.byminutes),
+        byhours=tuple(rule.byhours),
+        byweekdays=tuple(day.name for day in rule.byweekdays),  # type: ignore[misc]
+        bymonthdays=tuple(rule.bymonthdays),
+        bymonths=tuple(rule.bymonths),
+    )
+    # The API encodes "no recurrence" as an all-default rule.
+    return None if wire_rule == _NO_RECURRENCE else wire_rule
+
+
+def from_client(
+    dispatch: client_types.Dispatch,
+    *,
+    running: bool = False,
+    until: datetime | None = None,
+    next_run: datetime | None = None,
+) -> Dispatch:
+    """Convert a `frequenz-client-dispatch` dispatch into the wire struct.
+
+    Args:
+        dispatch: The dispatch as the client library gives it.
+        running: Whether it runs at the instant its state is computed for.
+        until: The end of the current run.
+        next_run: The next start after that instant.
+
+    Returns:
+        The wire struct.
+    """
+    return Dispatch(
+        id=int(dispatch.id),
+        type=dispatch.type,
+        start_time=_utc(dispatch.start_time),
+        duration=None if dispatch.duration is None else round(dispatch.duration.total_seconds()),
+        target=_target_from_client(dispatch.target),
+        active=dispatch.active,
+        dry_run=dispatch.dry_run,
+        payload=dispatch.payload,
+        recurrence=_recurrence_from_client(dispatch.recurrence),
+        create_time=_utc(dispatch.create_time),
+        update_time=_utc(dispatch.update_time),
+        end_time=None if dispatch.end_time is None else _utc(dispatch.end_time),
+        running=running,
+        until=None if until is None else _utc(until),
+        next_run=None if next_run is None else _utc(next_run),
+    )
+
+
+def _pb_time(seconds: int, nanos: int) -> datetime:
+    # The client library's `to_datetime`, to the same float rounding.
+    return datetime.fromtimestamp(seconds + int(nanos / 1000) * 1e-6, tz=UTC)
+
+
+def _pb_value(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError("a payload number is infinite or NaN")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _pb_struct(value.struct_value)
+    if kind == "list_value":
+        return [_pb_value(item) for item in value.list_value.values]
+    return None
+
+
+def _pb_struct(struct: Any) -> dict[str, Any]:
+    fields = struct.fields
+    return {key: _pb_value(fields[key]) for key in fields}
+
+
+_PB_TYPES: dict[str, tuple[str, type[Enum]]] = {
+    "battery": ("BATTERY", client_types.BatteryType),
+    "ev_charger": ("EV_CHARGER", client_types.EvChargerType),
+    "inverter": ("INVERTER", client_types.InverterType),
+}
+
+# As the client library's `ElectricalComponentCategory.from_proto`: unknown → UNSPECIFIED.
+_PB_CATEGORIES: dict[int, str] = {
+    member.value: member.name for member in ElectricalComponentCategory
+}
+
+
+def _pb_target(target: Any) -> Target:
+    which = target.WhichOneof("components")
+    if which == "component_ids":
+        return Target(ids=tuple(sorted(set(target.component_ids.ids))))
+    items: set[tuple[str, str | None]] = set()
+    if which == "component_categories":
+        for value in target.component_categories.categories:
+            items.add((_PB_CATEGORIES.get(value, "UNSPECIFIED"), None))
+    elif which == "component_categories_types":
+        for item in target.component_categories_types.categories:
+            kind = item.WhichOneof("type")
+            if kind in _PB_TYPES:
+                category, enum = _PB_TYPES[kind]
+                items.add((category, enum(getattr(item, kind)).name))
+            else:  # a type the client library does not know counts as none, as there
+                items.add((_PB_CATEGORIES.get(item.category, "UNSPECIFIED"), None))
+    else:
+        raise ValueError("Invalid target components")
+    ordered = sorted(items, key=lambda item: (item[0], item[1] or ""))
+    return Target(categories=tuple(TargetCategory(category=c, type=t) for c, t in ordered))
+
+
+def _pb_recurrence(rule: Any) -> Recurrence | None:
+    end = None
+    if rule.HasField("end_criteria"):
+        criteria = rule.end_criteria
+        which = criteria.WhichOneof("count_or_until")
+        if which == "count":
+            end = EndCriteria(count=criteria.count)
+        elif which == "until_time":
+            until = criteria.until_time
+            end = EndCriteria(until=_pb_time(until.seconds, until.nanos))
+        else:
+            end = EndCriteria()
+    wire_rule = Recurrence(
+        frequency=client_recurrence.Frequency(rule.freq).name,  # type: ignore[arg-type]
+        interval=rule.interval,
+        end=end,
+        byminutes=tuple(rule.byminutes),
+        byhours=tuple(rule.byhours),
+        byweekdays=tuple(
+            client_recurrence.Weekday(day).name  # type: ignore[misc]
+            for day in rule.byweekdays
+        ),
+        bymonthdays=tuple(rule.bymonthdays),
+        bymonths=tuple(rule.bymonths),
+    )
+    return None if wire_rule == _NO_RECURRENCE else wire_rule
+
+
+def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
+    """Convert the Dispatch API's protobuf dispatch straight into the wire struct.
+
+    The same result as `from_client(client_types.Dispatch.from_protobuf(pb))`,
+    without building the client library's dataclasses in between (listing 100k
+    dispatches spent most of its time there). Enum values map to names through
+    the client library's enums, so unknown values fail or fall back alike.
+
+    Args:
+        pb: The protobuf dispatch, as listed or streamed by the API.
+
+    Returns:
+        The wire struct (`running` false, no `until` or `next_run`).
+
+    Raises:
+        ValueError: A dispatch the client library could not convert either
+            (no target, an unknown frequency or weekday, a NaN payload number).
+    """
+    data = pb.data
+    meta = pb.metadata
+    start = data.start_time
+    create = meta.create_time
+    update = meta.update_time
+    end_time = meta.end_time if meta.HasField("end_time") else None
+    return Dispatch(
+        id=meta.dispatch_id,
+        type=data.type,
+        start_time=_pb_time(start.seconds, start.nanos),
+        duration=data.duration if data.HasField("duration") else None,
+        target=_pb_target(data.target),
+        active=data.is_active,
+        dry_run=data.is_dry_run,
+        payload=_pb_struct(data.payload),
+        recurrence=_pb_recurrence(data.recurrence),
+        create_time=_pb_time(create.seconds, create.nanos),
+        update_time=_pb_time(update.seconds, update.nanos),
+        end_time=None if end_time is None else _pb_time(end_time.seconds, end_time.nanos),
+        running=False,
+        until=None,
+        next_run=None,
+    )
+
+
+def sorted_by_id(dispatches: Iterable[Dispatch]) -> tuple[Dispatch, ...]:
+    """Return dispatches sorted by id, the order of a running snapshot.
+
+    Args:
+        dispatches: The dispatches.
+
+    Returns:
+        The same dispatches, sorted by id.
+    """
+    return tuple(sorted(dispatches, key=lambda d: d.id))
