@@ -48,15 +48,6 @@ def _load(module_name: str) -> _Subcommand | None:
     return module
 
 
-def _hide_known_import_warning(record: logging.LogRecord) -> bool:
-    # frequenz-client-common defines two id types with the prefix "CID" and
-    # frequenz-core logs a warning about it at import (a known upstream issue);
-    # it is noise on every start of every subcommand, with nothing to act on.
-    return not (
-        record.name == "frequenz.core.id" and "'CID' is already registered" in (record.getMessage())
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available subcommand.
 
@@ -94,7 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code.
     """
-    logging.getLogger("frequenz.core.id").addFilter(_hide_known_import_warning)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -25,6 +25,14 @@ def test_help_lists_every_subcommand_and_prints_no_import_noise() -> None:
     assert result.stderr == ""
 
 
+def test_an_actor_host_importing_the_sdk_prints_no_import_noise() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import actor_sdk"], capture_output=True, text=True, check=False
+    )
+
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_unknown_subcommand_is_a_usage_error_with_exit_code_2() -> None:
     result = run_cli("fly")
 
