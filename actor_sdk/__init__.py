@@ -14,9 +14,9 @@ await manage(broker="mqtt://actor:secret@edge-host:1883", microgrid_id=1,
 
 # First: before anything imports frequenz-client-common.
 import actor_sdk._upstream_noise  # noqa: F401  # isort: skip
-from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
+from actor_sdk._actor_api import Actor, ActorFactory, DispatchInfo
 from actor_sdk._actor_dispatcher import ActorDispatcher
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._dispatcher import Dispatcher
 from actor_sdk._errors import BrokerUrlError, SdkError
 from actor_sdk._event import Created, Deleted, DispatchEvent, Updated

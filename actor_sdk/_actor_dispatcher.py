@@ -16,25 +16,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Hashable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from frequenz.channels import Receiver, ReceiverStoppedError
 from frequenz.client.dispatch.types import DispatchId
 
-from actor_sdk._actor import ActorFactory
-from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorSet
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._actor_api import ActorFactory
+from actor_sdk._actor_set import DEFAULT_FACTORY_TIMEOUT, ActorSet
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._planner import STOPPED
 from actor_sdk._service import BackgroundService
+from actor_sdk._wall_clock import utc_now
 
 __all__ = ["ActorDispatcher"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class ActorDispatcher(BackgroundService):
@@ -54,7 +51,7 @@ class ActorDispatcher(BackgroundService):
         retry_interval: timedelta = timedelta(seconds=60),
         *,
         factory_timeout: timedelta = DEFAULT_FACTORY_TIMEOUT,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the manager; it does nothing before `start()`.
 

@@ -30,7 +30,7 @@ from typing import Any
 import aiomqtt
 
 from actor_sdk import wire
-from actor_sdk._actors import ActorSet
+from actor_sdk._actor_set import ActorSet
 
 __all__ = [
     "StatusBoard",

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Hashable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Self, SupportsInt
@@ -26,12 +26,12 @@ import aiomqtt
 from frequenz.channels import Receiver
 
 from actor_sdk import wire
-from actor_sdk._actor import ActorFactory
+from actor_sdk._actor_api import ActorFactory
+from actor_sdk._actor_set import DEFAULT_FACTORY_TIMEOUT, ActorCounts, ActorSet
 from actor_sdk._actor_status import StatusPublisher, choose_actor_id, release_actor_id
-from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT, ActorCounts, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._broker_link import BrokerLink
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._event import DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
 from actor_sdk._reconciler import Reconciler
@@ -39,6 +39,7 @@ from actor_sdk._service import BackgroundService
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._upcoming import UpcomingFeeds, UpcomingRun
 from actor_sdk._view import BridgeView
+from actor_sdk._wall_clock import utc_now
 from actor_sdk._watchdog import watch_event_loop
 from actor_sdk.journal import ActorJournal
 from actor_sdk.mqtt import BrokerSettings
@@ -51,10 +52,6 @@ _TOPIC_CACHE_SIZE = 1_000_000
 
 DEFAULT_MAX_BLIND_TIME = timedelta(seconds=300)
 """How long an endless run (no `until`) goes on without a live view before it stops."""
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Dispatcher(BackgroundService):
@@ -96,7 +93,7 @@ class Dispatcher(BackgroundService):
         max_blind_time: timedelta = DEFAULT_MAX_BLIND_TIME,
         journal: Path | str | None = None,
         actor_id: str | None = None,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create a dispatcher; nothing connects before `start()`.
 

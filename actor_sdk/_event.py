@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 
 __all__ = ["Created", "Deleted", "DispatchEvent", "Updated"]
 

@@ -6,9 +6,9 @@ from datetime import timedelta
 from typing import Any, SupportsInt
 
 from actor_sdk import wire
-from actor_sdk._actor import ActorFactory
+from actor_sdk._actor_api import ActorFactory
+from actor_sdk._actor_set import DEFAULT_FACTORY_TIMEOUT
 from actor_sdk._actor_status import choose_actor_id, release_actor_id
-from actor_sdk._actors import DEFAULT_FACTORY_TIMEOUT
 from actor_sdk._dispatcher import DEFAULT_MAX_BLIND_TIME, Dispatcher
 from actor_sdk._merge_strategies import MergeStrategy
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from frequenz.client.dispatch.types import DispatchId
 from frequenz.core.id import BaseId
 
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 
 __all__ = ["DispatchActorId", "MergeByType", "MergeByTypeTarget", "MergeStrategy"]
 

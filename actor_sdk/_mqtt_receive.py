@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiomqtt
+
+from actor_sdk._wall_clock import utc_now
 
 __all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk", "utc_now"]
 
@@ -34,11 +36,6 @@ def handing_queue(
             hand(item)
 
     return _Handing
-
-
-def utc_now() -> datetime:
-    """Return now, in UTC."""
-    return datetime.now(UTC)
 
 
 class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from frequenz.client.dispatch.types import DispatchId
 
-from actor_sdk._dispatch import Dispatch, runtime_state
+from actor_sdk._dispatch_model import Dispatch, runtime_state
 
 __all__ = [
     "Action",

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta
 
 from frequenz.client.dispatch.types import DispatchId
 
-from actor_sdk._actors import ActorCounts, ActorSet
+from actor_sdk._actor_set import ActorCounts, ActorSet
 from actor_sdk._bridge_clock import BridgeClock
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._planner import (
     STOPPED,
     STOPPED_BLIND,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from frequenz.channels import BroadcastChannel, Receiver, Sender
 from frequenz.client.dispatch.types import DispatchId
 
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._event import Created, DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
 from actor_sdk._planner import running_state_changes

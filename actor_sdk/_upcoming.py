@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from frequenz.channels import BroadcastChannel, Receiver, Sender
 
 from actor_sdk import wire
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 
 __all__ = ["UpcomingFeeds", "UpcomingNotices", "UpcomingRun"]
 

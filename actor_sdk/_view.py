@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 import msgspec
 
 from actor_sdk import wire
-from actor_sdk._dispatch import Dispatch, from_wire
+from actor_sdk._dispatch_model import Dispatch, from_wire
 from actor_sdk._event import Created, Deleted, DispatchEvent, Updated
 from actor_sdk._resync import ResyncTally
 

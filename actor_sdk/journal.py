@@ -35,6 +35,8 @@ from typing import Any
 
 import msgspec
 
+from actor_sdk._wall_clock import utc_now
+
 __all__ = [
     "DEFAULT_FILES",
     "DEFAULT_MAX_BYTES",
@@ -56,10 +58,6 @@ DEFAULT_FILES = 5
 """How many files a journal keeps, the one being written included (50 MiB in all)."""
 
 _encoder = msgspec.json.Encoder()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def format_time(instant: datetime | None) -> str | None:
@@ -351,7 +349,7 @@ class ActorJournal:
         writer: JournalWriter,
         microgrid_id: int | None = None,
         *,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Wrap a writer.
 

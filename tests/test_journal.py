@@ -16,8 +16,8 @@ import pytest
 from frequenz.channels import Receiver
 
 from actor_sdk import DispatchInfo
-from actor_sdk._actors import ActorSet
-from actor_sdk._dispatch import from_wire
+from actor_sdk._actor_set import ActorSet
+from actor_sdk._dispatch_model import from_wire
 from actor_sdk.journal import (
     ActorJournal,
     CorruptLine,

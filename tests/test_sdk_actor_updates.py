@@ -1,4 +1,4 @@
-"""An actor that drops its receiver of updates: the SDK keeps going (`actor_sdk._actors`)."""
+"""An actor that drops its receiver of updates: the SDK keeps going (`actor_sdk._actor_set`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from frequenz.channels import Receiver
 
 from actor_sdk import DispatchInfo
-from actor_sdk._actors import ActorSet
-from actor_sdk._dispatch import from_wire
+from actor_sdk._actor_set import ActorSet
+from actor_sdk._dispatch_model import from_wire
 from testkit.processes import async_wait_until
 from tests.fixtures.sdk import wire_dispatch
 

@@ -477,7 +477,7 @@ async def test_manage_runs_until_cancelled_and_then_stops_its_actors(
 async def test_an_actor_that_never_stops_does_not_hold_up_the_others(
     scripted_bridge: ScriptedBridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("actor_sdk._actors.STOP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("actor_sdk._actor_set.STOP_TIMEOUT_S", 0.3)
     stuck, healthy = ActorLog(), ActorLog()
 
     class Stuck:

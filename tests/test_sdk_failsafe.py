@@ -20,7 +20,7 @@ from frequenz.channels import Receiver
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk import DispatchActorId, Dispatcher, DispatchInfo, MergeStrategy, wire
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 from testkit.broker import Broker
 from testkit.proxy import TcpProxy
 from tests.fixtures.sdk import (

@@ -9,7 +9,7 @@ import msgspec
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk import Dispatch, MergeByType, MergeByTypeTarget, wire
-from actor_sdk._dispatch import from_wire
+from actor_sdk._dispatch_model import from_wire
 from actor_sdk._planner import (
     LIVE_GRACE,
     ActorPlanner,

@@ -24,8 +24,8 @@ from typing import Any, cast
 
 from frequenz.channels import BroadcastChannel, Receiver, Sender, SenderError
 
-from actor_sdk._actor import Actor, ActorFactory, DispatchInfo
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._actor_api import Actor, ActorFactory, DispatchInfo
+from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._planner import Action, ActorPlanner, StartActor, StopActor, UpdateActor
 
 __all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorCounts", "ActorSet"]

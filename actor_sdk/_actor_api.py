@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from frequenz.channels import Receiver
 from frequenz.client.dispatch.types import TargetComponents
 
-from actor_sdk._dispatch import Dispatch
+from actor_sdk._dispatch_model import Dispatch
 
 __all__ = ["Actor", "ActorFactory", "DispatchInfo"]
 

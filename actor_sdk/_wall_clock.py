@@ -1,0 +1,12 @@
+"""The wall clock the SDK reads unless it is given another one (tests pass their own)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+__all__ = ["utc_now"]
+
+
+def utc_now() -> datetime:
+    """Return now, in UTC."""
+    return datetime.now(UTC)
