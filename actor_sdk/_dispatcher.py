@@ -1,19 +1,18 @@
 """The `Dispatcher`: the thin async shell around the view, the planner and the actors.
 
 Three tasks: the `BrokerLink` keeps a broker connection and hands each message to
-`_message`, which feeds the `BridgeView`; a timer sleeps until the next local
-deadline (a run's `until`, the end of the view's liveness, an endless run's blind
-time, a factory retry); a watchdog logs a stalled event loop. Messages and the timer
+`message`, which feeds the `BridgeView`; the `ReconcileTimer` (`_timer.py`) sleeps
+until the next local deadline; a watchdog logs a stalled event loop. Messages and the timer
 call `_reconcile`, which reads the clock once, asks `confirmed_running` and each
 type's `ActorSet` what to do, and does it without waiting for any actor (factories
 and stops run in tasks of their own). Decisions live in `_planner.py` and
-`_view.py`; the bridge's clock in `_bridge_clock.py`.
+`_view.py`; the bridge's clock in `_bridge_clock.py`; topic parsing and the
+wording of the bridge status in `_routing.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Hashable
@@ -35,8 +34,10 @@ from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._event import DispatchEvent
 from actor_sdk._merge_strategies import MergeStrategy
 from actor_sdk._reconciler import Reconciler
+from actor_sdk._routing import TopicParser, bridge_status_line
 from actor_sdk._service import BackgroundService
 from actor_sdk._subscribers import Subscribers
+from actor_sdk._timer import ReconcileTimer
 from actor_sdk._upcoming import UpcomingFeeds, UpcomingRun
 from actor_sdk._view import BridgeView
 from actor_sdk._wall_clock import utc_now
@@ -47,8 +48,6 @@ from actor_sdk.mqtt import BrokerSettings
 __all__ = ["Dispatcher"]
 
 _logger = logging.getLogger(__name__)
-
-_TOPIC_CACHE_SIZE = 1_000_000
 
 DEFAULT_MAX_BLIND_TIME = timedelta(seconds=300)
 """How long an endless run (no `until`) goes on without a live view before it stops."""
@@ -190,9 +189,7 @@ class Dispatcher(BackgroundService):
         self._upcoming = UpcomingFeeds(
             lambda: self._bridge_clock.to_bridge(self._clock()), self._view.dispatch
         )
-        self._wakeup = asyncio.Event()
-        self._reconcile_requested = False
-        self._topics: dict[str, wire.TopicRef] = {}
+        self._topics = TopicParser(self._layout)
         self._initialized = asyncio.Event()
         self._reconciler = Reconciler(
             self._view,
@@ -201,6 +198,7 @@ class Dispatcher(BackgroundService):
             max_blind_time=max_blind_time,
             clock=clock,
         )
+        self._timer = ReconcileTimer(lambda: self._reconciler.deadline, self._reconcile, clock)
 
     # --- service -----------------------------------------------------------------
 
@@ -317,7 +315,7 @@ class Dispatcher(BackgroundService):
             retry_interval=retry_interval,
             clock=self._clock,
             factory_timeout=factory_timeout,
-            on_failure=self._request_reconcile,
+            on_failure=self._timer.request,
             record=None if self._journal is None else partial(self._journal.record, dispatch_type),
             on_started=self._status.changed,
             counts=self._reconciler.counts.setdefault(dispatch_type, ActorCounts()),
@@ -409,7 +407,7 @@ class Dispatcher(BackgroundService):
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._link.run(self), name="dispatcher-connection")
-                group.create_task(self._timer_loop(), name="dispatcher-timer")
+                group.create_task(self._timer.run(), name="dispatcher-timer")
                 group.create_task(watch_event_loop(), name="dispatcher-watchdog")
                 group.create_task(self._upcoming.run(), name="dispatcher-upcoming")
                 group.create_task(self._status.run(), name="dispatcher-actor-status")
@@ -431,37 +429,8 @@ class Dispatcher(BackgroundService):
 
     async def _reconcile(self, only: str | None = None) -> None:
         await self._reconciler.run(only)
-        self._wakeup.set()  # the timer takes the new deadline
+        self._timer.wake()  # the timer takes the new deadline
         self._status.changed()
-
-    def _request_reconcile(self) -> None:
-        self._reconcile_requested = True
-        self._wakeup.set()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            self._wakeup.clear()
-            if self._reconcile_requested:
-                self._reconcile_requested = False
-                await self._reconcile()
-                continue
-            deadline = self._reconciler.deadline
-            if deadline is None:
-                await self._wakeup.wait()
-                continue
-            delay = (deadline - self._clock()).total_seconds()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    # A millisecond late, so that `until <= now` holds on wake-up.
-                    async with asyncio.timeout(delay + 0.001):
-                        await self._wakeup.wait()
-                if self._wakeup.is_set():
-                    continue
-            await self._reconcile()
-            if self._reconciler.deadline is not None and self._reconciler.deadline <= self._clock():
-                # Never spin: a deadline that a reconcile did not move waits a little.
-                _logger.debug("deadline %s did not move; pausing", self._reconciler.deadline)
-                await asyncio.sleep(0.05)
 
     # --- the link's handler --------------------------------------------------------
 
@@ -524,7 +493,7 @@ class Dispatcher(BackgroundService):
             return
         try:
             await self._route(
-                self._parse(topic), payload, retained=bool(message.retain), arrived=arrived
+                self._topics.parse(topic), payload, retained=bool(message.retain), arrived=arrived
             )
         except (ValueError, OverflowError) as error:  # WireError is a ValueError
             _logger.warning("ignoring the message on topic %s: %s", topic, error)
@@ -560,7 +529,7 @@ class Dispatcher(BackgroundService):
                     if self._reconciler.needs_run(ref.dispatch_type, ref.dispatch_id):
                         await self._reconcile(ref.dispatch_type)
                     elif self._reconciler.deadline != deadline:
-                        self._wakeup.set()
+                        self._timer.wake()
                 if not self._view.in_sync:
                     await self._maybe_finish_sync()
             case wire.TopicKind.UPCOMING:
@@ -585,49 +554,17 @@ class Dispatcher(BackgroundService):
         if status is not None and status.as_of is not None and not retained:
             self._observe_bridge_time(status.as_of, arrived)
         if changed:
-            self._log_status()
+            _logger.log(*bridge_status_line(self._view.status))
         if not self._view.in_sync:
             await self._maybe_finish_sync()
         elif changed or self._view.is_live(self._clock()) != self._reconciler.was_live:
             await self._reconcile()
         # Otherwise only the liveness was extended: the timer finds it at the old deadline.
 
-    def _parse(self, topic: str) -> wire.TopicRef:
-        # Parsed once per topic: decoding the type level is a good part of the work
-        # per message during a sync of many retained dispatches.
-        ref = self._topics.get(topic)
-        if ref is None:
-            ref = self._layout.parse(topic)
-            if len(self._topics) >= _TOPIC_CACHE_SIZE:
-                self._topics.clear()
-            self._topics[topic] = ref
-        return ref
-
     def _observe_bridge_time(self, as_of: datetime, arrived: datetime) -> None:
         line = self._bridge_clock.observe(as_of, arrived)
         if line is not None:
             _logger.warning("%s", line)
-
-    def _log_status(self) -> None:
-        status = self._view.status
-        if status is None:
-            _logger.warning("the retained bridge status was cleared: no live view")
-        elif status.state == "online":
-            _logger.info(
-                "bridge %r is online (session %d, upstream %s)",
-                status.bridge,
-                status.session,
-                status.upstream,
-            )
-        else:
-            _logger.warning(
-                "bridge %r is %s (session %d%s): nothing new starts, running actors "
-                "stop at the end of their run",
-                status.bridge,
-                status.state,
-                status.session,
-                f": {status.error}" if status.error else "",
-            )
 
     async def _maybe_finish_sync(self) -> None:
         if not self._view.missing():

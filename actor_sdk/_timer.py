@@ -1,0 +1,80 @@
+"""The `Dispatcher`'s timer: sleeps until the reconciler's next deadline, then reconciles.
+
+A deadline is a run's `until`, the end of the view's liveness, an endless run's
+blind time or a factory retry. Messages wake the timer when they move the
+deadline (`wake`); a failed start asks for a reconcile from outside the
+reconcile path (`request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+__all__ = ["ReconcileTimer"]
+
+_logger = logging.getLogger(__name__)
+
+_NO_SPIN_PAUSE_S = 0.05
+"""How long a deadline that a reconcile did not move waits before the next try."""
+
+
+class ReconcileTimer:
+    """Calls `reconcile` at each deadline, and when asked to."""
+
+    def __init__(
+        self,
+        deadline: Callable[[], datetime | None],
+        reconcile: Callable[[], Awaitable[None]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        """Create a timer.
+
+        Args:
+            deadline: The next deadline (None: none).
+            reconcile: What to run at a deadline (it may move the deadline).
+            clock: The wall clock (UTC).
+        """
+        self._deadline = deadline
+        self._reconcile = reconcile
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._requested = False
+
+    def wake(self) -> None:
+        """The deadline may have moved: look at it again."""
+        self._wakeup.set()
+
+    def request(self) -> None:
+        """Reconcile soon, from the timer's task."""
+        self._requested = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        while True:
+            self._wakeup.clear()
+            if self._requested:
+                self._requested = False
+                await self._reconcile()
+                continue
+            deadline = self._deadline()
+            if deadline is None:
+                await self._wakeup.wait()
+                continue
+            delay = (deadline - self._clock()).total_seconds()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    # A millisecond late, so that `until <= now` holds on wake-up.
+                    async with asyncio.timeout(delay + 0.001):
+                        await self._wakeup.wait()
+                if self._wakeup.is_set():
+                    continue
+            await self._reconcile()
+            deadline = self._deadline()
+            if deadline is not None and deadline <= self._clock():
+                _logger.debug("deadline %s did not move; pausing", deadline)
+                await asyncio.sleep(_NO_SPIN_PAUSE_S)
