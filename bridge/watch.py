@@ -150,6 +150,26 @@ async def collect_snapshot(
     return state
 
 
+async def refused_credentials(target: BrokerSettings) -> str | None:
+    """Connect once; say why when the broker refuses our credentials, else None.
+
+    The interactive view checks this before it takes the terminal, so the reason is
+    printed on a plain screen; an unreachable broker is not refused (the view starts
+    and retries).
+
+    Args:
+        target: The broker.
+
+    Returns:
+        The reason, or None.
+    """
+    try:
+        async with broker_client(target, f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}"):
+            return None
+    except aiomqtt.MqttError as error:
+        return connect_failure(error, target) if is_auth_failure(error) else None
+
+
 def _terminal_width(override: int | None) -> int:
     if override is not None:
         return override
@@ -374,8 +394,14 @@ def run(args: argparse.Namespace) -> int:
         # Imported here: Textual takes a while to import, and `--once` and `health` need none of it.
         from bridge.watch_app import WatchApp  # noqa: PLC0415
 
+        refused = asyncio.run(refused_credentials(settings.target))
+        if refused is not None:
+            print(f"dispatch-bridge watch: {refused}", file=sys.stderr)
+            return 1
         app = WatchApp(settings)
         app.run()
+        if app.failure is not None:
+            print(app.failure, file=sys.stderr)
         return app.return_code or 0
     try:
         state = asyncio.run(

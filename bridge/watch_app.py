@@ -98,6 +98,8 @@ class WatchApp(App[None]):
         self._microgrid_id = settings.microgrid_id
         self.state = WatchState(settings.layout, settings.microgrid_id)
         self.connection = f"connecting to {settings.target.describe()}"
+        self.failure: str | None = None
+        """Why the view ended on its own (refused credentials); the caller prints it."""
         self._dirty = True
         self._filter = ""
         self._selected: tuple[str, int] | None = None
@@ -176,10 +178,12 @@ class WatchApp(App[None]):
                         self._dirty = True
             except aiomqtt.MqttError as error:
                 if is_auth_failure(error):
-                    self.exit(
-                        return_code=1,
-                        message=f"dispatch-bridge watch: {connect_failure(error, settings.target)}",
+                    # Printed by the caller once the terminal is back: a message handed to
+                    # Textual's exit() could land on the alternate screen and vanish.
+                    self.failure = (
+                        f"dispatch-bridge watch: {connect_failure(error, settings.target)}"
                     )
+                    self.exit(return_code=1)
                     return
                 delay = backoff.next()
                 self.connection = (

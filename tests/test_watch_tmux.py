@@ -45,11 +45,15 @@ class Terminal:
         # COLUMNS and LINES (set in the test process) would override the pane's size;
         # the shell prints the exit code (tmux's #{pane_dead_status} is not reliable).
         unset = ["env", "-u", "COLUMNS", "-u", "LINES"]
-        script = f'{shlex.join([*unset, *command])}; echo "[exited $?]"'
+        # The command waits for a first Enter, sent once the session exists: what a
+        # command printed while tmux was still setting up the pane was lost now and
+        # then (a refusal printed within 0.1 s of the start, then a blank screen).
+        script = f'read -r _; {shlex.join([*unset, *command])}; echo "[exited $?]"'
         self._tmux(
             "-f", str(config), "new-session", "-d", "-s", "watch",
             "-x", str(width), "-y", str(height), shlex.join(["sh", "-c", script]),
         )  # fmt: skip
+        self._tmux("send-keys", "-t", "watch", "Enter")
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run(
