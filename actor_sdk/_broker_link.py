@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
+from actor_sdk._client_id_clash import ClientIdClash, reason_code
 from actor_sdk.mqtt import BrokerSettings, ReceivedQueue, receiving_client, reconnect_delay
 
 __all__ = ["BrokerLink", "LinkHandler"]
@@ -103,6 +104,9 @@ class BrokerLink:
         self._sync_timeout = sync_timeout
         self._clock = clock
         self._identifier = identifier
+        # A client thrown off without a word notices when a call to the broker times
+        # out (10 s) or through its probe (1.5 keepalives): such connections count too.
+        self._clash = ClientIdClash(identifier, short_s=12.0 + 1.5 * settings.keepalive)
         self._will = will
         self._farewell = farewell
         self.connected = False
@@ -123,8 +127,10 @@ class BrokerLink:
             handler: Gets the messages and the link's changes.
         """
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             self.connected = False
+            made_at: float | None = None
             client, received = receiving_client(
                 self._settings,
                 clock=self._clock,
@@ -137,6 +143,7 @@ class BrokerLink:
                     self.connections += 1
                     self.problem = None
                     failures = 0
+                    made_at = loop.time()
                     _logger.info("connected to the broker at %s", self.where)
                     try:
                         await self._session(client, received, handler)
@@ -149,6 +156,8 @@ class BrokerLink:
                         await handler.lost()
                         raise
             except aiomqtt.MqttError as error:
+                if made_at is not None:
+                    self._connection_ended(loop.time() - made_at, error)
                 self.problem = str(error) or type(error).__name__
                 if self.connected:
                     _logger.warning("lost the broker connection to %s: %s", self.where, error)
@@ -163,6 +172,11 @@ class BrokerLink:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    def _connection_ended(self, lasted_s: float, error: aiomqtt.MqttError) -> None:
+        line = self._clash.ended(lasted_s, reason_code(error))
+        if line is not None:
+            _logger.error("%s", line)
 
     async def _session(
         self, client: aiomqtt.Client, received: ReceivedQueue, handler: LinkHandler
