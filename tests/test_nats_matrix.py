@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from testkit.broker import Broker
-from tests.fixtures.nats import NatsCluster, start_nats_cluster, start_nats_server
+from testkit.nats import NatsCluster, start_nats_cluster, start_nats_server
 from tests.test_bridge_e2e import *  # noqa: F403 (collected again, on NATS)
 from tests.test_sdk_broker import *  # noqa: F403 (collected again, on NATS)
 

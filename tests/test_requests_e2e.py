@@ -24,8 +24,8 @@ from bridge.journal import journal_path
 from testkit.api_server import ApiServerHandle, dispatch_bridge_command
 from testkit.bridge import MOSQUITTO_SUB, BridgeFactory, MqttTap, Received, TapFactory
 from testkit.broker import Broker
+from testkit.nats import NatsNode
 from testkit.processes import free_port, wait_until
-from tests.fixtures.nats import NatsNode
 from tests.fixtures.sdk import ActorLog
 from tests.test_metrics import scrape
 
