@@ -150,23 +150,23 @@ class BrokerLink:
                     except asyncio.CancelledError:
                         await self._say_farewell(client)
                         raise
-                    except aiomqtt.MqttError:
-                        # Before the goodbye, which a dead link may hold up.
+                    except aiomqtt.MqttError as error:
                         self.connected = False
+                        self.problem = f"connection lost ({error})"
+                        _logger.warning("lost the broker connection to %s: %s", self.where, error)
+                        # Before the goodbye, which a dead link may hold up.
                         await handler.lost()
                         raise
             except aiomqtt.MqttError as error:
                 if made_at is not None:
                     self._connection_ended(loop.time() - made_at, error)
-                self.problem = str(error) or type(error).__name__
-                if self.connected:
-                    _logger.warning("lost the broker connection to %s: %s", self.where, error)
+                self.problem = self.problem or str(error) or type(error).__name__
             self.connected = False
             await handler.lost()
             delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)
             failures += 1
             _logger.warning(
-                "waiting for the broker at %s: %s; retrying in %.1f s",
+                "cannot connect to the broker at %s: %s; retrying in %.1f s",
                 self.where,
                 self.problem,
                 delay,
@@ -277,11 +277,12 @@ class BrokerLink:
             except aiomqtt.MqttError:
                 if (received.last_arrival or 0.0) > asked:
                     continue  # messages still flow: the answer is only queued behind them
+                silent = loop.time() - heard
                 _logger.warning(
                     "the broker at %s did not answer for %.1f s (a silent network fault?): "
                     "dropping the connection",
                     self.where,
-                    loop.time() - heard,
+                    silent,
                 )
-                raise
+                raise aiomqtt.MqttError(f"no answer from the broker for {silent:.1f} s") from None
             last_answer = loop.time()
