@@ -160,7 +160,8 @@ class BrokerLink:
             except aiomqtt.MqttError as error:
                 if made_at is not None:
                     self._connection_ended(loop.time() - made_at, error)
-                self.problem = self.problem or str(error) or type(error).__name__
+                if made_at is None or self.problem is None:  # else: the session's loss, set above
+                    self.problem = str(error) or type(error).__name__
             self.connected = False
             await handler.lost()
             delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)

@@ -199,6 +199,29 @@ class BridgeHandle:
             f"{count} syncs with the Dispatch API",
         )
 
+    def wait_vouching(self, timeout: float = 20.0) -> None:
+        """Wait until the retained status of every microgrid served says `online`.
+
+        The bridge says so only after its first sync and the read-back of the broker's
+        tree; until then its status says `syncing`.
+        """
+
+        def vouching(microgrid_id: int) -> bool:
+            topic = self.layout(microgrid_id).status
+            payload = retained_snapshot(self.broker, topic).get(topic)
+            if not payload:
+                return False
+            try:
+                return wire.decode_status(payload).state == "online"
+            except wire.WireError:
+                return False
+
+        wait_until(
+            lambda: self.process.check_alive() or all(map(vouching, self.microgrid_ids)),
+            timeout,
+            "the bridge's retained status to say online",
+        )
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM; return the exit code."""
         return self.process.stop(timeout)

@@ -389,7 +389,8 @@ def test_health_exits_1_for_a_hung_bridge_whose_retained_status_still_says_onlin
     api_server: ApiServerHandle, mqtt_broker: Broker, bridge_factory: BridgeFactory, tmp_path: Path
 ) -> None:
     bridge = bridge_factory(api_server, mqtt_broker)
-    bridge.wait_synced()
+    # Not only synced: the status says online after the read-back of the broker's tree.
+    bridge.wait_vouching()
     bridge.process.signal(signal.SIGSTOP)
     try:
         result = run_health(mqtt_broker, tmp_path, "--timeout", "3")
