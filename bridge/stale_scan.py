@@ -15,7 +15,8 @@ scan ends when its status came back and, in every type seen, the snapshot
 came and the dispatch topics it counts all came. A snapshot of this session
 (the broker already holds our republished one) or of a bridge older than the
 counts is taken as it comes. Otherwise the scan ends after `quiet_timeout`
-seconds without a message, and the log says which types were incomplete.
+seconds without a retained message, and the log says which types were incomplete
+(a broker restored from its autosave may hold a snapshot counting a topic it lost).
 The limit: a type none of whose topics came before our status is not waited
 for (nothing tells the scan it exists); the next connection's scan finds it.
 """
@@ -65,6 +66,7 @@ class RetainedScan:
         self.topics: set[str] = set()
         self.done = asyncio.Event()
         self.received = 0
+        """Retained messages received: the broker's catch-up (live ones are not part of it)."""
         self._session: int | None = None
         """Our session, from our status come back retained (the end marker on Mosquitto)."""
         self._tallies: dict[str, wire.TypeTally] = {}
@@ -76,7 +78,8 @@ class RetainedScan:
         Args:
             message: The message.
         """
-        self.received += 1
+        if message.retain:
+            self.received += 1
         topic = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes) else b""
         if topic == self.status_topic:
@@ -160,8 +163,10 @@ async def scan_retained(
     await client.subscribe(layout.status, qos=1)
     waiter = asyncio.create_task(scan.done.wait())
     try:
-        # Give up only when the broker stops sending for `quiet_timeout` s: a large
-        # tree takes a while to arrive.
+        # Give up only when the broker stops sending retained messages for
+        # `quiet_timeout` s: a large tree takes a while to arrive. Live messages (our
+        # own status, read back on its topic at every change) say nothing of the
+        # catch-up: counting them kept a busy bridge's scan open for good.
         seen = -1
         while not scan.done.is_set() and scan.received != seen:
             seen = scan.received
@@ -177,8 +182,9 @@ async def scan_retained(
         waiter.cancel()
     if not scan.done.is_set():
         _logger.warning(
-            "microgrid %d: the stale-topic scan got nothing for %.0f s and the retained tree "
-            "is incomplete (missing: %s); clearing only the stale topics among the %d seen "
+            "microgrid %d: the stale-topic scan got no retained message for %.0f s and the "
+            "retained tree is incomplete (missing: %s); clearing only the stale topics among "
+            "the %d seen "
             "(the next connection scans again)",
             microgrid_id,
             quiet_timeout,
