@@ -32,6 +32,11 @@ __all__ = ["BrokerLink", "LinkHandler"]
 
 _logger = logging.getLogger(__name__)
 
+CATCH_UP_LIMIT = 4
+"""The retained catch-up ends this many sync timeouts after its last retained message,
+even while live messages keep coming (a busy bridge never falls silent; its republish
+after a broker lost its state comes live, snapshots first, and takes seconds)."""
+
 
 class LinkHandler(Protocol):
     """What the link tells its user."""
@@ -55,8 +60,12 @@ class LinkHandler(Protocol):
             arrived: When it arrived (the wall clock), before any queueing here.
         """
 
-    async def quiet(self) -> None:
-        """Nothing arrived for the sync timeout while not in sync."""
+    async def quiet(self, why: str) -> None:
+        """The wait for the retained state ends while it is still incomplete.
+
+        Args:
+            why: What ended it, for the log ("... after the last message").
+        """
 
     async def lost(self) -> None:
         """The connection is gone (or never came up)."""
@@ -194,12 +203,16 @@ class BrokerLink:
         pending: asyncio.Future[aiomqtt.Message] | None = None
         probe = asyncio.ensure_future(self._probe(client, received))
         # Silence ends the sync, not the length of a burst: counted from the last message.
+        # Live messages alone (a busy bridge, its status) do not hold it open for long:
+        # the retained catch-up is over CATCH_UP_LIMIT sync timeouts after its last message.
         sync_deadline = loop.time() + self._sync_timeout
+        catch_up_deadline = loop.time() + CATCH_UP_LIMIT * self._sync_timeout
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(messages))
-                timeout = None if handler.in_sync else max(0.0, sync_deadline - loop.time())
+                ends = min(sync_deadline, catch_up_deadline)
+                timeout = None if handler.in_sync else max(0.0, ends - loop.time())
                 waited_for: set[asyncio.Future[Any]] = {pending, probe}
                 done, _ = await asyncio.wait(
                     waited_for, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -207,18 +220,28 @@ class BrokerLink:
                 if probe in done:
                     probe.result()  # raises: the link is dead
                 if not done:
-                    await handler.quiet()
+                    if sync_deadline <= catch_up_deadline:
+                        await handler.quiet(f"{self._sync_timeout:.1f} s after the last message")
+                    else:
+                        await handler.quiet(
+                            f"{CATCH_UP_LIMIT * self._sync_timeout:.1f} s after the last "
+                            "retained message, while live messages kept coming"
+                        )
                     continue
                 message = pending.result()
                 pending = None
-                await self._handle(message, received, handler)
+                retained = await self._handle(message, received, handler)
                 # Take what else has arrived without a wake-up per message (a sync brings
                 # thousands); a lost connection shows at the next `anext`.
                 while not received.empty():
-                    await self._handle(received.get_nowait(), received, handler)
+                    retained |= await self._handle(received.get_nowait(), received, handler)
                 sync_deadline = loop.time() + self._sync_timeout
+                if retained:
+                    catch_up_deadline = loop.time() + CATCH_UP_LIMIT * self._sync_timeout
         finally:
             self._client = None
+            for subscribing in list(self._subscribing):
+                subscribing.cancel()  # on a connection that is gone: `subscribed` returns
             await handler.connected(None)
             probe.cancel()
             if pending is not None:
@@ -230,7 +253,7 @@ class BrokerLink:
         """Subscribe to one more topic (QoS 1): now when connected, and at every connect.
 
         It joins the first SUBSCRIBE request (ahead of any later one, such as a
-        barrier's).
+        barrier's). `subscribed` waits for the broker's answer.
 
         Args:
             topic: The topic filter.
@@ -240,6 +263,19 @@ class BrokerLink:
             task = asyncio.ensure_future(self._subscribe_now(self._client, topic))
             self._subscribing.add(task)
             task.add_done_callback(self._subscribing.discard)
+
+    async def subscribed(self) -> None:
+        """Wait until the broker acknowledged every `subscribe` made on this connection.
+
+        Only then does a message published to such a topic reach us for sure: a broker
+        may take a moment to set a subscription up (a NATS cluster node does). The wait
+        also ends when a SUBSCRIBE fails (after the client's timeout at most) or the
+        connection goes: the next connection makes it before its sync. Not connected,
+        nothing to wait for. Never waits for a message to be handled (the SUBACK is
+        read by the client, not by `run`'s loop), so a handler may call it too.
+        """
+        if self._subscribing:
+            await asyncio.wait(set(self._subscribing))
 
     async def _subscribe_now(self, client: aiomqtt.Client, topic: str) -> None:
         try:
@@ -260,8 +296,10 @@ class BrokerLink:
 
     async def _handle(
         self, message: aiomqtt.Message, received: ReceivedQueue, handler: LinkHandler
-    ) -> None:
+    ) -> bool:
+        """Hand one message on; return whether it was retained (part of a catch-up)."""
         await handler.message(message, received.received_at(message) or self._clock())
+        return bool(message.retain)
 
     async def _probe(self, client: aiomqtt.Client, received: ReceivedQueue) -> None:
         loop = asyncio.get_running_loop()

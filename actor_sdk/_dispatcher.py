@@ -40,10 +40,10 @@ from actor_sdk._subscribers import Subscribers
 from actor_sdk._timer import ReconcileTimer
 from actor_sdk._upcoming import UpcomingFeeds, UpcomingRun
 from actor_sdk._view import BridgeView
-from actor_sdk._wall_clock import utc_now
 from actor_sdk._watchdog import watch_event_loop
 from actor_sdk.journal import ActorJournal
 from actor_sdk.mqtt import BrokerSettings
+from actor_sdk.wall_clock import utc_now
 
 __all__ = ["Dispatcher"]
 
@@ -115,7 +115,9 @@ class Dispatcher(BackgroundService):
             max_reconnect_delay: The longest wait before reconnecting.
             sync_timeout: How long a silence (no message at all, counted from the
                 last one) ends the wait for a complete retained tree after
-                subscribing; what is missing is logged, what arrived is used.
+                subscribing; what is missing is logged, what arrived is used. Live
+                messages alone hold the wait open for at most 4 sync timeouts after
+                the last retained one.
             max_blind_time: How long an endless run (duration None, no `until`)
                 goes on without a live view before its actor is stopped. Runs with
                 an `until` always stop at it, live view or not.
@@ -180,7 +182,6 @@ class Dispatcher(BackgroundService):
             will=self._status.will,
             farewell=self._status.farewell,
         )
-        self._sync_timeout = sync_timeout.total_seconds()
         self._clock = clock
         self._view = BridgeView(microgrid_id)
         self._view.followed = self._followed.__contains__
@@ -292,6 +293,9 @@ class Dispatcher(BackgroundService):
     ) -> None:
         """Create, start, update and stop actors for the dispatches of a type.
 
+        While connected, it returns once the broker acknowledged the subscription to
+        the type's dispatch topics: what is published to them afterwards reaches it.
+
         Args:
             dispatch_type: The type.
             actor_factory: Makes an actor from a `DispatchInfo` and a receiver of
@@ -322,6 +326,7 @@ class Dispatcher(BackgroundService):
         )
         _logger.info("managing actors of type %r", dispatch_type)
         self._follow(dispatch_type)
+        await self._link.subscribed()
         await self._reconcile(dispatch_type)
 
     async def stop_managing(self, dispatch_type: str) -> None:
@@ -364,7 +369,8 @@ class Dispatcher(BackgroundService):
         when a dispatch starts, stops (`started` False), or changes a runtime
         parameter (target, payload, dry_run, duration, start or end) while running.
         With a merge strategy, its `filter` decides what passes (with `MergeByType`,
-        a stop passes only when no other dispatch of its group still runs).
+        a stop passes only when no other dispatch of its group still runs). Like
+        `start_managing`, it returns once the type's dispatch topics are subscribed.
 
         Args:
             dispatch_type: The type.
@@ -374,6 +380,7 @@ class Dispatcher(BackgroundService):
             The receiver.
         """
         self._follow(dispatch_type)
+        await self._link.subscribed()
         async with self._reconciler.lock:
             return await self._subscribers.running_state_receiver(
                 dispatch_type, merge_strategy, self._reconciler.effective.get(dispatch_type, {})
@@ -458,14 +465,18 @@ class Dispatcher(BackgroundService):
             level = f"{self._layout.root}/{wire.encode_type(dispatch_type)}"
             self._link.subscribe(f"{level}/dispatches/+")
 
-    async def quiet(self) -> None:
-        """The retained tree is still incomplete after the sync timeout: go on with it."""
+    async def quiet(self, why: str) -> None:
+        """The retained tree is still incomplete when the wait ends: go on with it.
+
+        Args:
+            why: What ended the wait ("... after the last message").
+        """
         _logger.warning(
-            "the retained state of microgrid %d is incomplete %.1f s after the last message "
+            "the retained state of microgrid %d is incomplete %s "
             "(missing: %s); going on with what arrived (deletions of dispatches are concluded "
             "only in the complete types)",
             self._microgrid_id,
-            self._sync_timeout,
+            why,
             "; ".join(self._view.missing()),
         )
         await self._finish_sync()

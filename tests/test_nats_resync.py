@@ -155,7 +155,7 @@ async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
     for dispatch_type in TYPES:
         emptied = wire.decode_running(retained[layout.running(dispatch_type)])
         assert emptied.running == ()
-    assert "stale-topic scan got nothing" not in bridge.output()
+    assert "stale-topic scan got no retained message" not in bridge.output()
 
 
 async def test_an_sdk_is_in_sync_with_a_real_bridge_by_its_counts_on_nats(

@@ -407,3 +407,67 @@ async def test_waiting_for_an_unreachable_broker_is_logged_and_times_out_clearly
     assert len(waits) >= 2, waits
     assert all("broker at mqtt://actor@127.0.0.1:1" in wait for wait in waits), waits
     assert "pw" not in caplog.text
+
+
+# --- 9. a tree that never adds up, on a busy link ------------------------------------
+
+
+async def test_live_messages_hold_the_wait_for_an_incomplete_tree_open_only_for_a_while(
+    scripted_bridge: ScriptedBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy bridge never falls silent: its changes and status keep coming live.
+
+    The retained tree here never adds up (its snapshot counts a topic the broker lost,
+    as after a restore from an autosave taken between the two publishes). Each live
+    message restarted the sync timeout, so the SDK never ended its sync and never
+    counted its view live again (found by the chaos run). The wait now ends 4 sync
+    timeouts after the last retained message, whatever comes live.
+    """
+    layout = scripted_bridge.layout
+    kept, lost = (wire_dispatch(n, T, running=False) for n in (1, 2))
+    tally = wire.TypeTally()
+    for item in (kept, lost):
+        tally.put(item.id, item.update_time)
+    snapshot = wire.RunningSnapshot(
+        microgrid_id=scripted_bridge.microgrid_id,
+        type=T,
+        running=(),
+        next_change=None,
+        as_of=utcnow(),
+        session=1,
+        seq=1,
+        dispatches=2,
+        digest=tally.digest,
+    )
+    await scripted_bridge.raw(layout.running(T), wire.encode(snapshot))
+    await scripted_bridge.dispatch(kept)
+    await scripted_bridge.status("online", dispatches=2, tree_counts=True, heartbeat=False)
+
+    async def busy_bridge() -> None:  # live status 5 times a second, as changes bring
+        while True:
+            await scripted_bridge.status("online", dispatches=2, tree_counts=True, heartbeat=False)
+            await asyncio.sleep(0.2)
+
+    dispatcher = Dispatcher(
+        microgrid_id=scripted_bridge.microgrid_id,
+        broker=scripted_bridge.broker.url("actor"),
+        sync_timeout=timedelta(seconds=0.5),
+    )
+    events = dispatcher.new_lifecycle_events_receiver(T)  # T's dispatch topics: counted
+    chatter = asyncio.create_task(busy_bridge())
+    with caplog.at_level(logging.WARNING, logger="actor_sdk"):
+        dispatcher.start()
+        try:
+            started = time.monotonic()
+            await dispatcher.wait_for_initialization(8)
+            waited = time.monotonic() - started
+            assert dispatcher.in_sync
+            await poll(lambda: dispatcher.is_live)
+            created = await asyncio.wait_for(events.receive(), 5)  # what arrived is used
+            assert int(created.dispatch.id) == kept.id
+        finally:
+            chatter.cancel()
+            await dispatcher.stop()
+    assert 1.5 <= waited <= 6, waited  # 4 x 0.5 s after the retained catch-up
+    assert "after the last retained message, while live messages kept coming" in caplog.text
+    assert f"type {T!r}: 1 dispatch topics arrived, its running snapshot counts 2" in caplog.text
