@@ -27,7 +27,7 @@ from actor_sdk._actor_set import DEFAULT_FACTORY_TIMEOUT, ActorSet
 from actor_sdk._dispatch_model import Dispatch
 from actor_sdk._planner import STOPPED
 from actor_sdk._service import BackgroundService
-from actor_sdk._wall_clock import utc_now
+from actor_sdk.wall_clock import utc_now
 
 __all__ = ["ActorDispatcher"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiomqtt
 
-from actor_sdk._wall_clock import utc_now
+from actor_sdk.wall_clock import utc_now
 
 __all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk", "utc_now"]
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from actor_sdk._wall_clock import utc_now
+from actor_sdk.wall_clock import utc_now
 
 __all__ = [
     "DEFAULT_FILES",

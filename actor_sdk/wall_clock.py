@@ -1,4 +1,4 @@
-"""The wall clock the SDK reads unless it is given another one (tests pass their own)."""
+"""The wall clock the SDK and the bridge read unless given another one (tests pass their own)."""
 
 from __future__ import annotations
 

@@ -36,12 +36,13 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from actor_sdk import wire
 from actor_sdk.journal import DEFAULT_FILES, DEFAULT_MAX_BYTES, JournalWriter, format_time
+from actor_sdk.wall_clock import utc_now
 from bridge.config import SettingsSource, journal_path
 from bridge.core import Outbox
 from bridge.publisher import Publisher
@@ -167,7 +168,7 @@ class BridgeJournal:
         microgrid_id: int,
         session: Callable[[], int],
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the journal of a microgrid.
 

@@ -46,7 +46,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -54,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actor_sdk import wire
+from actor_sdk.wall_clock import utc_now
 from bridge.cache_writer import CacheWriter
 from bridge.config import ConfigError, SettingsSource
 from bridge.publisher import Publisher
@@ -260,7 +261,7 @@ class BridgeMetrics:
         *,
         version: str = "",
         bridge: str = "",
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the metrics.
 

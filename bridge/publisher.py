@@ -42,10 +42,11 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from actor_sdk import mqtt, wire
+from actor_sdk.wall_clock import utc_now
 from bridge.publish_queue import Outgoing, PublishQueue, RetainedValue
 from bridge.stale_scan import RetainedScan, raise_first, scan_retained
 from bridge.status import StatusBoard
@@ -72,7 +73,7 @@ class Publisher:
         bridge_name: str,
         window: int = 100,
         scan_timeout: float = 3.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
         backoff: mqtt.Backoff | None = None,
         board: StatusBoard | None = None,
     ) -> None:

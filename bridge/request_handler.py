@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from actor_sdk import mqtt, wire
+from actor_sdk.wall_clock import utc_now
 from bridge.requests import (
     HoldBook,
     Parsed,
@@ -133,7 +134,7 @@ class RequestHandler:
         publisher: _Publisher,
         upstream: _Upstream,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the handler: load the holds, subscribe to the requests (via the publisher).
 

@@ -14,10 +14,11 @@ import logging
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal, Protocol
 
 from actor_sdk import wire
+from actor_sdk.wall_clock import utc_now
 from bridge.core import EventKind, Outbox, RetainedValue, ScheduleCore, Transition, strip_state
 
 __all__ = [
@@ -106,10 +107,6 @@ _SPIN_S = 0.002
 """How long before a scheduled change the loop stops sleeping and yields instead."""
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class MicrogridService:
     """Runs the schedule of one microgrid: feed it upstream items, it publishes."""
 
@@ -140,7 +137,7 @@ class MicrogridService:
         core: ScheduleCore,
         sink: Sink,
         *,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         on_change: Callable[[], None] = lambda: None,
         synced_at: datetime | None = None,
         had_state: bool = False,

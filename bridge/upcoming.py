@@ -42,10 +42,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from actor_sdk import wire
+from actor_sdk.wall_clock import utc_now
 from bridge import schedule
 
 if TYPE_CHECKING:
@@ -243,10 +244,6 @@ def upcoming_runs(
     )
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class UpcomingTopics:
     """Keeps every type's `upcoming` topic current; the async shell of this module."""
 
@@ -256,7 +253,7 @@ class UpcomingTopics:
         sink: Sink,
         *,
         window: timedelta = DEFAULT_WINDOW,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the publisher of upcoming runs.
 

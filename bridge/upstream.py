@@ -54,7 +54,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import grpc
 from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
@@ -64,6 +64,7 @@ from frequenz.client.dispatch import DispatchApiClient
 
 from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
+from actor_sdk.wall_clock import utc_now
 from bridge import convert
 from bridge.service import (
     DeletedById,
@@ -125,7 +126,7 @@ class Upstream:
         backoff: Backoff | None = None,
         on_skipped: Callable[[int], None] = lambda count: None,
         on_clock: Callable[[str | None], None] = lambda problem: None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """Create the upstream; `run()` connects.
 

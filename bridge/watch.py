@@ -38,6 +38,7 @@ import aiomqtt
 
 from actor_sdk import wire
 from actor_sdk.mqtt import BrokerSettings, new_client, parse_broker_url
+from actor_sdk.wall_clock import utc_now
 from bridge.config import ConfigError, SettingsSource
 from bridge.watch_state import WatchState
 from bridge.watch_text import DEFAULT_HOURS, render
@@ -110,7 +111,7 @@ async def collect_snapshot(
     *,
     quiet: float = 0.5,
     max_wait: float = 10.0,
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    clock: Callable[[], datetime] = utc_now,
 ) -> WatchState:
     """Subscribe, gather the retained burst, and return what it says.
 
