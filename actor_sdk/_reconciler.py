@@ -205,7 +205,10 @@ class Reconciler:
             self.effective[dispatch_type] = current
         else:
             self.effective.pop(dispatch_type, None)
-        await self._subscribers.notify_running_state(dispatch_type, previous, current)
+        try:
+            await self._subscribers.notify_running_state(dispatch_type, previous, current)
+        except Exception:  # a receiver's merge strategy: never holds up the actors' stops
+            _logger.exception("sending the running state of type %r failed", dispatch_type)
         deadline = _earliest(
             None,
             *(

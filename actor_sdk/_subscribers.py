@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
-from frequenz.channels import BroadcastChannel, Receiver, Sender
+from frequenz.channels import BroadcastChannel, Receiver, Sender, SenderError
 from frequenz.client.dispatch.types import DispatchId
 
 from actor_sdk._dispatch_model import Dispatch
@@ -16,7 +18,11 @@ from actor_sdk._view import BridgeView
 
 __all__ = ["Subscribers"]
 
+_logger = logging.getLogger(__name__)
+
 _CHANNEL_LIMIT = 16384
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -102,8 +108,11 @@ class Subscribers:
             events: The events.
         """
         for event in events:
-            for sender in self._lifecycle.get(event.dispatch.type, ()):
-                await sender.send(event)
+            dispatch_type = event.dispatch.type
+            senders = self._lifecycle.get(dispatch_type, [])
+            kept = [s for s in senders if await _delivered(s, event, "lifecycle", dispatch_type)]
+            if len(kept) != len(senders):
+                _forget(self._lifecycle, dispatch_type, kept)
 
     async def notify_running_state(
         self,
@@ -136,11 +145,13 @@ class Subscribers:
             for dispatch in self._view.dispatches(dispatch_type).values()
         }
         context.update(current)
-        for subscription in subscriptions:
-            for message in messages:
-                strategy = subscription.strategy
-                if strategy is None or strategy.filter(context, message):
-                    await subscription.sender.send(message)
+        kept = [
+            subscription
+            for subscription in subscriptions
+            if await _sent_all(subscription, messages, context, dispatch_type)
+        ]
+        if len(kept) != len(subscriptions):
+            _forget(self._running_state, dispatch_type, kept)
 
     async def close(self) -> None:
         """Close every receiver handed out."""
@@ -152,3 +163,43 @@ class Subscribers:
                 await subscription.sender.aclose()
         self._lifecycle.clear()
         self._running_state.clear()
+
+
+async def _sent_all(
+    subscription: _StateSubscription,
+    messages: list[Dispatch],
+    context: dict[DispatchId, Dispatch],
+    dispatch_type: str,
+) -> bool:
+    """Send a subscription the messages its strategy passes; False once it is gone."""
+    strategy = subscription.strategy
+    for message in messages:
+        if strategy is not None and not strategy.filter(context, message):
+            continue
+        if not await _delivered(subscription.sender, message, "running state", dispatch_type):
+            return False
+    return True
+
+
+async def _delivered(sender: Sender[_T], message: _T, kind: str, dispatch_type: str) -> bool:
+    """Send one message; False when its receiver was dropped (the channel is closed)."""
+    try:
+        await sender.send(message)
+    except SenderError:
+        # Never an error of the dispatcher's: one receiver fewer, and nothing else
+        # (the actors of the type, the fail-safe stops) may depend on its sends.
+        _logger.info(
+            "a %s receiver of type %r is gone (its channel is closed): no longer sent to",
+            kind,
+            dispatch_type,
+        )
+        return False
+    return True
+
+
+def _forget(table: dict[str, list[_T]], dispatch_type: str, kept: list[_T]) -> None:
+    """Keep only the receivers still there; a type without any is followed no more."""
+    if kept:
+        table[dispatch_type] = kept
+    else:
+        table.pop(dispatch_type, None)

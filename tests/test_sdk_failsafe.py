@@ -10,6 +10,7 @@ keepalives; deadlines follow the bridge's clock.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -471,3 +472,34 @@ async def test_live_messages_hold_the_wait_for_an_incomplete_tree_open_only_for_
     assert 1.5 <= waited <= 6, waited  # 4 x 0.5 s after the retained catch-up
     assert "after the last retained message, while live messages kept coming" in caplog.text
     assert f"type {T!r}: 1 dispatch topics arrived, its running snapshot counts 2" in caplog.text
+
+
+# --- 10. receivers dropped by their caller -------------------------------------------
+
+
+async def test_dropped_receivers_of_a_managed_type_never_hold_up_its_actors(
+    scripted_bridge: ScriptedBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver its caller dropped has a closed channel: sending to it raises.
+
+    That raised inside the reconcile of the type, before its actors were brought up
+    to date: a dropped running-state receiver kept a managed type's actors from
+    starting and, worse, from stopping at their `until`.
+    """
+    log = ActorLog()
+    await scripted_bridge.status("online")
+    with caplog.at_level(logging.INFO, logger="actor_sdk"):
+        async with managing(scripted_bridge, log) as dispatcher:
+            await poll(lambda: dispatcher.is_live)
+            dispatcher.new_lifecycle_events_receiver(T)  # dropped at once
+            await dispatcher.new_running_state_event_receiver(T)  # dropped at once
+            gc.collect()
+            run = ending_in(1, 1.0)
+            await scripted_bridge.dispatch(run)
+            await scripted_bridge.running(T, [run])
+            await log.wait_count("start", 1)
+            await log.wait_count("stop", 1, within=3)
+            assert lateness(log, run) <= LATENESS_TOLERANCE_S
+    assert "bringing the actors of type" not in caplog.text
+    assert f"a running state receiver of type {T!r} is gone" in caplog.text
+    assert f"a lifecycle receiver of type {T!r} is gone" in caplog.text
