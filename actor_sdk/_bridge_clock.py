@@ -7,6 +7,10 @@ bridge's time when it was made; the difference `arrived - as_of` is the true off
 which is never negative. As NTP's clock filter does, the estimate is the smallest
 difference over a window of recent samples: a sample delayed by a burst of retained
 messages or a busy broker is larger, never smaller, so it cannot move the estimate.
+The window is counted in seconds that brought samples, not in samples: a burst of
+delayed live messages (a healed partition flushes everything the bridge published
+meanwhile, each `as_of` seconds old) is one second of the window, so it cannot push
+the good samples out (seen in a chaos run: "3.2 s ahead" for a moment, with no skew).
 
 Until `CONVERGED_AFTER` samples arrived, the offset in use is zero (the local clock):
 a single sample could be a delayed one. Retained replays are never samples: their
@@ -24,7 +28,7 @@ CONVERGED_AFTER = 4
 """Live samples needed before deadlines use the bridge's clock (about 4 status intervals)."""
 
 WINDOW = 16
-"""Samples the minimum is taken over (80 s at the bridge's 5 s status interval)."""
+"""Seconds with samples the minimum is taken over (80 s at the bridge's 5 s status interval)."""
 
 SKEW_WORTH_LOGGING = timedelta(seconds=1)
 """An offset beyond this is logged (and a change of the estimate by more than it)."""
@@ -35,14 +39,16 @@ class BridgeClock:
 
     def __init__(self) -> None:
         """Create an estimator with no samples (the local clock is used)."""
-        self._samples: deque[timedelta] = deque(maxlen=WINDOW)
+        self._seconds: deque[tuple[int, timedelta]] = deque(maxlen=WINDOW)
+        """Per arrival second (unix), the smallest sample that arrived in it."""
+        self._samples = 0
         self._offset = timedelta(0)
         self._logged = timedelta(0)
 
     @property
     def converged(self) -> bool:
         """Whether enough samples arrived for deadlines to use the bridge's clock."""
-        return len(self._samples) >= CONVERGED_AFTER
+        return self._samples >= CONVERGED_AFTER
 
     @property
     def offset(self) -> timedelta:
@@ -82,10 +88,18 @@ class BridgeClock:
             A line worth logging when the estimate converged beyond
             `SKEW_WORTH_LOGGING` or later moved by more than that; None otherwise.
         """
-        self._samples.append(arrived - as_of)
+        sample, second = arrived - as_of, int(arrived.timestamp())
+        if (
+            self._seconds and second <= self._seconds[-1][0]
+        ):  # the same second (or a clock step back)
+            last, smallest = self._seconds[-1]
+            self._seconds[-1] = (last, min(smallest, sample))
+        else:
+            self._seconds.append((second, sample))
+        self._samples += 1
         if not self.converged:
             return None
-        self._offset = min(self._samples)
+        self._offset = min(smallest for _, smallest in self._seconds)
         if abs(self._offset - self._logged) <= SKEW_WORTH_LOGGING:
             return None
         self._logged = self._offset

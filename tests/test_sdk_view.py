@@ -255,3 +255,21 @@ def test_bridge_clock_is_not_moved_by_queueing_behind_a_burst() -> None:
         assert clock.offset == settled
     clock.observe(NOW, NOW + timedelta(milliseconds=1))  # a quicker one refines it
     assert clock.offset == timedelta(milliseconds=1)
+
+
+def test_bridge_clock_is_not_moved_by_a_burst_of_delayed_live_messages() -> None:
+    """A healed partition flushes what the bridge published meanwhile, all at once.
+
+    Those messages arrive live (retain 0) with `as_of` seconds old: more of them than
+    the window held pushed every good sample out, and the estimate jumped by seconds
+    for a moment (a chaos run logged "3.2 s ahead" with no skew at all).
+    """
+    clock = BridgeClock()
+    for n in range(CONVERGED_AFTER):  # one status a second, 2 ms on the way
+        clock.observe(NOW + timedelta(seconds=n), NOW + timedelta(seconds=n, milliseconds=2))
+    settled = clock.offset
+    healed = NOW + timedelta(seconds=30)
+    for n in range(50):  # made during the 7 s partition, all arriving within 50 ms
+        made = healed - timedelta(seconds=7) + timedelta(milliseconds=140 * n)
+        assert clock.observe(made, healed + timedelta(milliseconds=n)) is None
+    assert clock.offset == settled
