@@ -507,13 +507,7 @@ async def test_the_status_barrier_comes_after_thousands_of_retained_dispatches(
     scripted_bridge: ScriptedBridge,
 ) -> None:
     count = 2000
-    gate = asyncio.Semaphore(20)
-
-    async def publish(dispatch_id: int) -> None:
-        async with gate:
-            await scripted_bridge.dispatch(wire_dispatch(dispatch_id, T, running=False))
-
-    await asyncio.gather(*(publish(i) for i in range(1, count + 1)))
+    await scripted_bridge.many_dispatches(T, count)
     await scripted_bridge.status("online")
     # A long sync timeout: initialization must end at the status, with all of them.
     async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=60)) as dispatcher:
@@ -571,13 +565,7 @@ async def test_no_retained_dispatch_is_lost_when_a_short_sync_timeout_ends_the_r
     scripted_bridge: ScriptedBridge,
 ) -> None:
     count = 2000
-    gate = asyncio.Semaphore(20)
-
-    async def publish(dispatch_id: int) -> None:
-        async with gate:
-            await scripted_bridge.dispatch(wire_dispatch(dispatch_id, T, running=False))
-
-    await asyncio.gather(*(publish(i) for i in range(1, count + 1)))
+    await scripted_bridge.many_dispatches(T, count)
     # No status: a sync timeout far shorter than the burst may end the resync in its
     # middle; whatever arrives as it fires, and after, must still reach the view.
     async with dispatcher_for(scripted_bridge, sync_timeout=timedelta(seconds=0.02)) as dispatcher:

@@ -354,13 +354,7 @@ async def test_the_clock_offset_does_not_jump_during_a_burst_of_retained_message
     scripted_bridge: ScriptedBridge, mqtt_broker_session: Broker, broker_proxy: TcpProxy
 ) -> None:
     count = 3000
-    gate = asyncio.Semaphore(50)
-
-    async def publish(dispatch_id: int) -> None:
-        async with gate:
-            await scripted_bridge.dispatch(wire_dispatch(dispatch_id, T, running=False))
-
-    await asyncio.gather(*(publish(i) for i in range(1, count + 1)))
+    await scripted_bridge.many_dispatches(T, count, concurrency=50)
     await scripted_bridge.status("online")
     url = broker_proxy.url(mqtt_broker_session)
     async with dispatcher_for(scripted_bridge, url) as dispatcher:
