@@ -53,6 +53,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# First: importing the SDK silences a harmless warning frequenz-client-common's import logs.
+import actor_sdk  # noqa: F401  # isort: skip
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, RecurrenceRule
 from frequenz.client.dispatch.types import Dispatch, DispatchId, TargetIds
