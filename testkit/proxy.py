@@ -2,8 +2,9 @@
 
 `cut()` drops every connection and refuses new ones; `partition()` goes silent
 (bytes dropped, nothing closed, like a lost route); `resume()` and `heal()` bring
-the path back. Tests and the chaos bench put one between a client and the broker
-(or the API server).
+the path back. `hold()` keeps what clients send until `release()` (a slow
+target, without a sleep). Tests and the chaos bench put one between a client and
+the broker (or the API server).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._healed = asyncio.Event()
         self._healed.set()
+        self._released = asyncio.Event()
+        self._released.set()
+        self.holding = asyncio.Event()
+        """Set once `hold()` keeps bytes a client sent."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -49,16 +54,21 @@ class TcpProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        for source, sink, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pipe(source, sink, upstream=upstream))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
                 if not self._healed.is_set():
                     continue  # dropped on the floor, as a partitioned link does
+                if upstream and not self._released.is_set():
+                    self.holding.set()
+                    await self._released.wait()  # kept, in order: later bytes queue behind
                 sink.write(data)
                 await sink.drain()
         except (ConnectionError, OSError):
@@ -93,7 +103,17 @@ class TcpProxy:
         """Forward again; connections that lived through the partition carry on."""
         self._healed.set()
 
+    def hold(self) -> None:
+        """Keep the bytes clients send (nothing dropped, nothing closed) until `release()`."""
+        self.holding.clear()
+        self._released.clear()
+
+    def release(self) -> None:
+        """Forward what `hold()` kept, in order, and whatever follows."""
+        self._released.set()
+
     async def close(self) -> None:
+        self.release()
         self.heal()
         await self.cut()
 
