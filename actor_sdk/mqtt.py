@@ -33,7 +33,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -503,7 +502,6 @@ def new_client(
         max_inflight_messages=max_inflight,
         max_queued_incoming_messages=0,
         queue_type=queue_type,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         logger=logger,
     )
     # aiomqtt warns about, and scans, its pending calls beyond this many.
