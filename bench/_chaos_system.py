@@ -51,6 +51,8 @@ SDK_KEEPALIVE = 3
 BRIDGE_KEEPALIVE = 15
 NOTICE_SLACK = 0.5
 """Seconds a host may take to notice a fault that closes its connection or sends a will."""
+STATUS_INTERVAL = 5
+"""The bridge's status interval (its default): a host's view stays live 2 of them."""
 _SYNCED = re.compile(r"\bsynced \d+ dispatches from the Dispatch API")
 _UPSTREAM_LOST = "reconnecting in"
 _FROM_CACHE = re.compile(r"loaded [1-9]\d* dispatches from the cache")
@@ -68,7 +70,14 @@ class HoldingProxy(TcpProxy):
     fill as on a real link).
     """
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    @property
+    def partitioned(self) -> bool:
+        """Whether the link holds its bytes now."""
+        return not self._healed.is_set()
+
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
                 await self._healed.wait()
@@ -123,7 +132,7 @@ class System:
         self.clock_offset = clock_offset
         self.factory = ProcessFactory(workdir / "logs")
         self.hosts: list[Host] = []
-        self.links: dict[str, TcpProxy] = {}
+        self.links: dict[str, HoldingProxy] = {}
         self.records = workdir / "actors.jsonl"
         self.records.touch()
         self.liveness = Liveness(self.records)
@@ -265,9 +274,23 @@ class System:
         healed = time.time()
         await asyncio.to_thread(recover)
         await asyncio.to_thread(self._wait_all_live)
-        # Broker or bridge gone: connections close or the will goes out at once.
-        dark_after = NOTICE_SLACK if target in ("broker", "bridge") else None
+        dark_after = self._notice_after(target) if target in ("broker", "bridge") else None
         return Fault(kind, target, began, healed, time.time(), dark_after)
+
+    def _notice_after(self, dead: str) -> float:
+        """How soon after the broker's or the bridge's death every host must know it.
+
+        At once, as a rule: the connections close, or the bridge's will goes out. But
+        a partition holds a closing connection's end behind the bytes it holds: the
+        bridge's will waits for its link to heal (the hosts then go by the missing
+        status: 2 status intervals), and a host cut off from the broker notices it
+        by its own probe (2 keepalives).
+        """
+        if dead == "bridge" and self.links["bridge~broker"].partitioned:
+            return 2 * STATUS_INTERVAL + NOTICE_SLACK
+        if dead == "broker" and any(self.links[f"{h.name}~broker"].partitioned for h in self.hosts):
+            return 2 * SDK_KEEPALIVE + NOTICE_SLACK
+        return NOTICE_SLACK
 
     async def _partition(self, target: str, began: float, down: float) -> Fault:
         link = self.links[target]
@@ -322,6 +345,7 @@ class System:
             self._bridge.process.start()
             return synced, log_size
 
+        dark_after = self._notice_after("bridge")  # before the kill: the link's state then
         synced, log_size = await asyncio.to_thread(restart_blind)
         await asyncio.sleep(down)
         await asyncio.to_thread(self.api.start, RECOVERY_TIMEOUT)
@@ -340,7 +364,7 @@ class System:
         await asyncio.to_thread(recover)
         if _FROM_CACHE.search(self._bridge.output()[log_size:]):
             raise RuntimeError(f"{kind}: the bridge still loaded dispatches from its cache")
-        return Fault(kind, "bridge", began, healed, time.time(), NOTICE_SLACK)
+        return Fault(kind, "bridge", began, healed, time.time(), dark_after)
 
     def _kill(
         self, victim: str, *, wipe: bool = False

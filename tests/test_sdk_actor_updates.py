@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -53,3 +55,50 @@ async def test_an_update_to_an_actor_without_its_receiver_is_logged_not_raised(
     assert "does not keep its receiver of updates" in caplog.text
     await actors.stop_all("done")
     assert len(created) == 1 and created[0].stopped
+
+
+class _SlowToStop:
+    """Records its start and its stop, which takes a while."""
+
+    def __init__(self, log: list[tuple[str, int]], number: int) -> None:
+        self.log = log
+        self.number = number
+
+    def start(self) -> None:
+        self.log.append(("start", self.number))
+
+    async def stop(self, msg: str | None = None) -> None:
+        self.log.append(("stopping", self.number))
+        await asyncio.sleep(0.3)
+        self.log.append(("stopped", self.number))
+
+
+async def test_a_new_actor_for_a_key_starts_only_once_its_previous_actor_stopped() -> None:
+    """A stop and a start of one dispatch at once must not overlap (two actors at once).
+
+    Stops run in tasks of their own; the start that follows a stop of the same key
+    went ahead at once, so a chaos run saw the new actor start 10 ms before the old
+    one had stopped.
+    """
+    log: list[tuple[str, int]] = []
+    numbers = itertools.count(1)
+
+    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _SlowToStop:
+        return _SlowToStop(log, next(numbers))
+
+    actors = ActorSet(
+        "T",
+        factory=factory,
+        identity=lambda d: d.id,
+        retry_interval=timedelta(seconds=1),
+        clock=lambda: T0,
+    )
+    dispatch = from_wire(wire_dispatch(1, "T"))
+    await actors.apply([dispatch], reason="")
+    await async_wait_until(lambda: ("start", 1) in log, 5, "the first start")
+    await actors.apply([], reason="stopped")
+    await actors.apply([dispatch], reason="")  # again at once: the stop is under way
+    await async_wait_until(lambda: ("start", 2) in log, 5, "the second start")
+    assert log == [("start", 1), ("stopping", 1), ("stopped", 1), ("start", 2)]
+    await actors.stop_all("done")
+    assert log[-2:] == [("stopping", 2), ("stopped", 2)]
