@@ -54,7 +54,8 @@ NOTICE_SLACK = 0.5
 STATUS_INTERVAL = 5
 """The bridge's status interval (its default): a host's view stays live 2 of them."""
 _SYNCED = re.compile(r"\bsynced \d+ dispatches from the Dispatch API")
-_UPSTREAM_LOST = "reconnecting in"
+_UPSTREAM_LOST = ", then listing again"
+"""The end of the line the bridge logs when it lost its Dispatch API stream (not its broker)."""
 _FROM_CACHE = re.compile(r"loaded [1-9]\d* dispatches from the cache")
 
 
