@@ -349,7 +349,7 @@ async def create_burst(
     from frequenz.client.dispatch.types import TargetIds  # noqa: PLC0415
 
     count = len(microgrid_ids) * per_microgrid
-    base = next_second(3.0 + 0.02 * count)
+    base = next_second(2.0 + 0.02 * count)
     planned = [
         (microgrid_id, base + timedelta(seconds=index % instants), index)
         for position, microgrid_id in enumerate(microgrid_ids)

@@ -206,14 +206,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def idle_rss(factory: ProcessFactory, api: ApiServerHandle, site: Site, workdir: Path) -> int:
+def idle_rss(api: ApiServerHandle, broker: Broker, workdir: Path) -> int:
     """RSS of a bridge serving one microgrid without dispatches, once it is online."""
-    idle = new_bridge(factory, api, site.bridge_node, [IDLE_MG], workdir / "idle-state")
-    idle.start(timeout=60)
-    idle.wait_vouching(60)
-    rss = int(psutil.Process(idle.process.pid).memory_info().rss)
-    idle.stop()
-    return rss
+    factory = ProcessFactory(workdir / "logs")
+    try:
+        idle = new_bridge(factory, api, broker, [IDLE_MG], workdir / "idle-state")
+        idle.start(timeout=60)
+        idle.wait_vouching(60)
+        return int(psutil.Process(idle.process.pid).memory_info().rss)
+    finally:
+        factory.stop_all()
 
 
 def startup(
@@ -375,12 +377,17 @@ class SiteRun:
 
 
 def measure_site(
-    table: SideTable, site: Site, api: ApiServerHandle, settings: Settings, workdir: Path
+    table: SideTable,
+    site: Site,
+    api: ApiServerHandle,
+    settings: Settings,
+    workdir: Path,
+    *,
+    baseline: int,
 ) -> None:
-    """Every figure of one broker's column."""
+    """Every figure of one broker's column; `baseline` is the RSS of an idle bridge."""
     factory = ProcessFactory(workdir / "logs")
     try:
-        baseline = idle_rss(factory, api, site, workdir)
         tap = FleetTap.start(factory, site.reader, "tap")
         tap.wait_subscribed(site.bridge_node)
         expected = expected_trees(api.db_path, settings.microgrid_ids)
@@ -437,13 +444,14 @@ def run(settings: Settings, workdir: Path) -> SideTable:
         try:
             n1, n2, n3 = cluster.nodes
             nats = Site(NATS, n1, n3, [("n1", n1), ("n2", n2), ("n3", n3)], cluster)
-            measure_site(table, nats, api, settings, workdir / "on-nats")
+            baseline = idle_rss(api, n1, workdir / "idle")
+            measure_site(table, nats, api, settings, workdir / "on-nats", baseline=baseline)
         finally:
             cluster.close()
         broker = start_broker(workdir / "mosquitto")
         try:
             site = Site(MOSQUITTO, broker, broker, [("mosquitto", broker)] * 3)
-            measure_site(table, site, api, settings, workdir / "on-mosquitto")
+            measure_site(table, site, api, settings, workdir / "on-mosquitto", baseline=baseline)
         finally:
             broker.close()
     finally:
@@ -467,6 +475,11 @@ def run(settings: Settings, workdir: Path) -> SideTable:
         f"ceiling: {min(CEILING_CONNECTIONS, settings.microgrids)} paho-mqtt connections from "
         "one Python process (on Mosquitto the publisher may be the limit); the bridge uses "
         "one connection per microgrid"
+    )
+    table.note(
+        f"idle bridge (the RSS baseline): one microgrid without dispatches, on NATS, "
+        f"{baseline / 1e6:.1f} MB; CPU during start-up includes the interpreter's start "
+        "and imports"
     )
     table.note(
         f"{os.cpu_count()} cores; load average (1/5/15 min) before "
