@@ -336,6 +336,10 @@ class SiteRun:
         )
         progress(f"{self.site.column}: burst of {len(burst.changes)} changes measured")
 
+    def restart(self, node: NatsNode) -> None:
+        node.start(60)
+        progress(f"{self.site.column}: {node!r} restarted")
+
     def kill_burst(self, victim: NatsNode, label: str, down_s: float | None) -> None:
         """A burst with `victim` SIGKILLed 0.5 s after its first instant.
 
@@ -348,12 +352,11 @@ class SiteRun:
         progress(f"{self.site.column}: {victim!r} killed")
         if down_s is not None:
             sleep_until(burst.base + 0.5 + down_s)
-            victim.start(60)
+            self.restart(victim)
         last = max(change.instant for change in burst.changes)
         late = tap_lateness(self.tap, burst.changes, last + 90)
         if down_s is None:
-            victim.start(60)
-        progress(f"{self.site.column}: {victim!r} restarted")
+            self.restart(victim)
         self.rows(f"{label}: change → subscriber", late)
         self.hosts.wait_live(120)
         actors = actor_lateness(self.hosts, burst.changes, time.time() + 3)
