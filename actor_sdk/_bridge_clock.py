@@ -12,9 +12,9 @@ delayed live messages (a healed partition flushes everything the bridge publishe
 meanwhile, each `as_of` seconds old) is one second of the window, so it cannot push
 the good samples out (seen in a chaos run: "3.2 s ahead" for a moment, with no skew).
 
-Until `CONVERGED_AFTER` samples arrived, the offset in use is zero (the local clock):
-a single sample could be a delayed one. Retained replays are never samples: their
-`as_of` may be hours old.
+Until samples arrived in `CONVERGED_AFTER` different seconds, the offset in use is
+zero (the local clock): the samples of one second could all be one delayed burst.
+Retained replays are never samples: their `as_of` may be hours old.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from datetime import datetime, timedelta
 __all__ = ["CONVERGED_AFTER", "SKEW_WORTH_LOGGING", "BridgeClock"]
 
 CONVERGED_AFTER = 4
-"""Live samples needed before deadlines use the bridge's clock (about 4 status intervals)."""
+"""Seconds with live samples needed before deadlines use the bridge's clock (about 4
+status intervals): samples of one second may all be one delayed burst (a freshly
+started SDK got its first four in one, 2.9 s late, and started a run past its until)."""
 
 WINDOW = 16
 """Seconds with samples the minimum is taken over (80 s at the bridge's 5 s status interval)."""
@@ -41,14 +43,13 @@ class BridgeClock:
         """Create an estimator with no samples (the local clock is used)."""
         self._seconds: deque[tuple[int, timedelta]] = deque(maxlen=WINDOW)
         """Per arrival second (unix), the smallest sample that arrived in it."""
-        self._samples = 0
         self._offset = timedelta(0)
         self._logged = timedelta(0)
 
     @property
     def converged(self) -> bool:
         """Whether enough samples arrived for deadlines to use the bridge's clock."""
-        return self._samples >= CONVERGED_AFTER
+        return len(self._seconds) >= CONVERGED_AFTER
 
     @property
     def offset(self) -> timedelta:
@@ -96,7 +97,6 @@ class BridgeClock:
             self._seconds[-1] = (last, min(smallest, sample))
         else:
             self._seconds.append((second, sample))
-        self._samples += 1
         if not self.converged:
             return None
         self._offset = min(smallest for _, smallest in self._seconds)

@@ -232,10 +232,11 @@ def test_bridge_clock_uses_the_local_clock_until_converged_then_the_minimum_offs
     clock = BridgeClock()
     skew = timedelta(seconds=5)  # local clock 5 s ahead of the bridge's
     lines = []
-    for n in range(CONVERGED_AFTER):
+    for n in range(CONVERGED_AFTER):  # one a second, as statuses come
         assert clock.offset == timedelta(0)
         delay = timedelta(milliseconds=30 - n)  # network and queueing, never negative
-        lines.append(clock.observe(NOW, NOW + skew + delay))
+        made = NOW + timedelta(seconds=n)
+        lines.append(clock.observe(made, made + skew + delay))
     assert clock.converged
     assert clock.offset == skew + timedelta(milliseconds=30 - CONVERGED_AFTER + 1)
     assert [line for line in lines if line] == [lines[-1]]
@@ -246,15 +247,34 @@ def test_bridge_clock_uses_the_local_clock_until_converged_then_the_minimum_offs
 
 def test_bridge_clock_is_not_moved_by_queueing_behind_a_burst() -> None:
     clock = BridgeClock()
-    for _ in range(CONVERGED_AFTER):
-        clock.observe(NOW, NOW + timedelta(milliseconds=2))
+    for n in range(CONVERGED_AFTER):
+        made = NOW + timedelta(seconds=n)
+        clock.observe(made, made + timedelta(milliseconds=2))
     settled = clock.offset
+    later = NOW + timedelta(seconds=10)
     # Live messages stuck 4-12 s behind a retained burst (as measured before the filter).
     for delay_s in (12, 9, 7, 4, 11):
-        assert clock.observe(NOW, NOW + timedelta(seconds=delay_s)) is None
+        assert clock.observe(later, later + timedelta(seconds=delay_s)) is None
         assert clock.offset == settled
-    clock.observe(NOW, NOW + timedelta(milliseconds=1))  # a quicker one refines it
+    clock.observe(later, later + timedelta(milliseconds=1))  # a quicker one refines it
     assert clock.offset == timedelta(milliseconds=1)
+
+
+def test_bridge_clock_does_not_converge_on_one_burst() -> None:
+    """A freshly started SDK may get its first live messages all at once, late.
+
+    Four samples of one second converged the estimate: 2.9 s "ahead" with no skew, and
+    a run whose `until` had passed was started. Convergence needs four seconds.
+    """
+    clock = BridgeClock()
+    for n in range(10):  # made over 3 s, all arriving at once
+        made = NOW - timedelta(seconds=3) + timedelta(milliseconds=300 * n)
+        assert clock.observe(made, NOW + timedelta(milliseconds=n)) is None
+    assert not clock.converged and clock.offset == timedelta(0)
+    for n in range(1, CONVERGED_AFTER):  # then statuses on time, one a second
+        made = NOW + timedelta(seconds=n)
+        clock.observe(made, made + timedelta(milliseconds=2))
+    assert clock.converged and clock.offset == timedelta(milliseconds=2)
 
 
 def test_bridge_clock_is_not_moved_by_a_burst_of_delayed_live_messages() -> None:
