@@ -29,6 +29,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,18 +109,23 @@ class Liveness:
         self.records = records
         self.offset = 0
         self.live: dict[str, bool] = {}
+        self._reading = threading.Lock()
+        """Overlapping faults poll from two threads: unguarded, both advanced the
+        offset past the same records and skipped the next ones (a run waited 60 s for
+        a host that had been live for 53 s)."""
 
     def poll(self) -> None:
         """Read the records appended since the last poll."""
-        with self.records.open("rb") as stream:
-            stream.seek(self.offset)
-            data = stream.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        for line in data[:end].splitlines():
-            record = json.loads(line)
-            if record.get("ev") == "live":
-                self.live[record["host"]] = bool(record["live"])
+        with self._reading:
+            with self.records.open("rb") as stream:
+                stream.seek(self.offset)
+                data = stream.read()
+            end = data.rfind(b"\n") + 1
+            self.offset += end
+            for line in data[:end].splitlines():
+                record = json.loads(line)
+                if record.get("ev") == "live":
+                    self.live[record["host"]] = bool(record["live"])
 
 
 class System:
