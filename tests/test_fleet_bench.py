@@ -1,7 +1,9 @@
 """bench/fleet.py --quick runs and prints its figures, per broker (figures are not checked).
 
 Run as a subprocess (tests never import bench/): a 3-node NATS cluster, Mosquitto, the
-API server, a bridge serving 5 microgrids on each and SDK hosts.
+API server, a bridge serving 5 microgrids on each and SDK hosts. About a minute of a
+3-node cluster: it runs with the NATS matrix (`pytest -m nats`), not in the default
+run, which must stay well under 20 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS = "NATS, 3 nodes"
