@@ -301,6 +301,8 @@ class Chaos:
         self.host_deaths: dict[str, list[float]] = {}
         self.active = 0
         """Faults running now."""
+        self.in_flight: dict[int, tuple[str, str, float]] = {}
+        """Per fault task, the fault it runs now (kind, target, began)."""
         self.records = 0
 
     async def operations(self) -> None:
@@ -324,6 +326,7 @@ class Chaos:
             self.held |= resources
             self.active += 1
             self.stats.most_at_once = max(self.stats.most_at_once, self.active)
+            self.in_flight[worker] = (kind, target, time.time())
             try:
                 if kind == "kill" and target.startswith("sdk"):
                     self.host_deaths.setdefault(target, []).append(time.time())
@@ -331,6 +334,7 @@ class Chaos:
             finally:
                 self.held -= resources
                 self.active -= 1
+                del self.in_flight[worker]
             self._survived(fault, worker)
             if not self.held:
                 await self.audit()
@@ -405,6 +409,11 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> int:
         traceback.print_exc()
         aborted = f"the run stopped: {error!r}".splitlines()[0]
         end = time.time()
+        if chaos is not None:  # faults under way then: disturbed to the end, not "all up"
+            chaos.stats.faults += [
+                Fault(kind, target, began, end, end)
+                for kind, target, began in chaos.in_flight.values()
+            ]
     finally:
         await system.close()
     if chaos is None:
