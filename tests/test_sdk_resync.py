@@ -157,15 +157,17 @@ async def test_live_snapshots_handled_late_are_sampled_at_their_arrival_not_as_s
 ) -> None:
     base = utcnow()
     handled_at = [base + timedelta(seconds=15)]  # handled 15 s after they arrived
-    async with _session(0.2, clock=lambda: handled_at[0], arrival_clock=lambda: base) as (
+    arrived = [base]
+    async with _session(0.2, clock=lambda: handled_at[0], arrival_clock=lambda: arrived[0]) as (
         dispatcher,
         client,
     ):
         await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
         with caplog.at_level(logging.WARNING, logger="actor_sdk"):
-            for seq in range(1, CONVERGED_AFTER + 1):
-                client.messages.source.put_nowait(_live_snapshot(seq, as_of=base))
-            await _poll(lambda: [int(d.id) for d in dispatcher._view.running(T)] == [seq])
+            for seq in range(1, CONVERGED_AFTER + 1):  # one a second: the estimate converges
+                arrived[0] = base + timedelta(seconds=seq)
+                client.messages.source.put_nowait(_live_snapshot(seq, as_of=arrived[0]))
+                await _poll(lambda s=seq: [int(d.id) for d in dispatcher._view.running(T)] == [s])
         assert dispatcher._bridge_clock.converged
         assert dispatcher.clock_offset == timedelta(0)
         assert not [r for r in caplog.records if "clock" in r.getMessage()]
