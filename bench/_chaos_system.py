@@ -139,6 +139,8 @@ class System:
         self.clock_offset = clock_offset
         self.factory = ProcessFactory(workdir / "logs")
         self.hosts: list[Host] = []
+        self.host_deaths: dict[str, list[float]] = {}
+        """When each actor host was killed (its actors end there: SIGKILL leaves no stop)."""
         self.links: dict[str, HoldingProxy] = {}
         self.records = workdir / "actors.jsonl"
         self.records.touch()
@@ -420,6 +422,10 @@ class System:
             )
         host = next(h for h in self.hosts if h.name == victim)
         host.process.kill9()
+        # Stamped once the process is gone: stamped before the kill (a thread hop
+        # earlier, under load), an actor it started meanwhile looked alive until the
+        # host's next death (a false 'ran 15 s past its until').
+        self.host_deaths.setdefault(victim, []).append(time.time())
         before = self._synced(host)
 
         def recover_host() -> None:

@@ -298,7 +298,6 @@ class Chaos:
         self.faults_allowed.set()
         self.last_audit = self.begin
         self.tree_problems: list[str] = []
-        self.host_deaths: dict[str, list[float]] = {}
         self.active = 0
         """Faults running now."""
         self.in_flight: dict[int, tuple[str, str, float]] = {}
@@ -328,8 +327,6 @@ class Chaos:
             self.stats.most_at_once = max(self.stats.most_at_once, self.active)
             self.in_flight[worker] = (kind, target, time.time())
             try:
-                if kind == "kill" and target.startswith("sdk"):
-                    self.host_deaths.setdefault(target, []).append(time.time())
                 fault = await self.system.fault(kind, target, down)
             finally:
                 self.held -= resources
@@ -430,7 +427,7 @@ def _check_actors(chaos: Chaos, system: System, end: float) -> Report:
     chaos.records = len(records)
     host_modes = {h.name: h.merge for h in system.hosts}
     host_types = {h.name: h.types for h in system.hosts}
-    runs = actor_runs(records, host_modes, chaos.host_deaths, end)
+    runs = actor_runs(records, host_modes, system.host_deaths, end)
     return check(
         chaos.driver.truth,
         runs,
