@@ -278,12 +278,17 @@ class System:
         if kind in ("blind-bridge", "corrupt-cache"):
             return await self._blind_bridge(kind, began, down)
         heal, recover = await asyncio.to_thread(self._kill, target, wipe=kind == "broker-wipe")
+        # The kill came after reading the logs it compares with later (seconds, late in
+        # a run): the hosts must notice from the kill on, not from `began`.
+        killed_after = time.time() - began
         await asyncio.sleep(down)
         await asyncio.to_thread(heal)
         healed = time.time()
         await asyncio.to_thread(recover)
         await asyncio.to_thread(self._wait_all_live)
-        dark_after = self._notice_after(target) if target in ("broker", "bridge") else None
+        dark_after = None
+        if target in ("broker", "bridge"):
+            dark_after = killed_after + self._notice_after(target)
         return Fault(kind, target, began, healed, time.time(), dark_after)
 
     def _notice_after(self, dead: str) -> float:
@@ -356,6 +361,7 @@ class System:
 
         dark_after = self._notice_after("bridge")  # before the kill: the link's state then
         synced, log_size = await asyncio.to_thread(restart_blind)
+        dark_after += time.time() - began  # from the kill (after reading the logs) on
         await asyncio.sleep(down)
         await asyncio.to_thread(self.api.start, RECOVERY_TIMEOUT)
         healed = time.time()
