@@ -306,6 +306,11 @@ async def _start_mosquitto(
                 continue
             log = tail(directory / "mosquitto.log") or tail(directory / "mosquitto.out")
             raise DemoError(f"mosquitto did not start on port {chosen}:\n{log}") from None
+        except asyncio.CancelledError:
+            # Ctrl-C while it starts: nothing owns it yet, so stop it here (it was
+            # left running, a test found).
+            await stop_process(process, "mosquitto")
+            raise
         return process, chosen, web_port, passwords
     raise AssertionError("unreachable")
 
