@@ -238,6 +238,10 @@ class System:
             f"the bridge's sync #{count} with the Dispatch API",
         )
 
+    def wait_bridge_vouching(self) -> None:
+        """Wait until the bridge's retained status says `online` (synced, tree read back)."""
+        self._bridge.wait_vouching(RECOVERY_TIMEOUT)
+
     def _hosts_see_online(self, host: Host) -> int:
         return host.process.output().count("is online (session")
 
