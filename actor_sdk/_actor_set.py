@@ -239,9 +239,9 @@ class ActorSet:
         *,
         after: asyncio.Future[None] | None,
     ) -> None:
-        dispatch = slot.dispatch
         if after is not None:  # the key's previous actor first ends (bounded: see _stop_slot)
             await asyncio.wait({after})
+        dispatch = slot.dispatch  # as updated meanwhile
         try:
             async with asyncio.timeout(self._factory_timeout) as deadline:
                 created = self._factory(DispatchInfo.from_dispatch(dispatch), receiver)
@@ -302,13 +302,18 @@ class ActorSet:
 
     def _stop(self, key: Hashable, slot: _Slot, reason: str) -> None:
         slot.stopping = True
-        stopping = self._spawn_stop(self._stop_slot(slot, reason))
+        # Ends only once the key's earlier stops ended too: a stop of a start that was
+        # still waiting ends at once, and the next start must still wait for them.
+        earlier = self._stop_of.get(key)
+        stopping = self._spawn_stop(self._stop_slot(slot, reason, after=earlier))
         self._stop_of[key] = stopping
         stopping.add_done_callback(
             lambda done: self._stop_of.pop(key) if self._stop_of.get(key) is done else None
         )
 
-    async def _stop_slot(self, slot: _Slot, reason: str) -> None:
+    async def _stop_slot(
+        self, slot: _Slot, reason: str, *, after: asyncio.Future[None] | None
+    ) -> None:
         try:
             creating = slot.creating
             if creating is not None and not creating.done():
@@ -324,6 +329,8 @@ class ActorSet:
                 await self._stop_actor(slot.actor, slot.dispatch, reason)
         finally:
             await slot.sender.aclose()
+            if after is not None:
+                await asyncio.wait({after})
 
     async def _stop_actor(self, actor: Actor, dispatch: Dispatch, reason: str) -> None:
         self.counts.stopped += 1

@@ -102,3 +102,33 @@ async def test_a_new_actor_for_a_key_starts_only_once_its_previous_actor_stopped
     assert log == [("start", 1), ("stopping", 1), ("stopped", 1), ("start", 2)]
     await actors.stop_all("done")
     assert log[-2:] == [("stopping", 2), ("stopped", 2)]
+
+
+async def test_stop_start_stop_start_of_one_key_never_runs_two_actors_at_once() -> None:
+    """The second stop (of a start still waiting) must not forget the first, still under way.
+
+    It replaced the first in the key's record of stops and ended at once (it only
+    cancelled the waiting creation), so the next start waited for nothing: actor 2
+    started while actor 1 was still stopping.
+    """
+    log: list[tuple[str, int]] = []
+    numbers = itertools.count(1)
+
+    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _SlowToStop:
+        return _SlowToStop(log, next(numbers))
+
+    actors = ActorSet(
+        "T",
+        factory=factory,
+        identity=lambda d: d.id,
+        retry_interval=timedelta(seconds=1),
+        clock=lambda: T0,
+    )
+    dispatch = from_wire(wire_dispatch(1, "T"))
+    await actors.apply([dispatch], reason="")
+    await async_wait_until(lambda: ("start", 1) in log, 5, "the first start")
+    for applied in ([], [dispatch], [], [dispatch]):  # at once: actor 1 is still stopping
+        await actors.apply(applied, reason="flapping")
+    await async_wait_until(lambda: ("start", 2) in log, 5, "the last start")
+    assert log == [("start", 1), ("stopping", 1), ("stopped", 1), ("start", 2)]
+    await actors.stop_all("done")
