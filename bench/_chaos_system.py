@@ -281,6 +281,9 @@ class System:
             return await self._partition(target, began, down)
         if kind in ("blind-bridge", "corrupt-cache"):
             return await self._blind_bridge(kind, began, down)
+        # How soon the hosts must notice depends on the links as they are at the kill
+        # (a partition that heals before the recovery still held the news back).
+        notice = self._notice_after(target) if target in ("broker", "bridge") else None
         heal, recover = await asyncio.to_thread(self._kill, target, wipe=kind == "broker-wipe")
         # The kill came after reading the logs it compares with later (seconds, late in
         # a run): the hosts must notice from the kill on, not from `began`.
@@ -290,9 +293,7 @@ class System:
         healed = time.time()
         await asyncio.to_thread(recover)
         await asyncio.to_thread(self._wait_all_live)
-        dark_after = None
-        if target in ("broker", "bridge"):
-            dark_after = killed_after + self._notice_after(target)
+        dark_after = None if notice is None else killed_after + notice
         return Fault(kind, target, began, healed, time.time(), dark_after)
 
     def _notice_after(self, dead: str) -> float:
