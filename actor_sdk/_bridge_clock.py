@@ -39,17 +39,23 @@ SKEW_WORTH_LOGGING = timedelta(seconds=1)
 class BridgeClock:
     """Estimates `local - bridge` from live messages' `as_of` and their arrival times."""
 
-    def __init__(self) -> None:
-        """Create an estimator with no samples (the local clock is used)."""
-        self._seconds: deque[tuple[int, timedelta]] = deque(maxlen=WINDOW)
+    def __init__(self, *, window: int = WINDOW, converged_after: int = CONVERGED_AFTER) -> None:
+        """Create an estimator with no samples (the local clock is used).
+
+        Args:
+            window: Seconds with samples the minimum is taken over.
+            converged_after: Seconds with samples needed before the estimate is used.
+        """
+        self._seconds: deque[tuple[int, timedelta]] = deque(maxlen=window)
         """Per arrival second (unix), the smallest sample that arrived in it."""
+        self._converged_after = converged_after
         self._offset = timedelta(0)
         self._logged = timedelta(0)
 
     @property
     def converged(self) -> bool:
         """Whether enough samples arrived for deadlines to use the bridge's clock."""
-        return len(self._seconds) >= CONVERGED_AFTER
+        return len(self._seconds) >= self._converged_after
 
     @property
     def offset(self) -> timedelta:

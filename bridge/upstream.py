@@ -39,10 +39,11 @@ says so ("larger than max"): then the listing starts over with pages half as
 big, and the next listing tries the normal size again. Any other
 `RESOURCE_EXHAUSTED` is rate limiting: the connection backs off and retries.
 
-The bridge's clock is checked against the API's: a streamed create or update
-carries the server's `update_time` of the change, which must be within
-`CLOCK_TOLERANCE` of the time it arrives; a larger offset is logged and put
-in the status's `error` until a later change shows the clocks agree.
+The bridge's clock is checked against the API's (`bridge.api_clock`): a streamed
+create or update carries the server's `update_time` of the change; an offset beyond
+`CLOCK_TOLERANCE` (for a clock ahead: in changes of several seconds, since a held
+burst arrives late) is logged and put in the status's `error` until a later change
+shows the clocks agree.
 
 `grpc.aio.AioRpcError` never leaves this module: it becomes `UpstreamError`,
 which is logged with what happens next.
@@ -66,6 +67,7 @@ from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
 from actor_sdk.wall_clock import utc_now
 from bridge import convert
+from bridge.api_clock import ApiClockCheck
 from bridge.service import (
     DeletedById,
     EventKind,
@@ -75,10 +77,8 @@ from bridge.service import (
     UpstreamItem,
 )
 
-__all__ = ["CLOCK_TOLERANCE", "Upstream", "UpstreamError", "UpstreamSettings"]
+__all__ = ["Upstream", "UpstreamError", "UpstreamSettings"]
 
-CLOCK_TOLERANCE = timedelta(seconds=2)
-"""The largest offset between the bridge's clock and the API's that is not reported."""
 
 _logger = logging.getLogger("bridge.upstream")
 
@@ -150,6 +150,7 @@ class Upstream:
         self._on_clock = on_clock
         self._clock = clock
         self._clock_problem: str | None = None
+        self._api_clock = ApiClockCheck()
         self._stream_ready_timeout = stream_ready_timeout
         self._backoff = backoff or Backoff()
         self.syncs = 0
@@ -328,26 +329,20 @@ class Upstream:
 
     def _check_clock(self, dispatch: wire.Dispatch) -> None:
         """Compare a fresh change's `update_time` (the API's clock) with ours."""
-        offset = (self._clock() - dispatch.update_time).total_seconds()
-        if abs(offset) <= CLOCK_TOLERANCE.total_seconds():
-            if self._clock_problem is not None:
-                _logger.info(
-                    "microgrid %d: the bridge's clock agrees with the Dispatch API's again",
-                    self.microgrid_id,
-                )
-                self._clock_problem = None
-                self._on_clock(None)
+        verdict = self._api_clock.observe(dispatch.id, dispatch.update_time, self._clock())
+        if verdict.agree and self._clock_problem is not None:
+            _logger.info(
+                "microgrid %d: the bridge's clock agrees with the Dispatch API's again",
+                self.microgrid_id,
+            )
+            self._clock_problem = None
+            self._on_clock(None)
+        if verdict.problem is None:
             return
-        problem = (
-            f"the bridge's clock is {abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} "
-            f"the Dispatch API's (dispatch {dispatch.id} changed at "
-            f"{dispatch.update_time.isoformat()} by the API's clock); starts and stops are "
-            "published on the bridge's clock: check its time synchronisation (NTP)"
-        )
         if self._clock_problem is None:
-            _logger.error("microgrid %d: %s", self.microgrid_id, problem)
-        self._clock_problem = problem
-        self._on_clock(problem)
+            _logger.error("microgrid %d: %s", self.microgrid_id, verdict.problem)
+        self._clock_problem = verdict.problem
+        self._on_clock(verdict.problem)
 
     async def _list_all(
         self, client: DispatchApiClient

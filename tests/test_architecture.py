@@ -155,6 +155,7 @@ PURE_CORES = [
     "actor_sdk._view",
     "actor_sdk._resync",
     "actor_sdk._bridge_clock",
+    "bridge.api_clock",
 ]
 """The sans-I/O cores of docs/design.md (a package stands for its modules)."""
 
