@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from actor_sdk import wire
-from bench._harness import MOSQUITTO_PUB, MOSQUITTO_SUB, fmt, next_second, percentile
+from bench._harness import (
+    MOSQUITTO_PUB,
+    MOSQUITTO_SUB,
+    TapLog,
+    fmt,
+    markdown_table,
+    next_second,
+    percentile,
+)
 from testkit.api_server import ApiServerHandle
 from testkit.broker import Broker
 from testkit.processes import ManagedProcess, ProcessFactory, wait_until
@@ -60,7 +68,7 @@ class FleetTap:
 
     def __init__(self, process: ManagedProcess) -> None:
         self.process = process
-        self._offset = 0
+        self._log = TapLog(process.log_path)
         self.probes = 0
         self.arrivals: list[float] = []
         """Receive time of every message of the tree, in order."""
@@ -110,23 +118,12 @@ class FleetTap:
         wait_until(probed, timeout, f"{self.process.name} to receive a probe")
 
     def poll(self) -> None:
-        """Take in every complete line written since the last poll."""
+        """Take in every message logged since the last poll."""
         self.process.check_alive()
-        with open(self.process.log_path, "rb") as log:
-            log.seek(self._offset)
-            data = log.read()
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        for line in data[:end].splitlines():
-            self._take(line)
+        for at, _, topic, payload in self._log.new_messages():
+            self._take(at, topic, payload)
 
-    def _take(self, line: bytes) -> None:
-        parts = line.split(b" ", 3)
-        if len(parts) < 3 or parts[1] not in (b"0", b"1"):
-            return  # the log's header line
-        at = float(parts[0])
-        topic = parts[2].decode()
-        payload = parts[3] if len(parts) == 4 else b""
+    def _take(self, at: float, topic: str, payload: bytes) -> None:
         if topic == PROBE_TOPIC:
             self.probes += 1
             return
@@ -483,21 +480,11 @@ class SideTable:
 
     def render(self) -> str:
         """The table as Markdown."""
-        header = ["figure", *self.columns]
-        lines = [
-            f"### {self.title}",
-            "",
-            f"`{self.command}`",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" for _ in header) + "|",
+        rows = [
+            [figure, *(cells.get(c, "-") for c in self.columns)]
+            for figure, cells in self.rows.items()
         ]
-        for figure, cells in self.rows.items():
-            lines.append(
-                "| " + " | ".join([figure, *(cells.get(c, "-") for c in self.columns)]) + " |"
-            )
-        lines += ["", *(f"- {note}" for note in self.notes)] if self.notes else []
-        return "\n".join(lines) + "\n"
+        return markdown_table(self.title, self.command, ["figure", *self.columns], rows, self.notes)
 
     def print(self) -> None:
         """Print the table to stdout."""

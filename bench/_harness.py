@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -660,23 +660,49 @@ class Table:
     def render(self) -> str:
         """The table as Markdown."""
         header = ("figure", "ours", "reference", "ratio", "budget")
-        lines = [
-            f"### {self.title}",
-            "",
-            f"`{self.command}`",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" for _ in header) + "|",
-        ]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        if self.notes:
-            lines.append("")
-            lines += [f"- {n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
+        return markdown_table(self.title, self.command, header, self.rows, self.notes)
 
     def print(self) -> None:
         """Print the table to stdout."""
         print(self.render(), flush=True)
+
+
+class TapLog:
+    """Reads a tap's log (`mosquitto_sub -F "%U %r %t %p"`) as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_messages(self) -> list[tuple[float, bool, str, bytes]]:
+        """(received at, retained, topic, payload) of each whole line since the last call."""
+        with open(self.path, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        messages = []
+        for line in data[:end].splitlines():
+            parts = line.split(b" ", 3)
+            if len(parts) < 3 or parts[1] not in (b"0", b"1"):
+                continue  # not a message: the log's header line
+            payload = parts[3] if len(parts) == 4 else b""
+            messages.append((float(parts[0]), parts[1] == b"1", parts[2].decode(), payload))
+        return messages
+
+
+def markdown_table(
+    title: str,
+    command: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    notes: Sequence[str],
+) -> str:
+    """A bench's table as Markdown: title, the command that made it, rows, notes below."""
+    lines = [f"### {title}", "", f"`{command}`", ""]
+    lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]]
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
+    return "\n".join(lines) + "\n"
 
 
 def print_profile(path: Path, title: str, limit: int = 25) -> None:

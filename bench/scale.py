@@ -67,6 +67,7 @@ from bench._harness import (
     Proc,
     Stack,
     Table,
+    TapLog,
     async_wait_until,
     command_line,
     dispatch_bridge,
@@ -92,27 +93,17 @@ class Tap:
     """Reads a `mosquitto_sub` log incrementally: the first time each topic arrived."""
 
     def __init__(self, proc: Proc, live_only: bool = False) -> None:
-        self.proc = proc
         self.live_only = live_only
         self.first: dict[str, float] = {}
-        self._offset = 0
+        self._log = TapLog(proc.log)
 
     def poll(self) -> int:
         """Read what arrived since the last poll; return how many distinct topics."""
-        with open(self.proc.log, "rb") as log:
-            log.seek(self._offset)
-            data = log.read()
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        for line in data[:end].splitlines():
-            parts = line.split(b" ", 3)
-            if len(parts) < 3 or parts[1] not in (b"0", b"1"):
+        for at, retained, topic, _ in self._log.new_messages():
+            if self.live_only and retained:
                 continue
-            if self.live_only and parts[1] == b"1":
-                continue
-            topic = parts[2].decode()
             if topic not in self.first and (topic.endswith("/running") or "/dispatches/" in topic):
-                self.first[topic] = float(parts[0])
+                self.first[topic] = at
         return len(self.first)
 
     def wait_all(self, expected: int, timeout: float) -> float:
