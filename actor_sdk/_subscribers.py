@@ -174,11 +174,31 @@ async def _sent_all(
     """Send a subscription the messages its strategy passes; False once it is gone."""
     strategy = subscription.strategy
     for message in messages:
-        if strategy is not None and not strategy.filter(context, message):
+        if strategy is not None and not _passes(strategy, context, message, dispatch_type):
             continue
         if not await _delivered(subscription.sender, message, "running state", dispatch_type):
             return False
     return True
+
+
+def _passes(
+    strategy: MergeStrategy,
+    context: dict[DispatchId, Dispatch],
+    message: Dispatch,
+    dispatch_type: str,
+) -> bool:
+    """Ask a receiver's merge strategy; one that raises lets the message through."""
+    try:
+        return strategy.filter(context, message)
+    except Exception:  # the caller's code: never the other receivers' or the actors' loss
+        _logger.exception(
+            "the merge strategy %s of a running state receiver of type %r failed on "
+            "dispatch %d; the message is sent unfiltered",
+            type(strategy).__name__,
+            dispatch_type,
+            int(message.id),
+        )
+        return True
 
 
 async def _delivered(sender: Sender[_T], message: _T, kind: str, dispatch_type: str) -> bool:
@@ -198,7 +218,7 @@ async def _delivered(sender: Sender[_T], message: _T, kind: str, dispatch_type: 
 
 
 def _forget(table: dict[str, list[_T]], dispatch_type: str, kept: list[_T]) -> None:
-    """Keep only the receivers still there; a type without any is followed no more."""
+    """Keep only the receivers still there; a type without any leaves the table."""
     if kept:
         table[dispatch_type] = kept
     else:
