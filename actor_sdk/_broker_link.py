@@ -2,8 +2,9 @@
 
 `BrokerLink.run` connects (a fresh aiomqtt client per connection, capped and jittered
 backoff between attempts), subscribes, and hands every message to a `LinkHandler`
-with the time it arrived. It tells the handler when the retained messages went quiet
-(the end of a sync without a status) and when the connection is gone.
+with the time it arrived. It tells the handler when it stopped waiting for an
+incomplete retained tree (the retained messages went quiet, or only live ones kept
+coming) and when the connection is gone.
 
 A silent network fault (packets dropped, nothing closed) is noticed by a probe of
 our own: paho's keepalive needs up to two keepalive intervals (one of silence, then
@@ -60,7 +61,7 @@ class LinkHandler(Protocol):
             arrived: When it arrived (the wall clock), before any queueing here.
         """
 
-    async def quiet(self, why: str) -> None:
+    async def sync_given_up(self, why: str) -> None:
         """The wait for the retained state ends while it is still incomplete.
 
         Args:
@@ -175,12 +176,15 @@ class BrokerLink:
             await handler.lost()
             delay = reconnect_delay(failures, first=self._reconnect_first, cap=self._reconnect_cap)
             failures += 1
-            _logger.warning(
-                "cannot connect to the broker at %s: %s; retrying in %.1f s",
-                self.where,
-                self.problem,
-                delay,
-            )
+            if made_at is None:
+                _logger.warning(
+                    "cannot connect to the broker at %s: %s; retrying in %.1f s",
+                    self.where,
+                    self.problem,
+                    delay,
+                )
+            else:  # the loss itself was logged above
+                _logger.info("reconnecting to the broker at %s in %.1f s", self.where, delay)
             await asyncio.sleep(delay)
 
     def _connection_ended(self, lasted_s: float, error: aiomqtt.MqttError) -> None:
@@ -221,9 +225,11 @@ class BrokerLink:
                     probe.result()  # raises: the link is dead
                 if not done:
                     if sync_deadline <= catch_up_deadline:
-                        await handler.quiet(f"{self._sync_timeout:.1f} s after the last message")
+                        await handler.sync_given_up(
+                            f"{self._sync_timeout:.1f} s after the last message"
+                        )
                     else:
-                        await handler.quiet(
+                        await handler.sync_given_up(
                             f"{CATCH_UP_LIMIT * self._sync_timeout:.1f} s after the last "
                             "retained message, while live messages kept coming"
                         )

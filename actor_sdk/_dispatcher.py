@@ -465,7 +465,7 @@ class Dispatcher(BackgroundService):
             level = f"{self._layout.root}/{wire.encode_type(dispatch_type)}"
             self._link.subscribe(f"{level}/dispatches/+")
 
-    async def quiet(self, why: str) -> None:
+    async def sync_given_up(self, why: str) -> None:
         """The retained tree is still incomplete when the wait ends: go on with it.
 
         Args:

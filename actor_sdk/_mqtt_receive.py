@@ -13,7 +13,7 @@ import aiomqtt
 
 from actor_sdk.wall_clock import utc_now
 
-__all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk", "utc_now"]
+__all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk"]
 
 
 def handing_queue(
@@ -114,7 +114,7 @@ class BufferedReads:
 def read_in_bulk(client: aiomqtt.Client) -> None:
     """Wrap the client's socket in `BufferedReads` as it opens (before the first read).
 
-    TCP_NODELAY is set here too: aiomqtt applies its `socket_options` only to a plain
+    TCP_NODELAY is set here, and only here: aiomqtt applies its `socket_options` only to a plain
     socket, which the wrapper is not. Without it, Nagle holds a small packet back
     until the previous one is acknowledged: 40 ms (the peer's delayed ACK) were seen
     for a SUBACK behind a publish.

@@ -45,7 +45,8 @@ import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk._errors import BrokerUrlError
-from actor_sdk._mqtt_receive import ReceivedQueue, handing_queue, read_in_bulk, utc_now
+from actor_sdk._mqtt_receive import ReceivedQueue, handing_queue, read_in_bulk
+from actor_sdk.wall_clock import utc_now
 
 __all__ = [
     "Backoff",

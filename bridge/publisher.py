@@ -86,7 +86,7 @@ class Publisher:
             sessions: The persisted session counter of this microgrid.
             bridge_name: The `bridge` field of the status.
             window: The most publishes in flight at once.
-            scan_timeout: How long the stale-topic scan waits for the next message
+            scan_timeout: How long the stale-topic scan waits for the next retained message
                 before it gives up, in seconds.
             clock: Returns now (for the `as_of` of replacement snapshots).
             backoff: Reconnect delays (default: 0.5 s doubling to 30 s, jittered).

@@ -144,7 +144,7 @@ async def scan_retained(
         scan: Collects what arrives.
         layout: The microgrid's topics.
         noLocal: Subscribe with MQTT v5's no-local option (own publishes are not read back).
-        quiet_timeout: Give up when nothing arrived for this many seconds.
+        quiet_timeout: Give up when no retained message arrived for this many seconds.
         watched: Tasks whose failure ends the scan with their error.
         stopper: Done when the publisher stops (the scan returns None).
         microgrid_id: The microgrid (for the log).
