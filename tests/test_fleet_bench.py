@@ -72,7 +72,8 @@ def test_fleet_bench_quick_prints_every_figure_per_broker() -> None:
         table[figure] = dict(zip(header[1:], cells, strict=True))
     for figure in BOTH:
         for column in (NATS, MOSQUITTO):
-            assert table[figure][column] not in ("", "-"), (figure, column)
+            cell = table[figure][column]
+            assert cell not in ("", "-") and "nan" not in cell, (figure, column, cell)
     # Every change of the plain burst was seen, on both.
     for column in (NATS, MOSQUITTO):
         seen, total = table["scheduled change → subscriber: changes seen"][column].split("/")

@@ -105,7 +105,9 @@ async def test_the_bridge_flow_goes_on_while_a_cluster_node_is_killed_and_restar
     # The bridge and the flow's subscriber on one node; another is killed and restarted.
     serving, victim, _ = nats_cluster.nodes
     tap = mqtt_tap_factory(serving, f"microgrid/{MICROGRID}/dispatch/#")
-    async with asyncio.TaskGroup() as group:  # either failing ends the other
+    # A failing chaos task ends the flow at once; a failing flow ends the group once the
+    # chaos task's wait (a thread, not cancellable) returns: within its 90 s.
+    async with asyncio.TaskGroup() as group:
         chaos = group.create_task(kill_and_restart_mid_flow(tap, victim))
         await test_dispatches_flow_from_the_api_to_retained_topics_on_time(
             api_server, serving, bridge_factory, mqtt_tap_factory

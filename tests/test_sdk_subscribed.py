@@ -44,7 +44,7 @@ async def test_the_call_returns_once_the_broker_acknowledged_the_subscription(
     async with dispatcher_for(scripted_bridge, broker_proxy.url(mqtt_broker_session)) as dispatcher:
         broker_proxy.hold()  # the broker has not got the SUBSCRIBE while this holds
         call = asyncio.ensure_future(follow(dispatcher))
-        await broker_proxy.holding.wait()
+        await asyncio.wait_for(broker_proxy.holding.wait(), 5)
         assert not call.done(), "returned before the broker had the subscription"
         broker_proxy.release()
         await asyncio.wait_for(call, 5)
