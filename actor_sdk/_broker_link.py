@@ -170,6 +170,8 @@ class BrokerLink:
             except aiomqtt.MqttError as error:
                 if made_at is not None:
                     self._connection_ended(loop.time() - made_at, error)
+                else:
+                    self._clash.failed_to_connect()
                 if made_at is None or self.problem is None:  # else: the session's loss, set above
                     self.problem = str(error) or type(error).__name__
             self.connected = False

@@ -6,7 +6,11 @@ hundred milliseconds after they were made (or, when the broker closes the socket
 without a word, when a call times out or the link's probe notices), again and
 again. MQTT 5 brokers may say so (DISCONNECT reason 0x8E, "session taken over");
 the error the client library raises does not always carry that code, so a run of
-short connections counts as well.
+short connections counts as well. A flaky network or a restarting broker makes
+short connections too, but between them some attempt to connect fails (the broker
+is away or unreachable), which a shared id never causes: the broker takes every
+connect. So a failed attempt breaks the run (chaos runs, whose partitions and broker
+kills made three short connections in a row, had the SDK report a clash falsely).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class ClientIdClash:
         self._in_a_row = in_a_row
         self._short = 0
         self._told = False
+
+    def failed_to_connect(self) -> None:
+        """Note an attempt to connect that failed: the broker was away, not shared."""
+        self._short = 0
 
     def ended(self, lasted_s: float, reason: int | None = None) -> str | None:
         """Note that a connection ended.

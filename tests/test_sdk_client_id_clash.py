@@ -31,6 +31,17 @@ def test_a_long_connection_breaks_the_run() -> None:
         assert clash.ended(lasted) is None
 
 
+def test_a_failed_connect_between_short_connections_breaks_the_run() -> None:
+    # A flaky link or a restarting broker: some attempt fails in between; a shared
+    # id never makes a connect fail (seen as a false report in a chaos run).
+    clash = ClientIdClash("c", short_s=2.0, in_a_row=3)
+    for lasted in (0.3, 0.3, None, 0.3, 0.3, None, 0.3):
+        if lasted is None:
+            clash.failed_to_connect()
+        else:
+            assert clash.ended(lasted) is None
+
+
 def test_session_taken_over_is_told_at_once() -> None:
     line = ClientIdClash("c").ended(30.0, reason=SESSION_TAKEN_OVER)
     assert line is not None and "took over the session" in line
