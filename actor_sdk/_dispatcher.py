@@ -214,6 +214,15 @@ class Dispatcher(BackgroundService):
         return self._view.is_live(self._clock())
 
     @property
+    def knows_bridge_clock(self) -> bool:
+        """Whether live messages of 4 different seconds gave the bridge's clock.
+
+        Until then the local clock stands in for it, and runs start only with the
+        bridge's snapshot (no own-clock starts at a told `next_run`).
+        """
+        return self._bridge_clock.converged
+
+    @property
     def clock_offset(self) -> timedelta:
         """The local clock minus the bridge's, as deadlines use it (zero until known)."""
         return self._bridge_clock.offset

@@ -23,7 +23,7 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, wire
-from actor_sdk._bridge_clock import BridgeClock
+from actor_sdk._bridge_clock import CONVERGED_AFTER, BridgeClock
 from actor_sdk._reconciler import Reconciler
 from actor_sdk._subscribers import Subscribers
 from actor_sdk._view import BridgeView
@@ -73,15 +73,26 @@ def told(
 # --- the reconciler, with a fake clock ---------------------------------------------------
 
 
+def converged_clock() -> BridgeClock:
+    """An estimate of the bridge's clock that has converged on no offset."""
+    clock = BridgeClock()
+    for seconds in range(CONVERGED_AFTER, 0, -1):
+        sent = NOW - timedelta(seconds=seconds)
+        clock.observe(sent, sent)
+    assert clock.converged
+    return clock
+
+
 class Shell:
     """A view, a reconciler and a clock that moves only when told."""
 
-    def __init__(self) -> None:
+    def __init__(self, bridge_clock: BridgeClock | None = None) -> None:
         self.now = NOW
         self.view = BridgeView(MG)
+        self.bridge_clock = converged_clock() if bridge_clock is None else bridge_clock
         self.reconciler = Reconciler(
             self.view,
-            BridgeClock(),
+            self.bridge_clock,
             Subscribers(self.view),
             max_blind_time=timedelta(seconds=300),
             clock=lambda: self.now,
@@ -162,6 +173,24 @@ async def test_a_live_view_starts_at_next_run_and_the_timer_wakes_for_it(shell: 
     assert await shell.at(START) == [1]
     [run] = shell.reconciler.effective[T].values()
     assert run.until == START + timedelta(seconds=60)
+
+
+async def test_no_own_clock_start_before_the_bridges_clock_is_known() -> None:
+    # The local clock would stand in for the bridge's: a skew moves the start (a chaos
+    # run's host, 0.2 s ahead, began a run early for a dispatch deleted before its
+    # instant). The bridge's snapshot of that instant still starts it.
+    shell = Shell(BridgeClock())
+    shell.status()
+    shell.snapshot()
+    shell.dispatch(told(1, START))
+    assert await shell.at(NOW) == []
+    assert shell.reconciler.deadline != START  # no wake-up for an own-clock start
+    assert await shell.at(START) == []
+    running = msgspec.structs.replace(
+        told(1, START), running=True, until=START + timedelta(seconds=60)
+    )
+    shell.snapshot(running, next_change=running.until)
+    assert await shell.at(START) == [1]
 
 
 @pytest.mark.parametrize(
@@ -373,6 +402,7 @@ async def test_starts_at_next_run_before_the_bridges_snapshot_and_it_corrects(
     await scripted_bridge.status("online")
     async with managing(scripted_bridge, log) as dispatcher:
         await poll(lambda: dispatcher.is_live)
+        await poll(lambda: dispatcher.knows_bridge_clock, within=10)  # statuses 1 s apart
         start = utcnow().replace(microsecond=0) + timedelta(seconds=2)
         await told_over_mqtt(scripted_bridge, 1, start)
         started = await log.wait_count("start", 1, within=5)
@@ -390,6 +420,7 @@ async def test_no_own_clock_start_without_a_live_view(scripted_bridge: ScriptedB
     await scripted_bridge.status("online")
     async with managing(scripted_bridge, log) as dispatcher:
         await poll(lambda: dispatcher.is_live)
+        await poll(lambda: dispatcher.knows_bridge_clock, within=10)  # else none either way
         start = utcnow() + timedelta(seconds=1)
         await told_over_mqtt(scripted_bridge, 1, start)
         await scripted_bridge.status("syncing")
@@ -430,6 +461,7 @@ async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_
         mqtt_broker,
         (microgrid,),
         extra_env={"MQTT_URL": f"mqtt://127.0.0.1:{bridge_proxy.port}"},
+        extra_args=["--status-interval", "1"],  # the SDK knows its clock after 4 statuses
         start=False,
     )
     # In threads: the proxy forwards on this event loop.
@@ -443,6 +475,7 @@ async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_
     ):
         await sdk.start_managing("E2E_OWN_CLOCK", actor_factory=log.factory)
         await poll(lambda: sdk.is_live, within=15)
+        await poll(lambda: sdk.knows_bridge_clock, within=15)
         created = await client.create(
             microgrid_id=MicrogridId(microgrid),
             type="E2E_OWN_CLOCK",
