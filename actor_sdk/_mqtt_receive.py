@@ -1,4 +1,7 @@
-"""The client's receive path: bulk socket reads and queues (part of `actor_sdk.mqtt`)."""
+"""The client's socket and receive path: bulk reads, queues, a close before CONNACK.
+
+Part of `actor_sdk.mqtt`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,13 @@ import aiomqtt
 
 from actor_sdk.wall_clock import utc_now
 
-__all__ = ["BufferedReads", "ReceivedQueue", "handing_queue", "read_in_bulk"]
+__all__ = [
+    "BufferedReads",
+    "ReceivedQueue",
+    "fail_connect_when_closed",
+    "handing_queue",
+    "read_in_bulk",
+]
 
 
 def handing_queue(
@@ -134,3 +143,27 @@ def read_in_bulk(client: aiomqtt.Client) -> None:
             opened(paho_client, userdata, sock)
 
     paho.on_socket_open = on_socket_open
+
+
+def fail_connect_when_closed(client: aiomqtt.Client) -> None:
+    """End a connect at once when the connection closes before the broker's CONNACK.
+
+    aiomqtt ignores a disconnect before CONNACK and waits out its whole timeout (10 s):
+    a broker that is still starting behind a proxy or a load balancer, or one at its
+    connection limit, accepts the TCP connection and closes it, and every reconnect
+    then stalled 10 s (a chaos run's reconnects after broker restarts behind its
+    proxies timed out this way, most likely for this reason).
+    """
+    paho = client._client
+    aiomqtt_handler: Callable[..., None] | None = paho.on_disconnect
+
+    def on_disconnect(paho_client: Any, userdata: Any, *rest: Any) -> None:
+        connecting = client._connected
+        if not connecting.done():
+            connecting.set_exception(
+                aiomqtt.MqttError("the connection was closed before the broker accepted it")
+            )
+        if aiomqtt_handler is not None:
+            aiomqtt_handler(paho_client, userdata, *rest)
+
+    paho.on_disconnect = on_disconnect

@@ -45,7 +45,12 @@ import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from actor_sdk._errors import BrokerUrlError
-from actor_sdk._mqtt_receive import ReceivedQueue, handing_queue, read_in_bulk
+from actor_sdk._mqtt_receive import (
+    ReceivedQueue,
+    fail_connect_when_closed,
+    handing_queue,
+    read_in_bulk,
+)
 from actor_sdk.wall_clock import utc_now
 
 __all__ = [
@@ -508,31 +513,8 @@ def new_client(
     # aiomqtt warns about, and scans, its pending calls beyond this many.
     client.pending_calls_threshold = max_inflight * 4 + 16
     read_in_bulk(client)
-    _fail_connect_when_closed(client)
+    fail_connect_when_closed(client)
     return client
-
-
-def _fail_connect_when_closed(client: aiomqtt.Client) -> None:
-    """End a connect at once when the connection closes before the broker's CONNACK.
-
-    aiomqtt ignores a disconnect before CONNACK and waits out its whole timeout (10 s):
-    a broker that is still starting behind a proxy or a load balancer, or one at its
-    connection limit, accepts the TCP connection and closes it, and every reconnect
-    then stalled 10 s (seen in chaos runs after a broker restart).
-    """
-    paho = client._client
-    aiomqtt_handler: Callable[..., None] | None = paho.on_disconnect
-
-    def on_disconnect(paho_client: Any, userdata: Any, *rest: Any) -> None:
-        connecting = client._connected
-        if not connecting.done():
-            connecting.set_exception(
-                aiomqtt.MqttError("the connection was closed before the broker accepted it")
-            )
-        if aiomqtt_handler is not None:
-            aiomqtt_handler(paho_client, userdata, *rest)
-
-    paho.on_disconnect = on_disconnect
 
 
 def on_refused_publish(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:
