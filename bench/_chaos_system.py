@@ -302,13 +302,15 @@ class System:
         At once, as a rule: the connections close, or the bridge's will goes out. But
         a partition holds a closing connection's end behind the bytes it holds: the
         bridge's will waits for its link to heal (the hosts then go by the missing
-        status: 2 status intervals), and a host cut off from the broker notices it
-        by its own probe (2 keepalives).
+        status: 2 status intervals), and a host cut off from the broker hears neither
+        the broker's end nor the bridge's will: it notices by its own probe (2
+        keepalives) or by the missing status (2 status intervals).
         """
+        host_cut_off = any(self.links[f"{h.name}~broker"].partitioned for h in self.hosts)
         if dead == "bridge" and self.links["bridge~broker"].partitioned:
             return 2 * STATUS_INTERVAL + NOTICE_SLACK
-        if dead == "broker" and any(self.links[f"{h.name}~broker"].partitioned for h in self.hosts):
-            return 2 * SDK_KEEPALIVE + NOTICE_SLACK
+        if host_cut_off:
+            return min(2 * SDK_KEEPALIVE, 2 * STATUS_INTERVAL) + NOTICE_SLACK
         return NOTICE_SLACK
 
     async def _partition(self, target: str, began: float, down: float) -> Fault:
