@@ -231,12 +231,16 @@ class System:
     def _bridge_synced(self) -> int:
         return len(_SYNCED.findall(self._bridge.output()))
 
-    def _wait_bridge_synced(self, count: int) -> None:
-        wait_until(
-            lambda: self._bridge.process.check_alive() or self._bridge_synced() >= count,
-            RECOVERY_TIMEOUT,
-            f"the bridge's sync #{count} with the Dispatch API",
-        )
+    def _wait_bridge_synced(self, count: int, *, bridge_held: bool = True) -> None:
+        """Wait for the bridge's sync #count; its death ends the wait only when it is
+        this fault's to restart (another fault task may kill and restart it meanwhile)."""
+
+        def synced() -> bool:
+            if bridge_held:
+                self._bridge.process.check_alive()
+            return self._bridge_synced() >= count
+
+        wait_until(synced, RECOVERY_TIMEOUT, f"the bridge's sync #{count} with the Dispatch API")
 
     def wait_bridge_vouching(self) -> None:
         """Wait until the bridge's retained status says `online` (synced, tree read back)."""
@@ -431,7 +435,7 @@ class System:
             self.api.kill9()
             return (
                 lambda: self.api.start(timeout=RECOVERY_TIMEOUT),
-                lambda: self._wait_bridge_synced(synced_before + 1),
+                lambda: self._wait_bridge_synced(synced_before + 1, bridge_held=False),
             )
         host = next(h for h in self.hosts if h.name == victim)
         host.process.kill9()
