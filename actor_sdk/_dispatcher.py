@@ -215,11 +215,7 @@ class Dispatcher(BackgroundService):
 
     @property
     def knows_bridge_clock(self) -> bool:
-        """Whether live messages of 4 different seconds gave the bridge's clock.
-
-        Until then the local clock stands in for it, and runs start only with the
-        bridge's snapshot (no own-clock starts at a told `next_run`).
-        """
+        """Whether the bridge's clock is estimated yet (own-clock starts wait for it)."""
         return self._bridge_clock.converged
 
     @property
