@@ -239,13 +239,19 @@ def _parse_tree(
 
 
 def check_retained(
-    retained: dict[str, bytes], held: dict[int, Dispatch], read_at: float, tol: float
+    retained: dict[str, bytes],
+    held: dict[int, Dispatch],
+    read: tuple[float, float],
+    tol: float,
 ) -> list[str]:
-    """Compare the retained tree, read at `read_at`, with what the API holds.
+    """Compare the retained tree, read from `read[0]` to `read[1]`, with what the API holds.
 
     The `running` snapshot of each type must list what runs by the oracle at its
-    `as_of`, and at `read_at` (or `tol` before it, for a change at that instant).
+    `as_of`, and at the read: at its start (or `tol` before it, for a change at that
+    instant) or at its end (the read waits for 2 s of quiet, and takes in a snapshot
+    of a start made meanwhile).
     """
+    read_at, read_end = read
     problems: list[str] = []
     status_payload = retained.pop(LAYOUT.status, b"")
     try:
@@ -270,7 +276,7 @@ def check_retained(
         snapshot = snapshots.get(dispatch_type)
         got = [] if snapshot is None else [d.id for d in snapshot.running]
         now, before = running_ids(of_type, read_at), running_ids(of_type, read_at - tol)
-        if got not in (now, before):
+        if got not in (now, before, running_ids(of_type, read_end)):
             problems.append(
                 f"{dispatch_type}/running lists {got}, the oracle says {now} at the read"
             )
@@ -396,7 +402,8 @@ class Chaos:
         retained = await asyncio.to_thread(
             retained_snapshot, self.system.broker, LAYOUT.everything, 2.0
         )
-        return read_at, check_retained(retained, held, read_at, self.args.tolerance)
+        read = (read_at, time.time())
+        return read_at, check_retained(retained, held, read, self.args.tolerance)
 
     def _caught_up(self, first_read: float, read_at: float, problems: list[str]) -> None:
         late = read_at - first_read
