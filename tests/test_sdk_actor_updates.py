@@ -73,6 +73,22 @@ class _SlowToStop:
         self.log.append(("stopped", self.number))
 
 
+def slow_to_stop_actors(log: list[tuple[str, int]]) -> ActorSet:
+    """One actor per dispatch, each `_SlowToStop`, numbered 1, 2, ... as created."""
+    numbers = itertools.count(1)
+
+    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _SlowToStop:
+        return _SlowToStop(log, next(numbers))
+
+    return ActorSet(
+        "T",
+        factory=factory,
+        identity=lambda d: d.id,
+        retry_interval=timedelta(seconds=1),
+        clock=lambda: T0,
+    )
+
+
 async def test_a_new_actor_for_a_key_starts_only_once_its_previous_actor_stopped() -> None:
     """A stop and a start of one dispatch at once must not overlap (two actors at once).
 
@@ -81,18 +97,7 @@ async def test_a_new_actor_for_a_key_starts_only_once_its_previous_actor_stopped
     one had stopped.
     """
     log: list[tuple[str, int]] = []
-    numbers = itertools.count(1)
-
-    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _SlowToStop:
-        return _SlowToStop(log, next(numbers))
-
-    actors = ActorSet(
-        "T",
-        factory=factory,
-        identity=lambda d: d.id,
-        retry_interval=timedelta(seconds=1),
-        clock=lambda: T0,
-    )
+    actors = slow_to_stop_actors(log)
     dispatch = from_wire(wire_dispatch(1, "T"))
     await actors.apply([dispatch], reason="")
     await async_wait_until(lambda: ("start", 1) in log, 5, "the first start")
@@ -112,18 +117,7 @@ async def test_stop_start_stop_start_of_one_key_never_runs_two_actors_at_once() 
     started while actor 1 was still stopping.
     """
     log: list[tuple[str, int]] = []
-    numbers = itertools.count(1)
-
-    async def factory(info: DispatchInfo, updates: Receiver[DispatchInfo]) -> _SlowToStop:
-        return _SlowToStop(log, next(numbers))
-
-    actors = ActorSet(
-        "T",
-        factory=factory,
-        identity=lambda d: d.id,
-        retry_interval=timedelta(seconds=1),
-        clock=lambda: T0,
-    )
+    actors = slow_to_stop_actors(log)
     dispatch = from_wire(wire_dispatch(1, "T"))
     await actors.apply([dispatch], reason="")
     await async_wait_until(lambda: ("start", 1) in log, 5, "the first start")
