@@ -461,7 +461,10 @@ async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_
         mqtt_broker,
         (microgrid,),
         extra_env={"MQTT_URL": f"mqtt://127.0.0.1:{bridge_proxy.port}"},
-        extra_args=["--status-interval", "1"],  # the SDK knows its clock after 4 statuses
+        # Statuses every 3 s: the SDK knows the bridge's clock after 4 of them, and its
+        # view stays live 6 s after the last one (1 s: the view went stale before the
+        # start, the partition being up to 2 s before it and the last status 1 s before).
+        extra_args=["--status-interval", "3"],
         start=False,
     )
     # In threads: the proxy forwards on this event loop.
@@ -475,7 +478,7 @@ async def test_the_real_bridge_partitioned_before_a_start_the_sdk_starts_on_its_
     ):
         await sdk.start_managing("E2E_OWN_CLOCK", actor_factory=log.factory)
         await poll(lambda: sdk.is_live, within=15)
-        await poll(lambda: sdk.knows_bridge_clock, within=15)
+        await poll(lambda: sdk.knows_bridge_clock, within=30)
         created = await client.create(
             microgrid_id=MicrogridId(microgrid),
             type="E2E_OWN_CLOCK",
