@@ -29,7 +29,14 @@ from frequenz.channels import BroadcastChannel, Receiver, Sender, SenderError
 
 from actor_sdk._actor_api import Actor, ActorFactory, DispatchInfo
 from actor_sdk._dispatch_model import Dispatch
-from actor_sdk._planner import Action, ActorPlanner, StartActor, StopActor, UpdateActor
+from actor_sdk._planner import (
+    Action,
+    ActorPlanner,
+    Handoff,
+    StartActor,
+    StopActor,
+    UpdateActor,
+)
 
 __all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorCounts", "ActorSet"]
 
@@ -103,7 +110,6 @@ class ActorSet:
         self._clock = clock
         self._on_failure = on_failure
         self._on_started = on_started
-        self._identity = identity
         self._running: tuple[tuple[Hashable, int], ...] = ()
         """The actor key and id of each running dispatch, as of the last `apply`."""
         self._failure: str | None = None
@@ -138,16 +144,20 @@ class ActorSet:
         """How many actors have started and are not being stopped."""
         return sum(1 for slot in self._slots.values() if slot.actor is not None)
 
-    async def apply(self, running: Iterable[Dispatch], *, reason: str) -> None:
+    async def apply(
+        self, running: Iterable[Dispatch], *, reason: str, going_on: Iterable[Handoff] = ()
+    ) -> None:
         """Bring the actors to match what runs (without waiting for any actor).
 
         Args:
             running: Every dispatch of the type that runs now.
             reason: The stop message for actors no longer needed.
+            going_on: Ended runs and the told runs that follow them back-to-back
+                (`ActorPlanner.reconcile`).
         """
-        running = tuple(running)
-        self._running = tuple((self._identity(d), int(d.id)) for d in running)
-        await self._execute(self._planner.reconcile(running, reason=reason))
+        actions = self._planner.reconcile(running, reason=reason, going_on=going_on)
+        self._running = self._planner.served()
+        await self._execute(actions)
 
     async def retry(self, now: datetime) -> None:
         """Call the factory again for every failed start that is due.

@@ -29,11 +29,13 @@ from actor_sdk._dispatch_model import Dispatch, runtime_state
 __all__ = [
     "Action",
     "ActorPlanner",
+    "Handoff",
     "StartActor",
     "StopActor",
     "UpdateActor",
     "confirmed_running",
     "end_of",
+    "handoffs",
     "own_clock_running",
     "running_state_changes",
 ]
@@ -139,17 +141,86 @@ def own_clock_running(
     if as_of is None or next_change is None or not agrees:
         return tuple(running.values())
     for dispatch in told:
-        start = dispatch.next_run
-        if start is None or not dispatch.active or dispatch.deleted:
+        run = _told_run(dispatch, as_of=as_of, next_change=next_change)
+        if run is None or run.start > now:
             continue
-        if not (as_of < start <= now and next_change <= start):
-            continue
-        until = None if dispatch.duration is None else start + dispatch.duration
         known = running.get(dispatch.id)
-        if known is not None and (known.until is None or known.until > start):
+        if known is not None and (known.until is None or known.until > run.start):
             continue  # the reported run goes on through `start`
-        running[dispatch.id] = dispatch.with_state(running=True, until=until)
+        running[dispatch.id] = run.dispatch
     return tuple(running.values())
+
+
+@dataclass(frozen=True)
+class _ToldRun:
+    start: datetime
+    dispatch: Dispatch
+    """The dispatch as it runs from `start` (`started`, with its `until`)."""
+
+
+def _told_run(dispatch: Dispatch, *, as_of: datetime, next_change: datetime) -> _ToldRun | None:
+    """The run a held dispatch is told to begin, if the type's snapshot expects it."""
+    start = dispatch.next_run
+    if start is None or not dispatch.active or dispatch.deleted:
+        return None
+    if not (as_of < start and next_change <= start):
+        return None
+    until = None if dispatch.duration is None else start + dispatch.duration
+    return _ToldRun(start, dispatch.with_state(running=True, until=until))
+
+
+Handoff = tuple[Dispatch, Dispatch]
+"""A run that ended on the clock here, and a told run of the type that begins by its end."""
+
+
+def handoffs(
+    reported: Iterable[Dispatch],
+    told: Iterable[Dispatch],
+    *,
+    as_of: datetime | None,
+    next_change: datetime | None,
+    agrees: bool,
+    now: datetime,
+) -> tuple[Handoff, ...]:
+    """Return the told runs that begin back-to-back with a run that just ended.
+
+    Before the estimate of the bridge's clock has converged, own-clock starts wait for
+    the bridge's snapshot but stops do not: on a local clock ahead of the bridge's a
+    run ends early, and a merged actor whose next run begins at that end would stop
+    and start again one broker hop later (a chaos run's host, 0.2 s ahead, had its
+    merged actor stopped for 0.15 s between two runs). `ActorPlanner.reconcile` lets
+    an actor that runs go on into such a run when both share its identity; it never
+    starts one. The told run must be one `own_clock_running` would start at its
+    instant (same snapshot rules) and must begin at or before the ended run's `until`
+    (by the bridge, the identity runs without a gap), and must not be over.
+
+    Args:
+        reported: The dispatches the latest accepted snapshot says run (with the
+            own-clock runs); those whose `until` has passed are the ended ones.
+        told: The held dispatches of the type told to start by the latest such `until`.
+        as_of: When the latest accepted snapshot of the type was made; None: none.
+        next_change: That snapshot's `next_change`.
+        agrees: Whether the held dispatch topics match that snapshot.
+        now: The current instant on the bridge's clock.
+
+    Returns:
+        (ended run, following run) pairs; the following run `started`, with its `until`.
+    """
+    if as_of is None or next_change is None or not agrees:
+        return ()
+    ended = [d for d in reported if d.until is not None and d.until <= now]
+    following = [
+        run
+        for dispatch in told
+        if (run := _told_run(dispatch, as_of=as_of, next_change=next_change)) is not None
+        and (run.dispatch.until is None or run.dispatch.until > now)
+    ]
+    return tuple(
+        (before, run.dispatch)
+        for before in ended
+        for run in following
+        if run.dispatch.id != before.id and before.until is not None and run.start <= before.until
+    )
 
 
 def end_of(dispatch: Dispatch, *, live: bool) -> datetime:
@@ -201,6 +272,10 @@ def _run_start(dispatch: Dispatch) -> datetime:
     return dispatch.start_time
 
 
+def _start_order(dispatch: Dispatch) -> tuple[datetime, int]:
+    return _run_start(dispatch), int(dispatch.id)
+
+
 @dataclass
 class _Group:
     """The dispatches one actor serves, most recently started or changed last."""
@@ -240,6 +315,10 @@ class ActorPlanner:
         """The keys whose actor runs (or is being started)."""
         return frozenset(key for key, group in self._groups.items() if group.has_actor)
 
+    def served(self) -> tuple[tuple[Hashable, int], ...]:
+        """Return the key and id of every dispatch a group serves."""
+        return tuple((key, int(i)) for key, group in self._groups.items() for i in group.members)
+
     def members(self, key: Hashable) -> tuple[DispatchId, ...]:
         """Return the ids of the dispatches a group serves, oldest first.
 
@@ -252,19 +331,39 @@ class ActorPlanner:
         group = self._groups.get(key)
         return () if group is None else tuple(group.members)
 
-    def reconcile(self, running: Iterable[Dispatch], *, reason: str = STOPPED) -> list[Action]:
+    def reconcile(
+        self,
+        running: Iterable[Dispatch],
+        *,
+        reason: str = STOPPED,
+        going_on: Iterable[Handoff] = (),
+    ) -> list[Action]:
         """Bring the groups to match the running dispatches.
 
         Args:
             running: Every dispatch of the type that runs now.
             reason: The stop message for actors whose group no longer runs.
+            going_on: Runs that ended and the told runs that follow them
+                back-to-back (`handoffs`): an actor of the identity of both that
+                runs and serves nothing else goes on into the following run
+                instead of stopping; no actor starts for one.
 
         Returns:
             The actions, stops first, then starts and updates.
         """
         wanted: dict[Hashable, list[Dispatch]] = {}
-        for dispatch in sorted(running, key=lambda d: (_run_start(d), d.id)):
+        for dispatch in sorted(running, key=_start_order):
             wanted.setdefault(self._identity(dispatch), []).append(dispatch)
+        following: dict[Hashable, dict[DispatchId, Dispatch]] = {}
+        for ended, run in going_on:
+            key = self._identity(ended)
+            group = self._groups.get(key)
+            if key in wanted or group is None or not group.has_actor:
+                continue
+            if self._identity(run) == key:
+                following.setdefault(key, {})[run.id] = run
+        for key, runs in following.items():
+            wanted[key] = sorted(runs.values(), key=_start_order)
 
         stops: list[Action] = []
         for key in [key for key in self._groups if key not in wanted]:

@@ -12,7 +12,10 @@ Own-clock starts wait until the estimate of the bridge's clock has converged: be
 it, the local clock stands in for the bridge's, and a skew would move the start (a
 chaos run's host, 0.2 s ahead and 3 s after its start, began a run 0.2 s early for a
 dispatch deleted 0.07 s before its instant). Until then starts come with the
-bridge's snapshot, the broker hop included.
+bridge's snapshot, the broker hop included. Stops do not wait, so an actor that
+serves an identity (a merge strategy's) whose next run begins where the last ended
+goes on into it (`handoffs`) instead of stopping early on a clock ahead of the
+bridge's and starting again one broker hop later.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from actor_sdk._planner import (
     STOPPED,
     STOPPED_BLIND,
     STOPPED_UNCONFIRMED,
+    Handoff,
     confirmed_running,
     end_of,
+    handoffs,
     own_clock_running,
 )
 from actor_sdk._subscribers import Subscribers
@@ -210,6 +215,7 @@ class Reconciler:
             live=live,
             blind_too_long=blind_too_long,
         )
+        going_on = self._going_on(dispatch_type, reported, moment, live=live)
         current = {dispatch.id: dispatch for dispatch in confirmed}
         if current:
             self.effective[dispatch_type] = current
@@ -234,11 +240,36 @@ class Reconciler:
         managed = self.managed.get(dispatch_type)
         if managed is not None:
             reason = STOPPED if live else STOPPED_BLIND if blind_too_long else STOPPED_UNCONFIRMED
-            await managed.apply(confirmed, reason=reason)
+            await managed.apply(confirmed, reason=reason, going_on=going_on)
+            deadline = _earliest(
+                deadline,
+                *(
+                    self._bridge_clock.to_local(end_of(run, live=True))
+                    for _, run in going_on
+                    if run.until is not None
+                ),
+            )
             if live:  # retries wait for a live view: no deadline without one
                 await managed.retry(moment.local_now)
                 deadline = _earliest(deadline, managed.next_retry)
         return deadline
+
+    def _going_on(
+        self, dispatch_type: str, reported: tuple[Dispatch, ...], moment: _Moment, *, live: bool
+    ) -> tuple[Handoff, ...]:
+        """The runs that ended and the told runs that follow them back-to-back (live only)."""
+        ends = [d.until for d in reported if d.until is not None and d.until <= moment.bridge_now]
+        if not live or not ends:
+            return ()
+        as_of, next_change = self._view.snapshot_times(dispatch_type)
+        return handoffs(
+            reported,
+            self._view.told_starts(dispatch_type, max(ends)),
+            as_of=as_of,
+            next_change=next_change,
+            agrees=self._view.agrees(dispatch_type),
+            now=moment.bridge_now,
+        )
 
 
 def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiomqtt
@@ -23,16 +23,14 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import Dispatcher, wire
-from actor_sdk._bridge_clock import CONVERGED_AFTER, BridgeClock
-from actor_sdk._reconciler import Reconciler
-from actor_sdk._subscribers import Subscribers
+from actor_sdk._bridge_clock import BridgeClock
 from actor_sdk._view import BridgeView
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory, TapFactory
 from testkit.broker import Broker
 from testkit.proxy import TcpProxy
+from tests.fixtures.reconcile_shell import MG, NOW, START, Shell, T, told
 from tests.fixtures.sdk import (
-    SDK_TEST_TYPE,
     ActorLog,
     ScriptedBridge,
     managing,
@@ -41,118 +39,11 @@ from tests.fixtures.sdk import (
     wire_dispatch,
 )
 
-T = SDK_TEST_TYPE
-MG = 7
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-START = NOW + timedelta(seconds=5)
 LATENESS_TOLERANCE_S = 0.25
 """How late an own-clock start may be in these tests (loaded machine; idle: ~1 ms)."""
 
 
-def told(
-    dispatch_id: int,
-    start: datetime,
-    *,
-    duration: int | None = 60,
-    active: bool = True,
-    payload: dict[str, Any] | None = None,
-) -> wire.Dispatch:
-    """A dispatch that does not run yet, told to start at `start` (its `next_run`)."""
-    wired = wire_dispatch(
-        dispatch_id,
-        T,
-        start=start,
-        duration=duration,
-        running=False,
-        active=active,
-        payload=payload,
-    )
-    return msgspec.structs.replace(wired, next_run=start)
-
-
 # --- the reconciler, with a fake clock ---------------------------------------------------
-
-
-def converged_clock() -> BridgeClock:
-    """An estimate of the bridge's clock that has converged on no offset."""
-    clock = BridgeClock()
-    for seconds in range(CONVERGED_AFTER, 0, -1):
-        sent = NOW - timedelta(seconds=seconds)
-        clock.observe(sent, sent)
-    assert clock.converged
-    return clock
-
-
-class Shell:
-    """A view, a reconciler and a clock that moves only when told."""
-
-    def __init__(self, bridge_clock: BridgeClock | None = None) -> None:
-        self.now = NOW
-        self.view = BridgeView(MG)
-        self.bridge_clock = converged_clock() if bridge_clock is None else bridge_clock
-        self.reconciler = Reconciler(
-            self.view,
-            self.bridge_clock,
-            Subscribers(self.view),
-            max_blind_time=timedelta(seconds=300),
-            clock=lambda: self.now,
-        )
-        self.seq = 0
-
-    def status(self, state: str = "online", *, session: int = 1, retained: bool = False) -> None:
-        status = wire.BridgeStatus(
-            state=state,  # type: ignore[arg-type]
-            upstream="connected",
-            synced_at=self.now,
-            session=session,
-            bridge="b",
-            version="1",
-            dispatches=1,
-            as_of=self.now,
-            status_interval=5,
-            contract=2,
-        )
-        self.view.apply_status(wire.encode(status), retained=retained, arrived=self.now)
-        self.view.in_sync = True
-
-    def snapshot(
-        self,
-        *running: wire.Dispatch,
-        next_change: datetime | None = START,
-        session: int = 1,
-        held: bool = False,
-        counts: tuple[wire.Dispatch, ...] | None = None,
-    ) -> None:
-        """Publish a snapshot; with `counts`, counting those dispatch topics."""
-        tally = wire.TypeTally()
-        for dispatch in counts or ():
-            tally.put(dispatch.id, dispatch.update_time)
-        self.seq += 1
-        snapshot = wire.RunningSnapshot(
-            microgrid_id=MG,
-            type=T,
-            running=running,
-            next_change=next_change,
-            as_of=self.now,
-            session=session,
-            seq=self.seq,
-            held=held,
-            dispatches=None if counts is None else len(tally),
-            digest=None if counts is None else tally.digest,
-        )
-        self.view.apply_running(T, wire.encode(snapshot))
-
-    def dispatch(self, dispatch: wire.Dispatch) -> None:
-        self.view.apply_dispatch(T, dispatch.id, wire.encode(dispatch), events=False)
-
-    async def at(self, instant: datetime, *, heartbeat: bool = False) -> list[int]:
-        """Move the clock (a live status arrives then with `heartbeat`), reconcile;
-        return the ids that run."""
-        self.now = instant
-        if heartbeat:
-            self.status()
-        await self.reconciler.run()
-        return sorted(int(i) for i in self.reconciler.effective.get(T, {}))
 
 
 @pytest.fixture
