@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from frequenz.api.dispatch.v1 import dispatch_pb2
 from frequenz.client.common.microgrid.electrical_components import (
@@ -22,6 +22,8 @@ from frequenz.client.dispatch import recurrence as client_recurrence
 from frequenz.client.dispatch import types as client_types
 
 from actor_sdk.wire._messages import Dispatch, EndCriteria, Recurrence, Target, TargetCategory
+
+_Part = TypeVar("_Part")
 
 _NO_RECURRENCE = Recurrence(frequency="UNSPECIFIED", interval=0)
 """How the API's protobuf and the client say 'no recurrence'."""
@@ -193,7 +195,7 @@ def _pb_recurrence(rule: Any) -> Recurrence | None:
     return None if wire_rule == _NO_RECURRENCE else wire_rule
 
 
-def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
+def from_protobuf(pb: dispatch_pb2.Dispatch, shared: dict[Any, Any] | None = None) -> Dispatch:
     """Convert the Dispatch API's protobuf dispatch straight into the wire struct.
 
     The same result as `from_client(client_types.Dispatch.from_protobuf(pb))`,
@@ -203,6 +205,11 @@ def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
 
     Args:
         pb: The protobuf dispatch, as listed or streamed by the API.
+        shared: The immutable parts (type, instants, target, recurrence) of the
+            dispatches converted before in the same listing: an equal part is
+            taken from here instead of held once more (types, targets and
+            `update_time == create_time` repeat a lot). The caller drops it with
+            the listing, so nothing outlives the dispatches that hold it.
 
     Returns:
         The wire struct (`running` false, no `until` or `next_run`).
@@ -217,19 +224,23 @@ def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
     create = meta.create_time
     update = meta.update_time
     end_time = meta.end_time if meta.HasField("end_time") else None
+
+    def one(part: _Part) -> _Part:
+        return part if shared is None else cast(_Part, shared.setdefault(part, part))
+
     return Dispatch(
         id=meta.dispatch_id,
-        type=data.type,
-        start_time=_pb_time(start.seconds, start.nanos),
+        type=one(data.type),
+        start_time=one(_pb_time(start.seconds, start.nanos)),
         duration=data.duration if data.HasField("duration") else None,
-        target=_pb_target(data.target),
+        target=one(_pb_target(data.target)),
         active=data.is_active,
         dry_run=data.is_dry_run,
         payload=_pb_struct(data.payload),
-        recurrence=_pb_recurrence(data.recurrence),
-        create_time=_pb_time(create.seconds, create.nanos),
-        update_time=_pb_time(update.seconds, update.nanos),
-        end_time=None if end_time is None else _pb_time(end_time.seconds, end_time.nanos),
+        recurrence=one(_pb_recurrence(data.recurrence)),
+        create_time=one(_pb_time(create.seconds, create.nanos)),
+        update_time=one(_pb_time(update.seconds, update.nanos)),
+        end_time=None if end_time is None else one(_pb_time(end_time.seconds, end_time.nanos)),
         running=False,
         until=None,
         next_run=None,

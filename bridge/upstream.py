@@ -56,6 +56,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import grpc
 from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
@@ -388,6 +389,7 @@ class Upstream:
         # client's dataclasses first, which was most of a 100k sync's time.
         listed: list[wire.Dispatch] = []
         unconvertible: dict[int, str] = {}
+        shared: dict[Any, Any] = {}  # equal types, instants, targets: held once
         request = dispatch_pb2.ListMicrogridDispatchesRequest(
             microgrid_id=self.microgrid_id,
             pagination_params=PaginationParams(page_size=self._page_size),
@@ -396,7 +398,7 @@ class Upstream:
             response = await client.stub.ListMicrogridDispatches(request, timeout=30.0)
             for pb in response.dispatches:
                 try:
-                    listed.append(convert.from_protobuf(pb))
+                    listed.append(convert.from_protobuf(pb, shared))
                 except Exception as error:
                     unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
             token = response.pagination_info.next_page_token

@@ -1,0 +1,55 @@
+"""A listing holds equal parts of its dispatches once (`convert.from_protobuf(pb, shared)`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from frequenz.client.dispatch import recurrence as rec
+from frequenz.client.dispatch import types as ct
+
+from actor_sdk import wire
+from bridge import convert
+from tests.fixtures.wire_examples import contract_example
+
+
+def listed(dispatch_id: int) -> Any:
+    """The contract example as the API lists it, under another id (created, never updated)."""
+    base = wire.to_client(contract_example())
+    rule = rec.RecurrenceRule(frequency=rec.Frequency.DAILY, interval=1)
+    dispatch = ct.Dispatch(
+        **{
+            **base.__dict__,
+            "id": ct.DispatchId(dispatch_id),
+            "recurrence": rule,
+            "update_time": base.create_time,
+        }
+    )
+    return dispatch.to_protobuf()
+
+
+def parts(dispatch: wire.Dispatch) -> list[object]:
+    return [
+        dispatch.type,
+        dispatch.start_time,
+        dispatch.target,
+        dispatch.recurrence,
+        dispatch.create_time,
+        dispatch.end_time,
+    ]
+
+
+def test_equal_parts_of_one_listing_are_one_object_and_the_result_is_unchanged() -> None:
+    shared: dict[Any, Any] = {}
+    first, second = (convert.from_protobuf(listed(i), shared) for i in (1, 2))
+    for mine, theirs in zip(parts(first), parts(second), strict=True):
+        assert mine is theirs
+    assert first.update_time is first.create_time
+    assert second == convert.from_protobuf(listed(2))
+    assert wire.encode(second) == wire.encode(convert.from_protobuf(listed(2)))
+
+
+def test_without_a_listing_nothing_is_shared() -> None:
+    first, second = (convert.from_protobuf(listed(i)) for i in (1, 2))
+    assert first.start_time == second.start_time
+    assert first.start_time is not second.start_time
+    assert first.target is not second.target
