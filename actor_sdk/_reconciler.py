@@ -170,8 +170,9 @@ class Reconciler:
         """Tell whether a new message of a dispatch needs a run of its type now.
 
         It does when the dispatch runs (an own-clock run ends when its dispatch
-        changes) or is told to start by now; a start told for later only moves the
-        deadline. While a run is under way, always (it sets the deadlines).
+        changes), an actor went on into its run (`handoffs`), or it is told to start
+        by now; a start told for later only moves the deadline. While a run is under
+        way, always (it sets the deadlines).
 
         Args:
             dispatch_type: The dispatch's type.
@@ -182,6 +183,9 @@ class Reconciler:
         """
         running = self.effective.get(dispatch_type, {})
         if self.lock.locked() or DispatchId(dispatch_id) in running:
+            return True
+        managed = self.managed.get(dispatch_type)
+        if managed is not None and dispatch_id in managed.running_ids:
             return True
         start = self._view.told_start_of(dispatch_type, dispatch_id)
         if start is None or not self._bridge_clock.converged:

@@ -102,6 +102,20 @@ async def test_a_merged_actor_goes_on_into_the_next_run_before_the_clock_is_know
     await actors.stop_all("done")
 
 
+async def test_a_change_of_the_run_gone_on_into_is_taken_at_once() -> None:
+    shell, actors, events = managed_shell("merged")
+    assert await shell.at(NOW) == [1]
+    await started(actors, (1,))
+    assert await shell.at(AFTER_END, heartbeat=True) == []
+    assert actors.running_ids == (2,)
+    shell.dispatch(told(2, START, active=False))  # deactivated before the bridge confirmed
+    assert shell.reconciler.needs_run(T, 2)
+    assert await shell.at(shell.now) == []
+    await actors.wait_idle()
+    assert not actors.running_ids
+    assert events.log == [("start", 1), ("stop", 1)]
+
+
 async def test_a_run_gone_on_into_ends_at_its_until_without_the_bridges_word() -> None:
     shell, actors, events = managed_shell("merged")
     assert await shell.at(NOW) == [1]
