@@ -49,8 +49,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # First: importing the SDK silences a harmless warning frequenz-client-common's import logs.
@@ -61,11 +59,10 @@ from frequenz.client.dispatch.types import Dispatch, DispatchId, TargetIds
 
 from actor_sdk import wire
 from bench._chaos_system import MG, TYPES, System
-from bridge import convert
 from testkit.bridge import retained_snapshot
 from testkit.broker import find_mosquitto
 from testkit.chaos_check import Fault, Report, Truth, actor_runs, check, percentile
-from testkit.chaos_oracle import running_ids
+from testkit.chaos_tree import check_retained
 
 LAYOUT = wire.TopicLayout.for_microgrid(MG)
 
@@ -207,84 +204,6 @@ class Driver:
         self.unsure_since = None
 
 
-# --- the retained tree ----------------------------------------------------------------------
-
-_STATE = {"running": False, "until": None, "next_run": None}
-
-
-def _definition(dispatch: wire.Dispatch) -> wire.Dispatch:
-    """The dispatch without the state the bridge computes."""
-    return msgspec.structs.replace(dispatch, **_STATE)
-
-
-def _parse_tree(
-    retained: dict[str, bytes], problems: list[str]
-) -> tuple[dict[int, wire.Dispatch], dict[str, wire.RunningSnapshot]]:
-    published: dict[int, wire.Dispatch] = {}
-    snapshots: dict[str, wire.RunningSnapshot] = {}
-    for topic, payload in retained.items():
-        try:
-            ref = LAYOUT.parse(topic)
-            if ref.kind is wire.TopicKind.DISPATCH and payload:
-                assert ref.dispatch_id is not None
-                published[ref.dispatch_id] = wire.decode_dispatch(payload)
-                if topic != LAYOUT.dispatch(published[ref.dispatch_id].type, ref.dispatch_id):
-                    problems.append(f"{topic}: dispatch on the wrong topic")
-            elif ref.kind is wire.TopicKind.RUNNING and payload:
-                assert ref.dispatch_type is not None
-                snapshots[ref.dispatch_type] = wire.decode_running(payload)
-        except wire.WireError as error:
-            problems.append(f"{topic}: {error}")
-    return published, snapshots
-
-
-def check_retained(
-    retained: dict[str, bytes],
-    held: dict[int, Dispatch],
-    read: tuple[float, float],
-    tol: float,
-) -> list[str]:
-    """Compare the retained tree, read from `read[0]` to `read[1]`, with what the API holds.
-
-    The `running` snapshot of each type must list what runs by the oracle at its
-    `as_of`, and at the read: at its start (or `tol` before it, for a change at that
-    instant) or at its end (the read waits for 2 s of quiet, and takes in a snapshot
-    of a start made meanwhile).
-    """
-    read_at, read_end = read
-    problems: list[str] = []
-    status_payload = retained.pop(LAYOUT.status, b"")
-    try:
-        status = wire.decode_status(status_payload)
-        if status.state != "online" or status.dispatches != len(held):
-            problems.append(
-                f"status {status.state}, {status.dispatches} dispatches (want {len(held)})"
-            )
-    except wire.WireError as error:
-        problems.append(f"status: {error}")
-    published, snapshots = _parse_tree(retained, problems)
-    if set(published) != set(held):
-        extra, missing = set(published) - set(held), set(held) - set(published)
-        problems.append(f"dispatch topics: stale {sorted(extra)}, missing {sorted(missing)}")
-    for dispatch_id in set(published) & set(held):
-        if _definition(published[dispatch_id]) != _definition(
-            convert.from_client(held[dispatch_id])
-        ):
-            problems.append(f"dispatch {dispatch_id}: published definition differs from the API")
-    for dispatch_type in TYPES:
-        of_type = [d for d in held.values() if d.type == dispatch_type]
-        snapshot = snapshots.get(dispatch_type)
-        got = [] if snapshot is None else [d.id for d in snapshot.running]
-        now, before = running_ids(of_type, read_at), running_ids(of_type, read_at - tol)
-        if got not in (now, before, running_ids(of_type, read_end)):
-            problems.append(
-                f"{dispatch_type}/running lists {got}, the oracle says {now} at the read"
-            )
-        if snapshot is not None and got != running_ids(of_type, snapshot.as_of.timestamp()):
-            problems.append(f"{dispatch_type}/running differs from the oracle at its as_of")
-    return problems
-
-
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -403,7 +322,9 @@ class Chaos:
             retained_snapshot, self.system.broker, LAYOUT.everything, 2.0
         )
         read = (read_at, time.time())
-        return read_at, check_retained(retained, held, read, self.args.tolerance)
+        return read_at, check_retained(
+            retained, held, read, self.args.tolerance, layout=LAYOUT, types=TYPES
+        )
 
     def _caught_up(self, first_read: float, read_at: float, problems: list[str]) -> None:
         late = read_at - first_read
