@@ -35,10 +35,12 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from actor_sdk import wire
+from bridge.convert import share_parts
 
 __all__ = [
     "CACHE_FORMAT",
@@ -262,7 +264,8 @@ class DispatchCache:
             rows = db.execute(
                 "SELECT payload FROM dispatches WHERE microgrid_id = ?", (self.microgrid_id,)
             ).fetchall()
-            dispatches = [wire.decode_dispatch(payload) for (payload,) in rows]
+            shared: dict[Any, Any] = {}
+            dispatches = [share_parts(wire.decode_dispatch(p), shared) for (p,) in rows]
             synced = meta.get("synced_at")
             synced_at = None if synced is None else _decode_time.decode(synced)
         except sqlite3.DatabaseError as error:

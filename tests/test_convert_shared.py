@@ -1,7 +1,8 @@
-"""A listing holds equal parts of its dispatches once (`convert.from_protobuf(pb, shared)`)."""
+"""A listing or a cache holds equal parts of its dispatches once (`convert.share_parts`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from frequenz.client.dispatch import recurrence as rec
@@ -9,6 +10,7 @@ from frequenz.client.dispatch import types as ct
 
 from actor_sdk import wire
 from bridge import convert
+from bridge.store import DispatchCache
 from tests.fixtures.wire_examples import contract_example
 
 
@@ -53,3 +55,17 @@ def test_without_a_listing_nothing_is_shared() -> None:
     assert first.start_time == second.start_time
     assert first.start_time is not second.start_time
     assert first.target is not second.target
+
+
+def test_a_cache_loads_equal_parts_once(tmp_path: Path) -> None:
+    stored = [convert.from_protobuf(listed(i)) for i in (1, 2)]
+    cache = DispatchCache(tmp_path, 1)
+    cache.load()
+    cache.replace(stored, None)
+    cache.close()
+    loaded = DispatchCache(tmp_path, 1).load()
+    assert loaded is not None
+    first, second = sorted(loaded[0], key=lambda d: d.id)
+    assert [first, second] == stored
+    for mine, theirs in zip(parts(first), parts(second), strict=True):
+        assert mine is theirs
