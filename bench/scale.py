@@ -21,8 +21,9 @@ Figures:
 * peak RSS of the bridge while doing so, and (RSS - RSS of an idle bridge with no
   dispatches) per dispatch;
 * memory held per dispatch in this process (tracemalloc), converting the API's
-  protobufs: ours into the schedule core, the reference into the dict of
-  `frequenz.dispatch.Dispatch` its scheduler keeps;
+  protobufs: ours into the schedule core as the bridge lists (`convert.from_protobuf`,
+  equal parts held once), the reference into the dict of `frequenz.dispatch.Dispatch`
+  its scheduler keeps;
 * republish after a broker restart that kept its state (clean stop, same
   persistence): from the broker accepting connections until the bridge read the
   tree back and every running topic came again live, and how many dispatch
@@ -161,8 +162,11 @@ def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, 
             dispatch = RefDispatch(client(blob))
             held[dispatch.id] = dispatch
     else:
+        # As the bridge lists: straight from protobuf, equal parts held once per listing.
         held = ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG))
-        held.load([convert.from_client(client(blob)) for blob in blobs], now)
+        shared: dict[Any, Any] = {}
+        held.load([convert.from_protobuf(pb.Dispatch.FromString(b), shared) for b in blobs], now)
+        del shared
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
