@@ -120,7 +120,7 @@ class ScheduleCore:
         self._heaps: dict[str, list[tuple[datetime, int]]] = {}
         self._levels: dict[str, str] = {}
         self._dirty_types: dict[str, None] = {}
-        self._tallies: dict[str, wire.TypeTally] = {}
+        self._tallies: dict[str, wire.TypeDigest] = {}
         """Per type, its dispatch topics as the running snapshot counts them."""
         self.holds = HoldBook()
         """The types held by a local request (`bridge.requests`): their snapshots run nothing."""
@@ -362,13 +362,15 @@ class ScheduleCore:
         held = self._dispatches.get(dispatch.id)
         if held is not None and held.type != dispatch.type:
             self._remove(dispatch.id, out)
+            held = None
         dispatch_type = dispatch.type
         state = schedule.run_state(dispatch, now)
         put = _with_state(dispatch, state)
         self._dispatches[dispatch.id] = put
-        self._tallies.setdefault(dispatch_type, wire.TypeTally()).put(
-            dispatch.id, dispatch.update_time
-        )
+        tally = self._tallies.setdefault(dispatch_type, wire.TypeDigest())
+        if held is not None:
+            tally.discard(held.id, held.update_time)
+        tally.add(dispatch.id, dispatch.update_time)
         running = self._running.setdefault(dispatch_type, set())
         if state.running:
             running.add(dispatch.id)
@@ -390,7 +392,7 @@ class ScheduleCore:
 
     def _remove(self, dispatch_id: int, out: Outbox) -> wire.Dispatch:
         held = self._dispatches.pop(dispatch_id)
-        self._tallies[held.type].remove(dispatch_id)
+        self._tallies[held.type].discard(dispatch_id, held.update_time)
         self._changes_at.pop(dispatch_id, None)
         self._running.get(held.type, set()).discard(dispatch_id)
         topic = self._dispatch_topic(held.type, dispatch_id)
@@ -442,7 +444,7 @@ class ScheduleCore:
             if hold is not None:
                 running, next_change = (), None
             topic = f"{self._level(dispatch_type)}/running"
-            tally = self._tallies.get(dispatch_type) or wire.TypeTally()
+            tally = self._tallies.get(dispatch_type) or wire.TypeDigest()
             out.retained.pop(topic, None)
             out.retained[topic] = wire.RunningSnapshot(
                 microgrid_id=self.microgrid_id,

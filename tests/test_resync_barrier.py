@@ -1,8 +1,8 @@
 """The end of a resync from the tree's own counts, in whatever order a broker sends it.
 
-Pure parts only: `wire.TypeTally`, the bridge core's counts in its running snapshots,
-the SDK's `BridgeView.missing`, and the bridge's `RetainedScan`. The same on a real
-NATS server: tests/test_nats_resync.py.
+Pure parts only: `wire.TypeTally` and `wire.TypeDigest`, the bridge core's counts in
+its running snapshots, the SDK's `BridgeView.missing`, and the bridge's `RetainedScan`.
+The same on a real NATS server: tests/test_nats_resync.py.
 """
 
 from __future__ import annotations
@@ -91,6 +91,29 @@ def test_the_digest_does_not_depend_on_order_and_follows_versions_and_removals()
     tally.remove(3)  # twice: no effect
     assert tally.digest == tally_of(*(items[:2] + items[3:])).digest
     assert wire.TypeTally().digest == "0" * 16
+
+
+def test_a_digest_told_each_version_it_replaces_equals_the_tally() -> None:
+    """`TypeDigest` (the bridge core's, nothing kept per topic) and `TypeTally` agree."""
+    rng = random.Random(3)
+    tally, digest = wire.TypeTally(), wire.TypeDigest()
+    versions: dict[int, datetime] = {}
+    for step in range(2000):
+        dispatch_id = rng.randrange(50)
+        held = versions.get(dispatch_id)
+        if held is not None and rng.random() < 0.3:
+            tally.remove(dispatch_id)
+            digest.discard(dispatch_id, held)
+            del versions[dispatch_id]
+        else:
+            version = T0 + timedelta(seconds=step)
+            tally.put(dispatch_id, version)
+            if held is not None:
+                digest.discard(dispatch_id, held)
+            digest.add(dispatch_id, version)
+            versions[dispatch_id] = version
+        assert (len(digest), digest.digest) == (len(tally), tally.digest)
+    assert len(digest) == len(versions) > 0
 
 
 def test_an_older_snapshot_without_counts_still_decodes_and_always_matches() -> None:

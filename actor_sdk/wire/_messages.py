@@ -97,14 +97,50 @@ class RunningSnapshot(_Wire, frozen=True, kw_only=True):
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class TypeTally:
+def _tally_item(dispatch_id: int, update_time: datetime) -> int:
+    micros = (update_time - _EPOCH) // timedelta(microseconds=1)
+    key = f"{dispatch_id}/{micros}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+class TypeDigest:
     """The `dispatches/ID` topics of one type: their count and an order-free digest.
 
     The digest is the XOR, over the topics, of the first 8 bytes (big-endian) of
     BLAKE2b of `"<id>/<update_time in whole microseconds since 1970>"`, written as
     16 lower-case hex digits: both ends keep it up to date in O(1) per topic, in
-    whatever order the topics come.
+    whatever order the topics come. This one keeps nothing per topic: its holder
+    names the version it replaces or removes (the bridge's core holds every
+    dispatch anyway); `TypeTally` remembers them for a holder that does not.
     """
+
+    __slots__ = ("_count", "_xor")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._xor = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, dispatch_id: int, update_time: datetime) -> None:
+        """Count the topic of a dispatch at this version (not counted before)."""
+        self._xor ^= _tally_item(dispatch_id, update_time)
+        self._count += 1
+
+    def discard(self, dispatch_id: int, update_time: datetime) -> None:
+        """Stop counting the topic of a dispatch at this version (counted before)."""
+        self._xor ^= _tally_item(dispatch_id, update_time)
+        self._count -= 1
+
+    @property
+    def digest(self) -> str:
+        """The digest as the running snapshot carries it."""
+        return f"{self._xor:016x}"
+
+
+class TypeTally:
+    """A `TypeDigest` that remembers each topic's version, for a holder that does not."""
 
     __slots__ = ("_items", "_xor")
 
@@ -117,9 +153,7 @@ class TypeTally:
 
     def put(self, dispatch_id: int, update_time: datetime) -> None:
         """Count the topic of a dispatch (replacing an earlier version of it)."""
-        micros = (update_time - _EPOCH) // timedelta(microseconds=1)
-        key = f"{dispatch_id}/{micros}".encode()
-        item = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+        item = _tally_item(dispatch_id, update_time)
         self._xor ^= self._items.get(dispatch_id, 0) ^ item
         self._items[dispatch_id] = item
 
