@@ -9,6 +9,7 @@ so it lives on the bridge's side; the SDK needs only the other direction
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum
@@ -130,8 +131,9 @@ def _pb_value(value: Any) -> Any:
 
 
 def _pb_struct(struct: Any) -> dict[str, Any]:
+    # Interned keys: 100k payloads with the same keys hold each key once.
     fields = struct.fields
-    return {key: _pb_value(fields[key]) for key in fields}
+    return {sys.intern(key): _pb_value(fields[key]) for key in fields}
 
 
 _PB_TYPES: dict[str, tuple[str, type[Enum]]] = {

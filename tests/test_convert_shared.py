@@ -69,3 +69,10 @@ def test_a_cache_loads_equal_parts_once(tmp_path: Path) -> None:
     assert [first, second] == stored
     for mine, theirs in zip(parts(first), parts(second), strict=True):
         assert mine is theirs
+
+
+def test_payload_keys_are_held_once() -> None:
+    first, second = (convert.from_protobuf(listed(i)) for i in (1, 2))
+    [key] = first.payload
+    [same] = second.payload
+    assert key == "power_w" and key is same
