@@ -141,7 +141,16 @@ async def test_the_bridge_clears_an_earlier_sessions_stale_tree_on_nats(
                 wire.encode(msgspec.structs.replace(old, session=0)),
                 retain=True,
             )
-    assert len(retained_snapshot(nats_server, f"{layout.root}/+/dispatches/+")) == 2 * PER_TYPE
+    # QoS 0 publishes: NATS stores them a moment after the client sent them (a read
+    # right away once found 264 of 300): wait until they are all there.
+    await asyncio.to_thread(
+        wait_until,
+        lambda: (
+            len(retained_snapshot(nats_server, f"{layout.root}/+/dispatches/+")) == 2 * PER_TYPE
+        ),
+        10,
+        "the earlier session's dispatch topics stored",
+    )
 
     bridge = bridge_factory(api_server, nats_server, (microgrid_id,))
     bridge.wait_synced()
