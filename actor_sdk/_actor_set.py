@@ -110,8 +110,6 @@ class ActorSet:
         self._clock = clock
         self._on_failure = on_failure
         self._on_started = on_started
-        self._running: tuple[tuple[Hashable, int], ...] = ()
-        """The actor key and id of each running dispatch, as of the last `apply`."""
         self._failure: str | None = None
         self._record = record or (lambda event, dispatch, reason: None)
         self.counts = ActorCounts() if counts is None else counts
@@ -132,7 +130,8 @@ class ActorSet:
     def running_ids(self) -> tuple[int, ...]:
         """The ids of the running dispatches whose actor has started, sorted."""
         started = {key for key, slot in self._slots.items() if slot.actor is not None}
-        return tuple(sorted(dispatch_id for key, dispatch_id in self._running if key in started))
+        served = self._planner.served()
+        return tuple(sorted(dispatch_id for key, dispatch_id in served if key in started))
 
     @property
     def failure(self) -> str | None:
@@ -155,9 +154,7 @@ class ActorSet:
             going_on: Ended runs and the told runs that follow them back-to-back
                 (`ActorPlanner.reconcile`).
         """
-        actions = self._planner.reconcile(running, reason=reason, going_on=going_on)
-        self._running = self._planner.served()
-        await self._execute(actions)
+        await self._execute(self._planner.reconcile(running, reason=reason, going_on=going_on))
 
     async def retry(self, now: datetime) -> None:
         """Call the factory again for every failed start that is due.
@@ -181,7 +178,6 @@ class ActorSet:
         """
         self._planner.stop_all(reason)
         self._retry_due.clear()
-        self._running = ()
         for key in list(self._slots):
             self._stop(key, self._slots.pop(key), reason)
         await self.wait_idle()

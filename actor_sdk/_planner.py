@@ -30,6 +30,7 @@ __all__ = [
     "Action",
     "ActorPlanner",
     "Handoff",
+    "SnapshotTerms",
     "StartActor",
     "StopActor",
     "UpdateActor",
@@ -95,13 +96,42 @@ def confirmed_running(
     return tuple(confirmed)
 
 
+@dataclass(frozen=True)
+class _ToldRun:
+    start: datetime
+    dispatch: Dispatch
+    """The dispatch as it runs from `start` (`started`, with its `until`)."""
+
+
+@dataclass(frozen=True)
+class SnapshotTerms:
+    """What the latest accepted running snapshot of a type says of the starts told."""
+
+    as_of: datetime | None
+    """When the bridge made it; None: no snapshot of the type since the connect."""
+    next_change: datetime | None
+    """The next change it expects; None: none."""
+    agrees: bool
+    """Whether the held dispatch topics of the type are those it counts."""
+
+    def told_run(self, dispatch: Dispatch) -> _ToldRun | None:
+        """The run a held dispatch is told to begin, if this snapshot expects it."""
+        start = dispatch.next_run
+        if start is None or not dispatch.active or dispatch.deleted:
+            return None
+        if self.as_of is None or self.next_change is None or not self.agrees:
+            return None
+        if not (self.as_of < start and self.next_change <= start):
+            return None
+        until = None if dispatch.duration is None else start + dispatch.duration
+        return _ToldRun(start, dispatch.with_state(running=True, until=until))
+
+
 def own_clock_running(
     reported: Iterable[Dispatch],
     told: Iterable[Dispatch],
+    snapshot: SnapshotTerms,
     *,
-    as_of: datetime | None,
-    next_change: datetime | None,
-    agrees: bool,
     now: datetime,
 ) -> tuple[Dispatch, ...]:
     """Return what the bridge's snapshot says runs, plus the runs due on the own clock.
@@ -128,20 +158,16 @@ def own_clock_running(
         reported: The dispatches the latest accepted snapshot says run.
         told: The held dispatches of the type whose `next_run` is at or before `now`,
             each the latest version received.
-        as_of: When the latest accepted snapshot of the type was made; None: none.
-        next_change: That snapshot's `next_change`.
-        agrees: Whether the held dispatch topics of the type match that snapshot's
-            count and digest.
+        snapshot: What the latest accepted snapshot of the type says (`as_of`,
+            `next_change`, and whether the held dispatch topics agree with it).
         now: The current instant on the bridge's clock.
 
     Returns:
         The reported dispatches, then the own-clock runs (`started`, with their `until`).
     """
     running = {dispatch.id: dispatch for dispatch in reported}
-    if as_of is None or next_change is None or not agrees:
-        return tuple(running.values())
     for dispatch in told:
-        run = _told_run(dispatch, as_of=as_of, next_change=next_change)
+        run = snapshot.told_run(dispatch)
         if run is None or run.start > now:
             continue
         known = running.get(dispatch.id)
@@ -151,24 +177,6 @@ def own_clock_running(
     return tuple(running.values())
 
 
-@dataclass(frozen=True)
-class _ToldRun:
-    start: datetime
-    dispatch: Dispatch
-    """The dispatch as it runs from `start` (`started`, with its `until`)."""
-
-
-def _told_run(dispatch: Dispatch, *, as_of: datetime, next_change: datetime) -> _ToldRun | None:
-    """The run a held dispatch is told to begin, if the type's snapshot expects it."""
-    start = dispatch.next_run
-    if start is None or not dispatch.active or dispatch.deleted:
-        return None
-    if not (as_of < start and next_change <= start):
-        return None
-    until = None if dispatch.duration is None else start + dispatch.duration
-    return _ToldRun(start, dispatch.with_state(running=True, until=until))
-
-
 Handoff = tuple[Dispatch, Dispatch]
 """A run that ended on the clock here, and a told run of the type that begins by its end."""
 
@@ -176,10 +184,8 @@ Handoff = tuple[Dispatch, Dispatch]
 def handoffs(
     reported: Iterable[Dispatch],
     told: Iterable[Dispatch],
+    snapshot: SnapshotTerms,
     *,
-    as_of: datetime | None,
-    next_change: datetime | None,
-    agrees: bool,
     now: datetime,
 ) -> tuple[Handoff, ...]:
     """Return the told runs that begin back-to-back with a run that just ended.
@@ -197,22 +203,19 @@ def handoffs(
     Args:
         reported: The dispatches the latest accepted snapshot says run (with the
             own-clock runs); those whose `until` has passed are the ended ones.
-        told: The held dispatches of the type told to start by the latest such `until`.
-        as_of: When the latest accepted snapshot of the type was made; None: none.
-        next_change: That snapshot's `next_change`.
-        agrees: Whether the held dispatch topics match that snapshot.
+        told: The held dispatches of the type told to start by `now` (the ended runs'
+            ends are not later).
+        snapshot: What the latest accepted snapshot of the type says.
         now: The current instant on the bridge's clock.
 
     Returns:
         (ended run, following run) pairs; the following run `started`, with its `until`.
     """
-    if as_of is None or next_change is None or not agrees:
-        return ()
     ended = [d for d in reported if d.until is not None and d.until <= now]
     following = [
         run
-        for dispatch in told
-        if (run := _told_run(dispatch, as_of=as_of, next_change=next_change)) is not None
+        for dispatch in (told if ended else ())
+        if (run := snapshot.told_run(dispatch)) is not None
         and (run.dispatch.until is None or run.dispatch.until > now)
     ]
     return tuple(

@@ -35,7 +35,7 @@ from actor_sdk._planner import (
     STOPPED,
     STOPPED_BLIND,
     STOPPED_UNCONFIRMED,
-    Handoff,
+    SnapshotTerms,
     confirmed_running,
     end_of,
     handoffs,
@@ -202,14 +202,15 @@ class Reconciler:
         """Reconcile one type; return its next deadline on the local clock."""
         previous = self.effective.get(dispatch_type, {})
         blind_too_long = moment.blind_until is not None and moment.blind_until <= moment.local_now
-        as_of, next_change = self._view.snapshot_times(dispatch_type)
+        snapshot = SnapshotTerms(
+            *self._view.snapshot_times(dispatch_type), agrees=self._view.agrees(dispatch_type)
+        )
         converged = self._bridge_clock.converged
+        told = self._view.told_starts(dispatch_type, moment.bridge_now) if converged or live else []
         reported = own_clock_running(
             self._view.running(dispatch_type),
-            self._view.told_starts(dispatch_type, moment.bridge_now) if converged else (),
-            as_of=as_of,
-            next_change=next_change,
-            agrees=self._view.agrees(dispatch_type),
+            told if converged else (),
+            snapshot,
             now=moment.bridge_now,
         )
         confirmed = confirmed_running(
@@ -219,7 +220,8 @@ class Reconciler:
             live=live,
             blind_too_long=blind_too_long,
         )
-        going_on = self._going_on(dispatch_type, reported, moment, live=live)
+        # Back-to-back runs of one actor (before the clock estimate converged): live only.
+        going_on = handoffs(reported, told, snapshot, now=moment.bridge_now) if live else ()
         current = {dispatch.id: dispatch for dispatch in confirmed}
         if current:
             self.effective[dispatch_type] = current
@@ -257,23 +259,6 @@ class Reconciler:
                 await managed.retry(moment.local_now)
                 deadline = _earliest(deadline, managed.next_retry)
         return deadline
-
-    def _going_on(
-        self, dispatch_type: str, reported: tuple[Dispatch, ...], moment: _Moment, *, live: bool
-    ) -> tuple[Handoff, ...]:
-        """The runs that ended and the told runs that follow them back-to-back (live only)."""
-        ends = [d.until for d in reported if d.until is not None and d.until <= moment.bridge_now]
-        if not live or not ends:
-            return ()
-        as_of, next_change = self._view.snapshot_times(dispatch_type)
-        return handoffs(
-            reported,
-            self._view.told_starts(dispatch_type, max(ends)),
-            as_of=as_of,
-            next_change=next_change,
-            agrees=self._view.agrees(dispatch_type),
-            now=moment.bridge_now,
-        )
 
 
 def _earliest(current: datetime | None, *candidates: datetime | None) -> datetime | None:

@@ -13,6 +13,7 @@ from actor_sdk._dispatch_model import from_wire
 from actor_sdk._planner import (
     LIVE_GRACE,
     ActorPlanner,
+    SnapshotTerms,
     StartActor,
     StopActor,
     UpdateActor,
@@ -282,9 +283,7 @@ def own_clock(
 ) -> tuple[Dispatch, ...]:
     """What runs: `own_clock_running`, then `confirmed_running`, as the shell does."""
     return confirmed_running(
-        own_clock_running(
-            reported, held, as_of=as_of, next_change=next_change, agrees=agrees, now=now
-        ),
+        own_clock_running(reported, held, SnapshotTerms(as_of, next_change, agrees), now=now),
         {DispatchId(i) for i in previous},
         now=now,
         live=live,
