@@ -165,7 +165,8 @@ def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, 
         # As the bridge lists: straight from protobuf, equal parts held once per listing.
         held = ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG))
         shared: dict[Any, Any] = {}
-        held.load([convert.from_protobuf(pb.Dispatch.FromString(b), shared) for b in blobs], now)
+        listed = (convert.from_protobuf(pb.Dispatch.FromString(b)) for b in blobs)
+        held.load([convert.share_parts(d, shared) for d in listed], now)
         del shared
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]

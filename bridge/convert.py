@@ -198,7 +198,7 @@ def _pb_recurrence(rule: Any) -> Recurrence | None:
     return None if wire_rule == _NO_RECURRENCE else wire_rule
 
 
-def from_protobuf(pb: dispatch_pb2.Dispatch, shared: dict[Any, Any] | None = None) -> Dispatch:
+def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
     """Convert the Dispatch API's protobuf dispatch straight into the wire struct.
 
     The same result as `from_client(client_types.Dispatch.from_protobuf(pb))`,
@@ -208,8 +208,6 @@ def from_protobuf(pb: dispatch_pb2.Dispatch, shared: dict[Any, Any] | None = Non
 
     Args:
         pb: The protobuf dispatch, as listed or streamed by the API.
-        shared: The parts of the dispatches converted before in the same
-            listing (`share_parts`); None: nothing is shared.
 
     Returns:
         The wire struct (`running` false, no `until` or `next_run`).
@@ -224,7 +222,7 @@ def from_protobuf(pb: dispatch_pb2.Dispatch, shared: dict[Any, Any] | None = Non
     create = meta.create_time
     update = meta.update_time
     end_time = meta.end_time if meta.HasField("end_time") else None
-    dispatch = Dispatch(
+    return Dispatch(
         id=meta.dispatch_id,
         type=data.type,
         start_time=_pb_time(start.seconds, start.nanos),
@@ -241,7 +239,6 @@ def from_protobuf(pb: dispatch_pb2.Dispatch, shared: dict[Any, Any] | None = Non
         until=None,
         next_run=None,
     )
-    return dispatch if shared is None else share_parts(dispatch, shared)
 
 
 def share_parts(dispatch: Dispatch, shared: dict[Any, Any]) -> Dispatch:

@@ -398,7 +398,7 @@ class Upstream:
             response = await client.stub.ListMicrogridDispatches(request, timeout=30.0)
             for pb in response.dispatches:
                 try:
-                    listed.append(convert.from_protobuf(pb, shared))
+                    listed.append(convert.share_parts(convert.from_protobuf(pb), shared))
                 except Exception as error:
                     unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
             token = response.pagination_info.next_page_token

@@ -42,7 +42,7 @@ def parts(dispatch: wire.Dispatch) -> list[object]:
 
 def test_equal_parts_of_one_listing_are_one_object_and_the_result_is_unchanged() -> None:
     shared: dict[Any, Any] = {}
-    first, second = (convert.from_protobuf(listed(i), shared) for i in (1, 2))
+    first, second = (convert.share_parts(convert.from_protobuf(listed(i)), shared) for i in (1, 2))
     for mine, theirs in zip(parts(first), parts(second), strict=True):
         assert mine is theirs
     assert first.update_time is first.create_time
