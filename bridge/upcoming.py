@@ -9,17 +9,19 @@ SDK's advance notice read it, so the schedule is computed in one place only:
 
 Two layers, as elsewhere in the bridge:
 
-* `dispatch_runs` and `upcoming_runs`, pure: a dispatch or a type, a window,
-  the runs.
+* `dispatch_runs`, `RunMerge` and `upcoming_runs`, pure: a dispatch or a
+  type, a window, the runs. `RunMerge` steps each dispatch only as far as
+  the runs listed need, so a type costs one schedule step per dispatch plus
+  one per run listed, however dense its rules.
 * `UpcomingTopics`, the async shell: told which types changed, it
   recomputes them half a second later (a burst of changes costs one
   computation per type), and recomputes every type every `refresh` (15
   minutes for a 24 h window: a list is always complete at least 23 h 45 min
-  ahead; a reader ignores the runs that ended since `as_of`). A type is
-  republished only when its runs changed or its published `until` comes
-  within half a window, so an unchanging site sends little. A full pass
-  yields to the event loop every `_CHUNK` dispatches, so that scheduled
-  publishes are never held up by it.
+  ahead unless cut short; a reader ignores the runs that ended since
+  `as_of`). A type is republished only when its runs changed or its
+  published `until` comes within half a window, so an unchanging site sends
+  little. A pass yields to the event loop every `_SLICE` dispatches or runs
+  (about a millisecond), so that scheduled publishes are not held up by it.
 
 Decisions worth knowing:
 
@@ -29,9 +31,11 @@ Decisions worth knowing:
   schedule is walked back occurrence by occurrence, at most `_BACK_STEPS`
   of them (a longer back-to-back chain gives the start of the earliest
   occurrence reached).
-* A list holds at most `MAX_RUNS` runs, and one dispatch contributes at most
-  `MAX_RUNS_PER_DISPATCH`; beyond that the list keeps its earliest runs,
-  is complete up to the start of its last run, and says `truncated`.
+* A list holds the earliest `MAX_RUNS` runs (1,000: under 100 KB, far below
+  a NATS server's default 1 MB payload limit); beyond that it is complete up
+  to the start of its last run and says `truncated`. Such a list is
+  recomputed when half the time it covers has passed (at least 10 s apart),
+  so its readers always hold the runs of the next stretch.
 * A type left with no dispatch keeps its topic with an empty list (as its
   `running` topic keeps an empty snapshot).
 """
@@ -40,8 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_WINDOW",
     "MAX_RUNS",
-    "MAX_RUNS_PER_DISPATCH",
+    "RunMerge",
     "UpcomingTopics",
     "dispatch_runs",
     "refresh_interval",
@@ -68,11 +74,8 @@ _logger = logging.getLogger("bridge.upcoming")
 DEFAULT_WINDOW = timedelta(hours=24)
 """How far ahead the runs are listed unless configured."""
 
-MAX_RUNS = 10_000
-"""The most runs one type's list holds."""
-
-MAX_RUNS_PER_DISPATCH = 1_500
-"""The most runs one dispatch contributes (a MINUTELY rule fills 24 h with 1,440)."""
+MAX_RUNS = 1_000
+"""The most runs one type's list holds (about 70-100 bytes each on the wire)."""
 
 _BACK_STEPS = 48
 """How many occurrences back the start of a run in progress is looked for."""
@@ -80,8 +83,11 @@ _BACK_STEPS = 48
 _DEBOUNCE_S = 0.5
 """How long after a change its type is recomputed (changes in between join it)."""
 
-_CHUNK = 2_000
-"""Dispatches computed between two yields to the event loop."""
+_SLICE = 100
+"""Dispatches added, or runs taken, between two yields to the event loop (about 1 ms)."""
+
+_MIN_RECHECK = timedelta(seconds=10)
+"""The least time between two recomputations of a list cut short."""
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -125,13 +131,44 @@ def _run_start(dispatch: wire.Dispatch, at: datetime) -> datetime:
     return start
 
 
+def _runs(dispatch: wire.Dispatch, start: datetime, end: datetime) -> Iterator[Run]:
+    """Yield the runs of one dispatch that overlap `[start, end)`, in order, one step at a time.
+
+    A run is yielded once its end is known: back-to-back occurrences merge
+    first, so the schedule is stepped only as far as the runs taken need.
+    """
+    if not dispatch.active:
+        return
+    moment = start
+    state = schedule.run_state(dispatch, moment)
+    open_run: Run | None = None
+    if state.running:
+        open_run = (_run_start(dispatch, moment), state.changes_at)
+    while True:
+        change = state.changes_at
+        if change is None or change >= end or change <= moment:
+            if open_run is not None:
+                yield open_run
+            return
+        moment = change
+        state = schedule.run_state(dispatch, moment)
+        if not state.running:
+            if open_run is not None:
+                yield open_run
+                open_run = None
+        elif open_run is not None and open_run[1] == moment:
+            # `changes_at` was a recheck instant inside a chain of runs.
+            open_run = (open_run[0], state.changes_at)
+        else:
+            if open_run is not None:
+                yield open_run
+            open_run = (moment, state.changes_at)
+
+
 def dispatch_runs(
-    dispatch: wire.Dispatch,
-    start: datetime,
-    end: datetime,
-    limit: int = MAX_RUNS_PER_DISPATCH,
+    dispatch: wire.Dispatch, start: datetime, end: datetime, limit: int
 ) -> tuple[list[Run], bool]:
-    """Return the runs of one dispatch that overlap `[start, end)`, not clipped.
+    """Return the first `limit` runs of one dispatch that overlap `[start, end)`, not clipped.
 
     Args:
         dispatch: The dispatch.
@@ -142,79 +179,65 @@ def dispatch_runs(
     Returns:
         The runs in order, and whether the limit cut them short.
     """
-    runs: list[Run] = []
-    if not dispatch.active:
-        return runs, False
-    moment = start
-    state = schedule.run_state(dispatch, moment)
-    first = state.running
-    while True:
-        change = state.changes_at
-        if state.running:
-            if runs and runs[-1][1] == moment:
-                # `changes_at` was a recheck instant inside a chain of runs.
-                runs[-1] = (runs[-1][0], change)
-            elif len(runs) == limit:
-                return runs, True
-            else:
-                runs.append((_run_start(dispatch, moment) if first else moment, change))
-        first = False
-        if change is None or change >= end or change <= moment:
-            return runs, False
-        moment = change
-        state = schedule.run_state(dispatch, moment)
+    runs = list(itertools.islice(_runs(dispatch, start, end), limit + 1))
+    return runs[:limit], len(runs) > limit
 
 
-_Found = list[tuple[datetime, int, datetime | None]]
-"""Runs found so far: start, dispatch id, end."""
+class RunMerge:
+    """The runs of many dispatches in one order (start, then dispatch id), taken on demand.
 
-
-def _collect(
-    dispatches: Iterable[wire.Dispatch], now: datetime, until: datetime, found: _Found
-) -> datetime:
-    """Add the runs of these dispatches in `[now, until)` to `found`.
-
-    Returns:
-        The instant up to which the runs found are complete (`until` unless a
-        dispatch hit its limit).
+    Each dispatch is stepped only as far as the runs taken need: listing the
+    earliest `MAX_RUNS` of a type costs one schedule step per dispatch plus
+    about one per run taken, however dense the rules are.
     """
-    complete_until = until
-    for dispatch in dispatches:
-        runs, cut = dispatch_runs(dispatch, now, until)
-        if cut:
-            complete_until = min(complete_until, runs[-1][0])
-        found.extend((run_start, dispatch.id, run_end) for run_start, run_end in runs)
-    return complete_until
 
+    def __init__(self, start: datetime, end: datetime) -> None:
+        """Create an empty merge over the window `[start, end)`.
 
-def _message(
-    microgrid_id: int,
-    dispatch_type: str,
-    found: _Found,
-    *,
-    complete_until: datetime,
-    now: datetime,
-    until: datetime,
-) -> wire.UpcomingRuns:
-    """Sort and cut the runs found into the message of one type."""
-    found.sort(key=lambda run: (run[0], run[1]))
-    truncated = complete_until < until
-    if truncated:
-        found = [run for run in found if run[0] <= complete_until]
-    if len(found) > MAX_RUNS:
-        found = found[:MAX_RUNS]
-        truncated = True
-    return wire.UpcomingRuns(
-        microgrid_id=microgrid_id,
-        type=dispatch_type,
-        runs=tuple(
-            wire.UpcomingRun(id=dispatch_id, start=run_start, end=run_end)
-            for run_start, dispatch_id, run_end in found
-        ),
-        as_of=now,
-        until=until,
-        truncated=truncated,
-    )
+        Args:
+            start: The window's start.
+            end: The window's end.
+        """
+        self._start = start
+        self._end = end
+        self._heads: list[tuple[datetime, int, datetime | None, Iterator[Run]]] = []
+
+    def add(self, dispatches: Iterable[wire.Dispatch]) -> None:
+        """Add dispatches: each one's first run is found now.
+
+        Args:
+            dispatches: Dispatches with ids not added before.
+        """
+        for dispatch in dispatches:
+            runs = _runs(dispatch, self._start, self._end)
+            first = next(runs, None)
+            if first is not None:
+                heapq.heappush(self._heads, (first[0], dispatch.id, first[1], runs))
+
+    def take(self, count: int) -> list[wire.UpcomingRun]:
+        """Take up to `count` runs, the earliest first.
+
+        Args:
+            count: The most runs taken.
+
+        Returns:
+            The runs, in order; fewer than `count` when none is left.
+        """
+        taken: list[wire.UpcomingRun] = []
+        while self._heads and len(taken) < count:
+            run_start, dispatch_id, run_end, runs = self._heads[0]
+            taken.append(wire.UpcomingRun(id=dispatch_id, start=run_start, end=run_end))
+            following = next(runs, None)
+            if following is None:
+                heapq.heappop(self._heads)
+            else:
+                heapq.heapreplace(self._heads, (following[0], dispatch_id, following[1], runs))
+        return taken
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every run in the window was taken."""
+        return not self._heads
 
 
 def upcoming_runs(
@@ -234,13 +257,31 @@ def upcoming_runs(
         window: How far ahead.
 
     Returns:
-        The message: runs sorted by start, then id.
+        The message: the earliest `MAX_RUNS` runs, sorted by start, then id.
     """
-    until = now + window
-    found: _Found = []
-    complete_until = _collect(dispatches, now, until, found)
-    return _message(
-        microgrid_id, dispatch_type, found, complete_until=complete_until, now=now, until=until
+    merge = RunMerge(now, now + window)
+    merge.add(dispatches)
+    runs = merge.take(MAX_RUNS)
+    return _message(microgrid_id, dispatch_type, runs, merge, now=now, until=now + window)
+
+
+def _message(
+    microgrid_id: int,
+    dispatch_type: str,
+    runs: list[wire.UpcomingRun],
+    merge: RunMerge,
+    *,
+    now: datetime,
+    until: datetime,
+) -> wire.UpcomingRuns:
+    """The message of one type: its runs taken, cut short if the merge holds more."""
+    return wire.UpcomingRuns(
+        microgrid_id=microgrid_id,
+        type=dispatch_type,
+        runs=tuple(runs),
+        as_of=now,
+        until=until,
+        truncated=not merge.exhausted,
     )
 
 
@@ -271,6 +312,7 @@ class UpcomingTopics:
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
         self._published: dict[str, tuple[int, datetime]] = {}
+        self._recheck: dict[str, datetime] = {}
         self.passes = 0
 
     def mark(self, types: Iterable[str]) -> None:
@@ -293,14 +335,16 @@ class UpcomingTopics:
                 next_full = now + self.refresh
                 continue
             self._wakeup.clear()
+            self._dirty.update(t for t, at in self._recheck.items() if at <= now)
             if self._dirty:
                 await asyncio.sleep(_DEBOUNCE_S)
                 wanted, self._dirty = self._dirty, set()
                 await self._compute(wanted)
                 continue
+            wake_at = min([next_full, *self._recheck.values()])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._wakeup.wait(), (next_full - self._clock()).total_seconds()
+                    self._wakeup.wait(), (wake_at - self._clock()).total_seconds()
                 )
 
     async def _compute(self, wanted: set[str] | None) -> None:
@@ -315,29 +359,36 @@ class UpcomingTopics:
             # Types left with no dispatch keep their (empty) list.
             for dispatch_type in self._published:
                 by_type.setdefault(dispatch_type, [])
-        done = 0
         for dispatch_type, dispatches in sorted(by_type.items()):
             now = self._clock()
             until = now + self.window
-            found: _Found = []
-            complete_until = until
-            for first in range(0, len(dispatches), _CHUNK):
-                chunk = dispatches[first : first + _CHUNK]
-                complete_until = min(complete_until, _collect(chunk, now, until, found))
-                done += len(chunk)
-                if done >= _CHUNK:
-                    done = 0
-                    await asyncio.sleep(0)
+            merge = RunMerge(now, until)
+            for first in range(0, len(dispatches), _SLICE):
+                merge.add(dispatches[first : first + _SLICE])
+                await asyncio.sleep(0)
+            runs: list[wire.UpcomingRun] = []
+            while len(runs) < MAX_RUNS and not merge.exhausted:
+                runs += merge.take(min(_SLICE, MAX_RUNS - len(runs)))
+                await asyncio.sleep(0)
             message = _message(
-                self._core.microgrid_id,
-                dispatch_type,
-                found,
-                complete_until=complete_until,
-                now=now,
-                until=until,
+                self._core.microgrid_id, dispatch_type, runs, merge, now=now, until=until
             )
+            self._plan_recheck(message)
             self._publish(message, now)
+            await asyncio.sleep(0)
         self.passes += 1
+
+    def _plan_recheck(self, message: wire.UpcomingRuns) -> None:
+        """A list cut short is recomputed when half of what it covers has passed.
+
+        So a reader always holds the runs of the next stretch, even when a
+        type's runs are too many for `refresh` (at least `_MIN_RECHECK` apart).
+        """
+        if not message.truncated:
+            self._recheck.pop(message.type, None)
+            return
+        covered = message.runs[-1].start - message.as_of
+        self._recheck[message.type] = message.as_of + max(covered / 2, _MIN_RECHECK)
 
     def _publish(self, message: wire.UpcomingRuns, now: datetime) -> None:
         digest = hash((message.runs, message.truncated))

@@ -12,7 +12,7 @@ from bridge import schedule
 from bridge.core import ScheduleCore
 from bridge.service import RetainedValue
 from bridge.upcoming import (
-    MAX_RUNS_PER_DISPATCH,
+    MAX_RUNS,
     UpcomingTopics,
     dispatch_runs,
     refresh_interval,
@@ -51,7 +51,7 @@ def test_a_recurrence_is_laid_out_and_the_run_in_progress_keeps_its_start() -> N
     start = NOW.replace(minute=0, second=0) - timedelta(hours=5)
     dispatch = make_dispatch(9, start, 1800, recurrence=HOURLY)
 
-    runs, cut = dispatch_runs(dispatch, NOW, NOW + timedelta(hours=3))
+    runs, cut = dispatch_runs(dispatch, NOW, NOW + timedelta(hours=3), 10)
 
     top = NOW.replace(minute=0, second=0)
     half = timedelta(minutes=30)
@@ -65,7 +65,7 @@ def test_back_to_back_runs_merge_and_a_chain_in_progress_is_walked_back() -> Non
     rule = wire.Recurrence(frequency="HOURLY", interval=1, end=wire.EndCriteria(count=10))
     dispatch = make_dispatch(4, start, 7200, recurrence=rule)
 
-    runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY)
+    runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY, 5000)
 
     assert runs == [(start, start + timedelta(hours=11))]
 
@@ -81,7 +81,7 @@ def test_every_listed_run_agrees_with_the_schedule() -> None:
     for index, rule in enumerate(rules):
         for duration in (20, 900, 5400):
             dispatch = make_dispatch(index, NOW - timedelta(days=3), duration, recurrence=rule)
-            runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY)
+            runs, _ = dispatch_runs(dispatch, NOW, NOW + DAY, 5000)
             for run_start, run_end in runs:
                 assert schedule.run_state(dispatch, run_start).running
                 # Without end only when the runs chain for ever (a duration of a period).
@@ -92,22 +92,79 @@ def test_every_listed_run_agrees_with_the_schedule() -> None:
                     assert not schedule.run_state(dispatch, before).running
 
 
-def test_a_dispatch_over_its_limit_truncates_the_list_where_it_is_still_complete() -> None:
-    # Minutely, 30 s each: 2,880 runs in 48 h, more than one dispatch may give.
-    busy = make_dispatch(1, NOW - timedelta(hours=1), 30, recurrence=MINUTELY)
-    late = make_dispatch(2, NOW + timedelta(hours=40), 60)
-    early = make_dispatch(3, NOW + timedelta(minutes=10), 60)
+def every_run(dispatches: list[wire.Dispatch], end: datetime) -> list[wire.UpcomingRun]:
+    """The oracle: each dispatch's runs on their own, all of them, sorted by start then id."""
+    found = [
+        run(dispatch.id, run_start, run_end)
+        for dispatch in dispatches
+        for run_start, run_end in dispatch_runs(dispatch, NOW, end, 100_000)[0]
+    ]
+    return sorted(found, key=lambda r: (r.start, r.id))
 
-    message = upcoming_runs(1, "T", [late, busy, early], NOW, 2 * DAY)
+
+def dense_type(count: int) -> list[wire.Dispatch]:
+    """`count` minutely dispatches of 20 s, staggered: 1,440 runs each in 24 h."""
+    return [
+        make_dispatch(n, NOW - timedelta(hours=1, seconds=n), 20, recurrence=MINUTELY)
+        for n in range(1, count + 1)
+    ]
+
+
+def test_a_list_holds_the_earliest_runs_of_all_dispatches_and_says_where_it_was_cut() -> None:
+    # 2 dense dispatches give 2,880 runs in 24 h: more than a list holds.
+    dispatches = [
+        *dense_type(2),
+        make_dispatch(20, NOW + timedelta(hours=20), 60),
+        make_dispatch(21, NOW + timedelta(minutes=10), 60),
+        make_dispatch(22, NOW - timedelta(hours=2), 7200, recurrence=HOURLY),
+    ]
+
+    message = upcoming_runs(1, "T", dispatches, NOW, DAY)
 
     assert message.truncated
-    last_busy = max(r.start for r in message.runs if r.id == 1)
-    assert len([r for r in message.runs if r.id == 1]) == MAX_RUNS_PER_DISPATCH
-    assert all(r.start <= last_busy for r in message.runs)
-    assert 3 in {r.id for r in message.runs}
-    assert 2 not in {r.id for r in message.runs}
-    starts = [(r.start, r.id) for r in message.runs]
-    assert starts == sorted(starts)
+    assert list(message.runs) == every_run(dispatches, NOW + DAY)[:MAX_RUNS]
+    assert 21 in {r.id for r in message.runs}
+    assert 20 not in {r.id for r in message.runs}
+
+
+def test_a_list_that_fits_is_every_run_and_not_cut() -> None:
+    rules = [None, MINUTELY, HOURLY, wire.Recurrence(frequency="DAILY", interval=1)]
+    dispatches = [
+        make_dispatch(
+            n,
+            NOW + timedelta(minutes=37 * n - 600),
+            [20, 900, 5400, None][n % 4],
+            recurrence=rules[n % 4] if n % 4 != 1 or n < 4 else None,
+            active=n % 7 != 0,
+        )
+        for n in range(1, 30)
+    ]
+
+    message = upcoming_runs(1, "T", dispatches, NOW, DAY)
+
+    assert not message.truncated
+    assert list(message.runs) == every_run(dispatches, NOW + DAY)
+
+
+def test_a_list_costs_a_step_per_dispatch_and_per_run_listed_not_per_run_in_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 200 dense dispatches hold 288,000 runs in 24 h; the list shows 1,000 of them.
+    steps = 0
+    real_run_state = schedule.run_state
+
+    def counted(dispatch: wire.Dispatch, at: datetime) -> schedule.RunState:
+        nonlocal steps
+        steps += 1
+        return real_run_state(dispatch, at)
+
+    monkeypatch.setattr(schedule, "run_state", counted)
+
+    message = upcoming_runs(1, "T", dense_type(200), NOW, DAY)
+
+    assert len(message.runs) == MAX_RUNS and message.truncated
+    # A step to the start and one to the end of each run, and the walk back of runs in progress.
+    assert steps <= 3 * 200 + 2 * MAX_RUNS + 200
 
 
 def test_the_payload_round_trips_and_endless_ends_are_null() -> None:
@@ -160,6 +217,11 @@ async def next_set(sink: FakeSink) -> tuple[str, wire.UpcomingRuns]:
     return sink.sets[-1]
 
 
+async def sets_made(sink: FakeSink, count: int) -> None:
+    while len(sink.sets) < count:
+        await next_set(sink)
+
+
 async def test_the_shell_publishes_every_type_then_only_what_changed() -> None:
     core = ScheduleCore(1, LAYOUT)
     a = make_dispatch(1, NOW + timedelta(hours=1), 60, dispatch_type="A")
@@ -169,7 +231,7 @@ async def test_the_shell_publishes_every_type_then_only_what_changed() -> None:
     topics = UpcomingTopics(core, sink, clock=lambda: NOW)
     task = asyncio.create_task(topics.run())
     try:
-        await next_set(sink)  # the first full pass sets both in one go
+        await sets_made(sink, 2)  # the first full pass sets both
         assert [(topic, [r.id for r in m.runs]) for topic, m in sink.sets] == [
             (LAYOUT.upcoming("A"), [1]),
             (LAYOUT.upcoming("B"), [2]),
@@ -192,5 +254,34 @@ async def test_the_shell_publishes_every_type_then_only_what_changed() -> None:
         topic, message = await next_set(sink)
         assert (topic, message.runs) == (LAYOUT.upcoming("A"), ())
         assert len(sink.sets) == 4
+    finally:
+        task.cancel()
+
+
+async def test_a_list_cut_short_is_recomputed_when_half_its_stretch_has_passed() -> None:
+    # 50 dense dispatches: 1,000 runs cover 20 minutes, so the list is redone after 10,
+    # before the full pass of every 15 minutes.
+    core = ScheduleCore(1, LAYOUT)
+    core.load(dense_type(50), NOW)
+    sink = FakeSink()
+    now = [NOW]
+    topics = UpcomingTopics(core, sink, clock=lambda: now[0])
+    task = asyncio.create_task(topics.run())
+    try:
+        _, first = await next_set(sink)
+        assert first.truncated and first.as_of == NOW
+        covered = first.runs[-1].start - NOW
+        assert timedelta(minutes=19) < covered < timedelta(minutes=21)
+        # Before half the stretch has passed, a wake-up recomputes nothing.
+        now[0] = NOW + covered / 2 - timedelta(seconds=1)
+        topics.mark([])
+        await asyncio.sleep(0.6)
+        assert len(sink.sets) == 1
+        # After it, the list moves on.
+        now[0] = NOW + covered / 2 + timedelta(seconds=1)
+        topics.mark([])
+        _, second = await next_set(sink)
+        assert second.as_of == now[0] and second.truncated
+        assert second.runs[-1].start > first.runs[-1].start + covered / 3
     finally:
         task.cancel()
