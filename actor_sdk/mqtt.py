@@ -23,7 +23,8 @@ here, so that the rest of the code names only this module:
   deliver publishes queued before a disconnect after the reconnect), with
   TCP_NODELAY, a will, a client id, and the hooks aiomqtt lacks
   (`on_refused_publish`, `subscribe_no_local`, queues that stamp or hand over
-  each message as it arrives).
+  each message as it arrives, `AckedPublishes`: QoS 1 publishes in a window
+  without aiomqtt's per-publish bookkeeping).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -51,9 +51,11 @@ from actor_sdk._mqtt_receive import (
     handing_queue,
     read_in_bulk,
 )
+from actor_sdk._mqtt_send import AckedPublishes, on_refused_publish
 from actor_sdk.wall_clock import utc_now
 
 __all__ = [
+    "AckedPublishes",
     "Backoff",
     "BrokerError",
     "BrokerSettings",
@@ -515,29 +517,6 @@ def new_client(
     read_in_bulk(client)
     fail_connect_when_closed(client)
     return client
-
-
-def on_refused_publish(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:
-    """Be told of each publish the broker refused (an MQTT v5 PUBACK reason code ≥ 0x80).
-
-    aiomqtt drops PUBACK reason codes, so this wraps paho's callback.
-
-    Args:
-        client: The client, before it connects.
-        refused: Called with the topic and the broker's reason.
-    """
-    paho = client._client
-    forward: Callable[..., None] | None = paho.on_publish
-
-    def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            message = paho_client._out_messages.get(mid)
-            topic = message.topic if message is not None else "?"
-            refused(topic, f"reason code 0x{reason.value:02X} {reason}")
-        if forward is not None:
-            forward(paho_client, userdata, mid, reason, props)
-
-    paho.on_publish = on_publish
 
 
 async def subscribe_no_local(client: aiomqtt.Client, filters: list[str], qos: int) -> None:

@@ -10,9 +10,10 @@ limit), each client in turn:
 * **retained catch-up**: a tree of N retained topics (600 bytes each) is there;
   the time from connecting to having received every one (QoS 1 subscription).
 
-Clients: aiomqtt awaiting each call (as the tools use it), `actor_sdk.mqtt`
-(aiomqtt with the bridge's window of 100 publishes in flight, the SDK's
-arrival-stamped queue drained per wake-up: the path the project uses), paho's
+Clients: aiomqtt awaiting each call (as the tools use it), aiomqtt's publish
+with the bridge's window of 100 in flight (the bridge's path until 2026-12-04),
+`actor_sdk.mqtt` (`AckedPublishes` with that window, the SDK's arrival-stamped
+queue drained per wake-up: the path the project uses), paho's
 own network loop (a thread), gmqtt, and the C clients `mosquitto_pub -l` and
 `mosquitto_sub` (the reference column; `mosquitto_sub` is the floor of the
 catch-up). Each figure is the median of `--rounds` rounds.
@@ -85,14 +86,29 @@ async def publish_aiomqtt_each(broker: Mosquitto, topics: list[str]) -> float:
         return time.perf_counter() - start
 
 
-async def publish_project(broker: Mosquitto, topics: list[str]) -> float:
-    # As bridge.publisher does: MQTT v5, `WINDOW` workers each awaiting one publish.
+async def publish_aiomqtt_window(broker: Mosquitto, topics: list[str]) -> float:
+    # As bridge.publisher did until 2026-12-04: `WINDOW` workers each awaiting aiomqtt's publish.
     async with mqtt.new_client(_settings(broker), v5=True, max_inflight=WINDOW) as client:
         todo = iter(topics)
 
         async def worker() -> None:
             for topic in todo:
                 await client.publish(topic, PAYLOAD, qos=1, retain=True)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(WINDOW)))
+        return time.perf_counter() - start
+
+
+async def publish_project(broker: Mosquitto, topics: list[str]) -> float:
+    # As bridge.publisher does: MQTT v5, `WINDOW` workers each awaiting one acknowledgement.
+    async with mqtt.new_client(_settings(broker), v5=True, max_inflight=WINDOW) as client:
+        acks = mqtt.AckedPublishes(client)
+        todo = iter(topics)
+
+        async def worker() -> None:
+            for topic in todo:
+                await acks.publish(topic, PAYLOAD, retain=True)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(WINDOW)))
@@ -306,7 +322,10 @@ def main() -> None:
             "aiomqtt, awaiting each publish": lambda n: _run(
                 lambda: publish_aiomqtt_each(broker, names("each", n))
             ),
-            f"actor_sdk.mqtt (aiomqtt, {WINDOW} in flight): the project's": lambda n: _run(
+            f"aiomqtt's publish, {WINDOW} in flight (the project's until 2026-12-04)": lambda n: (
+                _run(lambda: publish_aiomqtt_window(broker, names("window", n)))
+            ),
+            f"actor_sdk.mqtt.AckedPublishes ({WINDOW} in flight): the project's": lambda n: _run(
                 lambda: publish_project(broker, names("project", n))
             ),
             f"paho-mqtt's own loop ({WINDOW} in flight)": lambda n: publish_paho(

@@ -39,7 +39,6 @@ import asyncio
 import builtins
 import contextlib
 import logging
-import math
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -344,7 +343,8 @@ class Publisher:
             # subscription's retained messages before any later publish of ours).
             self.queue.requeue_all(compare_dispatches=True)
             self._changed()
-            tasks += [asyncio.create_task(self._worker(client)) for _ in range(self._window)]
+            acks = mqtt.AckedPublishes(client)
+            tasks += [asyncio.create_task(self._worker(acks)) for _ in range(self._window)]
             self._backoff.reset()
             self.connected.set()
             stopper = asyncio.create_task(self._stop.wait())
@@ -467,15 +467,13 @@ class Publisher:
             await self._wakeup.wait()
         return item
 
-    async def _worker(self, client: mqtt.Client) -> None:
+    async def _worker(self, acks: mqtt.AckedPublishes) -> None:
         while True:
             item = await self._take()
             if isinstance(item.value, StatusBoard):
                 self._watch.status_sent(self._clock())
             try:
-                await client.publish(
-                    item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf
-                )
+                await acks.publish(item.topic, item.payload, retain=item.retain)
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer
                 # state of the same topic is already waiting.

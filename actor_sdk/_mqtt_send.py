@@ -1,0 +1,104 @@
+"""The sending side of `actor_sdk.mqtt`: QoS 1 publishes in a window, and refused publishes.
+
+Internal to the MQTT layer: import the names from `actor_sdk.mqtt`.
+
+aiomqtt's `publish` costs, per message, a scan of every pending call (twice),
+an `asyncio.Event` and a `wait_for` task; with 100 publishes in flight that
+bookkeeping takes as much CPU as paho's own work (`bench/mqtt_io.py`, "publish
+rate"). `AckedPublishes` hands each publish to paho directly and returns a
+future that paho's PUBACK callback resolves: the same window, the same
+ordering, without the per-message bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+
+class AckedPublishes:
+    """QoS 1 publishes of one client, each with a future its acknowledgement resolves.
+
+    Create it before the client's first publish (it chains paho's publish callback).
+    A publish whose acknowledgement never comes (the connection was lost)
+    leaves its future pending: its waiter is cancelled with the connection's
+    tasks, as with aiomqtt's `publish(timeout=math.inf)`. A broker's refusal
+    (an MQTT v5 reason code ≥ 0x80) resolves the future too; `on_refused_publish`
+    is how it is told.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        """Hook into a client's acknowledgements.
+
+        Args:
+            client: The client, before its first publish.
+        """
+        self._paho = client._client
+        self._client = client
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        forward: Callable[..., None] | None = self._paho.on_publish
+
+        def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            future = self._waiting.pop(mid, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            if forward is not None:
+                forward(paho_client, userdata, mid, reason, props)
+
+        self._paho.on_publish = on_publish
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool) -> asyncio.Future[None]:
+        """Send a QoS 1 publish (paho queues it beyond the in-flight window).
+
+        Args:
+            topic: The topic.
+            payload: The payload.
+            retain: Whether the broker retains it.
+
+        Returns:
+            A future resolved by the publish's acknowledgement.
+
+        Raises:
+            aiomqtt.MqttCodeError: paho refused the publish (not connected).
+        """
+        info = self._paho.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        future = asyncio.get_running_loop().create_future()
+        if info.is_published():
+            future.set_result(None)
+        else:
+            self._waiting[info.mid] = future
+        return future
+
+    @property
+    def waiting(self) -> int:
+        """How many publishes await their acknowledgement."""
+        return len(self._waiting)
+
+
+def on_refused_publish(client: aiomqtt.Client, refused: Callable[[str, str], None]) -> None:
+    """Be told of each publish the broker refused (an MQTT v5 PUBACK reason code ≥ 0x80).
+
+    aiomqtt drops PUBACK reason codes, so this wraps paho's callback.
+
+    Args:
+        client: The client, before it connects.
+        refused: Called with the topic and the broker's reason.
+    """
+    paho_client = client._client
+    forward: Callable[..., None] | None = paho_client.on_publish
+
+    def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            message = paho_client._out_messages.get(mid)
+            topic = message.topic if message is not None else "?"
+            refused(topic, f"reason code 0x{reason.value:02X} {reason}")
+        if forward is not None:
+            forward(paho_client, userdata, mid, reason, props)
+
+    paho_client.on_publish = on_publish
