@@ -157,6 +157,7 @@ class CacheWriter:
             dispatch: The dispatch, with its computed state.
         """
         written = self._written.get(dispatch.id)
+        self._written[dispatch.id] = dispatch
         if written is not None and (
             written is dispatch
             or (
@@ -164,8 +165,9 @@ class CacheWriter:
                 and strip_state(written) == strip_state(dispatch)
             )
         ):
+            # Only its run state changed: nothing to write. Holding the new struct lets
+            # the old one go (it would otherwise stay a second copy beside the core's).
             return
-        self._written[dispatch.id] = dispatch
         self.pending[dispatch.id] = dispatch
 
     def note_removed(self, dispatch_id: int) -> None:

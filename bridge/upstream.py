@@ -241,18 +241,7 @@ class Upstream:
             except TimeoutError:
                 _logger.debug("no initial metadata on the stream: listing anyway")
             self._check_reader(reader, "before the list")
-            listed, unconvertible = await self._list_all(client)
-            self._check_reader(reader, "during the list")
-            _logger.info(
-                "microgrid %d: connected to the Dispatch API %s; listed %d dispatches",
-                self.microgrid_id,
-                self._settings.url,
-                len(listed),
-            )
-            self._sink(LinkChanged(True))
-            self._sink(Synced(listed, frozenset(unconvertible)))
-            self._note_skipped(unconvertible, replace=True)
-            self.syncs += 1
+            await self._list_and_hand_over(client, reader)
             for item in self._buffer:
                 self._sink(item)
             self._buffer.clear()
@@ -266,6 +255,27 @@ class Upstream:
             call.cancel()
             with contextlib.suppress(BaseException):
                 await reader
+
+    async def _list_and_hand_over(
+        self, client: DispatchApiClient, reader: asyncio.Task[None]
+    ) -> None:
+        """List everything and hand it to the sink as one `Synced`.
+
+        The listing lives only as long as this call: the service keeps what it
+        needs, and the session that goes on streaming holds no second copy.
+        """
+        listed, unconvertible = await self._list_all(client)
+        self._check_reader(reader, "during the list")
+        _logger.info(
+            "microgrid %d: connected to the Dispatch API %s; listed %d dispatches",
+            self.microgrid_id,
+            self._settings.url,
+            len(listed),
+        )
+        self._sink(LinkChanged(True))
+        self._sink(Synced(listed, frozenset(unconvertible)))
+        self._note_skipped(unconvertible, replace=True)
+        self.syncs += 1
 
     @staticmethod
     def _check_reader(reader: asyncio.Task[None], when: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import sqlite3
@@ -347,3 +348,25 @@ def test_session_counter_grows_across_instances(tmp_path: Path) -> None:
 def test_unreadable_session_counter_starts_above_any_earlier_one(tmp_path: Path) -> None:
     (tmp_path / "session").write_text("garbage")
     assert SessionCounter(tmp_path).peek_next() > 1_000_000_000
+
+
+def test_the_writer_keeps_no_old_struct_once_only_the_run_state_changed(tmp_path: Path) -> None:
+    # The core replaces a dispatch's struct at each transition; the writer must follow,
+    # or it keeps the struct of the first state beside the core's (a second copy).
+    cache = DispatchCache(tmp_path, 4)
+    cache.load()
+    writer = CacheWriter(cache, lambda: [], lambda: T0)
+    sink = writer.watch(FakeSink())
+    sink.set(topic(dispatch(7, dispatch_type="ONLY_HERE")), dispatch(7, dispatch_type="ONLY_HERE"))
+    writer.mark()
+    states = [T0 + timedelta(minutes=m) for m in range(1, 4)]
+    for until in states:
+        moved = msgspec.structs.replace(
+            dispatch(7, dispatch_type="ONLY_HERE"), running=True, until=until
+        )
+        sink.set(topic(moved), moved)
+    del moved
+    assert writer.pending == {}
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, wire.Dispatch) and o.type == "ONLY_HERE"]
+    assert [o.until for o in alive] == [states[-1]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -138,3 +139,29 @@ async def test_a_list_page_over_the_grpc_message_limit_is_listed_again_in_smalle
         await async_wait_until(lambda: len(sink.ids()) == 100, 30, "all 100 large dispatches")
     assert sink.syncs() == 1
     assert "a list page was too large" in caplog.text
+
+
+async def test_the_listing_is_not_kept_once_handed_over(api_server: ApiServerHandle) -> None:
+    # The service keeps what it needs of a listing; the upstream must not keep the
+    # whole list alive for the rest of its session (a second struct per dispatch).
+    await create(api_server, 30)
+    synced: list[int] = []
+
+    def count_only(item: UpstreamItem) -> None:
+        if isinstance(item, Synced):
+            synced.append(len(item.dispatches))
+
+    def listed_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, wire.Dispatch) and o.type == "GAP")
+
+    settings = UpstreamSettings(api_server.url, api_server.key or "", api_server.secret)
+    feed = Upstream(settings, MICROGRID, count_only, backoff=Backoff(initial=0.1, cap=0.5))
+    task = asyncio.create_task(feed.run())
+    try:
+        await async_wait_until(lambda: synced == [30], 10, "the first sync")
+        assert listed_alive() == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
