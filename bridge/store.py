@@ -369,9 +369,11 @@ class DispatchCache:
         Raises:
             sqlite3.Error: The transaction failed (and was rolled back).
         """
-        upserts = [
+        # Encoded row by row as SQLite takes them: a first sync of 100k dispatches
+        # held all their payloads at once (about 60 MB more at the peak of start-up).
+        upserts = (
             (self.microgrid_id, i, wire.encode(d)) for i, d in changes.items() if d is not None
-        ]
+        )
         deletes = [(self.microgrid_id, i) for i, d in changes.items() if d is None]
         self._transaction(upserts, deletes, synced_at, replace=False)
 
@@ -385,7 +387,7 @@ class DispatchCache:
         Raises:
             sqlite3.Error: The transaction failed (and was rolled back).
         """
-        upserts = [(self.microgrid_id, d.id, wire.encode(d)) for d in dispatches]
+        upserts = ((self.microgrid_id, d.id, wire.encode(d)) for d in dispatches)
         self._transaction(upserts, [], synced_at, replace=True)
 
     def holds_synced_at(self, synced_at: datetime | None) -> bool:
@@ -401,7 +403,7 @@ class DispatchCache:
 
     def _transaction(
         self,
-        upserts: list[tuple[int, int, bytes]],
+        upserts: Iterable[tuple[int, int, bytes]],
         deletes: list[tuple[int, int]],
         synced_at: datetime | None,
         *,

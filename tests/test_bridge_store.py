@@ -7,6 +7,7 @@ import gc
 import logging
 import shutil
 import sqlite3
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -370,3 +371,25 @@ def test_the_writer_keeps_no_old_struct_once_only_the_run_state_changed(tmp_path
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, wire.Dispatch) and o.type == "ONLY_HERE"]
     assert [o.until for o in alive] == [states[-1]]
+
+
+def test_a_large_write_encodes_row_by_row_instead_of_holding_every_payload(
+    tmp_path: Path,
+) -> None:
+    # A first sync writes every dispatch at once; holding all encoded rows raised the
+    # bridge's peak memory at 100k by the size of the whole cache.
+    cache = DispatchCache(tmp_path, 4)
+    cache.load()
+    changes: dict[int, wire.Dispatch | None] = {n: dispatch(n) for n in range(1, 5001)}
+    encoded = sum(len(wire.encode(d)) for d in changes.values() if d is not None)
+    tracemalloc.start()
+    try:
+        held = tracemalloc.get_traced_memory()[0]
+        cache.update(changes, T0)
+        peak = tracemalloc.get_traced_memory()[1] - held
+    finally:
+        tracemalloc.stop()
+    assert peak < encoded / 4
+    cache.close()
+    again = DispatchCache(tmp_path, 4).load()
+    assert again is not None and len(again[0]) == 5000
