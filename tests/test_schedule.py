@@ -8,7 +8,7 @@ import pytest
 
 from actor_sdk import wire
 from bridge import schedule
-from bridge.schedule import InvalidRecurrence, RunState, end_time, run_state, running_at
+from bridge.schedule import InvalidRecurrence, RunState, end_time, list_rules, run_state, running_at
 from tests.schedule_cases import client, dispatch, expected_state, oracle, rule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -244,6 +244,51 @@ def test_count_end_far_in_the_future_is_found_by_days_not_occurrences() -> None:
     )
     # 60 occurrences a day at 12:xx: the last one is on the 1095th day.
     assert end_time(d) == utc(2020, 1, 1, 12, 59, 0) + timedelta(days=1094, minutes=1)
+
+
+@pytest.mark.parametrize(
+    ("frequency", "interval", "weekdays", "count"),
+    [
+        ("WEEKLY", 3, ("MONDAY", "THURSDAY"), 4999),
+        ("WEEKLY", 2, ("SUNDAY",), 1),
+        ("WEEKLY", 2, ("SUNDAY",), 2),
+        ("WEEKLY", 1, ("TUESDAY", "WEDNESDAY", "SATURDAY"), 3001),
+        ("WEEKLY", 5, (), 700),
+        ("DAILY", 3, (), 4000),
+        ("DAILY", 4, ("FRIDAY", "SATURDAY"), 2500),
+        ("DAILY", 10, ("MONDAY",), 3),
+    ],
+)
+def test_a_count_end_of_repeating_days_equals_the_reference_and_skips_whole_periods(
+    frequency: str,
+    interval: int,
+    weekdays: tuple[str, ...],
+    count: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Started on a Wednesday at 09:30 with two times a day: the first day's earlier
+    # time is before the start, so the first day holds one occurrence.
+    d = dispatch(
+        start=utc(2026, 3, 4, 9, 30),
+        duration=600,
+        recurrence=rule(
+            frequency, interval, byweekdays=weekdays, byhours=(8, 17), byminutes=(30,), count=count
+        ),
+    )
+    occurrences = oracle(lambda: list(client(d).recurrence._as_rrule(d.start_time)))
+    days_walked = 0
+    real_slots = list_rules._Rule.slots
+
+    def counted(self: list_rules._Rule, day: int) -> tuple[int, ...]:
+        nonlocal days_walked
+        days_walked += 1
+        return real_slots(self, day)
+
+    monkeypatch.setattr(list_rules._Rule, "slots", counted)
+
+    assert end_time(d) == occurrences[-1] + timedelta(seconds=600)
+    # About two periods (the first one counted, the last one walked), never every day.
+    assert days_walked <= 2 * 7 * interval + 4
 
 
 # --- running_at ---------------------------------------------------------------

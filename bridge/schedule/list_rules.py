@@ -397,6 +397,9 @@ class _Rule(_Remembering):
 
     def nth(self, count: int) -> int | None:
         """Return the `count`-th occurrence (1-based), counting whole days of whole months."""
+        period = self._day_period()
+        if period is not None:
+            return self._nth_by_period(count, period)
         remaining = count
         first_day, first, unit, offsets = self.first_day, self.first, self.unit, self.offsets
         per_slot = len(offsets)
@@ -455,4 +458,59 @@ class _Rule(_Remembering):
                     return base + slots[slot] * unit + offsets[offset]
                 remaining -= total
             year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return None
+
+    def _day_period(self) -> int | None:
+        """Days after which a DAILY or WEEKLY rule's days repeat; `None` for other rules.
+
+        Only without month-level filters (months, month days) and without `until`.
+        """
+        if self.months is not None or self.positive or self.negative or self.last is not None:
+            return None
+        if self.frequency == _WEEKLY:
+            return 7 * self.interval
+        if self.frequency == _DAILY and self.interval > 1:
+            return self.interval * 7 // gcd(self.interval, 7)
+        return None
+
+    def _day_instants(self, day: int) -> list[int]:
+        """The occurrences of one day, before the `first` and `last` bounds."""
+        slots = self.slots(day)
+        if not slots:
+            return []
+        if self.daylist:
+            when = date.fromordinal(day + _EPOCH_ORDINAL)
+            month_start, length = _month_info(when.year, when.month)
+            if when.day not in self._month_days(length, (month_start + 3) % 7):
+                return []
+        base = day * _DAY
+        return [base + slot * self.unit + offset for slot in slots for offset in self.offsets]
+
+    def _nth_by_period(self, count: int, period: int) -> int | None:
+        """`nth` for days that repeat every `period` days: whole periods are counted at once.
+
+        A WEEKLY rule with an interval was walked day by day: 2 ms for a count in
+        the thousands, the largest part of the first schedule at 100k dispatches.
+        """
+        first_day = self.first_day
+        per_period = sum(
+            len(self._day_instants(d)) for d in range(first_day + 1, first_day + 1 + period)
+        )
+        last_day = date(_MAX_YEAR, 12, 31).toordinal() - _EPOCH_ORDINAL
+        remaining = count
+        day = first_day
+        while day <= last_day:
+            instants = self._day_instants(day)
+            if day == first_day:
+                instants = [instant for instant in instants if instant >= self.first]
+            if remaining <= len(instants):
+                return instants[remaining - 1]
+            remaining -= len(instants)
+            if day == first_day:
+                if per_period == 0:
+                    return None
+                skipped = (remaining - 1) // per_period
+                day += skipped * period
+                remaining -= skipped * per_period
+            day += 1
         return None
