@@ -418,7 +418,10 @@ class _Pipeline:
         self.upcoming: UpcomingTopics | None = None
         if settings.upcoming_hours > 0:
             self.upcoming = UpcomingTopics(
-                core, self.publisher, window=timedelta(hours=settings.upcoming_hours)
+                core,
+                self.publisher,
+                window=timedelta(hours=settings.upcoming_hours),
+                flushed=self.publisher.flushed,
             )
             self.service.on_types_changed = self.upcoming.mark
         self.upstream = Upstream(

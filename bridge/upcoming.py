@@ -47,7 +47,7 @@ import contextlib
 import heapq
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -295,6 +295,7 @@ class UpcomingTopics:
         *,
         window: timedelta = DEFAULT_WINDOW,
         clock: Callable[[], datetime] = utc_now,
+        flushed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Create the publisher of upcoming runs.
 
@@ -303,12 +304,16 @@ class UpcomingTopics:
             sink: Where the topics go (the publisher).
             window: How far ahead runs are listed.
             clock: Returns the current instant.
+            flushed: Waits until the sink has sent what it holds; each computation
+                waits for it, so that advance notice never delays the dispatch and
+                running topics (at start-up: 100,050 of them at 100k).
         """
         self._core = core
         self._sink = sink
         self.window = window
         self.refresh = refresh_interval(window)
         self._clock = clock
+        self._flushed = flushed
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
         self._published: dict[str, tuple[int, datetime]] = {}
@@ -349,6 +354,8 @@ class UpcomingTopics:
 
     async def _compute(self, wanted: set[str] | None) -> None:
         """Recompute the wanted types (`None`: every type held), yielding now and then."""
+        if self._flushed is not None:
+            await self._flushed()
         by_type: dict[str, list[wire.Dispatch]] = {}
         if wanted is not None:
             by_type = {dispatch_type: [] for dispatch_type in wanted}

@@ -285,3 +285,21 @@ async def test_a_list_cut_short_is_recomputed_when_half_its_stretch_has_passed()
         assert second.runs[-1].start > first.runs[-1].start + covered / 3
     finally:
         task.cancel()
+
+
+async def test_a_computation_waits_until_the_sink_has_sent_what_it_holds() -> None:
+    # At start-up the dispatch and running topics go first; advance notice after them.
+    core = ScheduleCore(1, LAYOUT)
+    core.load([make_dispatch(1, NOW + timedelta(hours=1), 60, dispatch_type="A")], NOW)
+    sink = FakeSink()
+    sent = asyncio.Event()
+    topics = UpcomingTopics(core, sink, clock=lambda: NOW, flushed=sent.wait)
+    task = asyncio.create_task(topics.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert sink.sets == [] and topics.passes == 0
+        sent.set()
+        topic, message = await next_set(sink)
+        assert (topic, [r.id for r in message.runs]) == (LAYOUT.upcoming("A"), [1])
+    finally:
+        task.cancel()
