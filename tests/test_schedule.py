@@ -291,6 +291,46 @@ def test_a_count_end_of_repeating_days_equals_the_reference_and_skips_whole_peri
     assert days_walked <= 2 * 7 * interval + 4
 
 
+@pytest.mark.parametrize(
+    ("interval", "days", "count", "constant"),
+    [
+        (1, {"bymonthdays": (1, 15, -1)}, 4999, True),
+        (3, {"bymonthdays": (5,)}, 3000, True),
+        (2, {"bymonthdays": (-3, 10)}, 2000, True),
+        (1, {"bymonthdays": (31,)}, 500, False),
+        (1, {"bymonthdays": (28, -1)}, 900, False),
+        (2, {"byweekdays": ("MONDAY",)}, 700, False),
+    ],
+)
+def test_a_count_end_of_a_monthly_rule_equals_the_reference_and_passes_alike_months_at_once(
+    interval: int,
+    days: dict[str, tuple[int | str, ...]],
+    count: int,
+    constant: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d = dispatch(
+        start=utc(2026, 3, 20, 9, 30),
+        duration=600,
+        recurrence=rule("MONTHLY", interval, byhours=(8, 17), byminutes=(30,), count=count, **days),
+    )
+    occurrences = oracle(lambda: list(client(d).recurrence._as_rrule(d.start_time)))
+    months_walked = 0
+    real_skip = list_rules._Rule._skip_month
+
+    def counted(self: list_rules._Rule, year: int, month: int) -> tuple[int, int] | None:
+        nonlocal months_walked
+        months_walked += 1
+        return real_skip(self, year, month)
+
+    monkeypatch.setattr(list_rules._Rule, "_skip_month", counted)
+
+    assert end_time(d) == occurrences[-1] + timedelta(seconds=600)
+    if constant:
+        # Months that all hold as many occurrences are passed at once, not one by one.
+        assert months_walked <= 4 * interval + 4
+
+
 # --- running_at ---------------------------------------------------------------
 
 

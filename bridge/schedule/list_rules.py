@@ -396,10 +396,14 @@ class _Rule(_Remembering):
         return found
 
     def nth(self, count: int) -> int | None:
-        """Return the `count`-th occurrence (1-based), counting whole days of whole months."""
+        """Return the `count`-th occurrence (1-based)."""
         period = self._day_period()
         if period is not None:
             return self._nth_by_period(count, period)
+        return self._nth_by_months(count)
+
+    def _nth_by_months(self, count: int) -> int | None:
+        """`nth` counting whole days of whole months."""
         remaining = count
         first_day, first, unit, offsets = self.first_day, self.first, self.unit, self.offsets
         per_slot = len(offsets)
@@ -408,6 +412,7 @@ class _Rule(_Remembering):
         frequency, interval = self.frequency, self.interval
         uniform_days = frequency >= _MONTHLY or (frequency >= _DAILY and interval == 1)
         uniform_units = frequency <= _HOURLY and self.per_day % interval == 0
+        per_month = self._occurrences_per_used_month()
         while year <= _MAX_YEAR:
             skipped = self._skip_month(year, month)
             if skipped is not None:
@@ -424,8 +429,12 @@ class _Rule(_Remembering):
                     days_in = length
                 total = days_in * per_slot * (len(self.slots(month_start)) if uniform_units else 1)
                 if remaining > total:
-                    remaining -= total
-                    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+                    # When every used month holds as many, all of them are passed at once.
+                    passed, step = (
+                        ((remaining - 1) // total, interval) if total == per_month else (1, 1)
+                    )
+                    remaining -= passed * total
+                    year, month = _months_later(year, month, passed * step)
                     continue
             if self.daylist:
                 days = [
@@ -459,6 +468,24 @@ class _Rule(_Remembering):
                 remaining -= total
             year, month = (year + 1, 1) if month == 12 else (year, month + 1)
         return None
+
+    def _occurrences_per_used_month(self) -> int | None:
+        """For a MONTHLY rule whose every used month holds as many occurrences, that many.
+
+        Only without a month filter and without `until`; `None` when the count
+        depends on the month (a 31st, or weekdays).
+        """
+        if self.frequency != _MONTHLY or self.months is not None or self.last is not None:
+            return None
+        if not self.daylist:
+            return None
+        counts = {
+            len(self._month_days(length, weekday))
+            for length in range(28, 32)
+            for weekday in range(7)
+        }
+        count = counts.pop() * len(self.offsets)
+        return count if count and not counts else None
 
     def _day_period(self) -> int | None:
         """Days after which a DAILY or WEEKLY rule's days repeat; `None` for other rules.
@@ -514,3 +541,9 @@ class _Rule(_Remembering):
                 remaining -= skipped * per_period
             day += 1
         return None
+
+
+def _months_later(year: int, month: int, months: int) -> tuple[int, int]:
+    """The (year, month) `months` after (year, month)."""
+    year, index = divmod(year * 12 + month - 1 + months, 12)
+    return year, index + 1
