@@ -228,6 +228,10 @@ class PublishQueue:
             key, _ = self._urgent.popitem(last=False)
         elif self._bulk:
             key, _ = self._bulk.popitem(last=False)
+            if not self._bulk:
+                # A drained OrderedDict keeps the table of its largest size (6 MB after
+                # the 100k topics of a start-up); a new one gives it back.
+                self._bulk = OrderedDict()
         else:
             return None
         self._in_flight += 1
