@@ -38,18 +38,14 @@ class AckedPublishes:
             client: The client, before its first publish.
         """
         self._paho = client._client
-        self._client = client
         self._waiting: dict[int, asyncio.Future[None]] = {}
-        forward: Callable[..., None] | None = self._paho.on_publish
 
-        def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        def acknowledged(mid: int, reason: Any) -> None:
             future = self._waiting.pop(mid, None)
             if future is not None and not future.done():
                 future.set_result(None)
-            if forward is not None:
-                forward(paho_client, userdata, mid, reason, props)
 
-        self._paho.on_publish = on_publish
+        _before_on_publish(client, acknowledged)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool) -> asyncio.Future[None]:
         """Send a QoS 1 publish (paho queues it beyond the in-flight window).
@@ -91,13 +87,23 @@ def on_refused_publish(client: aiomqtt.Client, refused: Callable[[str, str], Non
         refused: Called with the topic and the broker's reason.
     """
     paho_client = client._client
-    forward: Callable[..., None] | None = paho_client.on_publish
 
-    def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+    def acknowledged(mid: int, reason: Any) -> None:
         if getattr(reason, "is_failure", False):
             message = paho_client._out_messages.get(mid)
             topic = message.topic if message is not None else "?"
             refused(topic, f"reason code 0x{reason.value:02X} {reason}")
+
+    _before_on_publish(client, acknowledged)
+
+
+def _before_on_publish(client: aiomqtt.Client, handler: Callable[[int, Any], None]) -> None:
+    """Call `handler(mid, reason)` on each acknowledgement, before the callback set so far."""
+    paho_client = client._client
+    forward: Callable[..., None] | None = paho_client.on_publish
+
+    def on_publish(paho_client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        handler(mid, reason)
         if forward is not None:
             forward(paho_client, userdata, mid, reason, props)
 

@@ -292,11 +292,16 @@ async def test_a_computation_waits_until_the_sink_has_sent_what_it_holds() -> No
     core = ScheduleCore(1, LAYOUT)
     core.load([make_dispatch(1, NOW + timedelta(hours=1), 60, dispatch_type="A")], NOW)
     sink = FakeSink()
-    sent = asyncio.Event()
-    topics = UpcomingTopics(core, sink, clock=lambda: NOW, flushed=sent.wait)
+    asked, sent = asyncio.Event(), asyncio.Event()
+
+    async def flushed() -> None:
+        asked.set()
+        await sent.wait()
+
+    topics = UpcomingTopics(core, sink, clock=lambda: NOW, flushed=flushed)
     task = asyncio.create_task(topics.run())
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(asked.wait(), 5)
         assert sink.sets == [] and topics.passes == 0
         sent.set()
         topic, message = await next_set(sink)
