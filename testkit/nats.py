@@ -163,6 +163,14 @@ def mqtt_connack_code(host: str, port: int, username: str, password: str) -> int
     return reply[3]
 
 
+def _complaints(log: str) -> list[str]:
+    """The warning, error and fatal lines of a NATS log."""
+    return [line for line in log.splitlines() if any(f"[{level}]" in line for level in _LOUD)]
+
+
+_LOUD = ("WRN", "ERR", "FTL")
+
+
 class NatsNode(Broker):
     """One `nats-server` with MQTT and JetStream: a `Broker` the tests can kill and restart."""
 
@@ -226,16 +234,34 @@ class NatsNode(Broker):
         wait_until(this_start_is_ready, timeout, f"{self.name} to be ready")
         self.wait_mqtt(timeout)
 
-    def wait_mqtt(self, timeout: float = 30.0) -> None:
-        """Wait until an MQTT client (`admin`) is accepted: JetStream has a leader."""
-        process = self._process
-        assert process is not None
+    def wait_mqtt(self, timeout: float = 30.0, *, peers: Sequence[NatsNode] = ()) -> None:
+        """Wait until an MQTT client (`admin`) is accepted: JetStream has a leader.
+
+        `peers` are the other nodes of a cluster being started. A node's MQTT port opens
+        before its client and route ports, so a peer can die of a port taken in between
+        after it looked up; this node would then wait out `timeout` for streams whose
+        replicas cannot all exist. A dead peer raises `ProcessExitedError` at once.
+
+        Raises:
+            ProcessExitedError: this node or a peer exited.
+            TimeoutError: not accepted in time; the message ends with each node's last
+                warnings and errors (its debug log is too busy for a plain tail).
+        """
+        processes = [node._process for node in (self, *peers) if node._process is not None]
 
         def accepted() -> bool:
-            process.check_alive()
+            for process in processes:
+                process.check_alive()
             return mqtt_connack_code(self.host, self.port, "admin", str(self.admin_password)) == 0
 
-        wait_until(accepted, timeout, f"{self.name} to accept an MQTT client", interval=0.1)
+        try:
+            wait_until(accepted, timeout, f"{self.name} to accept an MQTT client", interval=0.1)
+        except TimeoutError as error:
+            complaints = "\n".join(
+                f"----- {process.name}:\n" + "\n".join(_complaints(process.output())[-15:])
+                for process in processes
+            )
+            raise TimeoutError(f"{error}\n{complaints}") from None
 
     def __repr__(self) -> str:
         return f"<NatsNode {self.name} mqtt={self.host}:{self.port}>"
@@ -284,7 +310,7 @@ def _start_all(nodes: list[NatsNode]) -> None:
         assert node._process is not None
         wait_for_port(node.host, node.port, 30, process=node._process)
     for node in nodes:
-        node.wait_mqtt(60)
+        node.wait_mqtt(60, peers=[peer for peer in nodes if peer is not node])
 
 
 def _with_port_retries(build: Callable[[int], list[NatsNode]]) -> list[NatsNode]:

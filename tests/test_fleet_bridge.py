@@ -117,18 +117,29 @@ async def test_a_subscriber_on_the_central_broker_sees_the_sites_tree(
 
     running = layout.running("FLEET")
 
-    def central_runs(ids: list[int]) -> dict[str, bytes] | None:
+    def central_tree(ids: list[int], *, holds_topic: bool) -> dict[str, bytes] | None:
+        # The bridge publishes `running` before the dispatch topic, and the broker bridge
+        # forwards them one after the other: wait for both, not for the first alone.
         retained = retained_snapshot(central, layout.everything)
         snapshot = retained.get(running)
         if not snapshot or [d.id for d in wire.decode_running(snapshot).running] != ids:
             return None
-        return retained
+        return retained if (topic in retained) == holds_topic else None
 
-    retained = await asyncio.to_thread(wait_until, lambda: central_runs([int(created.id)]), 30)
+    retained = await asyncio.to_thread(
+        wait_until,
+        lambda: central_tree([int(created.id)], holds_topic=True),
+        30,
+        "the central broker to hold the running dispatch and its topic",
+    )
     assert wire.decode_dispatch(retained[topic]).payload == {"site": "test"}
     assert wire.decode_status(retained[layout.status]).state == "online"
 
     async with api_server.client() as client:
         await client.delete(microgrid_id=MicrogridId(MICROGRID), dispatch_id=created.id)
-    retained = await asyncio.to_thread(wait_until, lambda: central_runs([]), 30)
-    assert topic not in retained, "the cleared dispatch topic is still retained centrally"
+    await asyncio.to_thread(
+        wait_until,
+        lambda: central_tree([], holds_topic=False),
+        30,
+        "the central broker to hold an empty snapshot and no cleared dispatch topic",
+    )
