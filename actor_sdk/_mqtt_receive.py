@@ -89,22 +89,37 @@ class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
 
 
 class BufferedReads:
-    """The connection's socket, read 64 KiB at a time.
+    """The connection's socket, read 64 KiB at a time, one such read per wake-up.
 
     paho reads each packet's fixed header byte by byte (a system call per
     byte), and aiomqtt handles one packet per event-loop wake-up unless the
     socket says more is `pending` (as a TLS socket does). Served from a buffer,
     those reads cost no system call, and `pending` counts the buffer: one
-    wake-up handles every packet that arrived.
+    wake-up handles every packet of a 64 KiB read.
+
+    A wake-up stops there, though more may wait in the socket: aiomqtt reads on
+    while anything is pending, and a broker sending a tree of 20,000 retained
+    topics kept the socket full for a whole second, blocking every timer of the
+    loop (an actor's stop among them) as long. Once a wake-up's buffer is
+    handed out, the next read says "nothing more now" (`BlockingIOError`, which
+    paho takes as such, keeping a packet read halfway); the event loop runs its
+    due callbacks, and the socket, still readable, wakes the reader again. Not
+    while the socket itself holds decrypted TLS bytes (`pending` there): they
+    would wake no one.
     """
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self._read_this_wakeup = False
 
     def recv(self, size: int) -> bytes:
         if not self._buffer:
+            if self._read_this_wakeup and not self._inner_pending():
+                self._read_this_wakeup = False
+                raise BlockingIOError("the rest at the next wake-up")
             data = self._sock.recv(65536)  # raises when nothing is there, b"" at the end
+            self._read_this_wakeup = True
             if len(data) <= size:
                 return bytes(data)
             self._buffer += data
@@ -112,9 +127,12 @@ class BufferedReads:
         del self._buffer[:size]
         return chunk
 
-    def pending(self) -> int:
+    def _inner_pending(self) -> int:
         inner = getattr(self._sock, "pending", None)
-        return len(self._buffer) + (inner() if inner is not None else 0)
+        return inner() if inner is not None else 0
+
+    def pending(self) -> int:
+        return len(self._buffer) + self._inner_pending()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

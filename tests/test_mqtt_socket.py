@@ -12,9 +12,10 @@ import asyncio
 import socket
 import time
 
+import aiomqtt
 import pytest
 
-from actor_sdk.mqtt import BrokerSettings, MqttError, new_client
+from actor_sdk.mqtt import BrokerSettings, MqttError, handing_queue, new_client
 from testkit.broker import Broker
 
 
@@ -44,3 +45,43 @@ async def test_a_connection_closed_before_the_connack_fails_the_connect_at_once(
                 async with client:
                     pass
             assert time.monotonic() - began < 2.0
+
+
+async def test_a_retained_burst_is_read_a_socket_read_per_wake_up(mqtt_broker: Broker) -> None:
+    # A broker sending a big retained tree keeps the socket full: read on while anything
+    # was pending, one wake-up took the whole tree (a second at 20,000 topics) and every
+    # timer of the loop, an actor's stop among them, waited as long.
+    topics = [f"microgrid/7/dispatch/BULK/dispatches/{index}" for index in range(3000)]
+    payload = b"x" * 1000
+    publisher = new_client(BrokerSettings.from_url(mqtt_broker.url("admin")))
+    async with publisher:
+        await asyncio.gather(*(publisher.publish(t, payload, qos=1, retain=True) for t in topics))
+
+    received = 0
+    most_between_ticks = 0
+    everything = asyncio.Event()
+
+    def hand(message: aiomqtt.Message) -> None:
+        nonlocal received
+        received += 1
+        if received == len(topics):
+            everything.set()
+
+    async def tick() -> None:
+        nonlocal most_between_ticks
+        seen = 0
+        while not everything.is_set():
+            await asyncio.sleep(0)
+            most_between_ticks = max(most_between_ticks, received - seen)
+            seen = received
+
+    reader = new_client(
+        BrokerSettings.from_url(mqtt_broker.url("actor")), queue_type=handing_queue(hand)
+    )
+    async with reader:
+        ticker = asyncio.ensure_future(tick())
+        await reader.subscribe("microgrid/7/dispatch/BULK/dispatches/+", qos=1)
+        await asyncio.wait_for(everything.wait(), 30)
+        await ticker
+    # 64 KiB hold 63 such messages; the socket's own buffer would give thousands.
+    assert 0 < most_between_ticks <= 2 * 66
