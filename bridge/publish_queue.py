@@ -145,6 +145,11 @@ class PublishQueue:
         """How many topics and events wait to be sent (or to be compared with the broker's)."""
         return len(self._urgent) + len(self._bulk) + len(self._unconfirmed)
 
+    @property
+    def waiting(self) -> int:
+        """How many publishes `take` can give now."""
+        return len(self._urgent) + len(self._bulk)
+
     def is_waiting(self, key: str) -> bool:
         """Whether a topic waits to be sent (taken ones are in flight or sent).
 

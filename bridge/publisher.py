@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import logging
 import re
@@ -102,7 +103,10 @@ class Publisher:
         self._clock = clock
         self.queue = PublishQueue(microgrid_id=microgrid_id, layout=layout, clock=clock)
         self.queue.session = sessions.last
-        self._wakeup = asyncio.Event()
+        self._sleepers: collections.deque[asyncio.Future[None]] = collections.deque()
+        """The idle workers, each waiting for its future: woken one per publish waiting."""
+        self._woken = 0
+        """Workers woken that have not run yet: each will take a publish."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop = asyncio.Event()
@@ -219,8 +223,17 @@ class Publisher:
         await self._idle.wait()
 
     def _changed(self) -> None:
+        if self.queue.idle:  # e.g. a scan that found nothing stale: no worker to say so
+            self._idle.set()
+            return
         self._idle.clear()
-        self._wakeup.set()
+        # One worker per publish waiting, not all 100: each wake-up is a task step, and
+        # a change's first byte went out only after every worker had run (1-2 ms).
+        while self._sleepers and self._woken < self.queue.waiting:
+            bell = self._sleepers.popleft()
+            if not bell.done():  # a cancelled worker's, not yet taken out
+                bell.set_result(None)
+                self._woken += 1
 
     # ---- the connection loop --------------------------------------------------
 
@@ -463,8 +476,18 @@ class Publisher:
         while (item := self.queue.take()) is None:
             if self.queue.idle:
                 self._idle.set()
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            bell = asyncio.get_running_loop().create_future()
+            self._sleepers.append(bell)
+            try:
+                await bell
+            except asyncio.CancelledError:
+                if bell.cancelled():
+                    with contextlib.suppress(ValueError):
+                        self._sleepers.remove(bell)
+                else:  # woken, then cancelled before it ran
+                    self._woken -= 1
+                raise
+            self._woken -= 1
         return item
 
     async def _worker(self, acks: mqtt.AckedPublishes) -> None:
