@@ -200,11 +200,14 @@ class BridgeHandle:
         )
 
     def wait_vouching(self, timeout: float = 20.0) -> None:
-        """Wait until the retained status of every microgrid served says `online`.
+        """Wait until this run of the bridge says `online` in every microgrid's status.
 
         The bridge says so only after its first sync and the read-back of the broker's
-        tree; until then its status says `syncing`.
+        tree; until then its status says `syncing`. A retained `online` made before this
+        run started (a previous run's, which the broker still holds while the new one
+        cannot reach it) does not count.
         """
+        started_at = self.process.started_at or 0.0
 
         def vouching(microgrid_id: int) -> bool:
             topic = self.layout(microgrid_id).status
@@ -212,14 +215,16 @@ class BridgeHandle:
             if not payload:
                 return False
             try:
-                return wire.decode_status(payload).state == "online"
+                status = wire.decode_status(payload)
             except wire.WireError:
                 return False
+            made = status.as_of.timestamp() if status.as_of is not None else 0.0
+            return status.state == "online" and made >= started_at
 
         wait_until(
             lambda: self.process.check_alive() or all(map(vouching, self.microgrid_ids)),
             timeout,
-            "the bridge's retained status to say online",
+            "this run of the bridge to say online in its retained status",
         )
 
     def stop(self, timeout: float = 10.0) -> int | None:

@@ -156,6 +156,8 @@ class ManagedProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self.starts = 0
+        self.started_at: float | None = None
+        """The wall-clock time (`time.time()`) of the latest start."""
 
     def start(self) -> ManagedProcess:
         """Start the process (again, after a stop); its output is appended to the log."""
@@ -165,6 +167,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.starts += 1
+        self.started_at = time.time()
         self._log_file.write(f"===== start #{self.starts}: {' '.join(self.args)}\n".encode())
         self._log_file.flush()
         self.popen = subprocess.Popen(
