@@ -20,15 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from actor_sdk import wire
-from bench._harness import (
-    MOSQUITTO_PUB,
-    MOSQUITTO_SUB,
-    TapLog,
-    fmt,
-    markdown_table,
-    next_second,
-    percentile,
-)
+from bench._harness import MOSQUITTO_PUB, MOSQUITTO_SUB, TapLog, next_second
+from bench._table import fmt, markdown_table, percentile
 from testkit.api_server import ApiServerHandle
 from testkit.broker import Broker
 from testkit.processes import ManagedProcess, ProcessFactory, wait_until

@@ -1,4 +1,4 @@
-"""Shared start-up for the benchmarks: Mosquitto, the API server, bridges, tables.
+"""Shared start-up for the benchmarks: Mosquitto, the API server, bridges, taps.
 
 Benchmarks run alone (`python bench/latency.py`), without pytest, so this module
 carries its own small process helpers (the ideas of `tests/fixtures/processes.py`):
@@ -12,17 +12,20 @@ them, SIGTERM then SIGKILL.
 * `Stack.start_api()`: `dispatch-bridge api` with a key and signing secret and
   past start times allowed; `testkit.populate.populate()` fills its SQLite file in bulk first.
 * `Stack.start_bridge(...)`: `dispatch-bridge run` against both.
-* `Table`: the printed result, one row per figure: ours, the reference, the
-  ratio and the budget.
-* `Recorder`: one actor factory usable by both the actor SDK and
-  `frequenz-dispatch`, recording start, update and stop times.
+* `Stack.start_tap(...)`: a `mosquitto_sub` recording what it receives, read back
+  by `tap_messages()` or, as it grows, `TapLog`.
+* Waiting (`wait_until`, `async_wait_until`), `progress()` lines and dispatch
+  times (`utcnow`, `next_second`).
+
+The printed results (`Table`, `percentile`, `fmt`, `markdown_table`,
+`print_profile`, `command_line`) live in `bench/_table.py`; the recording actors
+(`Recorder`, `retry_until_seen`, `stop_reference`) in `bench/_recorder.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import re
 import secrets
@@ -33,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -472,201 +475,6 @@ def tap_messages(proc: Proc) -> list[tuple[float, bool, str, bytes]]:
     return found
 
 
-# --- dispatches -----------------------------------------------------------------------
-
-
-def utcnow() -> datetime:
-    """Now, UTC."""
-    return datetime.now(UTC)
-
-
-def next_second(after: float) -> datetime:
-    """The first whole second at least `after` seconds from now."""
-    moment = utcnow() + timedelta(seconds=after)
-    return moment.replace(microsecond=0) + timedelta(seconds=1)
-
-
-# --- recording actors -----------------------------------------------------------------
-
-
-class _Actor:
-    def __init__(self, recorder: Recorder, dispatch_id: int, updates: Any) -> None:
-        self._recorder = recorder
-        self._id = dispatch_id
-        self._updates = updates
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._recorder.record("start", self._id)
-        self._task = asyncio.ensure_future(self._follow())
-
-    async def _follow(self) -> None:
-        async for info in self._updates:
-            self._recorder.record("update", int(info._src.id), info)
-
-    async def stop(self, msg: str | None = None) -> None:
-        self._recorder.record("stop", self._id)
-        if self._task is not None:
-            self._task.cancel()
-
-
-class Recorder:
-    """An actor factory for both libraries; records `time.time()` per event and id.
-
-    `times[(kind, dispatch_id)]` is a list: the n-th start, update or stop.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self.times: dict[tuple[str, int], list[float]] = {}
-        self.payloads: dict[int, Any] = {}
-        self._changed = asyncio.Event()
-
-    async def factory(self, info: Any, updates: Any) -> _Actor:
-        """The actor factory (both libraries accept a coroutine function)."""
-        return _Actor(self, int(info._src.id), updates)
-
-    def record(self, kind: str, dispatch_id: int, info: Any = None) -> None:
-        """Note one event now."""
-        self.times.setdefault((kind, dispatch_id), []).append(self.clock())
-        if info is not None:
-            self.payloads[dispatch_id] = info.options
-        self._changed.set()
-
-    def count(self, kind: str, dispatch_id: int) -> int:
-        """How many events of a kind a dispatch had."""
-        return len(self.times.get((kind, dispatch_id), ()))
-
-    async def wait(
-        self,
-        kind: str,
-        dispatch_id: int,
-        count: int = 1,
-        timeout: float = 10.0,  # noqa: ASYNC109 - a deadline
-    ) -> float:
-        """Wait for the `count`-th event of a kind; return its time."""
-        deadline = time.monotonic() + timeout
-        while self.count(kind, dispatch_id) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {kind} #{count} of dispatch {dispatch_id}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-        return self.times[(kind, dispatch_id)][count - 1]
-
-
-async def retry_until_seen(
-    create: Callable[[], Awaitable[int]],
-    seen: Callable[[int], bool],
-    timeout: float = 20.0,  # noqa: ASYNC109 - a deadline
-) -> None:
-    """Create warm-up dispatches until one is seen (a subscriber may not be up yet)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dispatch_id = await create()
-        with contextlib.suppress(TimeoutError):
-            await async_wait_until(lambda i=dispatch_id: seen(i), 1.5, "warm-up")  # type: ignore[misc]
-            return
-    raise TimeoutError("the warm-up dispatch was never seen")
-
-
-async def stop_reference(dispatcher: Any) -> None:
-    """Stop a `frequenz.dispatch.Dispatcher` (its stop reports the cancellation)."""
-    dispatcher.cancel()
-    with contextlib.suppress(BaseExceptionGroup, asyncio.CancelledError):
-        await dispatcher.wait()
-
-
-# --- results --------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of `samples`."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-_FORMATS: dict[str, Callable[[float], str]] = {
-    "ms": lambda v: f"{v * 1000:.2f} ms",
-    "us": lambda v: f"{v * 1e6:.1f} µs",
-    "s": lambda v: f"{v:.2f} s",
-    "KB": lambda v: f"{v / 1000:.2f} KB",
-    "MB": lambda v: f"{v / 1e6:.1f} MB",
-    "/s": lambda v: f"{v:,.0f}/s",
-}
-
-
-def fmt(value: float | None, unit: str) -> str:
-    """A number with its unit (ms, us, s, KB, MB, /s); '-' for None or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    format_ = _FORMATS.get(unit)
-    return format_(value) if format_ else f"{value:g}{unit}"
-
-
-@dataclass
-class Table:
-    """A result table: figure, ours, reference (same run), ratio, budget."""
-
-    title: str
-    command: str
-    rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(
-        self,
-        figure: str,
-        ours: float | None,
-        reference: float | None,
-        unit: str,
-        budget: str = "",
-    ) -> None:
-        """Add a row; the ratio is ours / reference when both are known."""
-        ratio = "-"
-        if ours is not None and reference and not math.isnan(ours) and not math.isnan(reference):
-            ratio = f"{ours / reference:.2f}"
-        self.rows.append((figure, fmt(ours, unit), fmt(reference, unit), ratio, budget))
-
-    def add_spread(
-        self,
-        figure: str,
-        ours: Sequence[float],
-        reference: Sequence[float],
-        unit: str,
-        budgets: dict[int, str] | None = None,
-    ) -> None:
-        """Add rows p50, p90, p99 and max of two samples, with a budget per percentile.
-
-        Args:
-            figure: What was measured; each row appends its percentile.
-            ours: Our samples.
-            reference: The reference's samples, from the same run.
-            unit: The unit, as for `add`.
-            budgets: The budget text of some percentiles, e.g. `{99: "≤ 1 ms"}`.
-        """
-        for q in (50, 90, 99):
-            budget = (budgets or {}).get(q, "")
-            self.add(f"{figure}, p{q}", percentile(ours, q), percentile(reference, q), unit, budget)
-        self.add(f"{figure}, max", max(ours), max(reference), unit)
-
-    def note(self, text: str) -> None:
-        """A line printed below the table."""
-        self.notes.append(text)
-
-    def render(self) -> str:
-        """The table as Markdown."""
-        header = ("figure", "ours", "reference", "ratio", "budget")
-        return markdown_table(self.title, self.command, header, self.rows, self.notes)
-
-    def print(self) -> None:
-        """Print the table to stdout."""
-        print(self.render(), flush=True)
-
-
 class TapLog:
     """Reads a tap's log (`mosquitto_sub -F "%U %r %t %p"`) as it grows."""
 
@@ -691,35 +499,15 @@ class TapLog:
         return messages
 
 
-def markdown_table(
-    title: str,
-    command: str,
-    header: Sequence[str],
-    rows: Iterable[Sequence[str]],
-    notes: Sequence[str],
-) -> str:
-    """A bench's table as Markdown: title, the command that made it, rows, notes below."""
-    lines = [f"### {title}", "", f"`{command}`", ""]
-    lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]]
-    lines += ["", *(f"- {note}" for note in notes)] if notes else []
-    return "\n".join(lines) + "\n"
+# --- dispatches -----------------------------------------------------------------------
 
 
-def print_profile(path: Path, title: str, limit: int = 25) -> None:
-    """Print the functions with the most own time of a cProfile file to stderr."""
-    import pstats  # noqa: PLC0415
-
-    if not path.exists():
-        progress(f"no profile at {path}")
-        return
-    print(f"\n----- profile: {title} ({path})", file=sys.stderr)
-    stats = pstats.Stats(str(path), stream=sys.stderr)
-    stats.sort_stats("tottime").print_stats(limit)
+def utcnow() -> datetime:
+    """Now, UTC."""
+    return datetime.now(UTC)
 
 
-def command_line() -> str:
-    """How this benchmark was run, for the table."""
-    script = Path(sys.argv[0])
-    with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(REPO)
-    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+def next_second(after: float) -> datetime:
+    """The first whole second at least `after` seconds from now."""
+    moment = utcnow() + timedelta(seconds=after)
+    return moment.replace(microsecond=0) + timedelta(seconds=1)

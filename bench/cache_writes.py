@@ -28,7 +28,7 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actor_sdk import wire
-from bench._harness import Table, command_line
+from bench._table import Table, command_line
 from bridge.cache_writer import CacheWriter
 from bridge.store import DispatchCache, atomic_write
 from testkit.dispatches import CREATED, dispatch

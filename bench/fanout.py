@@ -37,17 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import (
-    API_KEY,
-    API_SECRET,
-    ApiServer,
-    Stack,
-    Table,
-    command_line,
-    next_second,
-    percentile,
-    progress,
-)
+from bench._harness import API_KEY, API_SECRET, ApiServer, Stack, next_second, progress
+from bench._table import Table, command_line, percentile
 
 OURS_MG = 1
 REF_MG = 2

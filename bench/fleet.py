@@ -74,7 +74,8 @@ from bench._fleet import (
     wait_published,
     write_ceiling,
 )
-from bench._harness import command_line, fmt, progress, utcnow
+from bench._harness import progress, utcnow
+from bench._table import command_line, fmt
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeHandle
 from testkit.broker import Broker, BrokerUnavailable, start_broker

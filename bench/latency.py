@@ -37,19 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import (
-    API_KEY,
-    API_SECRET,
-    Recorder,
-    Stack,
-    Table,
-    command_line,
-    percentile,
-    print_profile,
-    retry_until_seen,
-    stop_reference,
-    utcnow,
-)
+from bench._harness import API_KEY, API_SECRET, Stack, utcnow
+from bench._recorder import Recorder, retry_until_seen, stop_reference
+from bench._table import Table, command_line, percentile, print_profile
 
 OURS_MG = 1
 REF_MG = 2

@@ -36,20 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import (
-    API_KEY,
-    API_SECRET,
-    Recorder,
-    Stack,
-    Table,
-    command_line,
-    next_second,
-    percentile,
-    retry_until_seen,
-    stop_reference,
-    tap_messages,
-    utcnow,
-)
+from bench._harness import API_KEY, API_SECRET, Stack, next_second, tap_messages, utcnow
+from bench._recorder import Recorder, retry_until_seen, stop_reference
+from bench._table import Table, command_line, percentile
 
 OURS_MG = 1
 REF_MG = 2

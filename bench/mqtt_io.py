@@ -41,15 +41,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actor_sdk import mqtt
-from bench._harness import (
-    MOSQUITTO_PUB,
-    MOSQUITTO_SUB,
-    Mosquitto,
-    Stack,
-    Table,
-    command_line,
-    progress,
-)
+from bench._harness import MOSQUITTO_PUB, MOSQUITTO_SUB, Mosquitto, Stack, progress
+from bench._table import Table, command_line
 
 PAYLOAD = b"x" * 600
 WINDOW = 100

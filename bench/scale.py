@@ -67,15 +67,14 @@ from bench._harness import (
     Mosquitto,
     Proc,
     Stack,
-    Table,
     TapLog,
     async_wait_until,
-    command_line,
     dispatch_bridge,
     progress,
-    stop_reference,
     wait_until,
 )
+from bench._recorder import stop_reference
+from bench._table import Table, command_line
 from testkit.populate import mix, populate
 
 MG = 1
