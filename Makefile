@@ -3,6 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes; each takes whole files (their module fixtures stay shared). 0: one
+# process, as against a shared broker (MQTT_TEST_BROKER), where files could collide.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test check venv
 venv: $(STAMP)
@@ -23,4 +26,4 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check bridge actor_sdk testkit tests bench
 	$(VENV)/bin/ruff format --check bridge actor_sdk testkit tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
