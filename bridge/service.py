@@ -20,7 +20,6 @@ from typing import Literal, Protocol
 from actor_sdk import wire
 from actor_sdk.wall_clock import utc_now
 from bridge.core import EventKind, Outbox, RetainedValue, ScheduleCore, Transition, strip_state
-from bridge.heap import return_free_memory
 
 __all__ = [
     "DeletedById",
@@ -165,8 +164,6 @@ class MicrogridService:
         self._inbox: deque[UpstreamItem] = deque()
         self._wakeup = asyncio.Event()
         self.steps = 0
-        self.syncs = 0
-        """Listings applied by this service."""
 
     def now(self) -> datetime:
         """Read the service's clock.
@@ -202,10 +199,7 @@ class MicrogridService:
         due: datetime | None = None
         while True:
             now = self._clock()
-            syncs = self.syncs
             self.step(now)
-            if self.syncs != syncs:  # the listing is gone: its memory can go back too
-                return_free_memory()
             if self.on_due is not None and due is not None and now >= due:
                 self.on_due(due, now)
             if self.on_step is not None:
@@ -281,7 +275,6 @@ class MicrogridService:
                 out = self.core.sync(dispatches, now, events=not first, keep=unconvertible)
                 self._had_state = True
                 self.synced_at = now
-                self.syncs += 1
                 if first:
                     _logger.info(
                         "microgrid %d: synced %d dispatches from the Dispatch API (first sync, "
