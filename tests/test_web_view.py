@@ -284,7 +284,10 @@ async def test_the_page_stays_usable_with_10000_dispatches(
     running = browser.find_elements(By.CSS_SELECTOR, "#running [data-running-id]")
     print(f"10k dispatches: loaded in {loaded:.1f} s, redraws {render_ms} ms, {rows} elements")
     assert loaded < 90
-    assert max(render_ms) < 250
+    # An uncapped list of 10,000 rows takes seconds per redraw; the capped page takes
+    # ~100 ms on an idle machine (docs/broker.md), up to 307 ms seen with the suite
+    # running in two processes on two cores: the bound tells the two apart, not the speed.
+    assert max(render_ms) < 1000
     assert rows < 2000
     assert len(running) == 10 * 25  # 25 shown per type, "+ N more" for the rest
     more = browser.find_element(By.CSS_SELECTOR, '#running [data-type="TYPE_0"]').text
