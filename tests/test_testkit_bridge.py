@@ -7,48 +7,25 @@ reach it, must not end that wait.
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from actor_sdk import wire
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory
 from testkit.broker import Broker
+from tests.fixtures.sdk import ScriptedBridge
 
 MICROGRID = 41
 
 
-def test_a_previous_runs_online_status_does_not_count(
+async def test_a_previous_runs_online_status_does_not_count(
     api_server: ApiServerHandle, mqtt_broker: Broker, bridge_factory: BridgeFactory
 ) -> None:
-    layout = wire.TopicLayout.for_microgrid(MICROGRID)
-    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    previous = wire.BridgeStatus(
-        state="online",
-        upstream="connected",
-        synced_at=an_hour_ago,
-        session=1,
-        bridge="previous",
-        version="0",
-        dispatches=0,
-        as_of=an_hour_ago,
-    )
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-L",
-            f"{mqtt_broker.url('admin')}/{layout.status}",
-            "-r",
-            "-q",
-            "1",
-            "-s",
-        ],
-        input=wire.encode(previous),
-        check=True,
-        timeout=10,
-    )
+    async with ScriptedBridge(mqtt_broker, MICROGRID) as previous_run:
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        await previous_run.status("online", heartbeat=False, as_of=an_hour_ago)
     # This run cannot reach the broker: the previous run's status stays retained.
     bridge = bridge_factory(
         api_server,
@@ -59,4 +36,4 @@ def test_a_previous_runs_online_status_does_not_count(
     )
     bridge.start(wait_online=False)
     with pytest.raises(TimeoutError, match="this run of the bridge to say online"):
-        bridge.wait_vouching(timeout=2)
+        await asyncio.to_thread(bridge.wait_vouching, 2)
