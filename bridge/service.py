@@ -302,14 +302,9 @@ class MicrogridService:
             case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
                 out = self.core.apply(kind, dispatch, now, only_newer=buffered)
                 if out:
-                    _logger.info(
-                        "microgrid %d: dispatch %d of type %r %s",
-                        self.core.microgrid_id,
-                        dispatch.id,
-                        dispatch.type,
-                        kind,
+                    self._deliver(
+                        out, cause=f"dispatch {dispatch.id} of type {dispatch.type!r} {kind}"
                     )
-                    self._deliver(out)
                     self._publish_status()
 
     def refresh(self, dispatch_types: Collection[str] | None) -> None:
@@ -320,10 +315,11 @@ class MicrogridService:
         """
         self._deliver(self.core.refresh(dispatch_types, self._clock()))
 
-    def _deliver(self, out: Outbox) -> None:
+    def _deliver(self, out: Outbox, *, cause: str | None = None) -> None:
         # The publisher sends in the order it is handed topics: the running
         # snapshots go first (they are what starts and stops actors), then the
-        # dispatch topics, then the events; logging waits until all is queued.
+        # dispatch topics, then the events; logging waits until all is sent
+        # (`cause`: a line said first, e.g. the API's change that made `out`).
         # bench/lateness.py, 100 dispatches starting at once: snapshots published
         # 65-78 ms late when they queued behind the dispatch topics, 16-20 ms first.
         for topic, value in out.retained.items():
@@ -345,15 +341,18 @@ class MicrogridService:
                 self.on_types_changed(
                     [v.type for v in out.retained.values() if isinstance(v, wire.RunningSnapshot)]
                 )
-        if out.rejected or out.transitions:
+        if cause is not None or out.rejected or out.transitions:
             # Once the publisher wrote its first window: a hundred log lines
-            # written before that delay the snapshots by milliseconds.
+            # written before that delay the snapshots by milliseconds, and even
+            # one line before a created dispatch's snapshot delayed its actor.
             try:
-                asyncio.get_running_loop().call_later(_LOG_DELAY_S, self._log_outcome, out)
+                asyncio.get_running_loop().call_later(_LOG_DELAY_S, self._log_outcome, out, cause)
             except RuntimeError:  # stepped without a loop (tests)
-                self._log_outcome(out)
+                self._log_outcome(out, cause)
 
-    def _log_outcome(self, out: Outbox) -> None:
+    def _log_outcome(self, out: Outbox, cause: str | None) -> None:
+        if cause is not None:
+            _logger.info("microgrid %d: %s", self.core.microgrid_id, cause)
         for dispatch_id, reason in out.rejected:
             _logger.error(
                 "microgrid %d: dispatch %d cannot be published (%s): ignored",

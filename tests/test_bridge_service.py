@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
+import pytest
 
 from actor_sdk import wire
 from bridge.service import (
@@ -362,3 +364,22 @@ def test_a_dispatch_whose_type_cannot_be_a_topic_level_is_rejected_not_fatal() -
     assert core.get(1) is None and core.get(2) is not None
     out = core.apply("created", dispatch(3, kind="\ud800"), T0)
     assert [i for i, _ in out.rejected] == [3] and core.get(3) is None
+
+
+async def test_a_stream_event_is_logged_after_its_topics_were_handed_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One log line written inside the step held a created dispatch's snapshot back
+    # (bench/latency.py): the line follows once the publisher had its turn.
+    sink = FakeSink()
+    service = MicrogridService(ScheduleCore(5, LAYOUT), sink)
+    service.put(Synced([]))
+    service.step(T0)
+    line = "microgrid 5: dispatch 7 of type 'T' created"
+    with caplog.at_level(logging.INFO, "bridge.service"):
+        service.put(StreamEvent("created", dispatch(7, start=T0 - S)))
+        service.step(T0)
+        value = sink.retained[LAYOUT.running("T")]
+        assert isinstance(value, wire.RunningSnapshot) and [d.id for d in value.running] == [7]
+        assert line not in caplog.messages
+        await async_wait_until(lambda: line in caplog.messages, 2, "the log line")
