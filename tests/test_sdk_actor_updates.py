@@ -126,3 +126,13 @@ async def test_stop_start_stop_start_of_one_key_never_runs_two_actors_at_once() 
     await async_wait_until(lambda: ("start", 2) in log, 5, "the last start")
     assert log == [("start", 1), ("stopping", 1), ("stopped", 1), ("start", 2)]
     await actors.stop_all("done")
+
+
+async def test_apply_returns_once_its_new_actors_started() -> None:
+    # Each start runs as a task: `apply` gives it its first step before its caller
+    # handles the next message (a new actor does not wait behind other messages).
+    log: list[tuple[str, int]] = []
+    actors = slow_to_stop_actors(log)
+    await actors.apply([from_wire(wire_dispatch(1, "T"))], reason="")
+    assert log == [("start", 1)]
+    await actors.stop_all("done")
