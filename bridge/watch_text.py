@@ -8,6 +8,8 @@ targets are shared with the interactive view (`bridge.watch_view`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -41,29 +43,36 @@ MAX_DISPATCHES_PER_TYPE = 12
 _MAX_STEPS = 4096
 """Schedule steps per dispatch and timeline, bounding the cost of dense rules."""
 
+_UNPLACEABLE = (ValueError, OverflowError, ArithmeticError)
+"""What the schedule raises for a value it cannot place (far beyond year 9999)."""
+
+Run = tuple[datetime, datetime]
+"""A run within a window: `(from, to)`."""
+
 
 # --- Schedule over a window ----------------------------------------------------
 
 
 def runs_within(
-    dispatch: wire.Dispatch, start: datetime, end: datetime
-) -> list[tuple[datetime, datetime]]:
+    dispatch: wire.Dispatch, start: datetime, end: datetime, limit: int = _MAX_STEPS
+) -> list[Run]:
     """Return the runs of a dispatch that overlap `[start, end)`, clipped to it.
 
     The runs come from `bridge.upcoming.dispatch_runs`, which steps through the
     schedule core's changes, so every recurrence rule is handled the way the
-    bridge handles it. Bounded: after `_MAX_STEPS` runs the rest of the window
-    is left out.
+    bridge handles it. Bounded: after `limit` runs the rest of the window is
+    left out.
 
     Args:
         dispatch: The dispatch.
         start: The window's start.
         end: The window's end.
+        limit: The most runs returned (1: the first run only, a step or two).
 
     Returns:
         The runs, in order, as `(from, to)` pairs within the window.
     """
-    runs, _ = dispatch_runs(dispatch, start, end, _MAX_STEPS)
+    runs, _ = dispatch_runs(dispatch, start, end, limit)
     return [
         (max(run_start, start), end if run_end is None else min(run_end, end))
         for run_start, run_end in runs
@@ -342,36 +351,106 @@ def _running_lines(
     return lines
 
 
+def _placed_runs(
+    dispatch: wire.Dispatch, start: datetime, end: datetime, limit: int
+) -> list[Run] | None:
+    """`runs_within`, or None for a dispatch whose schedule cannot be placed."""
+    try:
+        return runs_within(dispatch, start, end, limit)
+    except _UNPLACEABLE:
+        return None
+
+
+class _Cover:
+    """The union of runs added so far, as sorted disjoint `(from, to)` pairs (as `union`)."""
+
+    def __init__(self) -> None:
+        self._froms: list[datetime] = []
+        self._tos: list[datetime] = []
+
+    def add(self, run_from: datetime, run_to: datetime) -> None:
+        """Merge one run in, with every run it overlaps or touches."""
+        first = bisect.bisect_left(self._tos, run_from)
+        after = bisect.bisect_right(self._froms, run_to)
+        if first < after:
+            run_from = min(run_from, self._froms[first])
+            run_to = max(run_to, self._tos[after - 1])
+        self._froms[first:after] = [run_from]
+        self._tos[first:after] = [run_to]
+
+    def covers(self, start: datetime, end: datetime) -> bool:
+        """Tell whether the union holds all of `[start, end)`."""
+        return len(self._froms) == 1 and self._froms[0] <= start and self._tos[0] >= end
+
+    def runs(self) -> list[Run]:
+        """Return the union."""
+        return list(zip(self._froms, self._tos, strict=True))
+
+
+def _covering_union(runs_of: Iterable[list[Run]], start: datetime, end: datetime) -> list[Run]:
+    """Merge the runs of many dispatches, taking no more once they cover the window.
+
+    Once the union holds all of `[start, end)`, the runs of the other dispatches
+    cannot change it: `runs_of` is read lazily, so theirs are never computed.
+
+    Args:
+        runs_of: Each dispatch's runs within the window.
+        start: The window's start.
+        end: The window's end.
+
+    Returns:
+        Disjoint `(from, to)` pairs, in order: `union` of all the runs.
+    """
+    cover = _Cover()
+    for runs in runs_of:
+        for run_from, run_to in runs:
+            cover.add(run_from, run_to)
+        if cover.covers(start, end):
+            break
+    return cover.runs()
+
+
 def _timeline_lines(
     dispatches: dict[int, wire.Dispatch], now: datetime, width: int, horizon: timedelta
 ) -> list[str]:
-    """One bar per dispatch that runs within the horizon, soonest first."""
+    """One bar per dispatch that runs within the horizon, soonest first.
+
+    Only the first run of each dispatch is needed to order them; all its runs only
+    for the bars shown and for the union, until the union covers the window.
+    """
     label_width = max([len("any"), *(len(dispatch_label(i)) for i in dispatches)]) + 1
     bar_width = max(width - label_width - 1, 8)
     cell = horizon / bar_width
-    timed: list[tuple[datetime, int, list[tuple[datetime, datetime]]]] = []
+    end = now + horizon
+    timed: list[tuple[datetime, int, list[Run]]] = []
     unknown: list[int] = []
     for dispatch_id, dispatch in dispatches.items():
-        try:
-            runs = runs_within(dispatch, now, now + horizon)
-        except (ValueError, OverflowError, ArithmeticError):
+        first = _placed_runs(dispatch, now, end, 1)
+        if first is None:
             # A value the schedule cannot place (far beyond year 9999): no bar, no crash.
             unknown.append(dispatch_id)
-            continue
-        if runs:
-            timed.append((runs[0][0], dispatch_id, runs))
+        elif first:
+            timed.append((first[0][0], dispatch_id, first))
     timed.sort(key=lambda item: (item[0], item[1]))
+
+    def all_runs(dispatch_id: int, first: list[Run]) -> list[Run]:
+        return _placed_runs(dispatches[dispatch_id], now, end, _MAX_STEPS) or first
+
+    shown = [
+        all_runs(dispatch_id, first) for _, dispatch_id, first in timed[:MAX_DISPATCHES_PER_TYPE]
+    ]
     lines: list[str] = [
         f"  ! {dispatch_label(i)}: its schedule cannot be computed" for i in sorted(unknown)
     ]
     if timed:
         lines.append(f"  next {format_span(horizon)}: # runs, + runs part of the time")
-        for _, dispatch_id, runs in timed[:MAX_DISPATCHES_PER_TYPE]:
+        for (_, dispatch_id, _), runs in zip(timed, shown, strict=False):
             label = dispatch_label(dispatch_id).rjust(label_width - 1)
             lines.append(f"{label} |{bar(runs, now, cell, bar_width)}")
         if len(timed) > 1:
             # What one merged actor per type sees: the union of the runs.
-            merged = union(run for _, _, runs in timed for run in runs)
+            rest = (all_runs(i, first) for _, i, first in timed[MAX_DISPATCHES_PER_TYPE:])
+            merged = _covering_union(itertools.chain(shown, rest), now, end)
             lines.append(f"{'any'.rjust(label_width - 1)} |{bar(merged, now, cell, bar_width)}")
         lines.append(" " * (label_width + 1) + axis(now, cell, bar_width))
         if len(timed) > MAX_DISPATCHES_PER_TYPE:

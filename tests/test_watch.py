@@ -19,11 +19,12 @@ from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
 from actor_sdk.mqtt import parse_broker_url
+from bridge import schedule
 from bridge.api import create_dispatch
 from bridge.cli import build_parser
 from bridge.watch import load_settings
 from bridge.watch_state import WatchState
-from bridge.watch_text import format_span, render, runs_within
+from bridge.watch_text import bar, format_span, render, runs_within, union
 from testkit.api_server import ApiServerHandle, dispatch_bridge_command
 from testkit.bridge import BridgeFactory, retained_snapshot
 from testkit.broker import Broker
@@ -156,6 +157,68 @@ def test_timeline_steps_recurrences_through_the_schedule_core() -> None:
         (NOW + timedelta(seconds=60), NOW + timedelta(seconds=80)),
         (NOW + timedelta(seconds=120), NOW + timedelta(seconds=140)),
     ]
+
+
+def dense_type(count: int, duration: int) -> dict[int, wire.Dispatch]:
+    """`count` minutely dispatches of one type, starting at second 20 (even ids) or 50 (odd)."""
+    return {
+        i: make_dispatch(
+            i, NOW - timedelta(hours=1, seconds=30 * (i % 2)), duration, recurrence=MINUTELY
+        )
+        for i in range(1, count + 1)
+    }
+
+
+def counted_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the schedule core's steps (`run_state` calls) from now on."""
+    steps = [0]
+    run_state = schedule.run_state
+
+    def counting(dispatch: wire.Dispatch, now: datetime) -> Any:
+        steps[0] += 1
+        return run_state(dispatch, now)
+
+    monkeypatch.setattr("bridge.schedule.run_state", counting)
+    return steps
+
+
+def timeline_of(lines: list[str]) -> dict[str, str]:
+    return {m[1]: m[2] for line in lines if (m := re.match(r"^\s*(#\d+|any) \|(.*)$", line))}
+
+
+@pytest.mark.parametrize("duration", [40, 20])
+def test_the_timeline_steps_only_the_dispatches_it_draws_and_the_union_needs(
+    monkeypatch: pytest.MonkeyPatch, duration: int
+) -> None:
+    """200 dense rules: one bar each would be 200 x 360 steps; 12 are drawn.
+
+    40-s runs from seconds 20 and 50 cover every instant: the union is full after
+    the first two dispatches and the others are stepped only to order them. 20-s
+    runs leave gaps: every dispatch is stepped for the union, which equals the
+    oracle's either way.
+    """
+    dispatches = dense_type(200, duration)
+    state = WatchState(LAYOUT)
+    for dispatch in dispatches.values():
+        state.apply(LAYOUT.dispatch(dispatch.type, dispatch.id), wire.encode(dispatch), NOW)
+    horizon = timedelta(hours=3)
+    steps = counted_steps(monkeypatch)
+    every_run = {i: runs_within(d, NOW, NOW + horizon) for i, d in dispatches.items()}
+    stepping_all = steps[0]
+    steps[0] = 0
+
+    bars = timeline_of(render(state, now=NOW, width=80, horizon=horizon))
+
+    width = 80 - len("#200 |")  # the bars after the widest label
+    cell = horizon / width
+    drawn = sorted(every_run, key=lambda i: (every_run[i][0][0], i))[:12]  # soonest first
+    assert set(bars) == {"any", *(f"#{i}" for i in drawn)}
+    assert all(bars[f"#{i}"] == bar(every_run[i], NOW, cell, width) for i in drawn)
+    merged = union(run for runs in every_run.values() for run in runs)
+    assert bars["any"] == bar(merged, NOW, cell, width)
+    if duration == 40:
+        assert set(bars["any"]) == {"#"}
+        assert steps[0] < stepping_all / 5, (steps[0], stepping_all)
 
 
 def test_inactive_and_past_dispatches_have_no_bar_and_are_counted() -> None:
