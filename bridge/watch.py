@@ -37,13 +37,23 @@ from typing import Any
 import aiomqtt
 
 from actor_sdk import wire
-from actor_sdk.mqtt import BrokerSettings, new_client, parse_broker_url
+from actor_sdk.mqtt import (
+    BrokerSettings,
+    Client,
+    Message,
+    MqttError,
+    handing_queue,
+    new_client,
+    parse_broker_url,
+)
 from actor_sdk.wall_clock import utc_now
 from bridge.config import ConfigError, SettingsSource
-from bridge.watch_state import WatchState
+from bridge.watch_state import WatchState, printable
 from bridge.watch_text import DEFAULT_HOURS, render
 
 __all__ = [
+    "EXIT_INCOMPLETE",
+    "Snapshot",
     "WatchSettings",
     "add_arguments",
     "add_target_arguments",
@@ -105,50 +115,183 @@ def is_auth_failure(error: aiomqtt.MqttError) -> bool:
     return isinstance(value, int) and value in _AUTH_CODES
 
 
+QUIET_S = 0.5
+"""Seconds without a message that end the wait when the tree's size is not known."""
+
+SETTLE_S = 3.0
+"""Seconds without a message that end the wait for a tree still short of its counts
+(a broker that lost topics: nothing more will come); the SDK's sync timeout."""
+
+DEFAULT_TIMEOUT_S = 60.0
+"""`--timeout`: a complete tree ends the wait long before (100k topics: seconds)."""
+
+EXIT_INCOMPLETE = 3
+"""`--once` exit code: the wait ended before the tree was complete; the snapshot is partial."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What `--once` gathered, and how the wait for it ended.
+
+    Attributes:
+        state: What the topics said.
+        timed_out: Whether `max_wait` ended the wait (the topics were still coming).
+    """
+
+    state: WatchState
+    timed_out: bool
+
+    def complete(self) -> bool | None:
+        """Tell whether the tree is complete by the counts the bridge publishes.
+
+        Returns:
+            True when the status counts the tree and it adds up; False when it
+            does not (the wait ended first), when a type's topics are not those
+            its snapshot counts, or when the topics were still coming as
+            `max_wait` ended the wait; None when it cannot be known.
+        """
+        gaps = self.state.tree_gaps()
+        if self.state.counts_tree():
+            return not gaps
+        if self.timed_out:
+            return False
+        # Without counts, only the snapshots can tell of a gap, once a status came.
+        return False if gaps and self.state.tree.status_seen else None
+
+    def report(self, timeout: float) -> str:
+        """Say in one line how complete the snapshot is, and what is missing.
+
+        Args:
+            timeout: The `--timeout` the wait had.
+
+        Returns:
+            The line; it starts with `! ` when the snapshot is partial.
+        """
+        state = self.state
+        complete = self.complete()
+        if complete:
+            return (
+                f"retained tree: complete, the {state.dispatch_topics():,} dispatch topics "
+                "the bridge counts"
+            )
+        if complete is None:
+            return (
+                f"retained tree: completeness unknown ({_uncounted(state)}); shown is what "
+                f"arrived until {QUIET_S:g} s passed without a message"
+            )
+        ended = (
+            f"--timeout ended the wait after {timeout:g} s"
+            if self.timed_out
+            else f"then nothing came for {SETTLE_S if state.counts_tree() else QUIET_S:g} s"
+        )
+        return f"! retained tree INCOMPLETE: {self._shortfall()}; {ended}; what follows is partial"
+
+    def _shortfall(self) -> str:
+        state = self.state
+        held = state.dispatch_topics()
+        status = state.status
+        if state.counts_tree() and status is not None and held != status.dispatches:
+            return (
+                f"received {held:,} of the {status.dispatches:,} dispatch topics the bridge counts"
+            )
+        gaps = [printable(gap, 160) for gap in state.tree_gaps()]
+        if not gaps:
+            return f"received {held:,} dispatch topics, still coming ({_uncounted(state)})"
+        more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
+        return "missing " + "; ".join(gaps[:3]) + more
+
+
+def _uncounted(state: WatchState) -> str:
+    """Why the tree's size is not known."""
+    status = state.status
+    if status is None:
+        return "no readable bridge status"
+    if not status.tree_counts:
+        return "the bridge's status does not count its tree: an older bridge"
+    return f"the bridge is {status.state}: it counts its tree only while online"
+
+
 async def collect_snapshot(
     target: BrokerSettings,
     layout: wire.TopicLayout,
     *,
-    quiet: float = 0.5,
-    max_wait: float = 10.0,
+    max_wait: float = DEFAULT_TIMEOUT_S,
     clock: Callable[[], datetime] = utc_now,
-) -> WatchState:
+) -> Snapshot:
     """Subscribe, gather the retained burst, and return what it says.
 
-    The burst is over when no message arrived for `quiet` seconds (counted
-    from the subscription's acknowledgement, then from each message), or at
-    `max_wait` seconds in all.
+    The wait ends as soon as the tree is complete by the counts the bridge
+    publishes (`WatchState.tree_gaps`); without counts (no status yet, a bridge
+    not online, or older than the counts) after `QUIET_S` without a message; with
+    counts but short of them after `SETTLE_S` without a message; and at
+    `max_wait` seconds in all. Silence is counted from the subscription's
+    acknowledgement, then from each message. Each message is folded as it is
+    read (`handing_queue`): no task and no timer per message.
 
     Args:
         target: The broker.
         layout: The microgrid's topics.
-        quiet: Seconds of silence that end the burst.
         max_wait: The most seconds to wait in all.
         clock: The wall clock (for event times).
 
     Returns:
-        The state.
+        The state, and how the wait ended.
 
     Raises:
-        aiomqtt.MqttError: The broker cannot be reached or refused us.
+        MqttError: The broker cannot be reached, refused us, or the connection was lost.
     """
     state = WatchState(layout)
     loop = asyncio.get_running_loop()
-    async with broker_client(target, f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}") as client:
+    done = asyncio.Event()
+    last_arrival = loop.time()
+
+    def take(message: Message) -> None:
+        nonlocal last_arrival
+        last_arrival = loop.time()
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        state.apply(message.topic.value, bytes(payload), clock(), retained=bool(message.retain))
+        if state.counts_tree() and not state.tree_gaps():
+            done.set()
+
+    client = new_client(
+        target,
+        identifier=f"dispatch-bridge-watch-{uuid.uuid4().hex[:12]}",
+        queue_type=handing_queue(take),
+    )
+    async with client:
         await client.subscribe(layout.everything, qos=1)
-        deadline = loop.time() + max_wait
-        messages = aiter(client.messages)
-        while True:
-            wait = min(quiet, deadline - loop.time())
-            if wait <= 0:
-                break
-            try:
-                message = await asyncio.wait_for(anext(messages), wait)
-            except TimeoutError:
-                break
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            state.apply(message.topic.value, bytes(payload), clock())
-    return state
+        last_arrival = loop.time()
+        deadline = last_arrival + max_wait
+        waiters = {
+            asyncio.ensure_future(done.wait()),
+            asyncio.ensure_future(_connection_lost(client)),
+        }
+        timed_out = False
+        try:
+            while not done.is_set():
+                now = loop.time()
+                quiet_until = last_arrival + (SETTLE_S if state.counts_tree() else QUIET_S)
+                if now >= min(quiet_until, deadline):
+                    timed_out = deadline < quiet_until
+                    break
+                finished, _ = await asyncio.wait(
+                    waiters,
+                    timeout=min(quiet_until, deadline) - now,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for waiter in finished:
+                    waiter.result()  # a lost connection raises here
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+    return Snapshot(state, timed_out)
+
+
+async def _connection_lost(client: Client) -> None:
+    """Return never; raise when the connection is lost (no message is ever queued)."""
+    async for _ in client.messages:
+        pass
+    raise MqttError("the connection to the broker ended")
 
 
 async def refused_credentials(target: BrokerSettings) -> str | None:
@@ -242,12 +385,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=10.0,
-        help="--once: most seconds to wait for the retained topics (default 10)",
+        default=DEFAULT_TIMEOUT_S,
+        help="--once: most seconds to wait for the retained topics; the wait ends as soon "
+        f"as the tree is complete by the bridge's counts (default {DEFAULT_TIMEOUT_S:g})",
     )
     parser.epilog = (
-        "Credentials may also come from MQTT_USERNAME and MQTT_PASSWORD (or MQTT_PASSWORD_FILE), "
-        "which keeps the password off the command line."
+        "--once exits 0 after a snapshot of the whole tree (or of what came, when the bridge "
+        "does not count its tree), 1 when the broker cannot be reached or refuses the "
+        f"credentials, 2 on a usage error, and {EXIT_INCOMPLETE} after a partial snapshot: "
+        "the wait ended before every topic the bridge counts arrived (the first lines and "
+        "stderr say what is missing). Credentials may also come from MQTT_USERNAME and "
+        "MQTT_PASSWORD (or MQTT_PASSWORD_FILE), which keeps the password off the command line."
     )
 
 
@@ -381,7 +529,8 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         0 after a snapshot or on quitting, 1 when the broker cannot be reached or
-        refuses us, 2 when the interactive view has no terminal.
+        refuses us, 2 when the interactive view has no terminal, `EXIT_INCOMPLETE`
+        (3) when `--once` printed a snapshot short of the tree the bridge counts.
     """
     settings = load_settings(args)
     if not args.once:
@@ -405,17 +554,22 @@ def run(args: argparse.Namespace) -> int:
             print(app.failure, file=sys.stderr)
         return app.return_code or 0
     try:
-        state = asyncio.run(
+        snapshot = asyncio.run(
             collect_snapshot(settings.target, settings.layout, max_wait=args.timeout)
         )
     except aiomqtt.MqttError as error:
         print(f"dispatch-bridge watch: {connect_failure(error, settings.target)}", file=sys.stderr)
         return 1
+    report = snapshot.report(args.timeout)
     for line in render(
-        state,
+        snapshot.state,
         now=datetime.now(UTC),
         width=_terminal_width(args.width),
         horizon=settings.horizon,
+        tree=[report],
     ):
         print(line)
+    if snapshot.complete() is False:
+        print(f"dispatch-bridge watch: {report.removeprefix('! ')}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0

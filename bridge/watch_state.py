@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from actor_sdk import wire
+from actor_sdk._resync import ResyncTally
 
 __all__ = [
     "DEFAULT_STATUS_INTERVAL",
@@ -69,6 +70,8 @@ class WatchState:
         dispatches: Every dispatch, by type and id.
         upcoming: The upcoming runs of each type.
         actors: The execution status of each actor host, by actor id.
+        tree: What arrived of the retained tree, against the counts the bridge
+            publishes (`actor_sdk`'s resync rule; see `tree_gaps`).
         warnings: The newest warnings (garbage payloads, unknown topics).
         events: The newest lifecycle events, as `(received, event)`.
         messages: How many messages were applied.
@@ -86,6 +89,7 @@ class WatchState:
     dispatches: dict[str, dict[int, wire.Dispatch]] = field(default_factory=dict)
     upcoming: dict[str, wire.UpcomingRuns] = field(default_factory=dict)
     actors: dict[str, wire.ActorStatus] = field(default_factory=dict)
+    tree: ResyncTally = field(default_factory=ResyncTally)
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_WARNINGS))
     events: deque[tuple[datetime, wire.DispatchEvent]] = field(
         default_factory=lambda: deque(maxlen=MAX_EVENTS)
@@ -144,6 +148,7 @@ class WatchState:
                 self.events.append((received, wire.decode_event(payload)))
 
     def _apply_status(self, payload: bytes, received: datetime, retained: bool) -> None:
+        self.tree.status_seen = True
         status = wire.decode_status(payload) if payload else None
         self.status = status
         self.status_unreadable = None
@@ -161,6 +166,7 @@ class WatchState:
             if snapshot.type != dispatch_type:
                 raise wire.WireError(f"snapshot of type {snapshot.type!r} on this topic")
             self.snapshots[dispatch_type] = snapshot
+            self.tree.snapshot(dispatch_type)
         self.revision += 1
         now_running = {d.id for d in snapshot.running} if snapshot is not None else set()
         for key in [k for k in self.running_since if k[0] == dispatch_type]:
@@ -172,6 +178,7 @@ class WatchState:
     def _apply_dispatch(self, dispatch_type: str, dispatch_id: int, payload: bytes) -> None:
         of_type = self.dispatches.setdefault(dispatch_type, {})
         if not payload:
+            self.tree.dispatch(dispatch_type, dispatch_id, None)
             if of_type.pop(dispatch_id, None) is not None:
                 self.revision += 1
             if not of_type:
@@ -181,6 +188,7 @@ class WatchState:
         if dispatch.id != dispatch_id or dispatch.type != dispatch_type:
             raise wire.WireError(f"dispatch #{dispatch.id} of another topic")
         of_type[dispatch_id] = dispatch
+        self.tree.dispatch(dispatch_type, dispatch_id, dispatch.update_time)
         self.revision += 1
 
     def _apply_actor(self, topic: str, payload: bytes) -> None:
@@ -212,6 +220,30 @@ class WatchState:
             ):
                 running.append(actor_id)
         return sorted(running)
+
+    def counts_tree(self) -> bool:
+        """Tell whether the status says how many dispatch topics the whole tree holds.
+
+        Only an `online` status that says so (`tree_counts`) counts them: a bridge not
+        vouching for its tree, and one older than the counts, leave completeness unknown.
+        """
+        status = self.status
+        return status is not None and status.state == "online" and status.tree_counts
+
+    def tree_gaps(self) -> list[str]:
+        """Say what the retained tree lacks by the counts the bridge publishes.
+
+        Returns:
+            One line per gap, empty when none is known: with `counts_tree`, the
+            dispatch topics the status counts, every type's running snapshot and each
+            type's topics as its snapshot counts them; without, only the last
+            (and the status itself, until one arrived).
+        """
+        return self.tree.missing(self.status, self.snapshots)
+
+    def dispatch_topics(self) -> int:
+        """Return how many dispatch topics are held (of every type)."""
+        return sum(len(of_type) for of_type in self.dispatches.values())
 
     def types(self) -> list[str]:
         """Return every type something is known of, sorted."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -468,6 +469,7 @@ def render(
     width: int = 80,
     horizon: timedelta = timedelta(hours=DEFAULT_HOURS),
     connection: str | None = None,
+    tree: Sequence[str] = (),
 ) -> list[str]:
     """Render what is known as terminal lines, none wider than `width`.
 
@@ -479,6 +481,8 @@ def render(
         width: The terminal width in columns (at least 20 is used).
         horizon: How far ahead the timeline looks.
         connection: A line about the broker connection, if any (live mode).
+        tree: What is known of the retained tree's completeness (`--once`), shown
+            under the status, each wrapped to the width.
 
     Returns:
         The lines, without line endings.
@@ -489,6 +493,8 @@ def render(
     if connection:
         lines.append(connection)
     lines.extend(_status_lines(state, now, width))
+    for text in tree:
+        lines.extend(textwrap.wrap(text, width, subsequent_indent="    "))
     lines.extend(f"! {warning}" for warning in state.warnings)
     types = sorted(set(state.snapshots) | set(state.dispatches))
     if not types:

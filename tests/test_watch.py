@@ -380,6 +380,8 @@ async def test_watch_once_prints_what_the_retained_topics_say(mqtt_broker: Broke
     assert re.search(r"^ *#12 \|\.{8}", out, re.MULTILINE)
     assert "! microgrid/1/dispatch/GARBAGE/running: invalid running snapshot" in out
     assert all(len(line) <= 80 for line in out.splitlines())
+    # A status without `tree_counts` (an older bridge) cannot tell a whole tree.
+    assert "retained tree: completeness unknown (the bridge's status does not count" in out
 
 
 def test_watch_once_on_an_empty_tree_says_so(mqtt_broker: Broker, tmp_path: Path) -> None:
@@ -522,6 +524,7 @@ async def test_watch_once_against_a_running_bridge_shows_what_is_really_there(
     assert re.search(rf"^ *#{int(running.id)} \|#", out, re.MULTILINE)
     assert re.search(rf"^ *#{int(later.id)} \|\.+[+#]", out, re.MULTILINE)
     assert "bridge ONLINE, upstream connected" in out
+    assert "retained tree: complete, the 2 dispatch topics the bridge counts" in out
 
 
 def test_a_dispatch_the_schedule_cannot_place_is_flagged_not_fatal(
