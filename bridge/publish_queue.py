@@ -12,6 +12,10 @@ Values are encoded when they are taken, not when they are set: a running
 snapshot then gets the connection's session and the next sequence number, the
 status is made from its board as of that moment.
 
+A dispatch struct is held by its id, not by its topic: the topic
+(`layout.dispatch(type, id)`) is built when it is sent, so the queue keeps no
+topic string per dispatch (about 100 bytes each, 10 MB at 100k dispatches).
+
 After a reconnect, dispatch topics are not republished blindly: they wait
 (`requeue_all`) while the broker's retained tree is read back (`confirm` for
 each retained dispatch topic), and only those the broker does not hold with
@@ -38,8 +42,19 @@ from bridge.status import StatusBoard
 __all__ = ["Outgoing", "PublishQueue", "RetainedValue"]
 
 RetainedValue = bytes | wire.Dispatch | wire.RunningSnapshot | StatusBoard
-_Key = str | int
-"""A pending item: a retained topic (str) or an event number (int)."""
+_HeldByTopic = bytes | wire.RunningSnapshot | StatusBoard
+
+
+@dataclass(frozen=True, slots=True)
+class _EventNumber:
+    """A pending event, by its number."""
+
+    number: int
+
+
+_Key = str | int | _EventNumber
+"""A pending item: a retained topic held by topic or to clear (str), a held dispatch
+struct by its id (int), or an event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +92,17 @@ class PublishQueue:
         self.layout = layout
         self._clock = clock
         self._max_events = max_events
-        self._held: dict[str, RetainedValue] = {}
+        self._held: dict[str, _HeldByTopic] = {}
+        """Retained topics other than the dispatch structs, topic to value."""
+        self._dispatches: dict[int, wire.Dispatch] = {}
+        """The dispatch structs held, by id: each on the topic `layout.dispatch(type, id)`."""
         self._urgent: OrderedDict[_Key, None] = OrderedDict()
         self._bulk: OrderedDict[_Key, None] = OrderedDict()
         self._events: dict[int, tuple[str, bytes]] = {}
         self._event_counter = 0
         self._in_flight = 0
-        self._unconfirmed: builtins.set[str] = builtins.set()
+        self._unconfirmed: builtins.set[int] = builtins.set()
+        """Ids of held dispatches whose topic waits for the broker's copy to be compared."""
         self.session = 0
         self._seq = 0
 
@@ -93,11 +112,17 @@ class PublishQueue:
         """Hold a retained topic and mark it to be sent.
 
         Args:
-            topic: The topic.
+            topic: The topic; for a dispatch struct, `layout.dispatch(type, id)`.
             payload: Its value.
         """
-        self._held[topic] = payload
-        self._mark(topic)
+        if isinstance(payload, wire.Dispatch):
+            self._held.pop(topic, None)
+            self._dispatches[payload.id] = payload
+            self._mark(payload.id)
+        else:
+            self._forget_dispatch(topic)
+            self._held[topic] = payload
+            self._mark(topic)
 
     def clear(self, topic: str) -> None:
         """Stop holding a topic and mark it to be cleared (an empty retained payload).
@@ -105,6 +130,7 @@ class PublishQueue:
         Args:
             topic: The topic.
         """
+        self._forget_dispatch(topic)
         self._held.pop(topic, None)
         self._mark(topic)
 
@@ -122,21 +148,23 @@ class PublishQueue:
         if len(self._events) >= self._max_events:
             oldest = next(iter(self._events))
             del self._events[oldest]
-            self._urgent.pop(oldest, None)
+            self._urgent.pop(_EventNumber(oldest), None)
             kept = False
         self._event_counter += 1
         self._events[self._event_counter] = (topic, payload)
-        self._mark(self._event_counter)
+        self._mark(_EventNumber(self._event_counter))
         return kept
 
     def held(self) -> dict[str, RetainedValue]:
         """The retained topics held, topic to value (a copy)."""
-        return dict(self._held)
+        held: dict[str, RetainedValue] = dict(self._held)
+        held.update((self._topic_of(d), d) for d in self._dispatches.values())
+        return held
 
     @property
     def held_count(self) -> int:
         """How many retained topics are held."""
-        return len(self._held)
+        return len(self._held) + len(self._dispatches)
 
     # ---- what to send -------------------------------------------------------------
 
@@ -159,7 +187,10 @@ class PublishQueue:
         Returns:
             True while it waits.
         """
-        return key in self._urgent or key in self._bulk
+        pending = self._held_dispatch_id(key)
+        if pending is None:
+            return key in self._urgent or key in self._bulk
+        return pending in self._bulk
 
     @property
     def idle(self) -> bool:
@@ -191,13 +222,14 @@ class PublishQueue:
                 the broker's copies were compared (`confirm`, then
                 `release_unconfirmed`).
         """
-        for topic, value in self._held.items():
-            if compare_dispatches and isinstance(value, wire.Dispatch):
+        keys: list[_Key] = [*self._held, *self._dispatches]
+        for key in keys:
+            if compare_dispatches and isinstance(key, int):
                 # Changed while disconnected or not: the broker's copy decides.
-                self._bulk.pop(topic, None)
-                self._unconfirmed.add(topic)
-            elif topic not in self._urgent and topic not in self._bulk:
-                self._queue_of(topic)[topic] = None
+                self._bulk.pop(key, None)
+                self._unconfirmed.add(key)
+            elif key not in self._urgent and key not in self._bulk:
+                self._queue_of(key)[key] = None
 
     def confirm(self, topic: str, payload: bytes) -> None:
         """The broker holds `payload` retained on `topic`: no need to send it if it is ours.
@@ -206,10 +238,13 @@ class PublishQueue:
             topic: A retained topic read back from the broker.
             payload: Its payload.
         """
-        if topic in self._unconfirmed:
-            value = self._held.get(topic)
-            if isinstance(value, wire.Dispatch) and wire.encode(value) == payload:
-                self._unconfirmed.discard(topic)
+        if not self._unconfirmed:
+            return
+        dispatch_id = self._held_dispatch_id(topic)
+        if dispatch_id in self._unconfirmed and (
+            wire.encode(self._dispatches[dispatch_id]) == payload
+        ):
+            self._unconfirmed.discard(dispatch_id)
 
     def release_unconfirmed(self) -> int:
         """Send the dispatch topics the broker did not hold as held here (the read-back ended).
@@ -218,8 +253,8 @@ class PublishQueue:
             How many.
         """
         released = len(self._unconfirmed)
-        for topic in self._unconfirmed:
-            self._bulk[topic] = None
+        for dispatch_id in self._unconfirmed:
+            self._bulk[dispatch_id] = None
         self._unconfirmed.clear()
         return released
 
@@ -240,9 +275,13 @@ class PublishQueue:
         else:
             return None
         self._in_flight += 1
-        if isinstance(key, int):
-            topic, payload = self._events[key]
+        if isinstance(key, _EventNumber):
+            topic, payload = self._events[key.number]
             return Outgoing(key, topic, payload, retain=False, value=None)
+        if isinstance(key, int):
+            dispatch = self._dispatches[key]
+            topic = self._topic_of(dispatch)
+            return Outgoing(key, topic, wire.encode(dispatch), retain=True, value=dispatch)
         value = self._held.get(key)
         payload = b"" if value is None else self._encode(value)
         return Outgoing(key, key, payload, retain=True, value=value)
@@ -254,8 +293,8 @@ class PublishQueue:
             item: What `take` returned.
         """
         self._in_flight -= 1
-        if isinstance(item.key, int):
-            self._events.pop(item.key, None)
+        if isinstance(item.key, _EventNumber):
+            self._events.pop(item.key.number, None)
 
     def failed(self, item: Outgoing) -> None:
         """A publish was not sent (or not confirmed): send it again first.
@@ -269,31 +308,53 @@ class PublishQueue:
         key = item.key
         if key in self._urgent or key in self._bulk:
             return
-        if isinstance(key, int) and key not in self._events:
+        if isinstance(key, _EventNumber) and key.number not in self._events:
+            return
+        if isinstance(key, int) and key not in self._dispatches:
             return
         queue = self._queue_of(key)
         queue[key] = None
         queue.move_to_end(key, last=False)
 
     def _queue_of(self, key: _Key) -> OrderedDict[_Key, None]:
-        if isinstance(key, int) or isinstance(
-            self._held.get(key), wire.RunningSnapshot | StatusBoard
+        if isinstance(key, _EventNumber) or (
+            isinstance(key, str)
+            and isinstance(self._held.get(key), wire.RunningSnapshot | StatusBoard)
         ):
             return self._urgent
         return self._bulk
 
     def _mark(self, key: _Key) -> None:
-        if isinstance(key, str):
+        if isinstance(key, int):
             self._unconfirmed.discard(key)
         self._bulk.pop(key, None)
         self._urgent.pop(key, None)
         self._queue_of(key)[key] = None
 
-    def _encode(self, value: RetainedValue) -> bytes:
+    def _topic_of(self, dispatch: wire.Dispatch) -> str:
+        return self.layout.dispatch(dispatch.type, dispatch.id)
+
+    def _held_dispatch_id(self, topic: str) -> int | None:
+        """The id of the dispatch struct held on `topic`, None when none is."""
+        _, separator, tail = topic.rpartition("/dispatches/")
+        if not separator or not tail.isdecimal():
+            return None
+        dispatch = self._dispatches.get(int(tail))
+        if dispatch is None or self._topic_of(dispatch) != topic:
+            return None
+        return dispatch.id
+
+    def _forget_dispatch(self, topic: str) -> None:
+        """Stop holding the dispatch struct on `topic`, if one is (it is cleared or replaced)."""
+        dispatch_id = self._held_dispatch_id(topic)
+        if dispatch_id is not None:
+            del self._dispatches[dispatch_id]
+            self._bulk.pop(dispatch_id, None)
+            self._unconfirmed.discard(dispatch_id)
+
+    def _encode(self, value: _HeldByTopic) -> bytes:
         if isinstance(value, bytes):
             return value
-        if isinstance(value, wire.Dispatch):
-            return wire.encode(value)
         if isinstance(value, wire.RunningSnapshot):
             self._seq += 1
             return wire.encode(msgspec.structs.replace(value, session=self.session, seq=self._seq))
@@ -334,7 +395,7 @@ class PublishQueue:
         upcoming: list[tuple[str, str]] = []
         emptied: builtins.set[str] = builtins.set()
         for topic in retained_on_broker:
-            if topic in self._held:
+            if topic in self._held or self._held_dispatch_id(topic) is not None:
                 continue
             try:
                 ref = self.layout.parse(topic)

@@ -123,7 +123,7 @@ def test_stale_topics_are_cleared_or_emptied_and_held_ones_kept() -> None:
 
 def test_after_a_connect_only_dispatch_topics_the_broker_lacks_or_holds_otherwise_go() -> None:
     q = queue()
-    same, changed, missing = (LAYOUT.dispatch("T", n) for n in (1, 2, 3))
+    same, changed, missing = (LAYOUT.dispatch("EXAMPLE_TYPE", n) for n in (1, 2, 3))
     for number, topic in enumerate((same, changed, missing), start=1):
         q.set(topic, contract_example(id=number))
     q.set(LAYOUT.running("T"), snapshot())
@@ -139,7 +139,7 @@ def test_after_a_connect_only_dispatch_topics_the_broker_lacks_or_holds_otherwis
 
 def test_a_change_while_comparing_is_sent_once_and_a_clear_is_not_held_back() -> None:
     q = queue()
-    topic, gone = LAYOUT.dispatch("T", 1), LAYOUT.dispatch("T", 2)
+    topic, gone = LAYOUT.dispatch("EXAMPLE_TYPE", 1), LAYOUT.dispatch("EXAMPLE_TYPE", 2)
     q.set(topic, contract_example(id=1))
     q.set(gone, contract_example(id=2))
     q.clear(gone)
@@ -171,3 +171,40 @@ def test_a_drained_burst_gives_its_memory_back() -> None:
         tracemalloc.stop()
     assert q.idle and len(q.held()) == 20_000
     assert held < 1.3 * held_alone
+
+
+def test_a_dispatch_that_changes_type_is_cleared_on_its_old_topic_and_sent_on_its_new() -> None:
+    q = queue()
+    before, after = contract_example(id=5, type="A"), contract_example(id=5, type="B")
+    q.set(LAYOUT.dispatch("A", 5), before)
+    drain(q)
+    q.clear(LAYOUT.dispatch("A", 5))
+    q.set(LAYOUT.dispatch("B", 5), after)
+    sent = [(item.topic, item.payload) for item in drain(q)]
+    assert sent == [(LAYOUT.dispatch("A", 5), b""), (LAYOUT.dispatch("B", 5), wire.encode(after))]
+    assert q.held() == {LAYOUT.dispatch("B", 5): after}
+    # The broker's copy under the old type is stale; the one under the new type is held.
+    assert q.clear_stale({LAYOUT.dispatch("A", 5), LAYOUT.dispatch("B", 5)}) == (1, 0)
+    assert [item.topic for item in drain(q)] == [LAYOUT.dispatch("A", 5)]
+
+
+def test_the_queue_keeps_no_topic_string_per_dispatch() -> None:
+    # Each dispatch topic (about 100 bytes) is built when it is sent: a held
+    # dispatch costs the queue its table entry, not a string too.
+    dispatches = [contract_example(id=n) for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reference = {d.id: d for d in dispatches}
+        table_alone = tracemalloc.get_traced_memory()[0] - before
+        del reference
+        q = queue()
+        before = tracemalloc.get_traced_memory()[0]
+        for dispatch in dispatches:
+            q.set(LAYOUT.dispatch(dispatch.type, dispatch.id), dispatch)
+        drain(q)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert q.held_count == 20_000
+    assert held < 1.3 * table_alone
