@@ -8,8 +8,10 @@ topics are tested in `tests/test_wire_topics.py`.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -581,3 +583,19 @@ def test_encoder_output_is_what_msgspec_would_produce() -> None:
     """`encode` is plain msgspec JSON: any MQTT client with a JSON parser can read it."""
     message = contract_example()
     assert wire.encode(message) == msgspec.json.encode(message)
+
+
+def test_a_dispatch_and_its_parts_carry_no_gc_header() -> None:
+    # A tracked struct spends 16 bytes on the garbage collector: for each of 100k
+    # dispatches and most of their targets, for values that make no cycle.
+    dispatch = contract_example(
+        recurrence=wire.Recurrence(
+            frequency="DAILY", interval=1, end=wire.EndCriteria(count=3), byhours=(1,)
+        ),
+        target=wire.Target(categories=(wire.TargetCategory(category="BATTERY"),)),
+    )
+    assert dispatch.recurrence is not None and dispatch.target.categories is not None
+    parts = [dispatch.target, dispatch.target.categories[0], dispatch.recurrence]
+    assert not any(gc.is_tracked(part) for part in [dispatch, *parts, dispatch.recurrence.end])
+    # The object header and one pointer per field, nothing more.
+    assert sys.getsizeof(dispatch) == 16 + 8 * len(wire.Dispatch.__struct_fields__)
