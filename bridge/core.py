@@ -192,14 +192,14 @@ class ScheduleCore:
 
     # ---- inputs ---------------------------------------------------------------
 
-    def load(self, dispatches: Iterable[wire.Dispatch], now: datetime) -> Outbox:
+    def load(self, dispatches: list[wire.Dispatch], now: datetime) -> Outbox:
         """Replace everything held with these dispatches, without events.
 
         Used for the cache at start and for the first sync of a bridge with
         no cache: every topic is set, no lifecycle event is sent.
 
         Args:
-            dispatches: The dispatches.
+            dispatches: The dispatches, handed over: emptied as in `sync`.
             now: The current instant.
 
         Returns:
@@ -209,7 +209,7 @@ class ScheduleCore:
 
     def sync(
         self,
-        dispatches: Iterable[wire.Dispatch],
+        dispatches: list[wire.Dispatch],
         now: datetime,
         *,
         events: bool,
@@ -217,8 +217,13 @@ class ScheduleCore:
     ) -> Outbox:
         """Replace everything held with a full list, publishing the differences.
 
+        The list is handed over and emptied as it is applied: each listed struct
+        goes as soon as the core holds its own (with the run state), so the struct
+        held can take its memory. Kept to the end, the 100k listed structs of a
+        start-up left as many free blocks behind, resident (120 B per dispatch).
+
         Args:
-            dispatches: Every dispatch of the microgrid, as just listed.
+            dispatches: Every dispatch of the microgrid, as just listed (emptied).
             now: The current instant.
             events: Whether to send lifecycle events for what differs.
             keep: Ids listed but not convertible: a held version stays as it is
@@ -228,12 +233,15 @@ class ScheduleCore:
             What to publish.
         """
         out = Outbox()
-        incoming = {d.id: d for d in dispatches if self._acceptable(d, out)}
-        for dispatch_id in [i for i in self._dispatches if i not in incoming and i not in keep]:
+        dispatches[:] = [d for d in dispatches if self._acceptable(d, out)]
+        listed = {d.id for d in dispatches}
+        for dispatch_id in [i for i in self._dispatches if i not in listed and i not in keep]:
             old = self._remove(dispatch_id, out)
             if events:
                 self._event(out, "deleted", _stopped(old), now, old)
-        for dispatch in incoming.values():
+        dispatches.reverse()
+        while dispatches:
+            dispatch = dispatches.pop()
             held = self._dispatches.get(dispatch.id)
             if held is not None and _same(held, dispatch):
                 continue

@@ -410,7 +410,7 @@ class _Pipeline:
             _logger.info(
                 "microgrid %d: loaded %d dispatches from the cache %s (last synced %s)",
                 microgrid_id,
-                len(dispatches),
+                len(core),
                 cache.path,
                 "never" if synced_at is None else synced_at.isoformat(),
             )

@@ -43,6 +43,7 @@ class Synced:
     """The upstream listed every dispatch of the microgrid."""
 
     dispatches: list[wire.Dispatch]
+    """Handed over: `ScheduleCore.sync` empties the list as it applies it."""
     unconvertible: frozenset[int] = frozenset()
     """Ids listed that could not be converted: their held versions are kept."""
 
