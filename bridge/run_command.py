@@ -47,6 +47,7 @@ from actor_sdk.mqtt import Backoff, BrokerSettings
 from bridge import __version__, journal, metrics
 from bridge.cache_writer import CacheWriter
 from bridge.config import DEFAULT_STATE_DIR, ConfigError, SettingsSource, load_broker, parse_text
+from bridge.heap import HeapTrim
 from bridge.notify import SystemdNotifier, Watchdog
 from bridge.publisher import Publisher
 from bridge.request_handler import RequestHandler
@@ -435,7 +436,15 @@ class _Pipeline:
         self.requests = RequestHandler(
             layout, directory, self.service, self.publisher, self.upstream
         )
+        self.heap = HeapTrim(self.publisher.flushed)
+        self._answer_listing = self.service.on_listing  # the request handler's
+        self.service.on_listing = self._listed
         self.tasks: list[asyncio.Task[None]] = []
+
+    def _listed(self, error: str | None) -> None:
+        if self._answer_listing is not None:
+            self._answer_listing(error)
+        self.heap.listed(error)
 
     def _skipped(self, count: int) -> None:
         self.publisher.update_status(lambda board: setattr(board, "skipped", count))
@@ -453,6 +462,7 @@ class _Pipeline:
             asyncio.create_task(self.service.run(), name=f"service-{self.microgrid_id}"),
             asyncio.create_task(self.upstream.run(), name=f"upstream-{self.microgrid_id}"),
             asyncio.create_task(self.cache_writer.run(), name=f"cache-{self.microgrid_id}"),
+            asyncio.create_task(self.heap.run(), name=f"heap-{self.microgrid_id}"),
         ]
         if self.upcoming is not None:
             self.tasks.append(
