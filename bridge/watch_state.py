@@ -221,6 +221,18 @@ class WatchState:
                 running.append(actor_id)
         return sorted(running)
 
+    def __repr__(self) -> str:
+        """Say what is held in one short line.
+
+        The generated repr spelled out every dispatch, and `asyncio.run` formats
+        the repr of its result (Python 3.11 names the task in its SIGINT handler's
+        repr): with 100,000 dispatches that took 3 s of `watch --once`.
+        """
+        return (
+            f"WatchState({self.layout.root!r}: {self.messages} messages, "
+            f"{self.dispatch_topics()} dispatch topics, {len(self.snapshots)} running snapshots)"
+        )
+
     def counts_tree(self) -> bool:
         """Tell whether the status says how many dispatch topics the whole tree holds.
 
