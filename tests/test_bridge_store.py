@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import shutil
 import sqlite3
+import sys
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -358,19 +358,19 @@ def test_the_writer_keeps_no_old_struct_once_only_the_run_state_changed(tmp_path
     cache.load()
     writer = CacheWriter(cache, lambda: [], lambda: T0)
     sink = writer.watch(FakeSink())
-    sink.set(topic(dispatch(7, dispatch_type="ONLY_HERE")), dispatch(7, dispatch_type="ONLY_HERE"))
+    first = dispatch(7, dispatch_type="ONLY_HERE")
+    states = [first] + [
+        msgspec.structs.replace(first, running=True, until=T0 + timedelta(minutes=m))
+        for m in range(1, 4)
+    ]
+    sink.set(topic(first), first)
     writer.mark()
-    states = [T0 + timedelta(minutes=m) for m in range(1, 4)]
-    for until in states:
-        moved = msgspec.structs.replace(
-            dispatch(7, dispatch_type="ONLY_HERE"), running=True, until=until
-        )
+    del first
+    for moved in states[1:]:
         sink.set(topic(moved), moved)
-    del moved
     assert writer.pending == {}
-    gc.collect()
-    alive = [o for o in gc.get_objects() if isinstance(o, wire.Dispatch) and o.type == "ONLY_HERE"]
-    assert [o.until for o in alive] == [states[-1]]
+    # Held by this list alone (and getrefcount's argument); the last one by the sink too.
+    assert [sys.getrefcount(states[n]) for n in range(3)] == [2, 2, 2]
 
 
 def test_a_large_write_encodes_row_by_row_instead_of_holding_every_payload(
