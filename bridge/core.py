@@ -70,13 +70,16 @@ class Transition:
 class Outbox:
     """What one step of the core decided: topics to set or clear, events, transitions.
 
-    `retained` maps a topic to its new payload, or to None to clear it; the
-    order is the order of the decisions (dispatch topics before the running
-    snapshots they feed). Structs are encoded by whoever sends them (the
-    publisher holds the same immutable struct as the core, not a copy).
+    `retained` maps a running topic to its new snapshot, or a dispatch topic
+    to None to clear it; `dispatches` holds the dispatch topics to set, by id
+    (each on `ScheduleCore.dispatch_topic(type, id)`, built when handed on: a
+    first sync of 100k dispatches would otherwise make every topic string at
+    once, and their freed memory stayed resident). Structs are encoded by whoever
+    sends them (the publisher holds the same immutable struct as the core, not a copy).
     """
 
     retained: dict[str, RetainedValue | None] = field(default_factory=dict)
+    dispatches: dict[int, wire.Dispatch] = field(default_factory=dict)
     events: list[tuple[str, bytes]] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     changed: bool = False
@@ -92,7 +95,12 @@ class Outbox:
 
     def __bool__(self) -> bool:
         return bool(
-            self.retained or self.events or self.transitions or self.changed or self.rejected
+            self.retained
+            or self.dispatches
+            or self.events
+            or self.transitions
+            or self.changed
+            or self.rejected
         )
 
 
@@ -189,6 +197,18 @@ class ScheduleCore:
             if head is not None and (earliest is None or head < earliest):
                 earliest = head
         return earliest
+
+    def dispatch_topic(self, dispatch_type: str, dispatch_id: int) -> str:
+        """Return the topic of one dispatch (its type's level is made once).
+
+        Args:
+            dispatch_type: The type, one the core accepted.
+            dispatch_id: The id.
+
+        Returns:
+            The topic.
+        """
+        return f"{self._level(dispatch_type)}/dispatches/{dispatch_id}"
 
     # ---- inputs ---------------------------------------------------------------
 
@@ -325,7 +345,7 @@ class ScheduleCore:
                     heapq.heappush(heap, (new.changes_at, dispatch_id))
                 updated = _with_state(held, new)
                 self._dispatches[dispatch_id] = updated
-                out.retained[self._dispatch_topic(dispatch_type, dispatch_id)] = updated
+                out.dispatches[dispatch_id] = updated
                 self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
         return out
@@ -341,7 +361,7 @@ class ScheduleCore:
         """
         out = Outbox()
         for dispatch_id, held in self._dispatches.items():
-            out.retained[self._dispatch_topic(held.type, dispatch_id)] = held
+            out.dispatches[dispatch_id] = held
         for dispatch_type in self._running:
             self._dirty_types[dispatch_type] = None
         self._flush_types(now, out)
@@ -391,9 +411,10 @@ class ScheduleCore:
             heapq.heappush(
                 self._heaps.setdefault(dispatch_type, []), (state.changes_at, dispatch.id)
             )
-        topic = self._dispatch_topic(dispatch_type, dispatch.id)
-        out.retained.pop(topic, None)
-        out.retained[topic] = put
+        if out.retained:  # a clear of the same topic in this step gives way
+            out.retained.pop(self.dispatch_topic(dispatch_type, dispatch.id), None)
+        out.dispatches.pop(dispatch.id, None)
+        out.dispatches[dispatch.id] = put
         self._dirty_types[dispatch_type] = None
         out.changed = True
         return put
@@ -403,9 +424,8 @@ class ScheduleCore:
         self._tallies[held.type].discard(dispatch_id, held.update_time)
         self._changes_at.pop(dispatch_id, None)
         self._running.get(held.type, set()).discard(dispatch_id)
-        topic = self._dispatch_topic(held.type, dispatch_id)
-        out.retained.pop(topic, None)
-        out.retained[topic] = None
+        out.dispatches.pop(dispatch_id, None)
+        out.retained[self.dispatch_topic(held.type, dispatch_id)] = None
         self._dirty_types[held.type] = None
         out.changed = True
         return held
@@ -439,9 +459,6 @@ class ScheduleCore:
                 f"{self.layout.root}/{wire.encode_type(dispatch_type)}"
             )
         return level
-
-    def _dispatch_topic(self, dispatch_type: str, dispatch_id: int) -> str:
-        return f"{self._level(dispatch_type)}/dispatches/{dispatch_id}"
 
     def _flush_types(self, now: datetime, out: Outbox) -> None:
         for dispatch_type in self._dirty_types:

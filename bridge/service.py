@@ -329,8 +329,8 @@ class MicrogridService:
         for topic, value in out.retained.items():
             if value is None:
                 self._sink.clear(topic)
-            elif not isinstance(value, wire.RunningSnapshot):
-                self._sink.set(topic, value)
+        for dispatch in out.dispatches.values():
+            self._sink.set(self.core.dispatch_topic(dispatch.type, dispatch.id), dispatch)
         for topic, payload in out.events:
             self._sink.event(topic, payload)
         if self.on_outbox is not None and (out.changes or out.transitions):
