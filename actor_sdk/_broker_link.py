@@ -22,12 +22,18 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiomqtt
 
 from actor_sdk._client_id_clash import ClientIdClash, reason_code
-from actor_sdk.mqtt import BrokerSettings, ReceivedQueue, receiving_client, reconnect_delay
+from actor_sdk.mqtt import (
+    BrokerSettings,
+    ReceivedQueue,
+    connection_lost,
+    receiving_client,
+    reconnect_delay,
+)
 
 __all__ = ["BrokerLink", "LinkHandler"]
 
@@ -202,11 +208,7 @@ class BrokerLink:
         for subscription in self._subscriptions:
             await client.subscribe(subscription)
         loop = asyncio.get_running_loop()
-        messages = client.messages
-        # One read stays pending across sync timeouts: cancelling aiomqtt's `anext`
-        # can drop a message it already took from the queue (seen once per timeout
-        # under load), so a timeout only stops waiting for it, never cancels it.
-        pending: asyncio.Future[aiomqtt.Message] | None = None
+        lost = connection_lost(client)
         probe = asyncio.ensure_future(self._probe(client, received))
         # Silence ends the sync, not the length of a burst: counted from the last message.
         # Live messages alone (a busy bridge, its status) do not hold it open for long:
@@ -215,17 +217,21 @@ class BrokerLink:
         catch_up_deadline = loop.time() + CATCH_UP_LIMIT * self._sync_timeout
         try:
             while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(messages))
+                # The queue's own arrival future, not aiomqtt's message iterator: that
+                # takes several turns of the loop per wake-up (a task per `get`), in which
+                # the reader went on handling packets while a snapshot waited.
                 ends = min(sync_deadline, catch_up_deadline)
                 timeout = None if handler.in_sync else max(0.0, ends - loop.time())
-                waited_for: set[asyncio.Future[Any]] = {pending, probe}
                 done, _ = await asyncio.wait(
-                    waited_for, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    {received.arrival(), probe, lost},
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if probe in done:
                     probe.result()  # raises: the link is dead
-                if not done:
+                if received.empty():
+                    if lost.done():
+                        raise aiomqtt.MqttError("the connection was lost") from lost.exception()
                     if sync_deadline <= catch_up_deadline:
                         await handler.sync_given_up(
                             f"{self._sync_timeout:.1f} s after the last message"
@@ -236,11 +242,9 @@ class BrokerLink:
                             "retained message, while live messages kept coming"
                         )
                     continue
-                message = pending.result()
-                pending = None
-                retained = await self._handle(message, received, handler)
-                # Take what else has arrived without a wake-up per message (a sync brings
-                # thousands); a lost connection shows at the next `anext`.
+                # Everything that has arrived, without a wake-up per message (a sync
+                # brings thousands); a lost connection shows once the queue is empty.
+                retained = False
                 while not received.empty():
                     retained |= await self._handle(received.get_nowait(), received, handler)
                 sync_deadline = loop.time() + self._sync_timeout
@@ -252,8 +256,6 @@ class BrokerLink:
                 subscribing.cancel()  # on a connection that is gone: `subscribed` returns
             await handler.connected(None)
             probe.cancel()
-            if pending is not None:
-                pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await probe
 

@@ -19,6 +19,7 @@ from actor_sdk.wall_clock import utc_now
 __all__ = [
     "BufferedReads",
     "ReceivedQueue",
+    "connection_lost",
     "fail_connect_when_closed",
     "handing_queue",
     "read_in_bulk",
@@ -69,12 +70,29 @@ class ReceivedQueue(asyncio.Queue[aiomqtt.Message]):
         self._arrivals: weakref.WeakKeyDictionary[aiomqtt.Message, datetime] = (
             weakref.WeakKeyDictionary()
         )
+        self._arrival: asyncio.Future[None] | None = None
 
     def _put(self, item: aiomqtt.Message) -> None:
         # The hook every put goes through (as in `asyncio.PriorityQueue`).
         self._arrivals[item] = self._clock()
         self.last_arrival = asyncio.get_running_loop().time()
         super()._put(item)
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+
+    def arrival(self) -> asyncio.Future[None]:
+        """Return a future done once a message is in the queue (at once when one is).
+
+        Waiting on it wakes the waiter one turn of the event loop after the
+        message arrived; `get` (and aiomqtt's message iterator on top of it) take
+        several turns, in which the reader may handle more packets first. Only
+        one waiter at a time: a second call returns the same future.
+        """
+        if self._arrival is None or self._arrival.done():
+            self._arrival = asyncio.get_running_loop().create_future()
+        if not self.empty():
+            self._arrival.set_result(None)
+        return self._arrival
 
     def received_at(self, message: aiomqtt.Message) -> datetime | None:
         """Return when a message was put into this queue.
@@ -161,6 +179,21 @@ def read_in_bulk(client: aiomqtt.Client) -> None:
             opened(paho_client, userdata, sock)
 
     paho.on_socket_open = on_socket_open
+
+
+def connection_lost(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """Return the future that is done when the client's current connection ends.
+
+    Its exception (if any) says why. Ask again after each connect: the client
+    replaces it then.
+
+    Args:
+        client: A connected client.
+
+    Returns:
+        The future (aiomqtt's own; the caller must not resolve it).
+    """
+    return client._disconnected
 
 
 def fail_connect_when_closed(client: aiomqtt.Client) -> None:

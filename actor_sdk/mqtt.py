@@ -47,6 +47,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from actor_sdk._errors import BrokerUrlError
 from actor_sdk._mqtt_receive import (
     ReceivedQueue,
+    connection_lost,
     fail_connect_when_closed,
     handing_queue,
     read_in_bulk,
@@ -67,6 +68,7 @@ __all__ = [
     "ReceivedQueue",
     "Will",
     "broker_errors",
+    "connection_lost",
     "describe_error",
     "env_secret",
     "handing_queue",

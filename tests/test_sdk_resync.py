@@ -1,9 +1,8 @@
 """Unit tests of the dispatcher's reading loop during a resync, with a fake client.
 
-The fake hands out messages the way aiomqtt's `anext` does: it takes a message from
-its queue first and returns it a little later, so a timeout that cancels the read in
-between loses that message. The sync timeout must never do that, and must count
-silence from the last message, not from the subscribe.
+The link takes messages straight from the client's queue of received messages
+(`ReceivedQueue`), which the tests fill. The sync timeout must never lose a
+message, and must count silence from the last message, not from the subscribe.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
-from typing import Any, Self
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -27,33 +26,12 @@ T = "SDK_RESYNC"
 MICROGRID = 7
 
 
-class _FakeMessages:
-    """An async iterator that takes a message, then waits for `release` to return it."""
+class _FakeClient:
+    """What the link uses of a connected client, with the test's queue as its source."""
 
     def __init__(self, source: ReceivedQueue) -> None:
         self.source = source
-        self.taken = asyncio.Event()
-        self.release = asyncio.Event()
-        self.release.set()
-        self.cancelled_holding = 0
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> aiomqtt.Message:
-        message = await self.source.get()
-        self.taken.set()
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled_holding += 1
-            raise
-        return message
-
-
-class _FakeClient:
-    def __init__(self, source: ReceivedQueue) -> None:
-        self.messages = _FakeMessages(source)
+        self._disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def subscribe(self, *args: object, **kwargs: object) -> None:
         """Accept any subscription."""
@@ -116,22 +94,23 @@ async def _poll(condition: Callable[[], bool], within: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_message_being_read_when_the_sync_timeout_fires_is_not_lost() -> None:
+async def test_a_message_arriving_as_the_sync_timeout_fires_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     async with _session(sync_timeout=0.3) as (dispatcher, client):
-        fake = client.messages
-        fake.source.put_nowait(_message(1))
+        client.source.put_nowait(_message(1))
         await _poll(lambda: dispatcher._view.dispatch(T, 1) is not None)
-        # The next message is taken from the queue, and held until the timeout fired.
-        fake.taken.clear()
-        fake.release.clear()
-        fake.source.put_nowait(_message(2))
-        await asyncio.wait_for(fake.taken.wait(), 5)
+        given_up = dispatcher.sync_given_up
+
+        async def arrives_meanwhile(why: str) -> None:
+            client.source.put_nowait(_message(2))  # while the link handles its timeout
+            await given_up(why)
+
+        monkeypatch.setattr(dispatcher, "sync_given_up", arrives_meanwhile)
         await asyncio.wait_for(dispatcher.wait_for_initialization(), 5)
-        fake.release.set()
         await _poll(lambda: dispatcher._view.dispatch(T, 2) is not None)
-        fake.source.put_nowait(_message(3))
+        client.source.put_nowait(_message(3))
         await _poll(lambda: dispatcher._view.dispatch(T, 3) is not None)
-        assert fake.cancelled_holding == 0
         assert set(dispatcher._view.dispatches(T)) == {1, 2, 3}
 
 
@@ -139,12 +118,11 @@ async def test_the_sync_timeout_counts_from_the_last_message_not_the_subscribe()
     sync_timeout = 1.0
     count = 15
     async with _session(sync_timeout=sync_timeout) as (dispatcher, client):
-        fake = client.messages
         loop = asyncio.get_running_loop()
         started = loop.time()
         # A burst that keeps flowing for 1.5 sync timeouts, never silent for long.
         for dispatch_id in range(1, count + 1):
-            fake.source.put_nowait(_message(dispatch_id))
+            client.source.put_nowait(_message(dispatch_id))
             await asyncio.sleep(sync_timeout / 10)
             assert not dispatcher._view.in_sync, f"sync ended during the burst at {dispatch_id}"
         assert loop.time() - started > sync_timeout
@@ -166,7 +144,7 @@ async def test_live_snapshots_handled_late_are_sampled_at_their_arrival_not_as_s
         with caplog.at_level(logging.WARNING, logger="actor_sdk"):
             for seq in range(1, CONVERGED_AFTER + 1):  # one a second: the estimate converges
                 arrived[0] = base + timedelta(seconds=seq)
-                client.messages.source.put_nowait(_live_snapshot(seq, as_of=arrived[0]))
+                client.source.put_nowait(_live_snapshot(seq, as_of=arrived[0]))
                 await _poll(lambda s=seq: [int(d.id) for d in dispatcher._view.running(T)] == [s])
         assert dispatcher._bridge_clock.converged
         assert dispatcher.clock_offset == timedelta(0)
@@ -185,7 +163,7 @@ async def test_an_unexpected_error_handling_a_message_is_logged_with_its_topic(
             return real(dispatch_type, dispatch_id, *args, **kwargs)
 
         monkeypatch.setattr(dispatcher._view, "apply_dispatch", failing_once)
-        client.messages.source.put_nowait(_message(1))
-        client.messages.source.put_nowait(_message(2))
+        client.source.put_nowait(_message(1))
+        client.source.put_nowait(_message(2))
         await _poll(lambda: dispatcher._view.dispatch(T, 2) is not None)
         assert f"handling the message on topic {LAYOUT.dispatch(T, 1)} failed" in caplog.text
