@@ -47,13 +47,19 @@ class AckedPublishes:
 
         _before_on_publish(client, acknowledged)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> asyncio.Future[None]:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool, at_once: bool = False
+    ) -> asyncio.Future[None]:
         """Send a QoS 1 publish (paho queues it beyond the in-flight window).
 
         Args:
             topic: The topic.
             payload: The payload.
             retain: Whether the broker retains it.
+            at_once: Write it to the socket now, with whatever waits before it, instead
+                of at the event loop's next turn together with the publishes made until
+                then: a system call of its own, for the few messages that start and
+                stop actors (the others' encoding no longer delays them).
 
         Returns:
             A future resolved by the publish's acknowledgement.
@@ -64,6 +70,8 @@ class AckedPublishes:
         info = self._paho.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if at_once:
+            self._paho.loop_write()  # what the socket does not take now waits as before
         future = asyncio.get_running_loop().create_future()
         if info.is_published():
             future.set_result(None)

@@ -496,7 +496,10 @@ class Publisher:
             if isinstance(item.value, StatusBoard):
                 self._watch.status_sent(self._clock())
             try:
-                await acks.publish(item.topic, item.payload, retain=item.retain)
+                # A running snapshot (what starts and stops actors) is written at once,
+                # not after the encoding of the other publishes of its turn.
+                at_once = isinstance(item.value, wire.RunningSnapshot)
+                await acks.publish(item.topic, item.payload, retain=item.retain, at_once=at_once)
             except BaseException:
                 # Not sent (or not confirmed): send it again first, unless a newer
                 # state of the same topic is already waiting.

@@ -8,7 +8,9 @@ the publish at once.
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import paho.mqtt.client as paho
 import pytest
 
 from actor_sdk.mqtt import (
@@ -70,3 +72,30 @@ async def test_a_client_without_a_connection_refuses_the_publish() -> None:
     acks = AckedPublishes(new_client(BrokerSettings.from_url("mqtt://127.0.0.1:1")))
     with pytest.raises(MqttError):
         acks.publish("any", b"x", retain=False)
+
+
+async def test_an_at_once_publish_is_on_the_wire_before_the_loop_turns(
+    mqtt_broker_session: Broker,
+) -> None:
+    # A subscriber on its own thread receives it while this event loop is blocked:
+    # the packet left with the call, not at the loop's next turn.
+    subscribed, received = threading.Event(), threading.Event()
+    subscriber = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    subscriber.username_pw_set(
+        mqtt_broker_session.usernames["admin"], mqtt_broker_session.passwords["admin"]
+    )
+    subscriber.on_subscribe = lambda *_: subscribed.set()
+    subscriber.on_message = lambda *_: received.set()
+    subscriber.connect(mqtt_broker_session.host, mqtt_broker_session.port)
+    subscriber.subscribe("test/at-once", qos=1)
+    subscriber.loop_start()
+    try:
+        assert await asyncio.to_thread(subscribed.wait, 5)
+        async with new_client(BrokerSettings.from_url(mqtt_broker_session.url("admin"))) as client:
+            acks = AckedPublishes(client)
+            done = acks.publish("test/at-once", b"now", retain=False, at_once=True)
+            assert received.wait(5), "the publish waited for the loop's next turn"
+            await asyncio.wait_for(done, 5)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
