@@ -429,3 +429,25 @@ async def test_a_stream_event_is_logged_after_its_topics_were_handed_over(
         assert isinstance(value, wire.RunningSnapshot) and [d.id for d in value.running] == [7]
         assert line not in caplog.messages
         await async_wait_until(lambda: line in caplog.messages, 2, "the log line")
+
+
+async def test_an_upstream_item_is_stepped_one_turn_after_it_was_put() -> None:
+    # The service slept on an Event through `wait_for`: three turns of the event loop
+    # from `put` to the step that applies the item.
+    service = MicrogridService(ScheduleCore(5, LAYOUT), FakeSink())
+    service.put(Synced([dispatch(1, start=datetime.now(UTC) + timedelta(hours=1))]))
+    task = asyncio.create_task(service.run())
+    try:
+        await async_wait_until(lambda: service.steps > 0, 5, "the first step")
+        for _ in range(3):  # the loop goes to sleep
+            await asyncio.sleep(0)
+        steps = service.steps
+        service.put(StreamEvent("deleted", dispatch(1)))
+        turns = 0
+        while service.steps == steps:
+            await asyncio.sleep(0)
+            turns += 1
+            assert turns < 10, "the item was not stepped"
+    finally:
+        task.cancel()
+    assert turns == 1
