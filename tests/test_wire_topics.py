@@ -198,3 +198,11 @@ def test_docstring_examples_of_the_wire_module_pass() -> None:
     result = doctest.testmod(wire_topics, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=40))
+def test_a_type_of_kept_characters_is_its_own_level_both_ways(dispatch_type: str) -> None:
+    # The fast path (no byte-by-byte work) must agree with the general rule.
+    assert wire.encode_type(dispatch_type) == dispatch_type
+    assert wire.decode_type(dispatch_type) == dispatch_type

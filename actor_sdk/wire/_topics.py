@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from enum import Enum
@@ -12,6 +13,9 @@ from actor_sdk.wire._requests import REQUEST_ACTIONS
 _KEPT_BYTES = frozenset((string.ascii_letters + string.digits + "_-").encode())
 
 _HEX_DIGITS = frozenset(b"0123456789ABCDEF")
+
+_PLAIN_LEVEL = re.compile(r"[A-Za-z0-9_-]+")
+"""A type of kept characters only is its own level (most are): no byte-by-byte work."""
 
 
 def encode_type(dispatch_type: str) -> str:
@@ -32,6 +36,8 @@ def encode_type(dispatch_type: str) -> str:
     Raises:
         WireError: The type is empty, or holds a lone surrogate (not UTF-8).
     """
+    if _PLAIN_LEVEL.fullmatch(dispatch_type):
+        return dispatch_type
     if not dispatch_type:
         raise WireError("dispatch type must not be empty")
     try:
@@ -60,6 +66,8 @@ def decode_type(level: str) -> str:
     Raises:
         WireError: The level is not an encoded dispatch type.
     """
+    if _PLAIN_LEVEL.fullmatch(level):
+        return level
     raw = bytearray()
     ascii_level = level.encode("utf-8", "surrogatepass")
     index = 0
