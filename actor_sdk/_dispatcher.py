@@ -2,12 +2,11 @@
 
 Three tasks: the `BrokerLink` keeps a broker connection and hands each message to
 `message`, which feeds the `BridgeView`; the `ReconcileTimer` (`_timer.py`) sleeps
-until the next local deadline; a watchdog logs a stalled event loop. Messages and the timer
-call `_reconcile`, which reads the clock once, asks `confirmed_running` and each
-type's `ActorSet` what to do, and does it without waiting for any actor (factories
-and stops run in tasks of their own). Decisions live in `_planner.py` and
-`_view.py`; the bridge's clock in `_bridge_clock.py`; topic parsing and the
-wording of the bridge status in `_routing.py`.
+until the next local deadline; a watchdog logs a stalled event loop. Messages and the
+timer (for the types due) call `_reconcile`, which reads the clock once, asks
+`confirmed_running` and each type's `ActorSet` what to do, and does it without waiting
+for any actor (factories and stops run in tasks of their own). Decisions live in
+`_planner.py` and `_view.py`; topic parsing and the bridge status' wording in `_routing.py`.
 """
 
 from __future__ import annotations
@@ -199,7 +198,8 @@ class Dispatcher(BackgroundService):
             max_blind_time=max_blind_time,
             clock=clock,
         )
-        self._timer = ReconcileTimer(lambda: self._reconciler.deadline, self._reconcile, clock)
+        due = partial(self._reconcile, due=True)
+        self._timer = ReconcileTimer(lambda: self._reconciler.deadline, self._reconcile, due, clock)
 
     # --- service -----------------------------------------------------------------
 
@@ -439,8 +439,8 @@ class Dispatcher(BackgroundService):
         if self._journal is not None:
             await asyncio.to_thread(self._journal.writer.close)
 
-    async def _reconcile(self, only: str | None = None) -> None:
-        await self._reconciler.run(only)
+    async def _reconcile(self, only: str | None = None, *, due: bool = False) -> None:
+        await (self._reconciler.run_due() if due else self._reconciler.run(only))
         self._timer.wake()  # the timer takes the new deadline
         self._status.changed()
 
@@ -578,9 +578,11 @@ class Dispatcher(BackgroundService):
         # Otherwise only the liveness was extended: the timer finds it at the old deadline.
 
     def _observe_bridge_time(self, as_of: datetime, arrived: datetime) -> None:
-        line = self._bridge_clock.observe(as_of, arrived)
-        if line is not None:
+        deadline = self._reconciler.deadline
+        if (line := self._reconciler.observe_bridge_time(as_of, arrived)) is not None:
             _logger.warning("%s", line)
+        if self._reconciler.deadline != deadline:  # converged: the starts told are due
+            self._timer.wake()
 
     async def _maybe_finish_sync(self) -> None:
         if not self._view.missing():

@@ -107,14 +107,27 @@ class Reconciler:
 
         Args:
             only: The one type whose snapshot changed; None for every type (the
-                liveness changed, a deadline passed, a resync ended).
+                liveness changed, a resync ended, a start failed).
         """
+        await self._run(only=only, due=False)
+
+    async def run_due(self) -> None:
+        """Like `run`, for the types whose deadline has come (the timer's wake-up).
+
+        A type's deadline is its earliest `until`, told start, end of blind time or
+        factory retry: nothing else of it changes with the clock alone, so the other
+        types are left as they are (at an instant with many types, their reconcile
+        only delayed the actors due). Every type when the liveness changed.
+        """
+        await self._run(only=None, due=True)
+
+    async def _run(self, *, only: str | None, due: bool) -> None:
         async with self.lock:
             local_now = self._clock()
             live = self._view.is_live(local_now)
             if live != self.was_live:
                 self.was_live = live
-                only = None
+                only, due = None, False
                 if not live:
                     self._blind_since = local_now
                 _logger.info("view of the bridge is %s", "live" if live else "NOT live")
@@ -124,7 +137,9 @@ class Reconciler:
                 local_now=local_now,
                 blind_until=blind_until,
             )
-            if only is None:
+            if due:
+                types = {t for t, at in self._type_deadlines.items() if at <= local_now}
+            elif only is None:
                 types = (
                     self._view.types()
                     | self.effective.keys()
@@ -193,10 +208,38 @@ class Reconciler:
         local = self._bridge_clock.to_local(start)
         if local <= self._clock():
             return True
+        self._wake_at(dispatch_type, local)
+        return False
+
+    def observe_bridge_time(self, as_of: datetime, arrived: datetime) -> str | None:
+        """Take a sample of the bridge's clock (`BridgeClock.observe`).
+
+        When it makes the estimate converge, the starts told by then become own-clock
+        starts: the deadline moves to the earliest (a run's starts no longer wait for
+        a message of its type to come after the convergence).
+
+        Args:
+            as_of: When the bridge made a live message (its clock).
+            arrived: When it arrived here (the local clock).
+
+        Returns:
+            A line worth logging, as `BridgeClock.observe` returns it.
+        """
+        converged = self._bridge_clock.converged
+        line = self._bridge_clock.observe(as_of, arrived)
+        if not converged and self._bridge_clock.converged and self.was_live:
+            bridge_now = self._bridge_clock.to_bridge(self._clock())
+            for dispatch_type in self._view.types():
+                start = self.told_start(dispatch_type, bridge_now)
+                if start is not None:
+                    self._wake_at(dispatch_type, start)
+        return line
+
+    def _wake_at(self, dispatch_type: str, local: datetime) -> None:
+        """Add a deadline of a type (the local clock) to those of its last run."""
         earlier = self._type_deadlines.get(dispatch_type)
         self._type_deadlines[dispatch_type] = local if earlier is None else min(earlier, local)
         self.deadline = _earliest(self.deadline, local)
-        return False
 
     async def _type(self, dispatch_type: str, moment: _Moment, *, live: bool) -> datetime | None:
         """Reconcile one type; return its next deadline on the local clock."""

@@ -1,5 +1,8 @@
 """The `Dispatcher`'s timer: sleeps until the reconciler's next deadline, then reconciles.
 
+At a deadline it reconciles the types that are due (`Reconciler.run_due`); when asked
+(`request`), every type.
+
 A deadline is a run's `until`, the end of the view's liveness, an endless run's
 blind time or a factory retry. Messages wake the timer when they move the
 deadline (`wake`); a failed start asks for a reconcile from outside the
@@ -29,17 +32,20 @@ class ReconcileTimer:
         self,
         deadline: Callable[[], datetime | None],
         reconcile: Callable[[], Awaitable[None]],
+        reconcile_due: Callable[[], Awaitable[None]],
         clock: Callable[[], datetime],
     ) -> None:
         """Create a timer.
 
         Args:
             deadline: The next deadline (None: none).
-            reconcile: What to run at a deadline (it may move the deadline).
+            reconcile: What to run when asked (`request`).
+            reconcile_due: What to run at a deadline (it may move the deadline).
             clock: The wall clock (UTC).
         """
         self._deadline = deadline
         self._reconcile = reconcile
+        self._reconcile_due = reconcile_due
         self._clock = clock
         self._wakeup = asyncio.Event()
         self._requested = False
@@ -73,7 +79,7 @@ class ReconcileTimer:
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
                     continue
-            await self._reconcile()
+            await self._reconcile_due()
             deadline = self._deadline()
             if deadline is not None and deadline <= self._clock():
                 _logger.debug("deadline %s did not move; pausing", deadline)
