@@ -70,15 +70,14 @@ async def measure_sqlite(
     cache.sync_to_disk()
     first = {"first_s": time.perf_counter() - started, "first_b": written_bytes() - before}
     by_id = {d.id: d for d in held}
-    writer = CacheWriter(cache, by_id.values, lambda: CREATED, held=held)
+    writer = CacheWriter(cache, by_id.values, lambda: CREATED)
     commits: list[float] = []
     before = written_bytes()
     for n in range(changes):
         changed = sample(held[(n * 7919) % len(held)].id, version=n + 1)
         by_id[changed.id] = changed
         started = time.perf_counter()
-        writer.note(changed)
-        writer.mark()
+        writer.mark({changed.id: changed})
         commits.append(time.perf_counter() - started)
         await writer.flush()
     per_change = (written_bytes() - before) / changes
@@ -143,7 +142,7 @@ def main() -> int:
         "every 0.2 s), checkpoints included; reference: the whole JSON file rewritten per change"
     )
     table.note(
-        "commit on the event loop: ours is the SQLite transaction (note + mark); the "
+        "commit on the event loop: ours is the SQLite transaction (mark); the "
         "reference column is the JSON encoding the old writer did on the loop"
     )
     table.print()

@@ -1,8 +1,9 @@
-"""Writing the offline cache as the schedule changes: `CacheWriter` and the sink it watches.
+"""Writing the offline cache as the schedule changes: `CacheWriter`.
 
-See `bridge.store` for the cache itself. The writer learns what changed from
-the topics the service hands the publisher, so it writes only those rows, and
-it commits them before the event loop lets the publisher send them.
+See `bridge.store` for the cache itself. The writer is told what changed by the
+schedule core (`Outbox.stored`, through `MicrogridService.on_change`), so it writes
+only those rows, and it commits them before the event loop lets the publisher send
+the step's topics. It holds nothing per dispatch.
 """
 
 from __future__ import annotations
@@ -12,74 +13,23 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
 
 from actor_sdk import wire
-from bridge.service import strip_state
 from bridge.store import DispatchCache, describe_error
 
-__all__ = ["CacheWriter", "RecordingSink"]
+__all__ = ["CacheWriter"]
 
 _logger = logging.getLogger("bridge.store")
-
-
-def _dispatch_id(topic: str) -> int | None:
-    """The dispatch id of a dispatch topic (`.../dispatches/ID`), None for other topics."""
-    _, separator, tail = topic.rpartition("/dispatches/")
-    return int(tail) if separator and tail.isdecimal() else None
-
-
-class RecordingSink:
-    """Passes the service's topics on to the publisher, noting changed dispatches for the cache.
-
-    Every attribute other than `set` and `clear` is the wrapped sink's.
-    """
-
-    def __init__(self, sink: Any, writer: CacheWriter) -> None:
-        """Wrap a sink.
-
-        Args:
-            sink: Where topics go (the publisher).
-            writer: Notes every dispatch set or cleared.
-        """
-        self._sink = sink
-        self._writer = writer
-
-    def set(self, topic: str, payload: Any) -> None:
-        """Note a dispatch, then hold and publish the topic.
-
-        Args:
-            topic: The topic.
-            payload: Its payload.
-        """
-        if isinstance(payload, wire.Dispatch):
-            self._writer.note(payload)
-        self._sink.set(topic, payload)
-
-    def clear(self, topic: str) -> None:
-        """Note a deleted dispatch, then clear the topic.
-
-        Args:
-            topic: The topic.
-        """
-        dispatch_id = _dispatch_id(topic)
-        if dispatch_id is not None:
-            self._writer.note_removed(dispatch_id)
-        self._sink.clear(topic)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sink, name)
 
 
 class CacheWriter:
     """Writes what changed to the cache before it reaches the network.
 
-    The service's sink is wrapped (`watch`) so that every dispatch set or
-    cleared is noted in `pending`; `mark()`, which the service calls at the
-    end of the step that changed the set of dispatches (before the event loop
-    lets the publisher send anything), commits `pending` in one transaction.
+    `mark()`, which the service calls at the end of the step that changed the
+    set of dispatches (before the event loop lets the publisher send anything),
+    commits what the core said the cache must store in one transaction.
     A commit is in the operating system's hands once it returns: a `kill -9`
     right after loses nothing. `run()` then makes the commits durable against
     power loss off the event loop, at most once per `min_interval`.
@@ -96,7 +46,6 @@ class CacheWriter:
         dispatches: Callable[[], Iterable[wire.Dispatch]],
         synced_at: Callable[[], datetime | None],
         *,
-        held: Iterable[wire.Dispatch] = (),
         min_interval: float = 0.2,
         retry_interval: float = 5.0,
         on_problem: Callable[[str | None], None] = lambda problem: None,
@@ -107,7 +56,6 @@ class CacheWriter:
             cache: Where to write (loaded, or not open when it could not be).
             dispatches: Returns every dispatch held (for a full rewrite).
             synced_at: Returns when the dispatches were last synced with the API.
-            held: The dispatches the cache holds (as loaded).
             min_interval: The shortest time between two syncs to disk, in seconds.
             retry_interval: How often a failed write is retried, in seconds.
             on_problem: Told why the cache cannot be written (for the status), and
@@ -120,10 +68,7 @@ class CacheWriter:
         self._retry_interval = retry_interval
         self._on_problem = on_problem
         self.pending: dict[int, wire.Dispatch | None] = {}
-        """Dispatches changed since the last commit, by id (None: deleted)."""
-        self._written = {d.id: d for d in held}
-        # What the cache holds (or is about to) of each dispatch: a topic set again
-        # only for a new run state is not a change.
+        """Dispatches changed and not yet committed, by id (None: deleted)."""
         self._unsynced = asyncio.Event()
         self._error = None if cache.is_open else cache.open_error or "not open"
         self.writes = 0
@@ -139,55 +84,16 @@ class CacheWriter:
         """Why the cache cannot be written (None when it can), for the status."""
         return self._error
 
-    def watch(self, sink: Any) -> RecordingSink:
-        """Wrap the service's sink so that changed dispatches are noted.
+    def mark(self, stored: Mapping[int, wire.Dispatch | None]) -> None:
+        """Commit what the core says the cache must store, and the sync time (blocking, a few ms).
+
+        While the cache cannot be written, nothing is noted: the retry rewrites it whole.
 
         Args:
-            sink: The publisher.
-
-        Returns:
-            The sink to hand the service.
-        """
-        return RecordingSink(sink, self)
-
-    def note(self, dispatch: wire.Dispatch) -> None:
-        """Note a dispatch handed to the publisher; a change is written at the next `mark`.
-
-        Args:
-            dispatch: The dispatch, with its computed state.
-        """
-        written = self._written.get(dispatch.id)
-        self._written[dispatch.id] = dispatch
-        if written is not None and (
-            written is dispatch
-            or (
-                written.update_time == dispatch.update_time
-                and strip_state(written) == strip_state(dispatch)
-            )
-        ):
-            # Only its run state changed: nothing to write. Holding the new struct lets
-            # the old one go (it would otherwise stay a second copy beside the core's).
-            return
-        self.pending[dispatch.id] = dispatch
-
-    def note_removed(self, dispatch_id: int) -> None:
-        """Note that a dispatch's topic was cleared.
-
-        On a type change the old topic is cleared before the new one is set:
-        the later note wins.
-
-        Args:
-            dispatch_id: The dispatch.
-        """
-        if self._written.pop(dispatch_id, None) is not None:
-            self.pending[dispatch_id] = None
-
-    def mark(self) -> None:
-        """Commit the dispatches changed since the last commit (blocking, a few ms).
-
-        While the cache cannot be written, the change waits for the next retry.
+            stored: Each dispatch put (new or changed) by id, None for each removed.
         """
         if self._error is None:
+            self.pending.update(stored)
             self._commit()
 
     def _commit(self) -> None:
@@ -203,7 +109,6 @@ class CacheWriter:
                     self._cache.open()
                 held = list(self._dispatches())
                 count = len(held)
-                self._written = {d.id: d for d in held}
                 self._cache.replace(held, synced_at)
             else:
                 self._cache.update(self.pending, synced_at)

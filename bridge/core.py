@@ -82,8 +82,9 @@ class Outbox:
     dispatches: dict[int, wire.Dispatch] = field(default_factory=dict)
     events: list[tuple[str, bytes]] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
-    changed: bool = False
-    """Whether the set of dispatches changed (the cache must be saved)."""
+    stored: dict[int, wire.Dispatch | None] = field(default_factory=dict)
+    """What the offline cache must write: each dispatch put (new or changed) by id, None
+    for each removed; a new run state alone is no change."""
     counts: dict[str, int] = field(default_factory=dict)
     """How many lifecycle events of each kind were decided."""
     rejected: list[tuple[int, str]] = field(default_factory=list)
@@ -93,13 +94,18 @@ class Outbox:
     )
     """Each lifecycle event with the version held before (for the audit journal)."""
 
+    @property
+    def changed(self) -> bool:
+        """Whether the set of dispatches changed (the cache must be saved)."""
+        return bool(self.stored)
+
     def __bool__(self) -> bool:
         return bool(
             self.retained
             or self.dispatches
             or self.events
             or self.transitions
-            or self.changed
+            or self.stored
             or self.rejected
         )
 
@@ -416,7 +422,7 @@ class ScheduleCore:
         out.dispatches.pop(dispatch.id, None)
         out.dispatches[dispatch.id] = put
         self._dirty_types[dispatch_type] = None
-        out.changed = True
+        out.stored[dispatch.id] = put
         return put
 
     def _remove(self, dispatch_id: int, out: Outbox) -> wire.Dispatch:
@@ -427,7 +433,7 @@ class ScheduleCore:
         out.dispatches.pop(dispatch_id, None)
         out.retained[self.dispatch_topic(held.type, dispatch_id)] = None
         self._dirty_types[held.type] = None
-        out.changed = True
+        out.stored[dispatch_id] = None
         return held
 
     def _head(self, dispatch_type: str) -> datetime | None:

@@ -392,18 +392,15 @@ class _Pipeline:
         cache = DispatchCache(directory, microgrid_id)
         loaded = cache.load()
         synced_at = None
-        # The writer sees every dispatch the service hands the publisher, and commits
+        # The writer is told what each step changed (`service.on_change`), and commits
         # it before the event loop lets the publisher send it.
         self.cache_writer = CacheWriter(
             cache,
             core.dispatches,
             lambda: self.service.synced_at,
-            held=() if loaded is None else loaded[0],
             on_problem=partial(self._problem, "cache"),
         )
-        self.service = MicrogridService(
-            core, self.cache_writer.watch(self.publisher), had_state=loaded is not None
-        )
+        self.service = MicrogridService(core, self.publisher, had_state=loaded is not None)
         if loaded is not None:
             dispatches, synced_at = loaded
             self.service.synced_at = synced_at

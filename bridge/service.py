@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -138,7 +138,7 @@ class MicrogridService:
         sink: Sink,
         *,
         clock: Callable[[], datetime] = utc_now,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[Mapping[int, wire.Dispatch | None]], None] = lambda stored: None,
         synced_at: datetime | None = None,
         had_state: bool = False,
     ) -> None:
@@ -148,7 +148,8 @@ class MicrogridService:
             core: The schedule core (possibly loaded from the cache).
             sink: Where topics go.
             clock: Returns the current instant; read once per step.
-            on_change: Called whenever the set of dispatches changed (saves the cache).
+            on_change: Told what the cache must store (`Outbox.stored`) whenever the set of
+                dispatches changed, and nothing after a sync (its time is saved too).
             synced_at: When the held dispatches were last synced with the API.
             had_state: Whether the core holds a previous state (then the
                 first sync sends lifecycle events for what differs).
@@ -310,7 +311,7 @@ class MicrogridService:
                     )
                 self._deliver(out)
                 self._sink.mark_authoritative()
-                self.on_change()
+                self.on_change({})
                 self._publish_status()
                 if self.on_listing is not None:
                     self.on_listing(None)
@@ -350,7 +351,7 @@ class MicrogridService:
         if self.on_outbox is not None and (out.changes or out.transitions):
             self.on_outbox(out)
         if out.changed:
-            self.on_change()
+            self.on_change(out.stored)
             if self.on_types_changed is not None:
                 # A type whose dispatches changed got a new running snapshot.
                 self.on_types_changed(

@@ -179,6 +179,19 @@ def test_an_outbox_makes_no_topic_string_per_dispatch_it_sets() -> None:
     assert list(out.dispatches) == list(range(1000))
 
 
+def test_the_outbox_says_what_the_cache_must_store_and_a_new_run_state_is_none_of_it() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    assert set(core.load([dispatch(1, start=T0 + S), dispatch(2)], T0).stored) == {1, 2}
+    started = core.advance(T0 + S)
+    assert started.transitions and published(started, "T", 1) and not started.stored
+    assert not core.all_topics(T0 + S).stored
+    listed = [dispatch(1, start=T0 + S), dispatch(2)]
+    assert not core.sync(listed, T0 + 2 * S, events=True).stored
+    out = core.apply("updated", dispatch(1, kind="U", updated=T0), T0 + 2 * S)
+    assert out.stored == {1: published(out, "U", 1)}
+    assert core.apply("deleted", dispatch(2), T0 + 2 * S).stored == {2: None}
+
+
 def test_delete_clears_the_dispatch_topic_and_empties_the_running_snapshot() -> None:
     core = ScheduleCore(5, LAYOUT)
     core.load([dispatch(1), dispatch(2, kind="U", start=T0 + 5 * S)], T0)
@@ -330,7 +343,7 @@ def test_service_steps_apply_upstream_items_with_one_clock_read() -> None:
     sink = FakeSink()
     saved: list[int] = []
     service = MicrogridService(
-        ScheduleCore(5, LAYOUT), sink, clock=clock, on_change=lambda: saved.append(1)
+        ScheduleCore(5, LAYOUT), sink, clock=clock, on_change=lambda stored: saved.append(1)
     )
     service.start()
     assert sink.status["upstream"] == "disconnected"

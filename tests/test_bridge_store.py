@@ -47,26 +47,6 @@ def wal_size(cache: DispatchCache) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-class FakeSink:
-    """Records what the service would hand the publisher."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def set(self, topic: str, payload: object) -> None:
-        self.calls.append(("set", topic))
-
-    def clear(self, topic: str) -> None:
-        self.calls.append(("clear", topic))
-
-    def event(self, topic: str, payload: bytes) -> None:
-        self.calls.append(("event", topic))
-
-
-def topic(d: wire.Dispatch) -> str:
-    return f"microgrid/4/dispatch/{d.type}/dispatches/{d.id}"
-
-
 # ---- the SQLite cache --------------------------------------------------------------
 
 
@@ -219,8 +199,7 @@ def test_a_database_path_that_cannot_be_opened_is_no_cache_and_no_crash(
     assert not cache.is_open and cache.open_error
     writer = CacheWriter(cache, lambda: [dispatch(1)], lambda: T0)
     assert not writer.cache_ok and writer.cache_error
-    writer.watch(FakeSink()).set(topic(dispatch(1)), dispatch(1))
-    writer.mark()  # waits for the retry, never raises
+    writer.mark({1: dispatch(1)})  # waits for the retry, never raises
     assert writer.writes == 0
 
 
@@ -231,9 +210,7 @@ async def test_the_writer_runs_from_memory_while_the_cache_fails_and_recovers(
     cache.load()
     held = {1: dispatch(1)}
     writer = CacheWriter(cache, lambda: list(held.values()), lambda: T0, retry_interval=0.05)
-    sink = writer.watch(FakeSink())
-    sink.set(topic(held[1]), held[1])
-    writer.mark()
+    writer.mark({1: held[1]})
     assert writer.cache_ok and writer.writes == 1
     # The database goes away under the bridge and its path cannot be created again.
     cache.close()
@@ -241,9 +218,8 @@ async def test_the_writer_runs_from_memory_while_the_cache_fails_and_recovers(
         cache.path.with_name(cache.path.name + suffix).unlink(missing_ok=True)
     cache.path.mkdir()
     held[2] = dispatch(2)
-    sink.set(topic(held[2]), held[2])
     with caplog.at_level(logging.WARNING, "bridge.store"):
-        writer.mark()
+        writer.mark({2: held[2]})
         # The next change fails too: a bare "not open" leads to a reopen, which fails.
         assert not writer.cache_ok and writer.cache_error
         task = asyncio.create_task(writer.run())
@@ -265,41 +241,31 @@ async def test_the_writer_runs_from_memory_while_the_cache_fails_and_recovers(
     assert loaded is not None and sorted(d.id for d in loaded[0]) == [1, 2]
 
 
-# ---- the writer and the sink it watches --------------------------------------------
+# ---- the writer ---------------------------------------------------------------------
 
 
-def test_the_writer_commits_only_what_changed_and_passes_every_topic_on(tmp_path: Path) -> None:
+def test_the_writer_commits_what_it_is_told_and_holds_nothing_per_dispatch(
+    tmp_path: Path,
+) -> None:
     cache = DispatchCache(tmp_path, 4)
     cache.load()
     loaded = [dispatch(1), dispatch(2)]
     cache.replace(loaded, T0)
-    writer = CacheWriter(cache, lambda: loaded, lambda: T0, held=loaded)
-    fake = FakeSink()
-    sink = writer.watch(fake)
-    # A republish of what is held, and a new run state: not changes.
-    sink.set(topic(loaded[0]), loaded[0])
-    running = msgspec.structs.replace(loaded[1], running=True, until=T0)
-    sink.set(topic(running), running)
-    sink.set("microgrid/4/dispatch/T/running", b"{}")
-    sink.event("microgrid/4/dispatch/T/events", b"{}")
-    assert writer.pending == {}
-    writer.mark()
+    writer = CacheWriter(cache, lambda: loaded, lambda: T0)
+    writer.mark({})  # a sync that changed nothing
     assert writer.writes == 0
-    # An update, a deletion, a type change (old topic cleared, new one set).
-    sink.set(topic(dispatch(1, power=3)), dispatch(1, power=3))
-    sink.clear(topic(loaded[1]))
-    moved = dispatch(3, dispatch_type="U")
-    writer.note(dispatch(3))
-    sink.clear(topic(dispatch(3)))
-    sink.set(topic(moved), moved)
-    assert writer.pending == {1: dispatch(1, power=3), 2: None, 3: moved}
-    writer.mark()
+    # An update, a deletion, a type change (as the core's outbox says them).
+    updated, moved = dispatch(1, power=3), dispatch(3, dispatch_type="U")
+    writer.mark({1: updated, 2: None, 3: moved})
     assert writer.writes == 1 and writer.pending == {}
-    assert [c[0] for c in fake.calls] == ["set"] * 3 + ["event", "set", "clear", "clear", "set"]
+    # Written, the structs are the core's alone: the writer kept no table of them
+    # (52 bytes per dispatch at 100k) to tell a new run state from a change.
+    references = (sys.getrefcount(updated), sys.getrefcount(moved))
+    assert references == (2, 2)
     cache.close()
     again = DispatchCache(tmp_path, 4).load()
     assert again is not None
-    assert sorted(again[0], key=lambda d: d.id) == [dispatch(1, power=3), moved]
+    assert sorted(again[0], key=lambda d: d.id) == [updated, moved]
 
 
 async def test_a_new_sync_time_alone_is_written(tmp_path: Path) -> None:
@@ -307,10 +273,10 @@ async def test_a_new_sync_time_alone_is_written(tmp_path: Path) -> None:
     cache.load()
     synced: list[datetime | None] = [None]
     writer = CacheWriter(cache, list, lambda: synced[0])
-    writer.mark()
+    writer.mark({})
     assert writer.writes == 0
     synced[0] = T0
-    writer.mark()
+    writer.mark({})
     await writer.flush()
     assert writer.writes == 1
     cache.close()
@@ -349,28 +315,6 @@ def test_session_counter_grows_across_instances(tmp_path: Path) -> None:
 def test_unreadable_session_counter_starts_above_any_earlier_one(tmp_path: Path) -> None:
     (tmp_path / "session").write_text("garbage")
     assert SessionCounter(tmp_path).peek_next() > 1_000_000_000
-
-
-def test_the_writer_keeps_no_old_struct_once_only_the_run_state_changed(tmp_path: Path) -> None:
-    # The core replaces a dispatch's struct at each transition; the writer must follow,
-    # or it keeps the struct of the first state beside the core's (a second copy).
-    cache = DispatchCache(tmp_path, 4)
-    cache.load()
-    writer = CacheWriter(cache, lambda: [], lambda: T0)
-    sink = writer.watch(FakeSink())
-    first = dispatch(7, dispatch_type="ONLY_HERE")
-    states = [first] + [
-        msgspec.structs.replace(first, running=True, until=T0 + timedelta(minutes=m))
-        for m in range(1, 4)
-    ]
-    sink.set(topic(first), first)
-    writer.mark()
-    del first
-    for moved in states[1:]:
-        sink.set(topic(moved), moved)
-    assert writer.pending == {}
-    # Held by this list alone (and getrefcount's argument); the last one by the sink too.
-    assert [sys.getrefcount(states[n]) for n in range(3)] == [2, 2, 2]
 
 
 def test_a_large_write_encodes_row_by_row_instead_of_holding_every_payload(
