@@ -9,13 +9,16 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
 
 from actor_sdk import wire
 from actor_sdk.mqtt import Backoff
+from bridge import convert
 from bridge.service import LinkChanged, ScheduleCore, StreamEvent, Synced, UpstreamItem
 from bridge.upstream import Upstream, UpstreamSettings
 from testkit.api_server import ApiServerHandle
@@ -165,3 +168,80 @@ async def test_the_listing_is_not_kept_once_handed_over(api_server: ApiServerHan
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class _Conversions:
+    """Counts `convert.from_protobuf` calls, and what a running ticker saw between turns."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.most_between_turns = 0
+        convert_one = convert.from_protobuf
+
+        def counting(pb: Any) -> wire.Dispatch:
+            self.count += 1
+            return convert_one(pb)
+
+        monkeypatch.setattr(convert, "from_protobuf", counting)
+
+    async def tick(self) -> None:
+        while True:
+            seen = self.count
+            await asyncio.sleep(0)
+            self.most_between_turns = max(self.most_between_turns, self.count - seen)
+
+
+async def test_a_listing_gives_the_event_loop_a_turn_every_few_hundred_dispatches(
+    api_server: ApiServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A page of 5,000 converted in one go held the loop (scheduled changes, the
+    # publisher) for a quarter second.
+    await create(api_server, 1200)
+    conversions = _Conversions(monkeypatch)
+    ticker = asyncio.ensure_future(conversions.tick())
+    sink = Recorder()
+    try:
+        async with upstream(api_server, sink):
+            await async_wait_until(lambda: sink.syncs() == 1, 30, "the listing")
+    finally:
+        ticker.cancel()
+    assert conversions.count >= 1200
+    assert conversions.most_between_turns <= 500
+
+
+async def test_the_next_list_page_is_asked_for_before_this_one_is_converted(
+    api_server: ApiServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server makes the next page while this process converts the last one.
+    await create(api_server, 30)
+    conversions = _Conversions(monkeypatch)
+    asked_after: list[int] = []
+    real_stub = DispatchApiClient.stub
+
+    class _CountingStub:
+        def __init__(self, stub: Any) -> None:
+            self._stub = stub
+
+        def ListMicrogridDispatches(self, *args: Any, **kwargs: Any) -> Any:
+            asked_after.append(conversions.count)
+            return self._stub.ListMicrogridDispatches(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._stub, name)
+
+    monkeypatch.setattr(
+        DispatchApiClient, "stub", property(lambda client: _CountingStub(real_stub.fget(client)))
+    )
+    sink = Recorder()
+    settings = UpstreamSettings(api_server.url, api_server.key or "", api_server.secret)
+    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5), page_size=10)
+    task = asyncio.create_task(feed.run())
+    try:
+        await async_wait_until(lambda: sink.syncs() == 1, 10, "the listing")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Pages 1-3 of 10 (no fourth: the third has no next token): page 2 is asked for
+    # before page 1's dispatches are converted, page 3 before page 2's.
+    assert asked_after[:3] == [0, 0, 10]
