@@ -484,7 +484,9 @@ def new_client(
         v5: Speak MQTT v5 (else 3.1.1 with a clean session).
         will: The message the broker publishes when the connection dies.
         queue_type: The queue of received messages (see `handing_queue`, `ReceivedQueue`).
-        max_inflight: The most QoS 1 publishes awaiting their acknowledgement.
+        max_inflight: The most QoS 1 publishes awaiting their acknowledgement; 0 for no
+            limit in the client, for a caller that keeps its own window (paho then skips
+            its scan of every message in flight at each acknowledgement).
         timeout: Seconds for connecting and for each call that waits for the broker.
         logger: Where the client library logs (None: nowhere).
 

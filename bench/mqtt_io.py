@@ -94,8 +94,9 @@ async def publish_aiomqtt_window(broker: Mosquitto, topics: list[str]) -> float:
 
 
 async def publish_project(broker: Mosquitto, topics: list[str]) -> float:
-    # As bridge.publisher does: MQTT v5, `WINDOW` workers each awaiting one acknowledgement.
-    async with mqtt.new_client(_settings(broker), v5=True, max_inflight=WINDOW) as client:
+    # As bridge.publisher does: MQTT v5, `WINDOW` workers each awaiting one acknowledgement,
+    # no limit of the client's own.
+    async with mqtt.new_client(_settings(broker), v5=True, max_inflight=0) as client:
         acks = mqtt.AckedPublishes(client)
         todo = iter(topics)
 

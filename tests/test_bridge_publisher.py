@@ -369,3 +369,11 @@ async def test_a_running_snapshot_is_written_at_once_the_rest_with_the_next_turn
     finally:
         worker.cancel()
     assert sorted(acks.calls) == [(LAYOUT.dispatch("T", 1), False), (running_topic, True)]
+
+
+async def test_the_client_leaves_the_window_to_the_workers(tmp_path: Path) -> None:
+    # Each worker awaits its acknowledgement, so the workers bound what is in flight;
+    # a limit of paho's own only added a scan of every message in flight per PUBACK.
+    publisher = make(BrokerSettings(host="127.0.0.1", port=free_port()), tmp_path)
+    client = publisher._new_client(session=1)
+    assert client._client._max_inflight_messages == 0
