@@ -57,7 +57,7 @@ class _Handler:
         pass
 
 
-async def test_a_live_message_is_handled_within_two_turns_of_its_arrival(
+async def test_a_live_message_is_handled_two_turns_after_its_arrival(
     mqtt_broker_session: Broker,
 ) -> None:
     # aiomqtt's message iterator takes a task per `get` and about five turns of the
@@ -78,11 +78,19 @@ async def test_a_live_message_is_handled_within_two_turns_of_its_arrival(
     try:
         async with aiomqtt.Client(**mqtt_broker_session.client_kwargs("admin")) as publisher:
             while not handler.done.is_set():  # until the subscription is in place
-                await publisher.publish(TOPIC, b"hello", qos=1)
+                await publisher.publish(TOPIC, b"warm-up", qos=1)
                 await asyncio.wait({asyncio.ensure_future(handler.done.wait())}, timeout=0.2)
+            for _ in range(10):  # the link is back to waiting for the next message
+                await asyncio.sleep(0)
+            handler.handled.clear()
+            handler.done.clear()
+            await publisher.publish(TOPIC, b"measured", qos=1)
+            await asyncio.wait_for(handler.done.wait(), 5)
     finally:
         running.cancel()
         counter.stop()
         await asyncio.gather(running, return_exceptions=True)
-    arrived, handled = handler.handled[-1]
-    assert handled - arrived <= 2, f"handled {handled - arrived} turns after its arrival"
+    [(arrived, handled)] = handler.handled
+    # Two turns (a callback of `asyncio.wait`, then the link's task), give or take the
+    # one the counter's own place in a turn adds; the iterator took five.
+    assert handled - arrived <= 3, f"handled {handled - arrived} turns after its arrival"
