@@ -45,6 +45,9 @@ _logger = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 5.0
 """How long one status publish (or the echo that proves it stored) may take."""
 
+STATUS_SETTLE_S = 0.05
+"""How long a change of what runs waits before the status is published (a burst: once)."""
+
 LOST_UNCONFIRMED_LIMIT = 2
 """After this many connections in a row lost before the broker echoed our status, stop.
 
@@ -270,6 +273,7 @@ class StatusPublisher:
         clock: Callable[[], datetime],
         who: str,
         in_sync: Callable[[], bool] = lambda: True,
+        settle: float = STATUS_SETTLE_S,
     ) -> None:
         """Create a publisher; nothing is sent before `run`.
 
@@ -280,6 +284,7 @@ class StatusPublisher:
             who: The broker user and client id, for the log line of a refusal.
             in_sync: Whether the connection's retained messages were all received
                 (before that, a missing echo proves nothing).
+            settle: Seconds a change waits before it is published (`STATUS_SETTLE_S`).
         """
         self.topic = topic
         self._actors = actors
@@ -294,6 +299,7 @@ class StatusPublisher:
         self._awaited: bytes | None = None
         self._complained = False
         self._in_sync = in_sync
+        self._settle = settle
         self._unconfirmed = False
         """A status was published on this connection and its echo has not come."""
         self._lost_unconfirmed = 0
@@ -356,9 +362,14 @@ class StatusPublisher:
             self._lost_unconfirmed = 0
 
     async def run(self) -> None:
-        """Publish each change until cancelled."""
+        """Publish each change until cancelled, once a burst of changes has settled."""
         while True:
             await self._dirty.wait()
+            # Off the instant: at a scheduled start every actor host switches its actors
+            # at once, and the status (encoded, published, its echo read back) took CPU
+            # the other hosts' starts were waiting for (bench/fanout.py); one publish
+            # then says what a burst of starts and stops left running.
+            await asyncio.sleep(self._settle)
             self._dirty.clear()
             try:
                 status, changed = self._board.update(self._actors(), self._clock())

@@ -23,7 +23,12 @@ from hypothesis import strategies as st
 
 from actor_sdk import Dispatcher, manage, wire
 from actor_sdk import _actor_status as actor_status
-from actor_sdk._actor_status import StatusBoard, default_actor_id, release_actor_id
+from actor_sdk._actor_status import (
+    StatusBoard,
+    StatusPublisher,
+    default_actor_id,
+    release_actor_id,
+)
 from testkit import broker as testkit_broker
 from testkit.api_server import ApiServerHandle
 from testkit.bridge import BridgeFactory
@@ -545,3 +550,31 @@ def test_a_dispatcher_refused_for_its_url_keeps_no_default_actor_id() -> None:
         assert kept.actor_id == default_actor_id(4)  # not `-2`
     finally:
         release_actor_id(kept.actor_id)
+
+
+class _CountingClient:
+    """Stands in for a connected client: counts the publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def publish(self, topic: str, payload: bytes, **kwargs: object) -> None:
+        self.published.append(topic)
+
+
+async def test_a_change_is_published_once_its_burst_has_settled() -> None:
+    # At a scheduled instant every actor host switches at once: the status waits out
+    # the burst instead of taking CPU from the starts (bench/fanout.py).
+    status = StatusPublisher(
+        "microgrid/1/actors/settle", dict, clock=lambda: datetime.now(UTC), who="a", settle=3600
+    )
+    client = _CountingClient()
+    status.connected(client)  # type: ignore[arg-type]
+    running = asyncio.ensure_future(status.run())
+    try:
+        for _ in range(20):
+            status.changed()
+            await asyncio.sleep(0)
+        assert client.published == []  # the burst may still go on
+    finally:
+        running.cancel()
