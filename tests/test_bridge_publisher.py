@@ -64,6 +64,19 @@ def make(broker_or_settings: Broker | BrokerSettings, state: Path) -> Publisher:
     )
 
 
+def nothing_running(dispatch_type: str) -> wire.RunningSnapshot:
+    """A running snapshot of a type with nothing running (the publisher stamps it)."""
+    return wire.RunningSnapshot(
+        microgrid_id=MICROGRID,
+        type=dispatch_type,
+        running=(),
+        next_change=None,
+        as_of=datetime(2026, 1, 1, tzinfo=UTC),
+        session=0,
+        seq=0,
+    )
+
+
 async def snapshot(broker: Broker) -> dict[str, bytes]:
     return await asyncio.to_thread(retained_snapshot, broker, LAYOUT.everything)
 
@@ -141,15 +154,7 @@ async def test_session_grows_across_publishers_and_seq_within_a_session(
     sessions = []
     for _ in range(2):
         publisher = make(mqtt_broker, tmp_path)
-        snap = wire.RunningSnapshot(
-            microgrid_id=MICROGRID,
-            type="T",
-            running=(),
-            next_change=None,
-            as_of=datetime(2026, 1, 1, tzinfo=UTC),
-            session=0,
-            seq=0,
-        )
+        snap = nothing_running("T")
         async with running(publisher):
             publisher.set(LAYOUT.running("T"), snap)
             publisher.set(LAYOUT.running("T"), snap)
@@ -349,18 +354,7 @@ async def test_a_running_snapshot_is_written_at_once_the_rest_with_the_next_turn
     # worker's other publishes of that turn are encoded (bench/latency.py, ~0.15 ms).
     publisher = make(BrokerSettings(host="127.0.0.1", port=free_port()), tmp_path)
     running_topic = LAYOUT.running("T")
-    publisher.set(
-        running_topic,
-        wire.RunningSnapshot(
-            microgrid_id=MICROGRID,
-            type="T",
-            running=(),
-            next_change=None,
-            as_of=datetime(2026, 1, 1, tzinfo=UTC),
-            session=0,
-            seq=0,
-        ),
-    )
+    publisher.set(running_topic, nothing_running("T"))
     publisher.set(LAYOUT.dispatch("T", 1), contract_example(id=1, type="T"))
     acks = _RecordingAcks()
     worker = asyncio.ensure_future(publisher._worker(acks))  # type: ignore[arg-type]

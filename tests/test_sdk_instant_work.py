@@ -56,13 +56,19 @@ class CountingActorSet(ActorSet):
         await super().apply(running, reason=reason, going_on=going_on)
 
 
-async def test_a_deadline_reconciles_only_the_types_that_are_due() -> None:
+def live_shell_managing_two_types() -> tuple[Shell, list[str]]:
+    """A live view managing `T` and `OTHER`, and the list of types each apply names."""
     shell = Shell()
     applied: list[str] = []
     for dispatch_type in (T, OTHER):
         shell.reconciler.managed[dispatch_type] = CountingActorSet(dispatch_type, applied, shell)
     shell.status()
     shell.snapshot()
+    return shell, applied
+
+
+async def test_a_deadline_reconciles_only_the_types_that_are_due() -> None:
+    shell, applied = live_shell_managing_two_types()
     shell.dispatch(told(1, START))
     # The other type runs a dispatch until long after START: nothing of it is due then.
     other = wire_dispatch(2, OTHER, start=NOW - timedelta(seconds=1), duration=600)
@@ -81,12 +87,7 @@ async def test_a_deadline_reconciles_only_the_types_that_are_due() -> None:
 
 
 async def test_every_type_is_reconciled_at_a_deadline_where_the_view_stops_being_live() -> None:
-    shell = Shell()
-    applied: list[str] = []
-    for dispatch_type in (T, OTHER):
-        shell.reconciler.managed[dispatch_type] = CountingActorSet(dispatch_type, applied, shell)
-    shell.status()
-    shell.snapshot()
+    shell, applied = live_shell_managing_two_types()
     await shell.at(NOW)
     live_until = shell.view.live_until
     assert live_until is not None and shell.reconciler.deadline == live_until
