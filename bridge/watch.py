@@ -53,6 +53,7 @@ from bridge.watch_text import DEFAULT_HOURS, render
 
 __all__ = [
     "EXIT_INCOMPLETE",
+    "ConnectionLostWhileReading",
     "Snapshot",
     "WatchSettings",
     "add_arguments",
@@ -264,7 +265,7 @@ async def collect_snapshot(
         deadline = last_arrival + max_wait
         waiters = {
             asyncio.ensure_future(done.wait()),
-            asyncio.ensure_future(_connection_lost(client)),
+            asyncio.ensure_future(_connection_lost(client, target)),
         }
         timed_out = False
         try:
@@ -287,11 +288,23 @@ async def collect_snapshot(
     return Snapshot(state, timed_out)
 
 
-async def _connection_lost(client: Client) -> None:
+class ConnectionLostWhileReading(MqttError):
+    """The broker accepted us, then the connection ended before the tree was read."""
+
+
+async def _connection_lost(client: Client, target: BrokerSettings) -> None:
     """Return never; raise when the connection is lost (no message is ever queued)."""
-    async for _ in client.messages:
-        pass
-    raise MqttError("the connection to the broker ended")
+    try:
+        async for _ in client.messages:
+            pass
+    except MqttError as error:
+        reason = f" ({error})"
+    else:
+        reason = ""
+    raise ConnectionLostWhileReading(
+        f"lost the connection to the broker {target.describe()} while reading its retained "
+        f"tree{reason}; nothing is shown: run it again once the broker is back"
+    )
 
 
 async def refused_credentials(target: BrokerSettings) -> str | None:
@@ -558,7 +571,9 @@ def run(args: argparse.Namespace) -> int:
             collect_snapshot(settings.target, settings.layout, max_wait=args.timeout)
         )
     except aiomqtt.MqttError as error:
-        print(f"dispatch-bridge watch: {connect_failure(error, settings.target)}", file=sys.stderr)
+        lost = isinstance(error, ConnectionLostWhileReading)
+        line = str(error) if lost else connect_failure(error, settings.target)
+        print(f"dispatch-bridge watch: {line}", file=sys.stderr)
         return 1
     report = snapshot.report(args.timeout)
     for line in render(

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from actor_sdk import wire
-from actor_sdk.mqtt import MqttError, parse_broker_url
+from actor_sdk.mqtt import parse_broker_url
 from bridge import watch
 from bridge.watch import EXIT_INCOMPLETE, Snapshot, collect_snapshot
 from bridge.watch_state import WatchState
@@ -254,5 +254,6 @@ async def test_a_connection_lost_during_the_wait_is_an_error(
     await arrived.wait()
     await asyncio.to_thread(mqtt_broker.kill9)
 
-    with pytest.raises(MqttError):
+    # Said as a loss, not as "cannot connect" (the broker had accepted us).
+    with pytest.raises(watch.ConnectionLostWhileReading, match="lost the connection"):
         await waiting
