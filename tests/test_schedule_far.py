@@ -20,7 +20,13 @@ from bridge import schedule
 from tests.schedule_cases import OracleTooSlow, client, expected_state, oracle, time_limit
 from tests.test_schedule_properties import _SETTINGS, PERIOD, dispatches
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # The reference's cutoff (`time_limit`) sets SIGALRM's handler and timer; pytest-timeout's
+    # signal method uses the same signal. A fresh-clone CI once failed here with a traceback
+    # raised from a signal handler: these tests time out by a thread instead.
+    pytest.mark.timeout(120, method="thread"),
+]
 CUTOFF_S = 0.05
 
 

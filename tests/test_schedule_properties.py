@@ -276,4 +276,10 @@ def test_rrule_weeks_start_on_monday() -> None:
     assert dateutil_rrule.rrule(dateutil_rrule.WEEKLY)._wkst == 0  # type: ignore[attr-defined]
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # The reference's cutoff (`time_limit`) sets SIGALRM's handler and timer; pytest-timeout's
+    # signal method uses the same signal. A fresh-clone CI once failed here with a traceback
+    # raised from a signal handler: these tests time out by a thread instead.
+    pytest.mark.timeout(120, method="thread"),
+]
