@@ -42,7 +42,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import API_KEY, API_SECRET, ApiServer, Stack, next_second, progress
+from bench._harness import (
+    API_KEY,
+    API_SECRET,
+    ApiServer,
+    Stack,
+    async_wait_until,
+    next_second,
+    progress,
+)
 from bench._table import Table, command_line, percentile
 
 OURS_MG = 1
@@ -154,8 +162,7 @@ async def _actor_host(index: int, fd: int, ours: bool, target: str, *, fresh: bo
         # Steady state, as in a long-running actor process: its estimate of the bridge's
         # clock is known (about four status heartbeats), so it starts and stops runs on
         # its own clock instead of waiting for the bridge's snapshot to reach it.
-        while not dispatcher.knows_bridge_clock:  # noqa: ASYNC110 - a property, no event
-            await asyncio.sleep(0.5)
+        await async_wait_until(lambda: dispatcher.knows_bridge_clock, 60, "the bridge's clock")
     os.write(fd, f"{index} ready 0 {time.time():.6f}\n".encode())
     await asyncio.Event().wait()
 

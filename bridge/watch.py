@@ -39,9 +39,9 @@ import aiomqtt
 from actor_sdk import wire
 from actor_sdk.mqtt import (
     BrokerSettings,
-    Client,
     Message,
     MqttError,
+    connection_lost,
     handing_queue,
     new_client,
     parse_broker_url,
@@ -263,10 +263,9 @@ async def collect_snapshot(
         await client.subscribe(layout.everything, qos=1)
         last_arrival = loop.time()
         deadline = last_arrival + max_wait
-        waiters = {
-            asyncio.ensure_future(done.wait()),
-            asyncio.ensure_future(_connection_lost(client, target)),
-        }
+        complete = asyncio.ensure_future(done.wait())
+        lost = connection_lost(client)  # aiomqtt's own: waited on, never cancelled here
+        waited: set[asyncio.Future[Any]] = {complete, lost}
         timed_out = False
         try:
             while not done.is_set():
@@ -275,16 +274,15 @@ async def collect_snapshot(
                 if now >= min(quiet_until, deadline):
                     timed_out = deadline < quiet_until
                     break
-                finished, _ = await asyncio.wait(
-                    waiters,
+                await asyncio.wait(
+                    waited,
                     timeout=min(quiet_until, deadline) - now,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                for waiter in finished:
-                    waiter.result()  # a lost connection raises here
+                if lost.done() and not done.is_set():
+                    raise _lost_while_reading(target, lost)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            complete.cancel()
     return Snapshot(state, timed_out)
 
 
@@ -292,16 +290,12 @@ class ConnectionLostWhileReading(MqttError):
     """The broker accepted us, then the connection ended before the tree was read."""
 
 
-async def _connection_lost(client: Client, target: BrokerSettings) -> None:
-    """Return never; raise when the connection is lost (no message is ever queued)."""
-    try:
-        async for _ in client.messages:
-            pass
-    except MqttError as error:
-        reason = f" ({error})"
-    else:
-        reason = ""
-    raise ConnectionLostWhileReading(
+def _lost_while_reading(
+    target: BrokerSettings, lost: asyncio.Future[None]
+) -> ConnectionLostWhileReading:
+    error = lost.exception() if not lost.cancelled() else None
+    reason = f" ({error})" if error is not None else ""
+    return ConnectionLostWhileReading(
         f"lost the connection to the broker {target.describe()} while reading its retained "
         f"tree{reason}; nothing is shown: run it again once the broker is back"
     )
