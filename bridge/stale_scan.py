@@ -1,9 +1,10 @@
 """The scan of the retained topics a broker holds under a microgrid's tree.
 
-On every connection the publisher subscribes to the tree's dispatch,
-running and upcoming topics, then to its own status topic, and clears what
-the broker holds and it does not. The tree filters are unsubscribed at the
-end; the status topic stays subscribed (`bridge.status_watch` reads it).
+On every connection the publisher reads the tree's dispatch, running and
+upcoming topics, then its own status topic, and clears what the broker holds
+and it does not. It reads them on a second, short-lived connection (MQTT 3.1.1,
+QoS 0: `bridge.publisher`), or on its publishing connection when the broker
+refuses a second one (the tree filters are then unsubscribed at the end).
 
 When has every retained topic been seen? Mosquitto sends the retained
 messages of the first subscription before those of the second, so its own
@@ -27,6 +28,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +36,7 @@ import msgspec
 
 from actor_sdk import mqtt, wire
 
-__all__ = ["RetainedScan", "raise_first", "scan_retained"]
+__all__ = ["RetainedScan", "finish_scan", "raise_first", "subscribe_tree", "tree_filters"]
 
 _logger = logging.getLogger("bridge.publisher")
 
@@ -126,42 +128,62 @@ class RetainedScan:
         return gaps
 
 
-async def scan_retained(
+async def subscribe_tree(
+    client: mqtt.Client, layout: wire.TopicLayout, *, noLocal: bool, qos: int
+) -> None:
+    """Subscribe to the tree's filters: the broker queues their retained messages at once.
+
+    Publishes made after this returns (on any connection) cannot replace what
+    the scan reads: the broker queued it when it acknowledged the subscription.
+
+    Args:
+        client: The connected client.
+        layout: The microgrid's topics.
+        noLocal: Subscribe with MQTT v5's no-local option (own publishes are not read back).
+        qos: The subscriptions' QoS.
+    """
+    filters = tree_filters(layout)
+    if noLocal:
+        # Our own republishing runs meanwhile: no need to read it back.
+        await mqtt.subscribe_no_local(client, filters, qos=qos)
+    else:
+        await client.subscribe([(topic, qos) for topic in filters])
+
+
+async def finish_scan(
     client: mqtt.Client,
     scan: RetainedScan,
     layout: wire.TopicLayout,
     *,
-    noLocal: bool,
+    qos: int,
     quiet_timeout: float,
-    watched: list[asyncio.Task[Any]],
+    watched: Sequence[asyncio.Future[Any]],
     stopper: asyncio.Task[Any],
+    lost: asyncio.Future[Any] | None,
     microgrid_id: int,
 ) -> builtins.set[str] | None:
-    """Collect the retained topics of the tree; the caller feeds `scan` the messages.
+    """Collect the retained topics of the tree (`subscribe_tree` first); the caller feeds `scan`.
 
     Args:
-        client: The connected client.
+        client: The client subscribed to the tree.
         scan: Collects what arrives.
         layout: The microgrid's topics.
-        noLocal: Subscribe with MQTT v5's no-local option (own publishes are not read back).
+        qos: The status subscription's QoS.
         quiet_timeout: Give up when no retained message arrived for this many seconds.
         watched: Tasks whose failure ends the scan with their error.
         stopper: Done when the publisher stops (the scan returns None).
+        lost: Done when `client`'s connection ends, if it is a reader of its own:
+            the scan ends there, with what it saw.
         microgrid_id: The microgrid (for the log).
 
     Returns:
         The retained topics seen, or None when stopped.
     """
-    root = layout.root
-    filters = [f"{root}/+/dispatches/+", f"{root}/+/running", f"{root}/+/upcoming"]
-    if noLocal:
-        # Our own republishing runs meanwhile: no need to read it back.
-        await mqtt.subscribe_no_local(client, filters, qos=1)
-    else:
-        await client.subscribe([(topic, 1) for topic in filters])
     # Subscribed second: on Mosquitto its retained message comes after all of the first's.
-    await client.subscribe(layout.status, qos=1)
+    await client.subscribe(layout.status, qos=qos)
     waiter = asyncio.create_task(scan.done.wait())
+    ends = [waiter, stopper, *([lost] if lost is not None else [])]
+    ended = f"got no retained message for {quiet_timeout:.0f} s"
     try:
         # Give up only when the broker stops sending retained messages for
         # `quiet_timeout` s: a large tree takes a while to arrive. Live messages (our
@@ -171,37 +193,47 @@ async def scan_retained(
         while not scan.done.is_set() and scan.received != seen:
             seen = scan.received
             done, _ = await asyncio.wait(
-                [waiter, stopper, *watched],
-                timeout=quiet_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
+                [*ends, *watched], timeout=quiet_timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            raise_first(done - {waiter, stopper})
+            raise_first(done - set(ends))
             if stopper in done:
                 return None
+            if lost is not None and lost in done:
+                ended = "lost the connection reading the tree"
+                break
     finally:
         waiter.cancel()
     if not scan.done.is_set():
         _logger.warning(
-            "microgrid %d: the stale-topic scan got no retained message for %.0f s and the "
-            "retained tree is incomplete (missing: %s); clearing only the stale topics among "
-            "the %d seen "
-            "(the next connection scans again)",
+            "microgrid %d: the stale-topic scan %s and the retained tree is incomplete "
+            "(missing: %s); clearing only the stale topics among the %d seen (the next "
+            "connection scans again)",
             microgrid_id,
-            quiet_timeout,
+            ended,
             "; ".join(scan.missing()),
             len(scan.topics),
         )
-    # The status topic stays subscribed: another bridge's status, or (MQTT
-    # 3.1.1) our own not coming back, shows there.
-    await client.unsubscribe(filters)
     return scan.topics
 
 
-def raise_first(done: builtins.set[asyncio.Task[Any]]) -> None:
-    """Raise the error of the first failed task among `done`, if any.
+def tree_filters(layout: wire.TopicLayout) -> list[str]:
+    """The filters of the retained tree the scan reads (the status topic aside).
 
     Args:
-        done: Finished tasks.
+        layout: The microgrid's topics.
+
+    Returns:
+        The topic filters.
+    """
+    root = layout.root
+    return [f"{root}/+/dispatches/+", f"{root}/+/running", f"{root}/+/upcoming"]
+
+
+def raise_first(done: Iterable[asyncio.Future[Any]]) -> None:
+    """Raise the error of the first failed task or future among `done`, if any.
+
+    Args:
+        done: Finished tasks or futures.
     """
     for task in done:
         error = task.exception()

@@ -37,6 +37,9 @@ class TcpProxy:
         self._released.set()
         self.holding = asyncio.Event()
         """Set once `hold()` keeps bytes a client sent."""
+        self.passes: int | None = None
+        """How many more connections reach the target (None: all); the others are closed
+        at once, as a broker at its connection limit does."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -48,6 +51,11 @@ class TcpProxy:
         if self._server is None:  # cut or closed meanwhile
             writer.transport.abort()
             return
+        if self.passes is not None:
+            if self.passes == 0:
+                writer.close()
+                return
+            self.passes -= 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

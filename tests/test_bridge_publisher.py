@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from bridge.store import SessionCounter
 from testkit.bridge import retained_snapshot
 from testkit.broker import Broker
 from testkit.processes import async_wait_until, free_port
+from testkit.proxy import TcpProxy
 from tests.fixtures.wire_examples import contract_example
 
 MICROGRID = 6
@@ -242,11 +244,19 @@ async def test_a_change_goes_ahead_of_a_full_republish(mqtt_broker: Broker, tmp_
     assert backlog > 2000 and left > 1000, (backlog, left)
 
 
+@pytest.mark.parametrize("reader_refused", [False, True], ids=["own-connection", "refused"])
 async def test_a_restart_onto_a_broker_that_kept_its_state_sends_only_the_differences(
-    mqtt_broker: Broker, tmp_path: Path
+    mqtt_broker: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    reader_refused: bool,
 ) -> None:
     # #13 item 5: every running snapshot and the status go out in each session; of the
-    # dispatch topics only those the broker does not hold as held (changed, new).
+    # dispatch topics only those the broker does not hold as held (changed, new). The
+    # tree is read on a connection of its own (MQTT 3.1.1, QoS 0); a broker that
+    # refuses it gets the tree read on the publishing connection, with the same result.
+    caplog.set_level(logging.INFO, "bridge.publisher")
+
     def dispatch(number: int, **changes: Any) -> wire.Dispatch:
         return contract_example(id=number, type="T", **changes)
 
@@ -269,7 +279,12 @@ async def test_a_restart_onto_a_broker_that_kept_its_state_sends_only_the_differ
         await async_wait_until(lambda: first.pending == 0, 30, "the first bridge's tree")
         await first.flushed()
 
-    second = make(mqtt_broker, tmp_path)
+    # The second bridge reaches the broker through a proxy that, when the reader is to
+    # be refused, passes on one connection only (the publishing one).
+    proxy = TcpProxy(mqtt_broker.host, mqtt_broker.port)
+    proxy.passes = 1 if reader_refused else None
+    await proxy.start()
+    second = make(replace(broker_settings(mqtt_broker), port=proxy.port), tmp_path)
     second.mark_authoritative()
     for number in range(200):
         second.set(LAYOUT.dispatch("T", number), dispatch(number))
@@ -297,9 +312,15 @@ async def test_a_restart_onto_a_broker_that_kept_its_state_sends_only_the_differ
                 await async_wait_until(lambda: marker in live, 10, "the marker")
         finally:
             collector.cancel()
+            await proxy.close()
     sent_dispatches = {t for t in live if "/dispatches/" in t and t != marker}
     assert sent_dispatches == {LAYOUT.dispatch("T", 5), LAYOUT.dispatch("T", 500)}
     assert running_topic in live and LAYOUT.status in live
+    fell_back = "could not read the retained tree on a connection of its own" in caplog.text
+    assert fell_back == reader_refused
+    # Mosquitto's log: p2 is MQTT 3.1.1.
+    readers = mqtt_broker.log().count("as dispatch-bridge-pub-test-mg6-scan (p2,")
+    assert readers == (1 if reader_refused else 2)
 
 
 async def test_one_change_wakes_one_worker_not_the_whole_window(
