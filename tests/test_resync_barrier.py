@@ -7,6 +7,7 @@ The same on a real NATS server: tests/test_nats_resync.py.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +19,7 @@ from actor_sdk import wire
 from actor_sdk._event import Deleted
 from actor_sdk._view import BridgeView
 from bridge.core import ScheduleCore
-from bridge.stale_scan import RetainedScan
+from bridge.stale_scan import RetainedScan, finish_scan
 from tests.fixtures.sdk import wire_dispatch
 
 MG = 7
@@ -296,3 +297,45 @@ def test_the_scan_says_what_is_missing_and_ignores_live_and_garbage_messages() -
     assert scan.missing() == ["the running snapshot of 'B'"]
     assert not scan.done.is_set()
     assert LAYOUT.dispatch("A", 77) in scan.topics  # stale garbage is cleared too
+
+
+class _Subscriber:
+    """Stands in for the scan's client: `finish_scan` only subscribes on it."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[str] = []
+
+    async def subscribe(self, topic: str, qos: int) -> None:
+        self.subscribed.append(topic)
+
+
+async def test_a_scan_whose_reader_connection_is_lost_ends_with_what_it_saw(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scan = RetainedScan(LAYOUT.status)
+    for item in old_tree(2)[:3]:  # A's two topics and snapshot; B's never come
+        scan.feed(item)
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stopper = asyncio.create_task(asyncio.Event().wait())
+    client = _Subscriber()
+    scanning = asyncio.create_task(
+        finish_scan(
+            client,  # type: ignore[arg-type]
+            scan,
+            LAYOUT,
+            qos=0,
+            quiet_timeout=60,
+            watched=[],
+            stopper=stopper,
+            lost=lost,
+            microgrid_id=1,
+        )
+    )
+    await asyncio.sleep(0)
+    assert client.subscribed == [LAYOUT.status] and not scanning.done()
+    lost.set_exception(ConnectionResetError("reset by peer"))
+    seen = await asyncio.wait_for(scanning, 5)  # not the 60 s quiet timeout
+    stopper.cancel()
+    assert seen == {LAYOUT.dispatch("A", 1), LAYOUT.dispatch("A", 2), LAYOUT.running("A")}
+    assert "lost the connection reading the tree" in caplog.text
+    assert "our status, retained" in caplog.text  # what it still waited for
