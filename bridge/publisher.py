@@ -121,8 +121,7 @@ class Publisher:
         self.board = board or StatusBoard(bridge=bridge_name)
         self._watch = StatusWatch(self.board, microgrid_id, clock)
         self._scan: RetainedScan | None = None
-        self._scan_on_main = False
-        """The scan reads on the publishing connection (the reader could not connect)."""
+        self._scan_on_main = False  # the scan's reader could not connect
         self._authoritative = False
         self._deferred_stale: builtins.set[str] | None = None
         self.connected = asyncio.Event()
@@ -324,10 +323,12 @@ class Publisher:
 
     def _new_reader(self) -> mqtt.Client:
         # MQTT 3.1.1 whatever the publishing connection speaks: paho decodes a v5
-        # PUBLISH's properties, 1.4 s more for a tree of 100k (bench/mqtt_io.py).
+        # PUBLISH's properties, 1.4 s more for a tree of 100k. The session's republish
+        # waits for it no longer than the scan waits for a retained message.
         return mqtt.new_client(
             self._settings,
             identifier=f"{self._client_id[:59]}-scan",
+            timeout=self._scan_timeout,
             queue_type=mqtt.handing_queue(self._feed_scan),
             logger=logging.getLogger("bridge.publisher.mqtt"),
         )
@@ -450,11 +451,10 @@ class Publisher:
     ) -> tuple[mqtt.Client, asyncio.Future[Any] | None]:
         """Subscribe the stale-topic scan to the tree, on a connection of its own if it can.
 
-        The tree is read on a connection of its own, MQTT 3.1.1 at QoS 0: 100k
-        retained topics in half the time of QoS 1 over MQTT v5 (no acknowledgement per
-        message, which also paced the broker at 20 in flight; no v5 properties to
-        decode). QoS 0 loses nothing on a connection that stays up; one lost ends the
-        scan with what it saw, and a dispatch topic not seen is sent again.
+        MQTT 3.1.1 at QoS 0 reads 100k retained topics in half the time of QoS 1 over
+        v5 (no acknowledgement per message, which paced the broker at 20 in flight; no
+        v5 properties). QoS 0 loses nothing on a connection that stays up; one lost
+        ends the scan with what it saw, and a dispatch topic not seen is sent again.
 
         Returns:
             The client the scan reads on, and the future done when that reader's

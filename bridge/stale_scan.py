@@ -28,6 +28,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -179,8 +180,10 @@ async def finish_scan(
     Returns:
         The retained topics seen, or None when stopped.
     """
-    # Subscribed second: on Mosquitto its retained message comes after all of the first's.
-    await client.subscribe(layout.status, qos=qos)
+    # Subscribed second: on Mosquitto its retained message comes after all of the
+    # first's, and so does its acknowledgement: waited for beside the scan, with no
+    # time limit of its own (100k topics take seconds; the quiet timeout is the limit).
+    subscribing = asyncio.create_task(client.subscribe(layout.status, qos=qos, timeout=math.inf))
     waiter = asyncio.create_task(scan.done.wait())
     ends = [waiter, stopper, *([lost] if lost is not None else [])]
     ended = f"got no retained message for {quiet_timeout:.0f} s"
@@ -192,8 +195,9 @@ async def finish_scan(
         seen = -1
         while not scan.done.is_set() and scan.received != seen:
             seen = scan.received
+            checks = [*watched] if subscribing.done() else [*watched, subscribing]
             done, _ = await asyncio.wait(
-                [*ends, *watched], timeout=quiet_timeout, return_when=asyncio.FIRST_COMPLETED
+                [*ends, *checks], timeout=quiet_timeout, return_when=asyncio.FIRST_COMPLETED
             )
             raise_first(done - set(ends))
             if stopper in done:
@@ -201,8 +205,11 @@ async def finish_scan(
             if lost is not None and lost in done:
                 ended = "lost the connection reading the tree"
                 break
+            if subscribing in done:  # acknowledged: the next turn waits for the rest
+                seen = -1
     finally:
         waiter.cancel()
+        subscribing.cancel()
     if not scan.done.is_set():
         _logger.warning(
             "microgrid %d: the stale-topic scan %s and the retained tree is incomplete "

@@ -300,24 +300,29 @@ def test_the_scan_says_what_is_missing_and_ignores_live_and_garbage_messages() -
 
 
 class _Subscriber:
-    """Stands in for the scan's client: `finish_scan` only subscribes on it."""
+    """Stands in for the scan's client: `finish_scan` only subscribes on it.
 
-    def __init__(self) -> None:
+    Each subscribe is acknowledged once `acknowledged` is set: Mosquitto acknowledges
+    the status subscription only after the whole tree it sends first.
+    """
+
+    def __init__(self, *, acknowledged: bool = True) -> None:
         self.subscribed: list[str] = []
+        self.asked = asyncio.Event()
+        self.acknowledged = asyncio.Event()
+        if acknowledged:
+            self.acknowledged.set()
 
-    async def subscribe(self, topic: str, qos: int) -> None:
+    async def subscribe(self, topic: str, qos: int, **options: object) -> None:
         self.subscribed.append(topic)
+        self.asked.set()
+        await self.acknowledged.wait()
 
 
-async def test_a_scan_whose_reader_connection_is_lost_ends_with_what_it_saw(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    scan = RetainedScan(LAYOUT.status)
-    for item in old_tree(2)[:3]:  # A's two topics and snapshot; B's never come
-        scan.feed(item)
-    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+def start_finish_scan(
+    client: _Subscriber, scan: RetainedScan, lost: asyncio.Future[None] | None
+) -> tuple[asyncio.Task[set[str] | None], asyncio.Task[None]]:
     stopper = asyncio.create_task(asyncio.Event().wait())
-    client = _Subscriber()
     scanning = asyncio.create_task(
         finish_scan(
             client,  # type: ignore[arg-type]
@@ -331,7 +336,35 @@ async def test_a_scan_whose_reader_connection_is_lost_ends_with_what_it_saw(
             microgrid_id=1,
         )
     )
-    await asyncio.sleep(0)
+    return scanning, stopper
+
+
+async def test_the_scan_ends_with_the_tree_before_its_status_subscription_is_acknowledged() -> None:
+    # A tree of 100k topics takes seconds, and the status subscription's acknowledgement
+    # comes after it: the scan ends with the tree, not with the client's time limit.
+    scan = RetainedScan(LAYOUT.status)
+    client = _Subscriber(acknowledged=False)
+    scanning, stopper = start_finish_scan(client, scan, None)
+    await client.asked.wait()
+    for item in old_tree(2):
+        scan.feed(item)
+    scan.feed(message(LAYOUT.status, status(0).replace(b'"session":1', b'"session":5')))
+    seen = await asyncio.wait_for(scanning, 5)
+    stopper.cancel()
+    assert client.subscribed == [LAYOUT.status] and not client.acknowledged.is_set()
+    assert seen is not None and len(seen) == 6
+
+
+async def test_a_scan_whose_reader_connection_is_lost_ends_with_what_it_saw(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scan = RetainedScan(LAYOUT.status)
+    for item in old_tree(2)[:3]:  # A's two topics and snapshot; B's never come
+        scan.feed(item)
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    client = _Subscriber()
+    scanning, stopper = start_finish_scan(client, scan, lost)
+    await client.asked.wait()
     assert client.subscribed == [LAYOUT.status] and not scanning.done()
     lost.set_exception(ConnectionResetError("reset by peer"))
     seen = await asyncio.wait_for(scanning, 5)  # not the 60 s quiet timeout
