@@ -357,15 +357,24 @@ def reconnect_delay(
 class Backoff:
     """`reconnect_delay` with its own count of failed attempts."""
 
-    def __init__(self, initial: float = 0.5, cap: float = 30.0) -> None:
+    QUICK_S = 0.2
+    """The bound of a quick attempt's delay."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, *, quick: int = 0) -> None:
         """Create the backoff.
 
         Args:
             initial: The first delay's upper bound, in seconds.
             cap: The largest delay's upper bound, in seconds.
+            quick: How many attempts come first, each after at most `QUICK_S`: a
+                broker that restarts is back within a second or two, and a client
+                that waited its doubling delays came back up to a second after it.
+                For a client of its own on its site (the bridge); many clients cut
+                off together keep 0.
         """
         self.initial = initial
         self.cap = cap
+        self.quick = quick
         self.attempt = 0
 
     def next(self) -> float:
@@ -374,7 +383,11 @@ class Backoff:
         Returns:
             The delay.
         """
-        delay = reconnect_delay(self.attempt, first=self.initial, cap=self.cap)
+        if self.attempt < self.quick:
+            delay = reconnect_delay(0, first=self.QUICK_S, cap=self.QUICK_S)
+        else:
+            attempt = self.attempt - self.quick
+            delay = reconnect_delay(attempt, first=self.initial, cap=self.cap)
         self.attempt += 1
         return delay
 

@@ -211,6 +211,15 @@ def test_backoff_counts_attempts_and_resets() -> None:
     assert backoff.next() <= 1
 
 
+def test_a_backoff_with_quick_attempts_retries_within_a_fifth_of_a_second_first() -> None:
+    backoff = Backoff(initial=1, cap=8, quick=3)
+    delays = [backoff.next() for _ in range(8)]
+    assert all(0.1 <= d <= 0.2 for d in delays[:3])
+    assert 0.5 <= delays[3] <= 1 and all(2 <= d <= 8 for d in delays[5:])
+    backoff.reset()
+    assert backoff.next() <= 0.2
+
+
 def test_a_refused_protocol_falls_back_to_3_1_1_once() -> None:
     with pytest.raises(BrokerError) as caught, broker_errors():
         raise aiomqtt.MqttCodeError(1, "unacceptable protocol version")
