@@ -416,6 +416,7 @@ class Publisher:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close_reader(reader)
+            self._scan, self._scan_on_main = None, False  # a scan cut short by the loss
 
     async def _close(self, client: mqtt.Client, tasks: list[asyncio.Task[Any]]) -> None:
         timeout = self._grace
@@ -507,11 +508,8 @@ class Publisher:
             with mqtt.broker_errors():
                 await reader.aclose()
         except mqtt.BrokerError as error:
-            _logger.info(
-                "microgrid %d: the connection that read the retained tree closed badly: %s",
-                self.microgrid_id,
-                error,
-            )
+            closed = "microgrid %d: the connection that read the retained tree closed badly: %s"
+            _logger.info(closed, self.microgrid_id, error)
 
     def _release_unconfirmed(self) -> None:
         released = self.queue.release_unconfirmed()
