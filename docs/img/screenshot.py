@@ -24,6 +24,7 @@ OUT = REPO / "docs" / "img" / "field-view.png"
 
 
 def main() -> None:
+    """Start the demo, open its page in headless Chromium, save the screenshot."""
     demo = subprocess.Popen(
         [sys.executable, "-m", "bridge.cli", "demo"],
         stdout=subprocess.PIPE,
