@@ -9,7 +9,6 @@ so it lives on the bridge's side; the SDK needs only the other direction
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum
@@ -23,6 +22,7 @@ from frequenz.client.common.microgrid.electrical_components import (
 from frequenz.client.dispatch import recurrence as client_recurrence
 from frequenz.client.dispatch import types as client_types
 
+from actor_sdk.wire._codec import encode_payload
 from actor_sdk.wire._messages import Dispatch, EndCriteria, Recurrence, Target, TargetCategory
 
 _Part = TypeVar("_Part")
@@ -131,9 +131,8 @@ def _pb_value(value: Any) -> Any:
 
 
 def _pb_struct(struct: Any) -> dict[str, Any]:
-    # Interned keys: 100k payloads with the same keys hold each key once.
     fields = struct.fields
-    return {sys.intern(key): _pb_value(fields[key]) for key in fields}
+    return {key: _pb_value(fields[key]) for key in fields}
 
 
 _PB_TYPES: dict[str, tuple[str, type[Enum]]] = {
@@ -201,10 +200,12 @@ def _pb_recurrence(rule: Any) -> Recurrence | None:
 def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
     """Convert the Dispatch API's protobuf dispatch straight into the wire struct.
 
-    The same result as `from_client(client_types.Dispatch.from_protobuf(pb))`,
-    without building the client library's dataclasses in between (listing 100k
-    dispatches spent most of its time there). Enum values map to names through
-    the client library's enums, so unknown values fail or fall back alike.
+    The same result as `from_client(client_types.Dispatch.from_protobuf(pb))` with its
+    payload encoded (`wire.encode_payload`, as the schedule core holds it: the dict is
+    gone before the next dispatch is converted), without building the client library's
+    dataclasses in between (listing 100k dispatches spent most of its time there). Enum
+    values map to names through the client library's enums, so unknown values fail or
+    fall back alike.
 
     Args:
         pb: The protobuf dispatch, as listed or streamed by the API.
@@ -222,7 +223,7 @@ def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
     create = meta.create_time
     update = meta.update_time
     end_time = meta.end_time if meta.HasField("end_time") else None
-    return Dispatch(
+    converted = Dispatch(
         id=meta.dispatch_id,
         type=data.type,
         start_time=_pb_time(start.seconds, start.nanos),
@@ -239,6 +240,7 @@ def from_protobuf(pb: dispatch_pb2.Dispatch) -> Dispatch:
         until=None,
         next_run=None,
     )
+    return encode_payload(converted)
 
 
 def share_parts(dispatch: Dispatch, shared: dict[Any, Any]) -> Dispatch:
@@ -248,7 +250,8 @@ def share_parts(dispatch: Dispatch, shared: dict[Any, Any]) -> Dispatch:
     instants (`update_time == create_time` until the first update): held once, they
     cost the schedule core about a fifth less memory per dispatch. Each part not yet
     in `shared` is put there; the caller drops `shared` with the listing, so nothing
-    outlives the dispatches that hold it.
+    outlives the dispatches that hold it. The payload is encoded
+    (`wire.encode_payload`), as the core holds it.
 
     Args:
         dispatch: A dispatch just converted or decoded.
@@ -262,7 +265,7 @@ def share_parts(dispatch: Dispatch, shared: dict[Any, Any]) -> Dispatch:
         return cast(_Part, shared.setdefault(part, part))
 
     return msgspec.structs.replace(
-        dispatch,
+        encode_payload(dispatch),
         type=one(dispatch.type),
         start_time=one(dispatch.start_time),
         target=one(dispatch.target),

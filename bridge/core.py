@@ -114,9 +114,10 @@ class ScheduleCore:
     """The dispatches of one microgrid and their schedule; pure and synchronous.
 
     Each dispatch is held once, as published: with its `running`, `until` and
-    `next_run` as of the last step that touched it. Running snapshots reuse
-    those structs, so a transition costs the dispatches of its type that run,
-    not a copy of each.
+    `next_run` as of the last step that touched it, and its payload encoded
+    (`wire.encode_payload`, whatever form it came in: equal versions compare equal).
+    Running snapshots reuse those structs, so a transition costs the dispatches of
+    its type that run, not a copy of each.
     """
 
     def __init__(self, microgrid_id: int, layout: wire.TopicLayout) -> None:
@@ -267,7 +268,7 @@ class ScheduleCore:
                 self._event(out, "deleted", _stopped(old), now, old)
         dispatches.reverse()
         while dispatches:
-            dispatch = dispatches.pop()
+            dispatch = wire.encode_payload(dispatches.pop())
             held = self._dispatches.get(dispatch.id)
             if held is not None and _same(held, dispatch):
                 continue
@@ -296,6 +297,7 @@ class ScheduleCore:
             What to publish.
         """
         out = Outbox()
+        dispatch = wire.encode_payload(dispatch)
         held = self._dispatches.get(dispatch.id)
         if kind == "deleted":
             if held is None:

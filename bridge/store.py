@@ -169,8 +169,9 @@ class DispatchCache:
         dir cannot be written; `open` may be retried later).
 
         Returns:
-            The dispatches and when they were last synced with the API; None
-            when there is no cache, or it cannot be used (logged).
+            The dispatches (payloads encoded, as the core holds them) and when they
+            were last synced with the API; None when there is no cache, or it cannot
+            be used (logged).
         """
         existed = self.path.exists()
         try:
@@ -320,7 +321,7 @@ class DispatchCache:
                 self.microgrid_id,
             )
             return None
-        return cache.dispatches, cache.synced_at
+        return [wire.encode_payload(d) for d in cache.dispatches], cache.synced_at
 
     def _migrate_legacy(self) -> tuple[list[wire.Dispatch], datetime | None] | None:
         legacy = self._read_legacy()

@@ -350,7 +350,7 @@ def detail_lines(
             shown.append(f"(+{len(runs) - _UPCOMING_SHOWN} more)")
         for index, run in enumerate(shown):
             lines.append(("coming:" if index == 0 else "").ljust(12) + run)
-    lines.extend(_payload_lines(dispatch.payload))
+    lines.extend(_payload_lines(wire.payload_of(dispatch)))
     lines.append(f"created {dispatch.create_time:%Y-%m-%d %H:%M:%SZ}")
     lines.append(f"updated {dispatch.update_time:%Y-%m-%d %H:%M:%SZ}")
     return lines

@@ -23,22 +23,25 @@ V1_SAMPLE = Path(__file__).parent / "data" / "v1-cache"
 
 
 def dispatch(dispatch_id: int, *, dispatch_type: str = "T", power: int = 0) -> wire.Dispatch:
-    return wire.Dispatch(
-        id=dispatch_id,
-        type=dispatch_type,
-        start_time=T0,
-        duration=60,
-        target=wire.Target(ids=(1,)),
-        active=True,
-        dry_run=False,
-        payload={"n": dispatch_id, "power_w": power},
-        recurrence=wire.Recurrence(frequency="DAILY", interval=1),
-        create_time=T0,
-        update_time=T0 + timedelta(seconds=power),
-        end_time=None,
-        running=False,
-        until=None,
-        next_run=None,
+    """A dispatch with its payload encoded, as the core holds it and a cache gives it back."""
+    return wire.encode_payload(
+        wire.Dispatch(
+            id=dispatch_id,
+            type=dispatch_type,
+            start_time=T0,
+            duration=60,
+            target=wire.Target(ids=(1,)),
+            active=True,
+            dry_run=False,
+            payload={"n": dispatch_id, "power_w": power},
+            recurrence=wire.Recurrence(frequency="DAILY", interval=1),
+            create_time=T0,
+            update_time=T0 + timedelta(seconds=power),
+            end_time=None,
+            running=False,
+            until=None,
+            next_run=None,
+        )
     )
 
 
@@ -165,8 +168,8 @@ def test_the_json_cache_of_the_previous_version_is_migrated(
     expected = msgspec.json.decode(
         msgspec.json.encode(sample["dispatches"]), type=list[wire.Dispatch]
     )
-    assert dispatches == expected
-    assert dispatches[0].payload["note"] == "ünïcode ✓"
+    assert dispatches == [wire.encode_payload(d) for d in expected]
+    assert wire.payload_of(dispatches[0])["note"] == "ünïcode ✓"
     assert dispatches[1].target.categories is not None and dispatches[1].recurrence is not None
     assert synced_at == datetime(2026, 11, 28, 6, 9, tzinfo=UTC)
     assert "migrated 3 dispatches from the old dispatch cache" in caplog.text

@@ -238,8 +238,9 @@ def assert_same_as_client_path(pb: Any) -> None:
             convert.from_protobuf(pb)
         return
     direct = convert.from_protobuf(pb)
-    assert direct == via_client
-    assert wire.encode(direct) == wire.encode(via_client)  # 1.0 stays 1.0, key order too
+    assert direct == wire.encode_payload(via_client)  # the payload held encoded, keys sorted
+    assert wire.payload_of(direct) == via_client.payload
+    assert wire.encode(direct) == wire.encode(wire.encode_payload(via_client))  # 1.0 stays 1.0
 
 
 @pytest.mark.filterwarnings("ignore:.*ElectricalComponentCategory.*:DeprecationWarning")

@@ -47,6 +47,8 @@ from actor_sdk.wire._codec import (
     decode_status,
     decode_upcoming,
     encode,
+    encode_payload,
+    payload_of,
 )
 from actor_sdk.wire._messages import (
     STATUS_CONTRACT,
@@ -126,6 +128,8 @@ __all__ = [
     "decode_upcoming",
     "encode",
     "encode_actor_status",
+    "encode_payload",
     "encode_type",
+    "payload_of",
     "to_client",
 ]

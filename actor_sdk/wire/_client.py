@@ -12,6 +12,7 @@ from frequenz.client.dispatch import recurrence as client_recurrence
 from frequenz.client.dispatch import types as client_types
 
 from actor_sdk.wire._base import WireError
+from actor_sdk.wire._codec import payload_of
 from actor_sdk.wire._messages import Dispatch, Recurrence, Target
 
 _TYPE_ENUMS: dict[str, type[Enum]] = {
@@ -86,7 +87,7 @@ def to_client(dispatch: Dispatch) -> client_types.Dispatch:
         target=target,
         active=dispatch.active,
         dry_run=dispatch.dry_run,
-        payload=dispatch.payload,
+        payload=payload_of(dispatch),
         recurrence=_recurrence_to_client(dispatch.recurrence),
         create_time=dispatch.create_time,
         update_time=dispatch.update_time,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -16,6 +16,8 @@ from actor_sdk.wire._messages import (
 )
 
 _encoder = msgspec.json.Encoder()
+
+_sorted_encoder = msgspec.json.Encoder(order="sorted")
 
 _T = TypeVar("_T")
 
@@ -130,3 +132,45 @@ def decode_upcoming(data: bytes | bytearray) -> UpcomingRuns:
         WireError: The payload is not a valid list of upcoming runs.
     """
     return _decode(_decode_upcoming, "upcoming runs", data)
+
+
+_decode_payload = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode_payload(dispatch: Dispatch) -> Dispatch:
+    """Return the dispatch with its payload held encoded, as the bridge holds its dispatches.
+
+    The payload becomes a `msgspec.Raw` of its JSON with the keys of every object
+    sorted: one bytes object instead of a dict, its key table and a number object per
+    value (two numbers: 256 B -> 112-128 B), and one form for equal payloads, so two
+    versions of a dispatch compare equal exactly when their payloads do (the API's
+    payload keys come in no fixed order). `encode` writes the bytes as they are.
+
+    Args:
+        dispatch: A dispatch, its payload decoded or already encoded.
+
+    Returns:
+        The dispatch with its payload encoded (the same struct if it already was).
+    """
+    if isinstance(dispatch.payload, msgspec.Raw):
+        return dispatch
+    # Through a bytearray, for a bytes object of the exact size: `encode` returns
+    # one with the room of its buffer (a 60-byte payload took a 112-byte block).
+    buffer = bytearray()
+    _sorted_encoder.encode_into(dispatch.payload, buffer)
+    return msgspec.structs.replace(dispatch, payload=msgspec.Raw(bytes(buffer)))
+
+
+def payload_of(dispatch: Dispatch) -> dict[str, Any]:
+    """Return the payload of a dispatch as a dict, whether decoded or held encoded.
+
+    Args:
+        dispatch: The dispatch.
+
+    Returns:
+        Its payload (the struct's own dict when it holds one).
+    """
+    payload = dispatch.payload
+    if isinstance(payload, msgspec.Raw):
+        return _decode_payload.decode(payload)
+    return payload

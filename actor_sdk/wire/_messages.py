@@ -6,6 +6,8 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import msgspec
+
 from actor_sdk.wire._base import UtcTime, _Wire
 
 Frequency = Literal["UNSPECIFIED", "MINUTELY", "HOURLY", "DAILY", "WEEKLY", "MONTHLY", "YEARLY"]
@@ -17,7 +19,8 @@ WeekdayName = Literal[
 
 # A bridge holds 100,000 dispatches and their parts: untracked by the garbage collector
 # (`gc=False`), each struct saves its 16-byte GC header. They hold values and tuples of
-# values only (the payload is decoded JSON), so they can be part of no reference cycle.
+# values only (the payload is decoded JSON, or its encoding), so they can be part of no
+# reference cycle.
 
 
 class EndCriteria(_Wire, frozen=True, kw_only=True, gc=False):
@@ -60,6 +63,11 @@ class Dispatch(_Wire, frozen=True, kw_only=True, gc=False):
     `running`, `until` and `next_run` are the state at the `as_of` instant of
     the message carrying it: `until` is the end of the current run (`None`
     when not running or endless), `next_run` the next start after that instant.
+
+    `payload` is a JSON object. Decoded, it is always a dict; the bridge holds the
+    payloads of its own dispatches encoded (`encode_payload`: a `msgspec.Raw` of the
+    object's JSON, keys sorted, written out as it is). `payload_of` gives the dict
+    whichever the form.
     """
 
     id: int
@@ -69,7 +77,7 @@ class Dispatch(_Wire, frozen=True, kw_only=True, gc=False):
     target: Target
     active: bool
     dry_run: bool
-    payload: dict[str, Any]
+    payload: dict[str, Any] | msgspec.Raw
     recurrence: Recurrence | None = None
     create_time: UtcTime
     update_time: UtcTime
