@@ -35,6 +35,7 @@ def parts(dispatch: wire.Dispatch) -> list[object]:
     return [
         dispatch.type,
         dispatch.start_time,
+        dispatch.duration,  # 900: above the ints Python keeps one of each
         dispatch.target,
         dispatch.recurrence,
         dispatch.create_time,
