@@ -25,9 +25,10 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Literal
 
 import msgspec
@@ -130,6 +131,7 @@ class ScheduleCore:
         self.microgrid_id = microgrid_id
         self.layout = layout
         self._dispatches: dict[int, wire.Dispatch] = {}
+        self._table_view = MappingProxyType(self._dispatches)
         self._changes_at: dict[int, datetime] = {}
         self._running: dict[str, set[int]] = {}
         self._heaps: dict[str, list[tuple[datetime, int]]] = {}
@@ -144,6 +146,14 @@ class ScheduleCore:
 
     def __len__(self) -> int:
         return len(self._dispatches)
+
+    @property
+    def table(self) -> Mapping[int, wire.Dispatch]:
+        """The dispatches held, by id, as of the last step: a read-only view, not a copy.
+
+        The publisher's queue reads the structs it sends from it (`PublishQueue`).
+        """
+        return self._table_view
 
     def dispatches(self) -> list[wire.Dispatch]:
         """Every dispatch held, with its state as of the step that last touched it.

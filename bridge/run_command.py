@@ -375,6 +375,7 @@ class _Pipeline:
         self.microgrid_id = microgrid_id
         layout = wire.TopicLayout.for_microgrid(microgrid_id, settings.topic_root)
         directory = settings.state_dir / f"microgrid-{microgrid_id}"
+        core = ScheduleCore(microgrid_id, layout)
         self.publisher = Publisher(
             settings.broker,
             microgrid_id=microgrid_id,
@@ -389,7 +390,7 @@ class _Pipeline:
                 max_knowledge_age=timedelta(seconds=settings.max_knowledge_age),
             ),
         )
-        core = ScheduleCore(microgrid_id, layout)
+        self.publisher.queue.read_dispatches_from(core.table)
         cache = DispatchCache(directory, microgrid_id)
         loaded = cache.load()
         synced_at = None

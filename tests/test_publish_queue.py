@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import tracemalloc
 from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
 
 from actor_sdk import wire
+from bridge.cli import build_parser
+from bridge.core import Outbox, ScheduleCore
 from bridge.publish_queue import Outgoing, PublishQueue
+from bridge.run_command import _Pipeline, load_settings
 from bridge.status import StatusBoard
 from tests.fixtures.wire_examples import contract_example
 
@@ -208,3 +214,77 @@ def test_the_queue_keeps_no_topic_string_per_dispatch() -> None:
         tracemalloc.stop()
     assert q.held_count == 20_000
     assert held < 1.3 * table_alone
+
+
+def on_core() -> tuple[ScheduleCore, PublishQueue]:
+    core, q = ScheduleCore(MG, LAYOUT), queue()
+    q.read_dispatches_from(core.table)
+    return core, q
+
+
+def hand(q: PublishQueue, out: Outbox) -> None:
+    """What `MicrogridService` hands the publisher of a step."""
+    for topic, value in out.retained.items():
+        if value is None:
+            q.clear(topic)
+        else:
+            q.set(topic, value)
+    for dispatch in out.dispatches.values():
+        q.set(LAYOUT.dispatch(dispatch.type, dispatch.id), dispatch)
+
+
+def test_a_queue_on_the_cores_table_keeps_no_table_of_its_own() -> None:
+    # Its own table cost 52 bytes per dispatch at 100k, beside the core's.
+    dispatches = [contract_example(id=n) for n in range(1, 20_001)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reference = {d.id: d for d in dispatches}
+        table_alone = tracemalloc.get_traced_memory()[0] - before
+        del reference
+        core, q = on_core()
+        out = core.load(dispatches, NOW)
+        before = tracemalloc.get_traced_memory()[0]
+        hand(q, out)
+        sent = len(drain(q))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert q.held_count == 20_001 and sent == 20_001  # and the running snapshot
+    assert held < 0.2 * table_alone
+
+
+def test_on_the_cores_table_a_removed_dispatch_is_only_cleared_a_retyped_one_moves() -> None:
+    core, q = on_core()
+    hand(q, core.load([contract_example(id=1, type="A"), contract_example(id=2, type="A")], NOW))
+    hand(q, core.apply("deleted", contract_example(id=1, type="A"), NOW))
+    retyped = contract_example(id=2, type="B", update_time=NOW)
+    hand(q, core.apply("updated", retyped, NOW))
+    sent = {item.topic: item.payload for item in drain(q) if "/dispatches/" in item.topic}
+    held = core.get(2)
+    assert held is not None
+    assert sent == {
+        LAYOUT.dispatch("A", 1): b"",
+        LAYOUT.dispatch("A", 2): b"",
+        LAYOUT.dispatch("B", 2): wire.encode(core.table[2]),
+    }
+    assert [t for t in q.held() if "/dispatches/" in t] == [LAYOUT.dispatch("B", 2)]
+    assert q.idle
+
+
+def test_the_bridges_queue_reads_its_cores_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISPATCH_API_AUTH_KEY", "key")
+    flags = {
+        "--microgrid-id": str(MG),
+        "--dispatch-url": "grpc://127.0.0.1:1",
+        "--broker": "mqtt://127.0.0.1:1",
+        "--state-dir": str(tmp_path),
+    }
+    args = build_parser().parse_args(["run", *(part for item in flags.items() for part in item)])
+    pipeline = _Pipeline(load_settings(args), MG)
+    pipeline.service.core.load([contract_example(id=1)], NOW)
+    assert pipeline.publisher.queue.held_count == 1  # nothing set: the core's struct
+    with pytest.raises(ValueError, match="holds dispatch structs already"):
+        pipeline.publisher.queue.read_dispatches_from({})
