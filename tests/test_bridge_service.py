@@ -270,6 +270,20 @@ def test_buffered_events_older_than_the_list_are_skipped_but_deletes_apply() -> 
     assert events(out) == [("deleted", 1)]
 
 
+def test_payloads_are_held_encoded_and_equal_whatever_their_key_order() -> None:
+    # The API gives a payload's keys in no fixed order: a listing that only reorders
+    # them changes nothing, and the topic carries the keys sorted.
+    core = ScheduleCore(5, LAYOUT)
+    out = core.load([dispatch(1, payload={"z": 1, "a": {"y": 2, "b": 3}})], T0)
+    held = published(out, "T", 1)
+    assert held is not None and isinstance(held.payload, msgspec.Raw)
+    assert b'"payload":{"a":{"b":3,"y":2},"z":1}' in wire.encode(held)
+    reordered = dispatch(1, payload={"a": {"b": 3, "y": 2}, "z": 1})
+    assert not core.sync([reordered], T0 + S, events=True)
+    assert not core.apply("updated", reordered, T0 + S)
+    assert wire.payload_of(core.table[1]) == {"a": {"b": 3, "y": 2}, "z": 1}
+
+
 def test_computed_state_in_the_input_is_ignored() -> None:
     core = ScheduleCore(5, LAYOUT)
     lying = msgspec.structs.replace(
