@@ -24,8 +24,9 @@ ends the stream cleanly; the bridge must know when the subscription is live
 client still provides the channel, authentication and signing. The list,
 too, calls the stub (pages of `page_size`, 5000 by default, under gRPC's 4 MB
 message limit at the usual payload sizes) and converts each protobuf straight
-into `wire.Dispatch` with `convert.from_protobuf`: `client.list()` builds the
-client's dataclasses first, most of a 100k sync's time.
+into `wire.Dispatch` with one `convert.ListingConverter` per listing (each distinct
+rule, target and instant converted once): `client.list()` builds the client's
+dataclasses first, most of a 100k sync's time.
 
 A dispatch that cannot be converted (an unknown enum value from a newer
 API, a field out of range) is never a deletion: the listing reports its id
@@ -403,7 +404,7 @@ class Upstream:
         # client's dataclasses first, which was most of a 100k sync's time.
         listed: list[wire.Dispatch] = []
         unconvertible: dict[int, str] = {}
-        shared: dict[Any, Any] = {}  # equal types, instants, targets: held once
+        converter = convert.ListingConverter()  # equal types, instants, targets: held once
         next_page = self._ask_page(client, None)
         try:
             while next_page is not None:
@@ -416,7 +417,7 @@ class Upstream:
                     if index and index % _CONVERT_SLICE == 0:
                         await asyncio.sleep(0)  # the schedule and the publisher run meanwhile
                     try:
-                        listed.append(convert.share_parts(convert.from_protobuf(pb), shared))
+                        listed.append(converter.convert(pb))
                     except Exception as error:
                         unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
         finally:
