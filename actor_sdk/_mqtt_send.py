@@ -18,6 +18,10 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 
 class AckedPublishes:
@@ -46,6 +50,7 @@ class AckedPublishes:
                 future.set_result(None)
 
         _before_on_publish(client, acknowledged)
+        _plain_successes_decoded_once(self._paho)
 
     def publish(
         self, topic: str, payload: bytes, *, retain: bool, at_once: bool = False
@@ -116,3 +121,39 @@ def _before_on_publish(client: aiomqtt.Client, handler: Callable[[int, Any], Non
             forward(paho_client, userdata, mid, reason, props)
 
     paho_client.on_publish = on_publish
+
+
+_SUCCESSES = {
+    b"": ReasonCode(PacketTypes.PUBACK),
+    b"\x00": ReasonCode(PacketTypes.PUBACK),
+    b"\x10": ReasonCode(PacketTypes.PUBACK, identifier=0x10),
+}
+"""The two success reason codes of a PUBACK (MQTT 5, 3.4.2.1), by the bytes after the
+packet id; none at all is a success too (MQTT 3.1.1, and MQTT 5's short form)."""
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+def _plain_successes_decoded_once(paho_client: paho.Client) -> None:
+    """Acknowledge a PUBACK that says success, without properties, with objects made once.
+
+    paho decodes every PUBACK into a new `ReasonCode` and a new `Properties` (whose
+    constructor builds two tables): 11 µs a packet, 1.1 s of CPU for the 100,000
+    acknowledgements of a 100k start-up. A success without properties (Mosquitto's
+    "success" and "no matching subscribers") gets one of `_SUCCESSES` and one shared
+    empty `Properties`: the callbacks only read them. Any other PUBACK (a refusal,
+    properties), and PUBCOMP, take paho's own path (and its debug log line).
+    """
+    handle = paho_client._handle_pubackcomp
+
+    def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:
+        packet = paho_client._in_packet["packet"]
+        reason = _SUCCESSES.get(bytes(packet[2:])) if cmd == "PUBACK" else None
+        if reason is None or len(packet) < 2:
+            return handle(cmd)
+        mid = packet[0] << 8 | packet[1]
+        with paho_client._out_message_mutex:
+            if mid in paho_client._out_messages:
+                return paho_client._do_on_publish(mid, reason, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho_client._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]

@@ -22,7 +22,7 @@ Figures:
 * peak RSS of the bridge while doing so, and (RSS - RSS of an idle bridge with no
   dispatches) per dispatch;
 * memory held per dispatch in this process (tracemalloc), converting the API's
-  protobufs: ours into the schedule core as the bridge lists (`convert.from_protobuf`,
+  protobufs: ours into the schedule core as the bridge lists (`convert.ListingConverter`,
   equal parts held once), the reference into the dict of `frequenz.dispatch.Dispatch`
   its scheduler keeps;
 * republish after a broker restart that kept its state (clean stop, same
@@ -166,10 +166,9 @@ def in_process(blobs: list[bytes], reference: bool, now: datetime) -> dict[str, 
     else:
         # As the bridge lists: straight from protobuf, equal parts held once per listing.
         held = ScheduleCore(MG, wire.TopicLayout.for_microgrid(MG))
-        shared: dict[Any, Any] = {}
-        listed = (convert.from_protobuf(pb.Dispatch.FromString(b)) for b in blobs)
-        held.load([convert.share_parts(d, shared) for d in listed], now)
-        del shared
+        converter = convert.ListingConverter()
+        held.load([converter.convert(pb.Dispatch.FromString(b)) for b in blobs], now)
+        del converter
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()

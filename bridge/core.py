@@ -251,6 +251,7 @@ class ScheduleCore:
         *,
         events: bool,
         keep: Collection[int] = (),
+        listed_before: Collection[int] = (),
     ) -> Outbox:
         """Replace everything held with a full list, publishing the differences.
 
@@ -260,31 +261,48 @@ class ScheduleCore:
         start-up left as many free blocks behind, resident (120 B per dispatch).
 
         Args:
-            dispatches: Every dispatch of the microgrid, as just listed (emptied).
+            dispatches: Every dispatch of the microgrid, as just listed (emptied),
+                but those of `listed_before`.
             now: The current instant.
             events: Whether to send lifecycle events for what differs.
             keep: Ids listed but not convertible: a held version stays as it is
                 (never turned into a deletion).
+            listed_before: Ids of the same listing applied before it (`put_listed`):
+                listed too.
 
         Returns:
             What to publish.
         """
         out = Outbox()
-        dispatches[:] = [d for d in dispatches if self._acceptable(d, out)]
         listed = {d.id for d in dispatches}
-        for dispatch_id in [i for i in self._dispatches if i not in listed and i not in keep]:
+        for dispatch_id in [
+            i
+            for i in self._dispatches
+            if i not in listed and i not in listed_before and i not in keep
+        ]:
             old = self._remove(dispatch_id, out)
             if events:
                 self._event(out, "deleted", _stopped(old), now, old)
-        dispatches.reverse()
-        while dispatches:
-            dispatch = wire.encode_payload(dispatches.pop())
-            held = self._dispatches.get(dispatch.id)
-            if held is not None and _same(held, dispatch):
-                continue
-            put = self._put(dispatch, now, out)
-            if events:
-                self._event(out, "created" if held is None else "updated", put, now, held)
+        self._put_listed(dispatches, now, events, out)
+        self._flush_types(now, out)
+        return out
+
+    def put_listed(self, dispatches: list[wire.Dispatch], now: datetime, *, events: bool) -> Outbox:
+        """Apply part of a listing under way; nothing is deleted until `sync` ends it.
+
+        Each listed version is as true as a streamed one, so it is published at
+        once: a large listing's first topics go out while the rest is still listed.
+
+        Args:
+            dispatches: Part of the listing (emptied, as in `sync`).
+            now: The current instant.
+            events: Whether to send lifecycle events for what differs.
+
+        Returns:
+            What to publish.
+        """
+        out = Outbox()
+        self._put_listed(dispatches, now, events, out)
         self._flush_types(now, out)
         return out
 
@@ -436,6 +454,25 @@ class ScheduleCore:
         self._dirty_types[dispatch_type] = None
         out.stored[dispatch.id] = put
         return put
+
+    def _put_listed(
+        self, dispatches: list[wire.Dispatch], now: datetime, events: bool, out: Outbox
+    ) -> None:
+        dispatches.reverse()
+        while dispatches:
+            dispatch = wire.encode_payload(dispatches.pop())
+            held = self._dispatches.get(dispatch.id)
+            if not self._acceptable(dispatch, out):
+                if held is not None:  # listed, but not as anything the core can hold
+                    self._remove(dispatch.id, out)
+                    if events:
+                        self._event(out, "deleted", _stopped(held), now, held)
+                continue
+            if held is not None and _same(held, dispatch):
+                continue
+            put = self._put(dispatch, now, out)
+            if events:
+                self._event(out, "created" if held is None else "updated", put, now, held)
 
     def _remove(self, dispatch_id: int, out: Outbox) -> wire.Dispatch:
         held = self._dispatches.pop(dispatch_id)

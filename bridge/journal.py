@@ -235,9 +235,13 @@ class BridgeJournal:
             item: What the upstream delivered.
             now: The step's instant.
         """
-        self._enqueue(self._upstream(item, now, self._session()))
+        # Counted now: the step empties a listing's list as it applies it.
+        listed = len(item.dispatches) + len(item.listed_before) if isinstance(item, Synced) else 0
+        self._enqueue(self._upstream(item, now, self._session(), listed))
 
-    def _upstream(self, item: UpstreamItem, now: datetime, session: int) -> Iterator[None]:
+    def _upstream(
+        self, item: UpstreamItem, now: datetime, session: int, listed: int
+    ) -> Iterator[None]:
         match item:
             case StreamEvent(kind=kind, dispatch=dispatch, buffered=buffered):
                 self._append(
@@ -252,13 +256,13 @@ class BridgeJournal:
                 )
             case DeletedById(dispatch_id=dispatch_id):
                 self._append(now, session, "upstream", "deleted", dispatch_id=dispatch_id)
-            case Synced(dispatches=dispatches, unconvertible=unconvertible):
+            case Synced(unconvertible=unconvertible):
                 self._append(
                     now,
                     session,
                     "upstream",
                     "listed",
-                    dispatches=len(dispatches),
+                    dispatches=listed,
                     unconvertible=len(unconvertible),
                 )
             case LinkChanged(connected=True):

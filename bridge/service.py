@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -24,6 +24,7 @@ __all__ = [
     "DeletedById",
     "EventKind",
     "LinkChanged",
+    "Listed",
     "MicrogridService",
     "Outbox",
     "ScheduleCore",
@@ -38,13 +39,23 @@ _logger = logging.getLogger("bridge.service")
 
 
 @dataclass(frozen=True, slots=True)
+class Listed:
+    """Part of a listing under way: published at once, nothing deleted before `Synced`."""
+
+    dispatches: list[wire.Dispatch]
+    """Handed over: `ScheduleCore.put_listed` empties the list as it applies it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Synced:
-    """The upstream listed every dispatch of the microgrid."""
+    """The upstream listed every dispatch of the microgrid (the last part, if in parts)."""
 
     dispatches: list[wire.Dispatch]
     """Handed over: `ScheduleCore.sync` empties the list as it applies it."""
     unconvertible: frozenset[int] = frozenset()
     """Ids listed that could not be converted: their held versions are kept."""
+    listed_before: Collection[int] = frozenset()
+    """Ids of the `Listed` parts of the same listing, handed over before: listed too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,7 @@ class LinkChanged:
     reason: str = ""
 
 
-UpstreamItem = Synced | StreamEvent | LinkChanged | DeletedById
+UpstreamItem = Listed | Synced | StreamEvent | LinkChanged | DeletedById
 
 
 class Sink(Protocol):
@@ -98,6 +109,19 @@ class Sink(Protocol):
         knowledge_at: datetime | None,
     ) -> None:
         """Publish the bridge status."""
+
+
+@dataclass(slots=True)
+class _Listing:
+    """A listing applied in parts, for the log line of its `Synced`.
+
+    The parts of a listing that failed count in the next one.
+    """
+
+    held_before: int
+    """How many dispatches were held before its first part."""
+    counts: Counter[str] = field(default_factory=Counter)
+    """Its lifecycle events so far, by kind."""
 
 
 _LOG_DELAY_S = 0.01
@@ -162,6 +186,8 @@ class MicrogridService:
         self._had_state = had_state
         self._upstream: Literal["connected", "disconnected"] = "disconnected"
         self._link_reported = False
+        self._listing: _Listing | None = None
+        """The listing being applied in parts, until its `Synced`."""
         self._inbox: deque[UpstreamItem] = deque()
         self._wake: asyncio.Future[None] | None = None
         """What `run` sleeps on: `put` resolves it, or the timer of the next change."""
@@ -285,10 +311,19 @@ class MicrogridService:
                 held = self.core.get(dispatch_id)
                 if held is not None:
                     self._handle(StreamEvent("deleted", held), now)
-            case Synced(dispatches=dispatches, unconvertible=unconvertible):
-                before = len(self.core)
+            case Listed(dispatches=dispatches):
+                listing = self._listing_so_far()
+                out = self.core.put_listed(dispatches, now, events=self._had_state)
+                listing.counts.update(out.counts)
+                self._deliver(out)
+            case Synced(dispatches=dispatches, unconvertible=unconvertible, listed_before=before):
+                listing = self._listing_so_far()
+                self._listing = None
                 first = not self._had_state
-                out = self.core.sync(dispatches, now, events=not first, keep=unconvertible)
+                out = self.core.sync(
+                    dispatches, now, events=not first, keep=unconvertible, listed_before=before
+                )
+                listing.counts.update(out.counts)
                 self._had_state = True
                 self.synced_at = now
                 if first:
@@ -304,10 +339,10 @@ class MicrogridService:
                         "%d; created %d, updated %d, deleted %d while disconnected)",
                         self.core.microgrid_id,
                         len(self.core),
-                        before,
-                        out.counts.get("created", 0),
-                        out.counts.get("updated", 0),
-                        out.counts.get("deleted", 0),
+                        listing.held_before,
+                        listing.counts["created"],
+                        listing.counts["updated"],
+                        listing.counts["deleted"],
                     )
                 self._deliver(out)
                 self._sink.mark_authoritative()
@@ -322,6 +357,11 @@ class MicrogridService:
                         out, cause=f"dispatch {dispatch.id} of type {dispatch.type!r} {kind}"
                     )
                     self._publish_status()
+
+    def _listing_so_far(self) -> _Listing:
+        if self._listing is None:
+            self._listing = _Listing(len(self.core))
+        return self._listing
 
     def refresh(self, dispatch_types: Collection[str] | None) -> None:
         """Publish new running snapshots of some types, or of all (after a hold or release).

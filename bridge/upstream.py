@@ -7,9 +7,12 @@ channel, so gRPC's own reconnect backoff never delays ours):
    local API server sends it once the subscription is registered; a server
    that sends none is waited for at most `stream_ready_timeout`). Events that
    arrive from now on are buffered.
-2. List every dispatch of the microgrid (all pages) and hand the list over as
-   `Synced`: the service diffs it against what it holds, so what was created,
-   updated or deleted while disconnected is published as such.
+2. List every dispatch of the microgrid, page by page: each page but the last is
+   handed over as `Listed` once converted (the service publishes it at once, while
+   the next page is listed), the last as `Synced` with the ids of the pages before:
+   the service diffs the whole listing against what it holds, so what was created,
+   updated or deleted while disconnected is published as such (deletions only
+   once the listing is complete).
 3. Replay the buffered events, marked `buffered` (a create or update not newer
    than the listed state is skipped; a delete always applies), then pass
    events on as they come.
@@ -24,8 +27,9 @@ ends the stream cleanly; the bridge must know when the subscription is live
 client still provides the channel, authentication and signing. The list,
 too, calls the stub (pages of `page_size`, 5000 by default, under gRPC's 4 MB
 message limit at the usual payload sizes) and converts each protobuf straight
-into `wire.Dispatch` with `convert.from_protobuf`: `client.list()` builds the
-client's dataclasses first, most of a 100k sync's time.
+into `wire.Dispatch` with one `convert.ListingConverter` per listing (each distinct
+rule, target and instant converted once): `client.list()` builds the client's
+dataclasses first, most of a 100k sync's time.
 
 A dispatch that cannot be converted (an unknown enum value from a newer
 API, a field out of range) is never a deletion: the listing reports its id
@@ -55,6 +59,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -73,6 +78,7 @@ from bridge.service import (
     DeletedById,
     EventKind,
     LinkChanged,
+    Listed,
     StreamEvent,
     Synced,
     UpstreamItem,
@@ -263,21 +269,22 @@ class Upstream:
     async def _list_and_hand_over(
         self, client: DispatchApiClient, reader: asyncio.Task[None]
     ) -> None:
-        """List everything and hand it to the sink as one `Synced`.
+        """List everything: each page but the last as `Listed`, the last as `Synced`.
 
         The listing lives only as long as this call: the service keeps what it
         needs, and the session that goes on streaming holds no second copy.
         """
-        listed, unconvertible = await self._list_all(client)
+        listing = await self._list_all(client)
         self._check_reader(reader, "during the list")
         _logger.info(
             "microgrid %d: connected to the Dispatch API %s; listed %d dispatches",
             self.microgrid_id,
             self._settings.url,
-            len(listed),
+            len(listing.last) + len(listing.before),
         )
+        unconvertible = listing.unconvertible
         self._sink(LinkChanged(True))
-        self._sink(Synced(listed, frozenset(unconvertible)))
+        self._sink(Synced(listing.last, frozenset(unconvertible), listing.before))
         self._note_skipped(unconvertible, replace=True)
         self.syncs += 1
 
@@ -359,9 +366,7 @@ class Upstream:
         self._clock_problem = verdict.problem
         self._on_clock(verdict.problem)
 
-    async def _list_all(
-        self, client: DispatchApiClient
-    ) -> tuple[list[wire.Dispatch], dict[int, str]]:
+    async def _list_all(self, client: DispatchApiClient) -> _Listing:
         # A page of large payloads can exceed gRPC's 4 MB message limit, which
         # the client reports as RESOURCE_EXHAUSTED: retrying the same page size
         # would fail forever, so the listing starts over with pages half as big.
@@ -396,14 +401,11 @@ class Upstream:
                 self._page_size = self._normal_page_size
             return listed
 
-    async def _list_pages(
-        self, client: DispatchApiClient
-    ) -> tuple[list[wire.Dispatch], dict[int, str]]:
+    async def _list_pages(self, client: DispatchApiClient) -> _Listing:
         # The stub, not `client.list()`: its pages convert each protobuf into the
         # client's dataclasses first, which was most of a 100k sync's time.
-        listed: list[wire.Dispatch] = []
-        unconvertible: dict[int, str] = {}
-        shared: dict[Any, Any] = {}  # equal types, instants, targets: held once
+        listing = _Listing()
+        converter = convert.ListingConverter()  # equal types, instants, targets: held once
         next_page = self._ask_page(client, None)
         try:
             while next_page is not None:
@@ -412,17 +414,25 @@ class Upstream:
                 # The next page is asked for before this one is converted: the server
                 # makes it while this process converts.
                 next_page = self._ask_page(client, token) if token else None
+                if listing.last:
+                    # Handed over before the next page is converted: the service publishes
+                    # it meanwhile (100k at start-up: the first topics after 0.5 s, not 4 s).
+                    listing.before.update(d.id for d in listing.last)
+                    self._sink(Listed(listing.last))
+                    listing.last = []
                 for index, pb in enumerate(response.dispatches):
                     if index and index % _CONVERT_SLICE == 0:
                         await asyncio.sleep(0)  # the schedule and the publisher run meanwhile
                     try:
-                        listed.append(convert.share_parts(convert.from_protobuf(pb), shared))
+                        listing.last.append(converter.convert(pb))
                     except Exception as error:
-                        unconvertible[pb.metadata.dispatch_id] = f"{type(error).__name__}: {error}"
+                        listing.unconvertible[pb.metadata.dispatch_id] = (
+                            f"{type(error).__name__}: {error}"
+                        )
         finally:
             if next_page is not None:
                 next_page.cancel()
-        return listed, unconvertible
+        return listing
 
     def _ask_page(self, client: DispatchApiClient, token: str | None) -> Any:
         """Start the call for one list page (the first when `token` is None)."""
@@ -435,6 +445,18 @@ class Upstream:
             microgrid_id=self.microgrid_id, pagination_params=params
         )
         return client.stub.ListMicrogridDispatches(request, timeout=30.0)
+
+
+@dataclass(slots=True)
+class _Listing:
+    """One listing of the API, while its pages come."""
+
+    last: list[wire.Dispatch] = field(default_factory=list)
+    """The page converted last, not handed over yet."""
+    before: set[int] = field(default_factory=set)
+    """The ids of the pages handed over as `Listed`."""
+    unconvertible: dict[int, str] = field(default_factory=dict)
+    """Ids that could not be converted, and why."""
 
 
 def is_message_size_error(error: grpc.aio.AioRpcError) -> bool:

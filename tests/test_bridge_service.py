@@ -15,6 +15,7 @@ import pytest
 from actor_sdk import wire
 from bridge.service import (
     LinkChanged,
+    Listed,
     MicrogridService,
     Outbox,
     ScheduleCore,
@@ -234,6 +235,30 @@ def test_sync_diffs_created_updated_deleted_and_leaves_the_rest_alone() -> None:
     assert out.counts == {"created": 1, "updated": 1, "deleted": 1}
 
 
+def test_a_listing_in_parts_publishes_each_part_at_once_and_deletes_only_at_its_end() -> None:
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1), dispatch(2), dispatch(3)], T0)
+    part = core.put_listed(
+        [dispatch(1, payload={"x": 1}, updated=T0), dispatch(4)], T0 + S, events=True
+    )
+    assert sorted(events(part)) == [("created", 4), ("updated", 1)]
+    assert [d.id for d in snapshot(part, "T").running] == [1, 2, 3, 4]  # 2 not deleted yet
+    assert sorted(part.dispatches) == [1, 4] and not part.retained.keys() - {LAYOUT.running("T")}
+    last = core.sync([dispatch(3)], T0 + S, events=True, listed_before={1, 4})
+    assert events(last) == [("deleted", 2)]
+    assert [d.id for d in snapshot(last, "T").running] == [1, 3, 4]
+    assert sorted(d.id for d in core.dispatches()) == [1, 3, 4]
+
+
+def test_a_part_of_a_listing_removes_a_held_dispatch_listed_as_nothing_the_core_can_hold() -> None:
+    # As a whole listing does: the held version is not what the API lists any more.
+    core = ScheduleCore(5, LAYOUT)
+    core.load([dispatch(1)], T0)
+    out = core.put_listed([dispatch(1, kind="", updated=T0)], T0 + S, events=True)
+    assert out.rejected == [(1, "dispatch type must not be empty")]
+    assert events(out) == [("deleted", 1)] and core.get(1) is None
+
+
 def _peak_of_a_sync(kept_elsewhere: bool) -> tuple[int, int]:
     """Traced memory at the peak of loading 20k running dispatches, and one struct's size."""
     core = ScheduleCore(5, LAYOUT)
@@ -384,6 +409,34 @@ def test_service_steps_apply_upstream_items_with_one_clock_read() -> None:
         "deleted",
     ]
     assert LAYOUT.dispatch("T", 2) not in sink.retained
+
+
+def test_a_listing_in_parts_is_published_part_by_part_and_vouched_for_at_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = FakeSink()
+    service = MicrogridService(ScheduleCore(5, LAYOUT), sink, clock=lambda: T0)
+    service.put(Synced([dispatch(1), dispatch(2), dispatch(3)]))
+    service.step(T0)
+    service.put(LinkChanged(False, "test"))
+    service.put(Listed([dispatch(1, payload={"x": 1}, updated=T0), dispatch(4)]))
+    sink.authoritative = False
+    service.step(T0)
+    # The part is published at once; the broker's stale topics wait for the whole listing.
+    assert sink.retained[LAYOUT.dispatch("T", 4)].id == 4
+    assert wire.payload_of(sink.retained[LAYOUT.dispatch("T", 1)]) == {"x": 1}
+    assert LAYOUT.dispatch("T", 2) in sink.retained
+    assert not sink.authoritative and sink.status["synced_at"] == T0
+    service.put(Listed([dispatch(5)]))
+    service.put(LinkChanged(True))
+    caplog.set_level(logging.INFO, "bridge.service")
+    service.put(Synced([dispatch(3)], listed_before={1, 4, 5}))
+    service.step(T0 + S)
+    assert sink.authoritative and sink.status["synced_at"] == T0 + S
+    assert LAYOUT.dispatch("T", 2) not in sink.retained
+    assert sorted(d.id for d in service.core.dispatches()) == [1, 3, 4, 5]
+    # One line for the whole listing: held before its first part, and every part's changes.
+    assert "held before: 3; created 2, updated 1, deleted 1 while disconnected" in caplog.text
 
 
 async def test_service_publishes_a_scheduled_start_at_its_instant() -> None:

@@ -1,4 +1,8 @@
-"""A listing or a cache holds equal parts of its dispatches once (`convert.share_parts`)."""
+"""A listing or a cache holds equal parts of its dispatches once.
+
+A listing through `convert.ListingConverter`, which also converts each distinct part
+once; the cache through `convert.share_parts`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from frequenz.client.dispatch import recurrence as rec
 from frequenz.client.dispatch import types as ct
 
@@ -44,13 +49,35 @@ def parts(dispatch: wire.Dispatch) -> list[object]:
 
 
 def test_equal_parts_of_one_listing_are_one_object_and_the_result_is_unchanged() -> None:
-    shared: dict[Any, Any] = {}
-    first, second = (convert.share_parts(convert.from_protobuf(listed(i)), shared) for i in (1, 2))
+    converter = convert.ListingConverter()
+    first, second = (converter.convert(listed(i)) for i in (1, 2))
     for mine, theirs in zip(parts(first), parts(second), strict=True):
         assert mine is theirs
     assert first.update_time is first.create_time
     assert second == convert.from_protobuf(listed(2))
     assert wire.encode(second) == wire.encode(convert.from_protobuf(listed(2)))
+
+
+def test_a_listing_converts_each_distinct_rule_and_target_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bench's 100k listing spent 4 of 12.5 us per dispatch converting its rule,
+    # 2 its target, 1.5 each instant; equal ones came again and again.
+    calls: dict[str, int] = {}
+    for name in ("_pb_recurrence", "_pb_target", "_pb_time"):
+        real = getattr(convert, name)
+
+        def counting(*args: Any, real: Any = real, name: str = name) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args)
+
+        monkeypatch.setattr(convert, name, counting)
+    converter = convert.ListingConverter()
+    for dispatch_id in range(1, 11):
+        converter.convert(listed(dispatch_id))
+    # One rule, one target; instants are shared as themselves, the update time (equal
+    # to the creation time) is not converted again.
+    assert calls == {"_pb_recurrence": 1, "_pb_target": 1, "_pb_time": 20}
 
 
 def test_without_a_listing_nothing_is_shared() -> None:

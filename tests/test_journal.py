@@ -28,7 +28,14 @@ from actor_sdk.journal import (
 )
 from bridge import audit_command
 from bridge.journal import BridgeJournal, changed_fields
-from bridge.service import LinkChanged, MicrogridService, ScheduleCore, StreamEvent, Synced
+from bridge.service import (
+    LinkChanged,
+    Listed,
+    MicrogridService,
+    ScheduleCore,
+    StreamEvent,
+    Synced,
+)
 from testkit.processes import async_wait_until, wait_until
 from tests.fixtures.sdk import wire_dispatch
 from tests.test_bridge_service import LAYOUT, T0, FakeSink, dispatch
@@ -223,6 +230,21 @@ async def test_a_large_outcome_is_journaled_in_slices_after_the_step_and_in_orde
     got = [(e["source"], e["event"], e["dispatch_id"]) for e in entries(path)]
     assert got[:2] == [("upstream", "created", 1), ("bridge", "created", 1)]
     assert got[-2:] == [("upstream", "deleted", 1), ("bridge", "deleted", 1)]
+
+
+async def test_a_listing_in_parts_is_journaled_as_one_entry_counting_every_part(
+    tmp_path: Path,
+) -> None:
+    # Made after the step, which empties the listed lists as it applies them: the
+    # entry said "dispatches": 0 for every listing of a running bridge.
+    service, writer, path = _service_with_journal(tmp_path)
+    service.put(Listed([dispatch(1), dispatch(2)]))
+    service.put(Synced([dispatch(3)], listed_before={1, 2}))
+    service.step(T0)
+    await async_wait_until(lambda: writer.queued == 1, 5, "the entry")
+    writer.flush()
+    [entry] = entries(path)
+    assert (entry["event"], entry["dispatches"], entry["unconvertible"]) == ("listed", 3, 0)
 
 
 def _audit(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
