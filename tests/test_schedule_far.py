@@ -9,6 +9,7 @@ whenever the restarted reference saw the latest occurrence.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -92,3 +93,16 @@ def test_years_after_the_start_equals_reference_started_nearby(
     if latest is not None:
         # The restarted rule saw the latest occurrence: the run state must agree.
         assert (state.running, state.until) == (running, until), (d, now, shifted)
+
+
+def test_the_reference_time_limit_fires_inside_the_reference_only() -> None:
+    # Raised anywhere else (hypothesis, pytest, a `with` statement's cleanup), the
+    # alarm's error left a frame without a line number and crashed pytest's report.
+    from dateutil.rrule import MINUTELY, rrule  # noqa: PLC0415
+
+    with time_limit(0.01):
+        spin_until = time.monotonic() + 0.05
+        while time.monotonic() < spin_until:  # our own code: the alarm waits
+            pass
+        with pytest.raises(OracleTooSlow):
+            oracle(lambda: sum(1 for _ in rrule(MINUTELY, dtstart=datetime(2000, 1, 1))))
