@@ -402,7 +402,10 @@ class _Pipeline:
             lambda: self.service.synced_at,
             on_problem=partial(self._problem, "cache"),
         )
-        self.service = MicrogridService(core, self.publisher, had_state=loaded is not None)
+        # Only a cache that a whole listing confirmed is the whole truth: one of a first
+        # listing cut short holds some pages and no sync time (its stale topics wait).
+        vouched = loaded is not None and loaded[1] is not None
+        self.service = MicrogridService(core, self.publisher, had_state=vouched)
         if loaded is not None:
             dispatches, synced_at = loaded
             self.service.synced_at = synced_at

@@ -374,3 +374,53 @@ async def test_a_restored_tree_whose_snapshot_counts_a_lost_topic_does_not_hold_
         "the snapshot of session 2",
     )
     assert wire.decode_running(republished).dispatches == 1
+
+
+async def test_a_cache_never_synced_is_not_taken_as_the_whole_truth(
+    api_server: ApiServerHandle,
+    mqtt_broker: Broker,
+    bridge_factory: BridgeFactory,
+    mqtt_tap_factory: TapFactory,
+) -> None:
+    """A first listing cut short leaves a cache of some pages and no sync time.
+
+    Pages are written to the cache as they are applied (the listing is published page
+    by page). Restarted on such a cache with the API down, the bridge publishes what it
+    holds but must not clear what the broker holds beyond it: the dispatches of the
+    pages never listed are as true as before.
+    """
+    microgrid = MICROGRID + 20
+    tap, bridge, layout = synced_bridge(
+        api_server, mqtt_broker, bridge_factory, mqtt_tap_factory, microgrid
+    )
+    async with api_server.client() as client:
+        created = [
+            await client.create(
+                microgrid_id=MicrogridId(microgrid),
+                type="PAGED",
+                start_time=datetime.now(UTC) + timedelta(hours=2),
+                duration=timedelta(minutes=5),
+                target=TargetIds(1),
+            )
+            for _ in range(2)
+        ]
+    kept, unlisted = (int(d.id) for d in created)
+    unlisted_topic = layout.dispatch("PAGED", unlisted)
+    await asyncio.to_thread(tap.wait_latest, unlisted_topic, bool)
+    wait_until(lambda: unlisted in cached_dispatches(bridge.state_dir, microgrid), 5, "the cache")
+    assert bridge.stop() == 0
+    api_server.stop()
+    # What a first listing stopped after its first page leaves behind.
+    with sqlite3.connect(cache_path(bridge.state_dir, microgrid)) as db:
+        db.execute("DELETE FROM dispatches WHERE id = ?", (unlisted,))
+        assert db.execute("DELETE FROM meta WHERE key = 'synced_at'").rowcount == 1
+
+    bridge.start()
+    deferred = "stale ones are cleared after the first sync"
+    cleared = "clearing 1 stale dispatch"
+    wait_until(
+        lambda: deferred in bridge.output() or cleared in bridge.output(), 15, "the read-back"
+    )
+    assert deferred in bridge.output() and cleared not in bridge.output()
+    tree = retained_snapshot(mqtt_broker, layout.everything)
+    assert unlisted_topic in tree and layout.dispatch("PAGED", kept) in tree
