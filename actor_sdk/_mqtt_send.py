@@ -143,6 +143,9 @@ def _plain_successes_decoded_once(paho_client: paho.Client) -> None:
     empty `Properties`: the callbacks only read them. Any other PUBACK (a refusal,
     properties), and PUBCOMP, take paho's own path (and its debug log line).
     """
+    internals = ("_handle_pubackcomp", "_in_packet", "_out_message_mutex", "_out_messages")
+    if not all(hasattr(paho_client, name) for name in (*internals, "_do_on_publish")):
+        return  # another paho than 2.2's: its own path, as before
     handle = paho_client._handle_pubackcomp
 
     def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:

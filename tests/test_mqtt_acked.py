@@ -16,6 +16,7 @@ from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from actor_sdk._mqtt_send import _plain_successes_decoded_once
 from actor_sdk.mqtt import (
     AckedPublishes,
     BrokerSettings,
@@ -127,3 +128,12 @@ async def test_an_at_once_publish_is_on_the_wire_before_the_loop_turns(
     finally:
         subscriber.loop_stop()
         subscriber.disconnect()
+
+
+def test_a_paho_without_the_internals_it_knows_keeps_its_own_acknowledgement_path() -> None:
+    class OtherPaho:  # another paho version: none of 2.2's private names
+        pass
+
+    other = OtherPaho()
+    _plain_successes_decoded_once(other)  # type: ignore[arg-type]
+    assert vars(other) == {}
