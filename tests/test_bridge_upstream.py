@@ -7,7 +7,7 @@ import contextlib
 import gc
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,9 +60,12 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def upstream(server: ApiServerHandle, sink: Recorder) -> AsyncIterator[Upstream]:
+async def upstream(
+    server: ApiServerHandle, sink: Callable[[UpstreamItem], None], page_size: int | None = None
+) -> AsyncIterator[Upstream]:
     settings = UpstreamSettings(server.url, server.key or "", server.secret)
-    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5))
+    paging = {} if page_size is None else {"page_size": page_size}
+    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5), **paging)
     task = asyncio.create_task(feed.run())
     try:
         yield feed
@@ -263,15 +266,8 @@ async def test_the_next_list_page_is_asked_for_before_this_one_is_converted(
         DispatchApiClient, "stub", property(lambda client: _CountingStub(real_stub.fget(client)))
     )
     sink = Recorder()
-    settings = UpstreamSettings(api_server.url, api_server.key or "", api_server.secret)
-    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5), page_size=10)
-    task = asyncio.create_task(feed.run())
-    try:
+    async with upstream(api_server, sink, page_size=10):
         await async_wait_until(lambda: sink.syncs() == 1, 10, "the listing")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     # Pages 1-3 of 10 (no fourth: the third has no next token): page 2 is asked for
     # before page 1's dispatches are converted, page 3 before page 2's.
     assert asked_after[:3] == [0, 0, 10]
@@ -294,17 +290,8 @@ async def test_each_page_but_the_last_is_handed_over_before_the_next_is_converte
             assert len(item.listed_before) == 20
         sink(item)
 
-    settings = UpstreamSettings(api_server.url, api_server.key or "", api_server.secret)
-    feed = Upstream(
-        settings, MICROGRID, record, backoff=Backoff(initial=0.1, cap=0.5), page_size=10
-    )
-    task = asyncio.create_task(feed.run())
-    try:
+    async with upstream(api_server, record, page_size=10):
         await async_wait_until(lambda: sink.syncs() == 1, 10, "the listing")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert handed == [("Listed", 10, 10), ("Listed", 10, 20), ("Synced", 10, 30)]
     assert sink.ids() == await server_ids(api_server)
 
@@ -342,14 +329,7 @@ async def test_a_dispatch_deleted_during_a_listing_in_parts_is_deleted(
         DispatchApiClient, "stub", property(lambda client: _DeletingStub(real_stub.fget(client)))
     )
     sink = Recorder()
-    settings = UpstreamSettings(api_server.url, api_server.key or "", api_server.secret)
-    feed = Upstream(settings, MICROGRID, sink, backoff=Backoff(initial=0.1, cap=0.5), page_size=10)
-    task = asyncio.create_task(feed.run())
-    try:
+    async with upstream(api_server, sink, page_size=10):
         await async_wait_until(lambda: first not in sink.ids() and sink.syncs() == 1, 10, "gone")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert sink.ids() == await server_ids(api_server)
     assert len(sink.ids()) == 29

@@ -194,16 +194,22 @@ def test_a_dispatch_that_changes_type_is_cleared_on_its_old_topic_and_sent_on_it
     assert [item.topic for item in drain(q)] == [LAYOUT.dispatch("A", 5)]
 
 
+def traced_table_bytes(dispatches: list[wire.Dispatch]) -> int:
+    """What a table of `dispatches` by id costs (tracemalloc must be tracing)."""
+    before = tracemalloc.get_traced_memory()[0]
+    table = {d.id: d for d in dispatches}
+    cost = tracemalloc.get_traced_memory()[0] - before
+    del table
+    return cost
+
+
 def test_the_queue_keeps_no_topic_string_per_dispatch() -> None:
     # Each dispatch topic (about 100 bytes) is built when it is sent: a held
     # dispatch costs the queue its table entry, not a string too.
     dispatches = [contract_example(id=n) for n in range(20_000)]
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        reference = {d.id: d for d in dispatches}
-        table_alone = tracemalloc.get_traced_memory()[0] - before
-        del reference
+        table_alone = traced_table_bytes(dispatches)
         q = queue()
         before = tracemalloc.get_traced_memory()[0]
         for dispatch in dispatches:
@@ -238,10 +244,7 @@ def test_a_queue_on_the_cores_table_keeps_no_table_of_its_own() -> None:
     dispatches = [contract_example(id=n) for n in range(1, 20_001)]
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        reference = {d.id: d for d in dispatches}
-        table_alone = tracemalloc.get_traced_memory()[0] - before
-        del reference
+        table_alone = traced_table_bytes(dispatches)
         core, q = on_core()
         out = core.load(dispatches, NOW)
         before = tracemalloc.get_traced_memory()[0]
