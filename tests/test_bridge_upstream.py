@@ -75,6 +75,30 @@ async def upstream(
             await task
 
 
+class _ListingStub:
+    """The client's stub, with its list calls going through `list_page(stub, ...)` first."""
+
+    def __init__(self, stub: Any, list_page: Callable[..., Any]) -> None:
+        self._stub = stub
+        self._list_page = list_page
+
+    def ListMicrogridDispatches(self, *args: Any, **kwargs: Any) -> Any:
+        return self._list_page(self._stub, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+
+def intercept_listing(monkeypatch: pytest.MonkeyPatch, list_page: Callable[..., Any]) -> None:
+    """Route every list page call of the API client through `list_page(stub, ...)`."""
+    real_stub = DispatchApiClient.stub
+    monkeypatch.setattr(
+        DispatchApiClient,
+        "stub",
+        property(lambda client: _ListingStub(real_stub.fget(client), list_page)),
+    )
+
+
 async def server_ids(server: ApiServerHandle) -> set[int]:
     async with server.client() as client:
         return {
@@ -249,22 +273,12 @@ async def test_the_next_list_page_is_asked_for_before_this_one_is_converted(
     await create(api_server, 30)
     conversions = _Conversions(monkeypatch)
     asked_after: list[int] = []
-    real_stub = DispatchApiClient.stub
 
-    class _CountingStub:
-        def __init__(self, stub: Any) -> None:
-            self._stub = stub
+    def count_then_list(stub: Any, *args: Any, **kwargs: Any) -> Any:
+        asked_after.append(conversions.count)
+        return stub.ListMicrogridDispatches(*args, **kwargs)
 
-        def ListMicrogridDispatches(self, *args: Any, **kwargs: Any) -> Any:
-            asked_after.append(conversions.count)
-            return self._stub.ListMicrogridDispatches(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._stub, name)
-
-    monkeypatch.setattr(
-        DispatchApiClient, "stub", property(lambda client: _CountingStub(real_stub.fget(client)))
-    )
+    intercept_listing(monkeypatch, count_then_list)
     sink = Recorder()
     async with upstream(api_server, sink, page_size=10):
         await async_wait_until(lambda: sink.syncs() == 1, 10, "the listing")
@@ -304,30 +318,20 @@ async def test_a_dispatch_deleted_during_a_listing_in_parts_is_deleted(
     await create(api_server, 30)
     [first, *_] = sorted(await server_ids(api_server))
     pages = 0
-    real_stub = DispatchApiClient.stub
 
-    class _DeletingStub:
-        def __init__(self, stub: Any) -> None:
-            self._stub = stub
+    async def delete_then_list(stub: Any, *args: Any, **kwargs: Any) -> Any:
+        async with api_server.client() as client:
+            await client.delete(microgrid_id=MicrogridId(MICROGRID), dispatch_id=first)
+        return await stub.ListMicrogridDispatches(*args, **kwargs)
 
-        async def _delete_then_list(self, *args: Any, **kwargs: Any) -> Any:
-            async with api_server.client() as client:
-                await client.delete(microgrid_id=MicrogridId(MICROGRID), dispatch_id=first)
-            return await self._stub.ListMicrogridDispatches(*args, **kwargs)
+    def list_page(stub: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal pages
+        pages += 1
+        if pages == 3:
+            return asyncio.ensure_future(delete_then_list(stub, *args, **kwargs))
+        return stub.ListMicrogridDispatches(*args, **kwargs)
 
-        def ListMicrogridDispatches(self, *args: Any, **kwargs: Any) -> Any:
-            nonlocal pages
-            pages += 1
-            if pages == 3:
-                return asyncio.ensure_future(self._delete_then_list(*args, **kwargs))
-            return self._stub.ListMicrogridDispatches(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._stub, name)
-
-    monkeypatch.setattr(
-        DispatchApiClient, "stub", property(lambda client: _DeletingStub(real_stub.fget(client)))
-    )
+    intercept_listing(monkeypatch, list_page)
     sink = Recorder()
     async with upstream(api_server, sink, page_size=10):
         await async_wait_until(lambda: first not in sink.ids() and sink.syncs() == 1, 10, "gone")
