@@ -298,6 +298,23 @@ class PublishQueue:
                 self._bulk = OrderedDict()
         else:
             return None
+        return self._outgoing(key)
+
+    def take_waiting(self, topic: str) -> Outgoing | None:
+        """Take one waiting retained topic ahead of its turn, and count it in flight.
+
+        Args:
+            topic: The topic (a running snapshot, to be written at once).
+
+        Returns:
+            The publish, or None when the topic does not wait.
+        """
+        if topic not in self._urgent:
+            return None
+        del self._urgent[topic]
+        return self._outgoing(topic)
+
+    def _outgoing(self, key: _Key) -> Outgoing:
         self._in_flight += 1
         if isinstance(key, _EventNumber):
             topic, payload = self._events[key.number]
