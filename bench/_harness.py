@@ -351,7 +351,7 @@ class Stack:
         broker.start()
         return broker
 
-    def start_tap(self, broker: Mosquitto, topic_filter: str, name: str = "tap") -> Proc:
+    def start_tap(self, broker: Mosquitto, *topic_filters: str, name: str = "tap") -> Proc:
         """A live `mosquitto_sub` recording `%U %r %t %p` lines; wait until subscribed.
 
         A separate C process, so its receive times are not delayed by this
@@ -361,8 +361,7 @@ class Stack:
             [
                 MOSQUITTO_SUB,
                 *broker.sub_args(),
-                "-t",
-                topic_filter,
+                *(arg for topic_filter in topic_filters for arg in ("-t", topic_filter)),
                 "-t",
                 "bench/probe",
                 "-q",

@@ -381,7 +381,9 @@ def _republish(
     broker.stop()
     broker.start()
     up = time.time()
-    running_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/+/running", "tap-2"), True)
+    running_tap = Tap(
+        stack.start_tap(broker, f"microgrid/{MG}/dispatch/+/running", name="tap-2"), True
+    )
     bridge.proc.wait_output("retained tree read back", 60, before + 1)
     running_tap.wait_all(types, 60)
     table.add(
@@ -400,7 +402,7 @@ def _republish(
         saved.unlink()
     broker.start()
     up = time.time()
-    live_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#", "tap-3"), True)
+    live_tap = Tap(stack.start_tap(broker, f"microgrid/{MG}/dispatch/#", name="tap-3"), True)
     last = live_tap.wait_all(expected, 120)
     table.add(
         "full republish after broker restart without its state (broker up → every topic again)",

@@ -33,10 +33,10 @@ def test_schedule_bench_quick_prints_table() -> None:
     assert "agree on the sample: yes" in result.stdout
 
 
-def run_quick(script: str, timeout: float = 100) -> dict[str, list[str]]:
+def run_quick(script: str, *options: str, timeout: float = 100) -> dict[str, list[str]]:
     """Run `bench/<script> --quick`; return its table rows by figure (cells after it)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick"],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", *options],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -47,7 +47,7 @@ def run_quick(script: str, timeout: float = 100) -> dict[str, list[str]]:
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert header == ["figure", "ours", "reference", "ratio", "budget"]
-    assert f"bench/{script} --quick" in result.stdout  # the command that made it
+    assert " ".join([f"bench/{script} --quick", *options]) in result.stdout  # what made it
     table: dict[str, list[str]] = {}
     for row in rows[2:]:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -80,6 +80,18 @@ def test_lateness_bench_quick_prints_bridge_and_actor_rows() -> None:
         for stat in ("p50", "p90", "p99", "max"):
             ours, reference, _, _ = table[f"actor {kind}() late, {stat}"]
             assert measured(ours) and measured(reference)
+
+
+def test_lateness_bench_bridge_only_prints_the_bridge_next_to_a_plain_client() -> None:
+    table = run_quick("lateness.py", "--bridge-only")
+    for figure in (
+        "bridge: published (subscriber receives), p50",
+        "bridge: published (subscriber receives), p99",
+        "bridge: published, max",
+    ):
+        ours, reference, ratio, _ = table[figure]
+        assert measured(ours) and measured(reference) and measured(ratio)
+    assert not any(figure.startswith("actor ") for figure in table)
 
 
 def test_scale_bench_quick_prints_every_figure() -> None:

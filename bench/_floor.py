@@ -1,0 +1,59 @@
+"""The floor of the broker path: a plain paho client publishing at chosen instants.
+
+`FloorPublisher` writes `count` retained QoS 1 messages of `size` bytes on
+`bench/floor/<n>`, in a tight loop starting at each instant (a thread of its own
+sleeps, then spins, until the instant; paho's network thread writes and reads the
+socket), so that a tap shows how late a burst of messages reaches a subscriber
+through this broker on this machine when nothing but the publishing is done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+
+FLOOR_TOPICS = "bench/floor/+"
+_SPIN_S = 0.002
+
+
+class FloorPublisher:
+    """Bursts of retained messages at given instants, from a thread of its own."""
+
+    def __init__(self, broker_url: str, instants: list[float], count: int, size: int) -> None:
+        """Connect (as the URL's user) and start waiting for the first instant.
+
+        Args:
+            broker_url: `mqtt://user:password@host:port`.
+            instants: Unix times, ascending.
+            count: Messages per burst.
+            size: Bytes per message.
+        """
+        url = urlsplit(broker_url)
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self._client.username_pw_set(unquote(url.username or ""), unquote(url.password or ""))
+        self._client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+        self._client.loop_start()
+        self._payload = b"f" * size
+        self._count = count
+        self._instants = instants
+        self._thread = threading.Thread(target=self._run, name="floor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for instant in self._instants:
+            pause = instant - time.time() - _SPIN_S
+            if pause > 0:
+                time.sleep(pause)
+            while time.time() < instant:
+                pass
+            for index in range(self._count):
+                self._client.publish(f"bench/floor/{index}", self._payload, qos=1, retain=True)
+
+    def close(self) -> None:
+        """Wait for the last burst, then disconnect."""
+        self._thread.join()
+        self._client.disconnect()
+        self._client.loop_stop()
