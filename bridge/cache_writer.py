@@ -2,8 +2,8 @@
 
 See `bridge.store` for the cache itself. The writer is told what changed by the
 schedule core (`Outbox.stored`, through `MicrogridService.on_change`), so it writes
-only those rows, and it commits them before the event loop lets the publisher send
-the step's topics. It holds nothing per dispatch.
+only those rows, and it commits them before the service hands the step's topics to
+the publisher. It holds nothing per dispatch.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ _logger = logging.getLogger("bridge.store")
 class CacheWriter:
     """Writes what changed to the cache before it reaches the network.
 
-    `mark()`, which the service calls at the end of the step that changed the
-    set of dispatches (before the event loop lets the publisher send anything),
+    `mark()`, which the service calls in the step that changed the set of
+    dispatches before it hands the publisher any topic of it,
     commits what the core said the cache must store in one transaction.
     A commit is in the operating system's hands once it returns: a `kill -9`
     right after loses nothing. `run()` then makes the commits durable against

@@ -395,7 +395,7 @@ class _Pipeline:
         loaded = cache.load()
         synced_at = None
         # The writer is told what each step changed (`service.on_change`), and commits
-        # it before the event loop lets the publisher send it.
+        # it before the publisher is handed any topic of that step.
         self.cache_writer = CacheWriter(
             cache,
             core.dispatches,

@@ -439,6 +439,23 @@ def test_a_listing_in_parts_is_published_part_by_part_and_vouched_for_at_its_end
     assert "held before: 3; created 2, updated 1, deleted 1 while disconnected" in caplog.text
 
 
+def test_the_cache_is_told_of_a_change_before_the_sink_gets_any_topic_of_it() -> None:
+    # The publisher writes a running snapshot to the socket as it is set: what a
+    # restart would not find in the cache must not reach the network first.
+    sink = FakeSink()
+    order: list[str] = []
+    service = MicrogridService(
+        ScheduleCore(5, LAYOUT),
+        sink,
+        clock=lambda: T0,
+        on_change=lambda stored: order.append(f"cache {sorted(stored)}"),
+    )
+    sink.set = lambda topic, payload: order.append(topic)  # type: ignore[method-assign]
+    service.put(StreamEvent("created", dispatch(7)))
+    service.step(T0)
+    assert order[:3] == ["cache [7]", LAYOUT.running("T"), LAYOUT.dispatch("T", 7)]
+
+
 async def test_service_publishes_a_scheduled_start_at_its_instant() -> None:
     sink = FakeSink()
     service = MicrogridService(ScheduleCore(5, LAYOUT), sink)
