@@ -11,7 +11,8 @@ them, SIGTERM then SIGKILL.
   `bridge`, `actor` and `admin`, the shipped ACL plus `admin` on `#`).
 * `Stack.start_api()`: `dispatch-bridge api` with a key and signing secret and
   past start times allowed; `testkit.populate.populate()` fills its SQLite file in bulk first.
-* `Stack.start_bridge(...)`: `dispatch-bridge run` against both.
+* `Stack.start_bridge(...)`: `dispatch-bridge run` against both;
+  `Stack.start_pipeline(...)` starts all three and waits until the bridge synced.
 * `Stack.start_tap(...)`: a `mosquitto_sub` recording what it receives, read back
   by `tap_messages()` or, as it grows, `TapLog`.
 * Waiting (`wait_until`, `async_wait_until`), `progress()` lines and dispatch
@@ -402,6 +403,17 @@ class Stack:
         proc.start()
         port = proc.wait_output(r"listening on 127\.0\.0\.1:(\d+)", 30)
         return ApiServer(proc, db, int(port))
+
+    def start_pipeline(
+        self, microgrid_ids: Sequence[int] = (1,)
+    ) -> tuple[Mosquitto, ApiServer, Bridge]:
+        """Mosquitto, the API server and a bridge of `microgrid_ids`, connected and synced."""
+        broker = self.start_mosquitto()
+        api = self.start_api()
+        bridge = self.start_bridge(api, broker, microgrid_ids)
+        bridge.wait_connected()
+        bridge.wait_synced()
+        return broker, api, bridge
 
     def start_bridge(
         self,

@@ -276,11 +276,7 @@ def measure(sizes: list[int], rounds: int, *, fresh: bool) -> Table:
         command_line(),
     )
     with Stack() as stack:
-        broker = stack.start_mosquitto()
-        api = stack.start_api()
-        bridge = stack.start_bridge(api, broker, (OURS_MG,))
-        bridge.wait_connected()
-        bridge.wait_synced()
+        broker, api, _ = stack.start_pipeline((OURS_MG,))
         creator = Creator(api)
         stack.procs.append(creator)
         for n in sizes:

@@ -87,11 +87,7 @@ async def measure(samples: int, profile_dir: Path | None = None) -> Table:
     from bridge.api import create_dispatch  # noqa: PLC0415
 
     with Stack(profile_dir=profile_dir) as stack:
-        broker = stack.start_mosquitto()
-        api = stack.start_api()
-        bridge = stack.start_bridge(api, broker, (OURS_MG,))
-        bridge.wait_connected()
-        bridge.wait_synced()
+        broker, api, _ = stack.start_pipeline((OURS_MG,))
 
         clock = time.perf_counter
         ours, ref = Recorder(clock), Recorder(clock)

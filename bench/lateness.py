@@ -118,11 +118,7 @@ async def measure(per_side: int, *, fresh: bool = False) -> Table:
         instants=max(1, min(3, per_side // 100)),
     )
     with Stack() as stack:
-        broker = stack.start_mosquitto()
-        api = stack.start_api()
-        bridge = stack.start_bridge(api, broker, (OURS_MG,))
-        bridge.wait_connected()
-        bridge.wait_synced()
+        broker, api, _ = stack.start_pipeline((OURS_MG,))
         sdk = Dispatcher(microgrid_id=OURS_MG, broker=broker.url("actor"))
         reference = RefDispatcher(
             microgrid_id=MicrogridId(REF_MG),
@@ -224,11 +220,7 @@ async def measure_bridge_only(per_side: int) -> Table:
 
     run = Run(per_side, types=[f"LATE_{n}" for n in range(max(2, per_side // 10))], instants=3)
     with Stack() as stack:
-        broker = stack.start_mosquitto()
-        api = stack.start_api()
-        bridge = stack.start_bridge(api, broker, (OURS_MG,))
-        bridge.wait_connected()
-        bridge.wait_synced()
+        broker, api, _ = stack.start_pipeline((OURS_MG,))
         layout = wire.TopicLayout.for_microgrid(OURS_MG)
         tap = stack.start_tap(broker, f"{layout.root}/+/running", FLOOR_TOPICS)
         base = next_second(1.0 + run.per_side * 0.006)

@@ -24,6 +24,7 @@ from testkit.broker import Broker
 from testkit.processes import async_wait_until, free_port
 from testkit.proxy import TcpProxy
 from tests.fixtures.wire_examples import contract_example
+from tests.fixtures.wire_examples import nothing_running as nothing_running_in
 
 MICROGRID = 6
 LAYOUT = wire.TopicLayout.for_microgrid(MICROGRID)
@@ -69,15 +70,7 @@ def make(broker_or_settings: Broker | BrokerSettings, state: Path) -> Publisher:
 
 def nothing_running(dispatch_type: str) -> wire.RunningSnapshot:
     """A running snapshot of a type with nothing running (the publisher stamps it)."""
-    return wire.RunningSnapshot(
-        microgrid_id=MICROGRID,
-        type=dispatch_type,
-        running=(),
-        next_change=None,
-        as_of=datetime(2026, 1, 1, tzinfo=UTC),
-        session=0,
-        seq=0,
-    )
+    return nothing_running_in(MICROGRID, dispatch_type)
 
 
 async def snapshot(broker: Broker) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ from actor_sdk import wire
 from bridge.publish_queue import Outgoing, PublishQueue
 from bridge.publish_sender import Sender
 from testkit.processes import async_wait_until
-from tests.fixtures.wire_examples import contract_example
+from tests.fixtures.wire_examples import contract_example, nothing_running
 
 LAYOUT = wire.TopicLayout.for_microgrid(3)
 
@@ -37,15 +37,7 @@ class _Acks:
 
 
 def snapshot(dispatch_type: str) -> wire.RunningSnapshot:
-    return wire.RunningSnapshot(
-        microgrid_id=3,
-        type=dispatch_type,
-        running=(),
-        next_change=None,
-        as_of=datetime(2026, 1, 1, tzinfo=UTC),
-        session=0,
-        seq=0,
-    )
+    return nothing_running(3, dispatch_type)
 
 
 def sender_of(
