@@ -9,7 +9,6 @@ so it lives on the bridge's side; the SDK needs only the other direction
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, TypeVar, cast
@@ -334,15 +333,3 @@ def share_parts(dispatch: Dispatch, shared: dict[Any, Any]) -> Dispatch:
         update_time=one(dispatch.update_time),
         end_time=one(dispatch.end_time),
     )
-
-
-def sorted_by_id(dispatches: Iterable[Dispatch]) -> tuple[Dispatch, ...]:
-    """Return dispatches sorted by id, the order of a running snapshot.
-
-    Args:
-        dispatches: The dispatches.
-
-    Returns:
-        The same dispatches, sorted by id.
-    """
-    return tuple(sorted(dispatches, key=lambda d: d.id))

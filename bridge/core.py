@@ -175,22 +175,6 @@ class ScheduleCore:
         held = self._dispatches.get(dispatch_id)
         return None if held is None else strip_state(held)
 
-    def state(self, dispatch_id: int) -> schedule.RunState | None:
-        """The run state of a dispatch as of the step that last touched it.
-
-        Args:
-            dispatch_id: The id.
-
-        Returns:
-            The state, or None if the dispatch is unknown.
-        """
-        held = self._dispatches.get(dispatch_id)
-        if held is None:
-            return None
-        return schedule.RunState(
-            held.running, held.until, held.next_run, self._changes_at.get(dispatch_id)
-        )
-
     def running_ids(self, dispatch_type: str) -> list[int]:
         """The ids of the running dispatches of a type, sorted, as of the last step.
 
