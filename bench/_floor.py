@@ -1,6 +1,6 @@
 """The floor of the broker path: a plain paho client publishing at chosen instants.
 
-`FloorPublisher` writes `count` retained QoS 1 messages of `size` bytes on
+`FloorPublisher` writes a burst of retained QoS 1 messages of `size` bytes on
 `bench/floor/<n>`, in a tight loop starting at each instant (a thread of its own
 sleeps, then spins, until the instant; paho's network thread writes and reads the
 socket), so that a tap shows how late a burst of messages reaches a subscriber
@@ -22,13 +22,12 @@ _SPIN_S = 0.002
 class FloorPublisher:
     """Bursts of retained messages at given instants, from a thread of its own."""
 
-    def __init__(self, broker_url: str, instants: list[float], count: int, size: int) -> None:
-        """Connect (as the URL's user) and start waiting for the first instant.
+    def __init__(self, broker_url: str, bursts: list[tuple[float, int]], size: int) -> None:
+        """Connect (as the URL's user) and start waiting for the first burst.
 
         Args:
             broker_url: `mqtt://user:password@host:port`.
-            instants: Unix times, ascending.
-            count: Messages per burst.
+            bursts: (unix time, messages), ascending in time.
             size: Bytes per message.
         """
         url = urlsplit(broker_url)
@@ -37,19 +36,18 @@ class FloorPublisher:
         self._client.connect(url.hostname or "127.0.0.1", url.port or 1883)
         self._client.loop_start()
         self._payload = b"f" * size
-        self._count = count
-        self._instants = instants
+        self._bursts = bursts
         self._thread = threading.Thread(target=self._run, name="floor", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        for instant in self._instants:
+        for instant, count in self._bursts:
             pause = instant - time.time() - _SPIN_S
             if pause > 0:
                 time.sleep(pause)
             while time.time() < instant:
                 pass
-            for index in range(self._count):
+            for index in range(count):
                 self._client.publish(f"bench/floor/{index}", self._payload, qos=1, retain=True)
 
     def close(self) -> None:

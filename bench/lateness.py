@@ -23,9 +23,9 @@ compete for the CPU at the same instant.
 
 `--bridge-only` leaves both SDKs out: the bridge alone publishes its snapshots at
 each instant, and half a second later a plain paho client in this process
-(`bench/_floor.py`) publishes as many messages (one per type, 1,500 bytes each) to
-the same tap: the floor of the broker path on this machine, next to the bridge's
-figure in the same run.
+(`bench/_floor.py`) publishes as many messages (one per type the instant changes,
+2,000 bytes each) to the same tap: the floor of the broker path on this machine,
+next to the bridge's figure in the same run.
 
 Lateness = wall-clock receive time minus the scheduled instant (one clock: all in
 this process). For the bridge: the first running snapshot of the type that shows
@@ -104,6 +104,9 @@ class Run:
 
 FLOOR_OFFSET_S = 0.5
 """The floor's bursts come this long after each of the bridge's instants."""
+FLOOR_SIZE = 2000
+"""Bytes per message of the floor's bursts (a snapshot of ten dispatches is about 4 KB,
+one of none 0.2 KB)."""
 
 
 async def measure(per_side: int, *, fresh: bool = False) -> Table:
@@ -225,13 +228,13 @@ async def measure_bridge_only(per_side: int) -> Table:
         tap = stack.start_tap(broker, f"{layout.root}/+/running", FLOOR_TOPICS)
         base = next_second(1.0 + run.per_side * 0.006)
         await _create(run, api.client(), base, (("o", OURS_MG, 0),))
-        instants = sorted({t for p in run.planned["o"] for t in (p.start, p.stop)})
-        floor = FloorPublisher(
-            broker.url("admin"),
-            [t + FLOOR_OFFSET_S for t in instants],
-            count=len(run.types),
-            size=1500,
-        )
+        changing: dict[float, set[str]] = {}  # the types each instant changes
+        for planned in run.planned["o"]:
+            for instant in (planned.start, planned.stop):
+                changing.setdefault(instant, set()).add(planned.type)
+        instants = sorted(changing)
+        bursts = [(t + FLOOR_OFFSET_S, len(changing[t])) for t in instants]
+        floor = FloorPublisher(broker.url("admin"), bursts, size=FLOOR_SIZE)
         await asyncio.sleep(max(instants) + 1 + FLOOR_OFFSET_S - time.time())
         floor.close()
         received = tap_messages(tap)
@@ -244,11 +247,12 @@ async def measure_bridge_only(per_side: int) -> Table:
             snap = wire.decode_running(payload)
             ids = frozenset(d.id for d in snap.running)
             run.snapshots.append((at, snap.type, ids, snap.as_of.timestamp()))
-            sizes.append(len(payload))
-    return _table(run, floor_late, percentile(sizes, 50))
+            if any(0 <= at - t < FLOOR_OFFSET_S for t in instants):  # not a create's
+                sizes.append(len(payload))
+    return _table(run, floor_late, sizes)
 
 
-def _table(run: Run, floor: list[float] | None = None, snapshot_size: float = 0.0) -> Table:
+def _table(run: Run, floor: list[float] | None = None, sizes: list[int] | None = None) -> Table:
     planned, ours, ref = run.planned, run.ours, run.ref
 
     def bridge_lateness(p: Planned, start: bool) -> tuple[float, float]:
@@ -306,10 +310,13 @@ def _table(run: Run, floor: list[float] | None = None, snapshot_size: float = 0.
             "frequenz-dispatch's own timer in the actor's process → actor"
         )
     else:
+        sizes = sizes or [0]
         table.note(
-            f"bridge only, no actor processes; reference: a plain paho client publishing "
-            f"{len(run.types)} messages of 1,500 bytes at an instant to the same tap (the "
-            f"bridge's snapshots: median {snapshot_size:.0f} bytes), {len(floor)} received"
+            f"bridge only, no actor processes; reference: a plain paho client publishing, "
+            f"at each instant, one message of {FLOOR_SIZE} bytes per type the instant changes "
+            f"to the same tap (the bridge's snapshots there: median "
+            f"{percentile(sizes, 50):.0f} bytes, from {min(sizes)} to {max(sizes)}), "
+            f"{len(floor)} received"
         )
     return table
 
