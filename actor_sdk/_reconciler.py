@@ -185,11 +185,9 @@ class Reconciler:
         """Tell whether a new message of a dispatch needs a run of its type now.
 
         It does when the dispatch runs (an own-clock run ends when its dispatch
-        changes) or an actor went on into its run (`handoffs`), unless the message only
-        restated what the run of its type reads (`BridgeView.restated`: the bridge's
-        message at a transition, right after the snapshot that decided it); and when
-        it is told to start by now. A start told for later only moves the deadline.
-        While a run is under way, always (it sets the deadlines).
+        changes), an actor went on into its run (`handoffs`), or it is told to start
+        by now; a start told for later only moves the deadline. While a run is under
+        way, always (it sets the deadlines).
 
         Args:
             dispatch_type: The dispatch's type.
@@ -198,13 +196,11 @@ class Reconciler:
         Returns:
             True to call `run(dispatch_type)`.
         """
-        if self.lock.locked():
+        running = self.effective.get(dispatch_type, {})
+        if self.lock.locked() or DispatchId(dispatch_id) in running:
             return True
         managed = self.managed.get(dispatch_type)
-        runs = DispatchId(dispatch_id) in self.effective.get(dispatch_type, {}) or (
-            managed is not None and dispatch_id in managed.running_ids
-        )
-        if runs and not self._view.restated(dispatch_type, dispatch_id):
+        if managed is not None and dispatch_id in managed.running_ids:
             return True
         start = self._view.told_start_of(dispatch_type, dispatch_id)
         if start is None or not self._bridge_clock.converged:

@@ -93,15 +93,12 @@ class _Held:
     or an actor needs the dispatch.
     """
 
-    __slots__ = ("converted", "definition", "message", "restates")
+    __slots__ = ("converted", "definition", "message")
 
     def __init__(self, message: wire.Dispatch) -> None:
         self.message = message
         self.definition = msgspec.structs.replace(message, running=False, until=None, next_run=None)
         self.converted: Dispatch | None = None
-        self.restates = False
-        """Whether this message changed nothing the running decision of its type reads
-        (`BridgeView.restated`)."""
 
     def dispatch(self) -> Dispatch:
         """Return the SDK's form (converted once).
@@ -250,26 +247,6 @@ class BridgeView:
         starts = self._starts.get(dispatch_type, {})
         due = [dispatch_id for dispatch_id, start in starts.items() if start <= until]
         return [d for i in due if (d := self.dispatch(dispatch_type, i)) is not None]
-
-    def restated(self, dispatch_type: str, dispatch_id: int) -> bool:
-        """Tell whether the latest message of a dispatch restated what runs of it read.
-
-        So it is when the message before it had the same definition (everything but
-        `running`, `until` and `next_run`: same `update_time`, same `active`) and the
-        start that one told, if any, was no later than the latest snapshot of the type
-        when it came: a told start is the snapshot's alone to decide once the snapshot
-        is of that instant or later (`SnapshotTerms.told_run`). The bridge sends such a
-        message at each transition of a running dispatch, right after its snapshot.
-
-        Args:
-            dispatch_type: Its type.
-            dispatch_id: Its id.
-
-        Returns:
-            False as well for an unknown dispatch.
-        """
-        held = self._dispatches.get(dispatch_type, {}).get(dispatch_id)
-        return held is not None and held.restates
 
     def told_start_of(self, dispatch_type: str, dispatch_id: int) -> datetime | None:
         """Return the `next_run` the held message of one active dispatch tells.
@@ -558,15 +535,12 @@ class BridgeView:
         held = _Held(message)
         if events:
             held.dispatch()  # a target the client library cannot represent is garbage
-        same = known is not None and known.definition == held.definition
-        if same:
-            told = self.told_start_of(dispatch_type, dispatch_id)
-            as_of = self.snapshot_times(dispatch_type)[0]
-            held.restates = told is None or (as_of is not None and told <= as_of)
         self._dispatches.setdefault(dispatch_type, {})[dispatch_id] = held
         self._told(dispatch_type, dispatch_id, message)
         if not events:
             return []
         if known is None:
             return [Created(held.dispatch())]
-        return [] if same else [Updated(held.dispatch())]
+        if known.definition != held.definition:
+            return [Updated(held.dispatch())]
+        return []

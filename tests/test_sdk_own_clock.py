@@ -188,50 +188,6 @@ async def test_a_snapshot_of_that_instant_without_the_dispatch_stops_it(shell: S
     assert await shell.at(START + timedelta(seconds=1)) == []  # and it stays stopped
 
 
-def running_from(start: datetime) -> wire.Dispatch:
-    """Dispatch 1 as the bridge's topic says at `start`: running, nothing more told."""
-    return msgspec.structs.replace(
-        told(1, start), running=True, until=start + timedelta(seconds=60), next_run=None
-    )
-
-
-async def test_the_bridges_message_at_a_transition_needs_no_run_after_its_snapshot(
-    shell: Shell,
-) -> None:
-    # At each transition the bridge publishes the type's snapshot, then the dispatch's
-    # topic with its new state: at a fan-out instant a reconcile of the type in every
-    # actor process, for nothing the run reads (bench/fanout.py).
-    assert await shell.at(START) == [1]
-    shell.now = START + timedelta(milliseconds=5)
-    running = running_from(START)
-    shell.snapshot(running, next_change=running.until)
-    assert await shell.at(shell.now) == [1]
-    shell.dispatch(running)
-    assert not shell.reconciler.needs_run(T, 1)
-    assert await shell.at(shell.now) == [1]  # what a run would have decided
-
-
-@pytest.mark.parametrize("message", ["before its snapshot", "changed", "deactivated"])
-async def test_a_message_of_a_running_dispatch_needs_a_run_unless_it_only_restates(
-    shell: Shell, message: str
-) -> None:
-    assert await shell.at(START) == [1]
-    shell.now = START + timedelta(milliseconds=5)
-    running = running_from(START)
-    if message == "before its snapshot":  # the own-clock run rests on the start told
-        shell.dispatch(running)
-    else:
-        shell.snapshot(running, next_change=running.until)
-        shell.dispatch(
-            msgspec.structs.replace(
-                running, update_time=running.update_time + timedelta(seconds=1), payload={"p": 2}
-            )
-            if message == "changed"
-            else msgspec.structs.replace(running, active=False)
-        )
-    assert shell.reconciler.needs_run(T, 1)
-
-
 async def test_a_recurring_run_takes_the_following_start_only_from_a_newer_message(
     shell: Shell,
 ) -> None:
