@@ -73,12 +73,12 @@ class ReconcileTimer:
                 continue
             delay = (deadline - self._clock()).total_seconds()
             if delay > 0:
+                # The event loop's clock is not the wall clock: a wake-up before the
+                # deadline on the wall clock sleeps again for the rest.
                 with contextlib.suppress(TimeoutError):
-                    # A millisecond late, so that `until <= now` holds on wake-up.
-                    async with asyncio.timeout(delay + 0.001):
+                    async with asyncio.timeout(delay):
                         await self._wakeup.wait()
-                if self._wakeup.is_set():
-                    continue
+                continue
             await self._reconcile_due()
             deadline = self._deadline()
             if deadline is not None and deadline <= self._clock():
