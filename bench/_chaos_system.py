@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -188,7 +189,7 @@ class System:
             host.process.start()
         for host in self.hosts:
             wait_until(
-                lambda h=host: h.process.check_alive() or self._synced(h) >= 1,
+                host.process.alive_and(functools.partial(self._synced_since, host, 0)),
                 30,
                 f"{host.name} in sync",
             )
@@ -224,6 +225,14 @@ class System:
     @staticmethod
     def _synced(host: Host) -> int:
         return host.process.output().count("in sync with the retained state")
+
+    def _synced_since(self, host: Host, before: int) -> bool:
+        return self._synced(host) > before
+
+    def _wait_each_host(self, done: Callable[[Host], bool], what: str) -> None:
+        """Wait until `done(host)` holds for every SDK host, one after the other."""
+        for host in self.hosts:
+            wait_until(functools.partial(done, host), RECOVERY_TIMEOUT, f"{host.name} {what}")
 
     def _bridge_connected(self) -> int:
         return self._bridge.output().count("connected to MQTT broker")
@@ -379,12 +388,9 @@ class System:
 
         def recover() -> None:
             self._wait_bridge_synced(synced + 1)
-            for host in self.hosts:
-                wait_until(
-                    lambda h=host: self._hosts_see_online(h) > online[h.name],
-                    RECOVERY_TIMEOUT,
-                    f"{host.name} to see the bridge online",
-                )
+            self._wait_each_host(
+                lambda h: self._hosts_see_online(h) > online[h.name], "to see the bridge online"
+            )
             self._wait_all_live()
 
         await asyncio.to_thread(recover)
@@ -407,12 +413,7 @@ class System:
 
             def recover_broker() -> None:
                 wait_until(lambda: self._bridge_connected() > connected, RECOVERY_TIMEOUT, "bridge")
-                for host in self.hosts:
-                    wait_until(
-                        lambda h=host: self._synced(h) > synced[h.name],
-                        RECOVERY_TIMEOUT,
-                        f"{host.name} to re-sync",
-                    )
+                self._wait_each_host(lambda h: self._synced_since(h, synced[h.name]), "to re-sync")
 
             return self.broker.start, recover_broker
         if victim == "bridge":
@@ -422,12 +423,9 @@ class System:
 
             def recover_bridge() -> None:
                 self._wait_bridge_synced(synced_before + 1)
-                for host in self.hosts:
-                    wait_until(
-                        lambda h=host: self._hosts_see_online(h) > online[h.name],
-                        RECOVERY_TIMEOUT,
-                        f"{host.name} to see the bridge online",
-                    )
+                self._wait_each_host(
+                    lambda h: self._hosts_see_online(h) > online[h.name], "to see the bridge online"
+                )
 
             return self._bridge.process.start, recover_bridge
         if victim == "api":
@@ -447,7 +445,7 @@ class System:
 
         def recover_host() -> None:
             wait_until(
-                lambda: host.process.check_alive() or self._synced(host) > before,
+                host.process.alive_and(functools.partial(self._synced_since, host, before)),
                 RECOVERY_TIMEOUT,
                 f"{host.name} in sync",
             )

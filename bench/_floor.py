@@ -14,6 +14,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 FLOOR_TOPICS = "bench/floor/+"
 _SPIN_S = 0.002
@@ -31,7 +32,7 @@ class FloorPublisher:
             size: Bytes per message.
         """
         url = urlsplit(broker_url)
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self._client.username_pw_set(unquote(url.username or ""), unquote(url.password or ""))
         self._client.connect(url.hostname or "127.0.0.1", url.port or 1883)
         self._client.loop_start()

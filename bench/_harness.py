@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -283,12 +283,19 @@ class Bridge:
         self.proc.wait_output(r"synced \d+ dispatches", timeout, count * len(self.microgrid_ids))
 
 
+class Stoppable(Protocol):
+    """What `Stack.close()` stops: a `Proc`, or a bench's own helper process."""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop it, killing it after `timeout` seconds."""
+
+
 @dataclass
 class Stack:
     """Everything a benchmark started; `close()` stops it all."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-")))
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Stoppable] = field(default_factory=list)
     keep: bool = False
     profile_dir: Path | None = None
     """When set, bridges run under cProfile and write `<name>.prof` here on exit."""

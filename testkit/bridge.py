@@ -179,9 +179,8 @@ class BridgeHandle:
         self.process.start()
         if wait_online:
             wait_until(
-                lambda: (
-                    self.process.check_alive()
-                    or self.process.output().count("connected to MQTT broker")
+                self.process.alive_and(
+                    lambda: self.process.output().count("connected to MQTT broker")
                     >= before + len(self.microgrid_ids)
                 ),
                 timeout,
@@ -191,9 +190,8 @@ class BridgeHandle:
     def wait_synced(self, count: int = 1, timeout: float = 20.0) -> None:
         """Wait until the bridge logged `count` syncs with the Dispatch API in total."""
         wait_until(
-            lambda: (
-                self.process.check_alive()
-                or self.process.output().count(" dispatches from the Dispatch API (") >= count
+            self.process.alive_and(
+                lambda: self.process.output().count(" dispatches from the Dispatch API (") >= count
             ),
             timeout,
             f"{count} syncs with the Dispatch API",
@@ -222,7 +220,7 @@ class BridgeHandle:
             return status.state == "online" and made >= started_at
 
         wait_until(
-            lambda: self.process.check_alive() or all(map(vouching, self.microgrid_ids)),
+            self.process.alive_and(lambda: all(map(vouching, self.microgrid_ids))),
             timeout,
             "this run of the bridge to say online in its retained status",
         )

@@ -221,6 +221,19 @@ class ManagedProcess:
                 f"{self.name} exited with code {self.popen.returncode}; output:\n{self.tail()}"
             )
 
+    def alive_and(self, condition: Callable[[], T]) -> Callable[[], T]:
+        """Return `condition` as a wait predicate that first calls `check_alive`.
+
+        A wait on the process's doings then ends at once with its output when it
+        exits, instead of at the timeout.
+        """
+
+        def checked() -> T:
+            self.check_alive()
+            return condition()
+
+        return checked
+
     def wait_for_output(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait until the program's output matches the regular expression `pattern`.
 

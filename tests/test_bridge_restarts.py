@@ -355,7 +355,7 @@ async def test_a_restored_tree_whose_snapshot_counts_a_lost_topic_does_not_hold_
     started = time.monotonic()
     read_back = "the broker's retained tree read back"
     wait_until(
-        lambda: bridge.process.check_alive() or bridge.output().count(read_back) >= 2,
+        bridge.process.alive_and(lambda: bridge.output().count(read_back) >= 2),
         20,
         "the second run's read-back",
     )

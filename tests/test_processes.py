@@ -111,6 +111,26 @@ def test_wait_for_port_reports_a_dead_process_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_a_wait_on_what_a_process_does_ends_when_it_exits(tmp_path: Path) -> None:
+    proc = ManagedProcess(
+        [sys.executable, "-c", "import sys; print('half done'); sys.exit(4)"],
+        name="quitter",
+        log_path=tmp_path / "q.log",
+    ).start()
+    done = proc.alive_and(lambda: "all done" in proc.output())
+    with pytest.raises(ProcessExitedError, match=r"(?s)quitter exited with code 4.*half done"):
+        wait_until(done, timeout=30, what="all done")
+    alive = ManagedProcess(
+        [sys.executable, "-c", "print('all done', flush=True); import time; time.sleep(60)"],
+        name="worker",
+        log_path=tmp_path / "w.log",
+    ).start()
+    try:
+        assert wait_until(alive.alive_and(lambda: "all done" in alive.output()), 30, "all done")
+    finally:
+        alive.stop()
+
+
 def test_wait_until_names_what_it_waited_for() -> None:
     with pytest.raises(TimeoutError, match=r"the moon.*last: 0"):
         wait_until(lambda: 0, timeout=0.1, what="the moon")
