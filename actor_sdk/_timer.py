@@ -7,6 +7,9 @@ A deadline is a run's `until`, the end of the view's liveness, an endless run's
 blind time or a factory retry. Messages wake the timer when they move the
 deadline (`wake`); a failed start asks for a reconcile from outside the
 reconcile path (`request`).
+
+A deadline slept towards and reached more than `STALL_WORTH_LOGGING_S` late is
+logged: a start or stop that late means the event loop was blocked (`_watchdog.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+
+from actor_sdk._watchdog import BLOCKING_ADVICE, STALL_WORTH_LOGGING_S
 
 __all__ = ["ReconcileTimer"]
 
@@ -61,6 +66,9 @@ class ReconcileTimer:
 
     async def run(self) -> None:
         """Run until cancelled."""
+        loop = asyncio.get_running_loop()
+        slept_towards: datetime | None = None
+        wake_at = 0.0  # when the sleep towards `slept_towards` ended, on the loop's clock
         while True:
             self._wakeup.clear()
             if self._requested:
@@ -71,14 +79,29 @@ class ReconcileTimer:
             if deadline is None:
                 await self._wakeup.wait()
                 continue
-            delay = (deadline - self._clock()).total_seconds()
+            now = self._clock()
+            delay = (deadline - now).total_seconds()
             if delay > 0:
                 # The event loop's clock is not the wall clock: a wake-up before the
                 # deadline on the wall clock sleeps again for the rest.
+                slept_towards, wake_at = deadline, loop.time() + delay
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wakeup.wait()
                 continue
+            if (
+                deadline == slept_towards
+                and (late := loop.time() - wake_at) > STALL_WORTH_LOGGING_S
+            ):
+                _logger.warning(
+                    "the timer's deadline at %s (a run's start or end, a check of the "
+                    "bridge's liveness or a retry) was handled %.2f s late: the event loop "
+                    "was blocked (%s)",
+                    deadline.isoformat(),
+                    late,
+                    BLOCKING_ADVICE,
+                )
+            slept_towards = None
             await self._reconcile_due()
             deadline = self._deadline()
             if deadline is not None and deadline <= self._clock():

@@ -1,4 +1,4 @@
-"""Unit tests of the SDK's deadline timer (`actor_sdk._timer.ReconcileTimer`).
+"""Unit tests of the SDK's deadline timer (`actor_sdk._timer.ReconcileTimer`) and watchdog.
 
 The event loop here keeps virtual time: when nothing is ready it jumps to its next
 timer instead of sleeping, so the instant at which the timer reconciles is exact,
@@ -10,6 +10,7 @@ slower or faster than the loop's monotonic clock).
 from __future__ import annotations
 
 import asyncio
+import logging
 import selectors
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from actor_sdk._timer import ReconcileTimer
+from actor_sdk._watchdog import watch_event_loop
 
 EPOCH = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
@@ -28,9 +30,12 @@ class _VirtualSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
+        self.wakeups = 0
+        """Waits that moved the time: the times an idle process would have been woken."""
 
     def select(self, timeout: float | None = None) -> list[Any]:
         events = super().select(0)
+        self.wakeups += bool(not events and timeout)
         if not events and timeout:
             self.now += timeout
         return events
@@ -45,12 +50,15 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self.virtual.now
 
 
-def _run_timer(rate: float, deadline_in: timedelta) -> tuple[datetime, list[datetime]]:
+def _run_timer(
+    rate: float, deadline_in: timedelta, *, blocked: tuple[float, float] | None = None
+) -> tuple[datetime, list[datetime]]:
     """Run a timer with one deadline until its first due reconcile.
 
     Args:
         rate: Wall-clock seconds per second of the loop's clock.
         deadline_in: The deadline, from the start on the wall clock.
+        blocked: When (loop time) a callback blocks the loop, and for how long.
 
     Returns:
         The deadline and the wall-clock times at which `reconcile_due` was called.
@@ -72,9 +80,14 @@ def _run_timer(rate: float, deadline_in: timedelta) -> tuple[datetime, list[date
     async def never() -> None:
         raise AssertionError("nothing asked for a reconcile")
 
+    def block(seconds: float) -> None:  # a synchronous call: time passes, nothing runs
+        loop.virtual.now += seconds
+
     async def main() -> None:
         timer = ReconcileTimer(lambda: deadline, never, reconcile_due, clock)
         task = asyncio.create_task(timer.run())
+        if blocked is not None:
+            loop.call_later(blocked[0], block, blocked[1])
         await asyncio.wait_for(reached.wait(), timeout=10)
         task.cancel()
 
@@ -134,3 +147,55 @@ def test_reconcile_on_request_comes_before_the_deadline() -> None:
     finally:
         loop.close()
     assert order[:2] == ["requested at 0.250", "due at 1.000"]
+
+
+def test_a_deadline_handled_late_because_the_loop_was_blocked_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="actor_sdk._timer")
+    deadline, calls = _run_timer(1.0, timedelta(milliseconds=50), blocked=(0.02, 0.5))
+    assert calls == [deadline + timedelta(seconds=0.47)]
+    assert "handled 0.47 s late: the event loop was blocked" in caplog.text
+
+
+def test_a_deadline_on_time_or_already_past_when_set_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="actor_sdk._timer")
+    _run_timer(1.0, timedelta(milliseconds=50), blocked=(0.01, 0.03))  # over before it
+    _run_timer(1.0, timedelta(seconds=-2))  # a told start that is due already
+    assert caplog.text == ""
+
+
+def _run_watchdog(seconds: float, blocked: tuple[float, float] | None = None) -> int:
+    """Run the watchdog alone for `seconds` of loop time; return the loop's wake-ups."""
+    loop = _VirtualTimeLoop()
+
+    def block(seconds: float) -> None:
+        loop.virtual.now += seconds
+
+    async def main() -> None:
+        task = asyncio.create_task(watch_event_loop())
+        if blocked is not None:
+            loop.call_later(blocked[0], block, blocked[1])
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return loop.virtual.wakeups
+
+
+def test_an_idle_watchdog_wakes_the_process_once_a_second() -> None:
+    assert _run_watchdog(60) <= 61
+
+
+def test_the_watchdog_logs_a_stall_between_deadlines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="actor_sdk._watchdog")
+    _run_watchdog(5, blocked=(2.5, 1.5))
+    assert "the event loop was blocked for at least 1.00 s" in caplog.text
+    caplog.clear()
+    _run_watchdog(5, blocked=(2.5, 0.1))
+    assert caplog.text == ""
