@@ -19,7 +19,9 @@ Per round one dispatch per side, created ahead (by a helper process, so that thi
 process never touches gRPC before it forks), starting at a whole second and
 running 2 s; ours on even seconds, the reference on odd ones. Figures: from the
 scheduled start to the last of the N actors started (and the median), from the
-scheduled stop to the last stopped.
+scheduled stop to the last stopped. Before the rounds, what an idle actor process
+costs: its CPU time and the times it was put on a CPU (its threads' wake-ups), per
+second, over `IDLE_S` seconds with nothing scheduled (`/proc/PID/task/*/schedstat`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ OURS_MG = 1
 REF_MG = 2
 TYPE = "FANOUT"
 RUN_S = 2
+IDLE_S = 10.0
 
 
 # --- the creator helper (a separate process: the only one here that speaks gRPC) -----
@@ -184,6 +187,26 @@ def fork_host(index: int, fd: int, ours: bool, target: str, *, fresh: bool) -> i
         os._exit(code)
 
 
+def schedstat(pid: int) -> tuple[float, int]:
+    """A process's CPU seconds and timeslices so far, all threads (`/proc/PID/task/*/schedstat`)."""
+    cpu_ns = slices = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            on_cpu, _, runs = (task / "schedstat").read_text().split()
+            cpu_ns, slices = cpu_ns + int(on_cpu), slices + int(runs)
+    return cpu_ns / 1e9, slices
+
+
+def idle_cost(pids: list[int], seconds: float) -> tuple[float, float]:
+    """Mean CPU seconds and wake-ups per second of idle processes over `seconds`."""
+    before = [schedstat(pid) for pid in pids]
+    time.sleep(seconds)
+    after = [schedstat(pid) for pid in pids]
+    cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    slices = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return cpu / seconds / len(pids), slices / seconds / len(pids)
+
+
 class Reports:
     """Reads `index kind id time` lines from the actor processes' pipe."""
 
@@ -214,7 +237,14 @@ class Reports:
 
 
 def run_n(
-    creator: Creator, api: ApiServer, broker_url: str, n: int, rounds: int, *, fresh: bool
+    creator: Creator,
+    api: ApiServer,
+    broker_url: str,
+    n: int,
+    rounds: int,
+    *,
+    fresh: bool,
+    idle_s: float,
 ) -> dict[str, Any]:
     read_fd, write_fd = os.pipe()
     pids: list[int] = []
@@ -232,6 +262,9 @@ def run_n(
         results: dict[str, list[float]] = {
             key: [] for key in ("o_start", "o_stop", "r_start", "r_stop", "o_p50", "r_p50")
         }
+        for side, side_pids in (("o", pids[0::2]), ("r", pids[1::2])):
+            cpu, wakeups = idle_cost(side_pids, idle_s)
+            results[f"{side}_idle_cpu"], results[f"{side}_idle_wakeups"] = [cpu], [wakeups]
         for _ in range(rounds):
             base = next_second(1.5)
             ids = {}
@@ -264,7 +297,7 @@ def run_n(
         os.close(write_fd)
 
 
-def measure(sizes: list[int], rounds: int, *, fresh: bool) -> Table:
+def measure(sizes: list[int], rounds: int, *, fresh: bool, idle_s: float) -> Table:
     # Imported before forking: every actor process shares them.
     import frequenz.dispatch  # noqa: F401, PLC0415
 
@@ -280,7 +313,9 @@ def measure(sizes: list[int], rounds: int, *, fresh: bool) -> Table:
         creator = Creator(api)
         stack.procs.append(creator)
         for n in sizes:
-            results = run_n(creator, api, broker.url("actor"), n, rounds, fresh=fresh)
+            results = run_n(
+                creator, api, broker.url("actor"), n, rounds, fresh=fresh, idle_s=idle_s
+            )
             table.add(
                 f"N={n}: scheduled start → median actor started",
                 percentile(results["o_p50"], 50),
@@ -299,6 +334,16 @@ def measure(sizes: list[int], rounds: int, *, fresh: bool) -> Table:
                 max(results["r_stop"]),
                 "ms",
             )
+            for key, figure, unit in (
+                ("idle_cpu", "CPU time per second", "ms"),
+                ("idle_wakeups", "wake-ups", "/s"),
+            ):
+                table.add(
+                    f"N={n}: idle actor process, {figure} ({idle_s:g} s)",
+                    results[f"o_{key}"][0],
+                    results[f"r_{key}"][0],
+                    unit,
+                )
     table.note(
         "ours: one bridge publishes one running snapshot; Mosquitto fans it out to N "
         "actor SDK processes. Reference: N frequenz-dispatch processes, each with its "
@@ -329,7 +374,8 @@ def main() -> int:
     sizes = args.sizes or ([3] if args.quick else [10, 50, 100])
     rounds = args.rounds or (1 if args.quick else 3)
     # --quick stays a few seconds: its SDKs are measured as just started.
-    measure(sizes, rounds, fresh=args.fresh or args.quick).print()
+    idle_s = 1.0 if args.quick else IDLE_S
+    measure(sizes, rounds, fresh=args.fresh or args.quick, idle_s=idle_s).print()
     return 0
 
 

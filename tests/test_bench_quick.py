@@ -119,6 +119,8 @@ def test_fanout_bench_quick_prints_start_and_stop_rows() -> None:
         "N=3: scheduled start → median actor started",
         "N=3: scheduled start → last actor started (worst round)",
         "N=3: scheduled stop → last actor stopped (worst round)",
+        "N=3: idle actor process, CPU time per second (1 s)",
+        "N=3: idle actor process, wake-ups (1 s)",
     ):
         ours, reference, _, _ = table[figure]
         assert measured(ours) and measured(reference)
