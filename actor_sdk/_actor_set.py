@@ -37,6 +37,7 @@ from actor_sdk._planner import (
     StopActor,
     UpdateActor,
 )
+from actor_sdk._watchdog import measure_next_turn
 
 __all__ = ["DEFAULT_FACTORY_TIMEOUT", "STOP_TIMEOUT_S", "ActorCounts", "ActorSet"]
 
@@ -139,6 +140,11 @@ class ActorSet:
         return self._failure if self._retry_due else None
 
     @property
+    def occupied(self) -> bool:
+        """Whether an actor runs, is being created or is being stopped."""
+        return bool(self._slots or self._stopping)
+
+    @property
     def started_actors(self) -> int:
         """How many actors have started and are not being stopped."""
         return sum(1 for slot in self._slots.values() if slot.actor is not None)
@@ -231,6 +237,7 @@ class ActorSet:
         return task
 
     def _start(self, key: Hashable, dispatch: Dispatch) -> None:
+        measure_next_turn()  # the factory's first step runs in it: a blocking one is logged
         # Limit 1: an actor that is slow to read gets the latest information only.
         sender, receiver = BroadcastChannel[DispatchInfo](
             name=f"dispatch-info-{self.name}-{key}",

@@ -420,7 +420,8 @@ class Dispatcher(BackgroundService):
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._link.run(self), name="dispatcher-connection")
                 group.create_task(self._timer.run(), name="dispatcher-timer")
-                group.create_task(watch_event_loop(), name="dispatcher-watchdog")
+                watchdog = watch_event_loop(self._reconciler.actors_present)
+                group.create_task(watchdog, name="dispatcher-watchdog")
                 group.create_task(self._upcoming.run(), name="dispatcher-upcoming")
                 group.create_task(self._status.run(), name="dispatcher-actor-status")
         finally:
@@ -467,8 +468,7 @@ class Dispatcher(BackgroundService):
         # arrive like live ones (a lifecycle receiver gets a `Created` for each).
         if dispatch_type not in self._followed:
             self._followed.add(dispatch_type)
-            level = f"{self._layout.root}/{wire.encode_type(dispatch_type)}"
-            self._link.subscribe(f"{level}/dispatches/+")
+            self._link.subscribe(self._layout.dispatches(dispatch_type))
 
     async def sync_given_up(self, why: str) -> None:
         """The retained tree is still incomplete when the wait ends: go on with it.

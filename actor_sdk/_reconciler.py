@@ -165,6 +165,10 @@ class Reconciler:
                 self._view.live_until if live else None, *self._type_deadlines.values()
             )
 
+    def actors_present(self) -> bool:
+        """Whether a managed actor runs, is being created or is being stopped."""
+        return any(actors.occupied for actors in self.managed.values())
+
     def told_start(self, dispatch_type: str, after: datetime) -> datetime | None:
         """Return the next start told of a dispatch of a type after an instant.
 

@@ -377,10 +377,8 @@ class PublishQueue:
 
     def _held_dispatch_id(self, topic: str) -> int | None:
         """The id of the dispatch struct held on `topic`, None when none is."""
-        _, separator, tail = topic.rpartition("/dispatches/")
-        if not separator or not tail.isdecimal():
-            return None
-        dispatch = self._dispatches.get(int(tail))
+        dispatch_id = _dispatch_id_in(topic)
+        dispatch = None if dispatch_id is None else self._dispatches.get(dispatch_id)
         if dispatch is None or self._topic_of(dispatch) != topic:
             return None
         return dispatch.id
@@ -389,18 +387,20 @@ class PublishQueue:
         """Stop holding the dispatch struct on `topic`, if one is (it is cleared or replaced).
 
         Read from another's table, the struct is gone from it already: its id, if it
-        waits, waits no more (unless the id holds a struct on another topic now).
+        waits, waits no more. An id that holds a struct on another topic now (its type
+        changed) is left alone.
         """
-        dispatch_id = self._held_dispatch_id(topic)
-        if dispatch_id is None and self._own is None:
-            _, separator, tail = topic.rpartition("/dispatches/")
-            if separator and tail.isdecimal() and int(tail) not in self._dispatches:
-                dispatch_id = int(tail)
-        if dispatch_id is not None:
+        dispatch_id = _dispatch_id_in(topic)
+        if dispatch_id is None:
+            return
+        held = self._dispatches.get(dispatch_id)
+        if held is not None:
+            if self._topic_of(held) != topic:
+                return
             if self._own is not None:
                 del self._own[dispatch_id]
-            self._bulk.pop(dispatch_id, None)
-            self._unconfirmed.discard(dispatch_id)
+        self._bulk.pop(dispatch_id, None)
+        self._unconfirmed.discard(dispatch_id)
 
     def _encode(self, value: _HeldByTopic) -> bytes:
         if isinstance(value, bytes):
@@ -476,3 +476,9 @@ class PublishQueue:
             session=0,
             seq=0,
         )
+
+
+def _dispatch_id_in(topic: str) -> int | None:
+    """The id a dispatch topic (`.../dispatches/ID`) names; None for any other topic."""
+    _, separator, tail = topic.rpartition("/dispatches/")
+    return int(tail) if separator and tail.isdecimal() else None

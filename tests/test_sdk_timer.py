@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from actor_sdk._timer import ReconcileTimer
-from actor_sdk._watchdog import watch_event_loop
+from actor_sdk._watchdog import measure_next_turn, watch_event_loop
 
 EPOCH = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
@@ -167,7 +167,12 @@ def test_a_deadline_on_time_or_already_past_when_set_logs_nothing(
     assert caplog.text == ""
 
 
-def _run_watchdog(seconds: float, blocked: tuple[float, float] | None = None) -> int:
+def _run_watchdog(
+    seconds: float,
+    blocked: tuple[float, float] | None = None,
+    *,
+    actors_present: bool = False,
+) -> int:
     """Run the watchdog alone for `seconds` of loop time; return the loop's wake-ups."""
     loop = _VirtualTimeLoop()
 
@@ -175,7 +180,7 @@ def _run_watchdog(seconds: float, blocked: tuple[float, float] | None = None) ->
         loop.virtual.now += seconds
 
     async def main() -> None:
-        task = asyncio.create_task(watch_event_loop())
+        task = asyncio.create_task(watch_event_loop(lambda: actors_present))
         if blocked is not None:
             loop.call_later(blocked[0], block, blocked[1])
         await asyncio.sleep(seconds)
@@ -188,14 +193,43 @@ def _run_watchdog(seconds: float, blocked: tuple[float, float] | None = None) ->
     return loop.virtual.wakeups
 
 
-def test_an_idle_watchdog_wakes_the_process_once_a_second() -> None:
+def test_the_watchdog_wakes_an_idle_process_once_a_second() -> None:
     assert _run_watchdog(60) <= 61
 
 
-def test_the_watchdog_logs_a_stall_between_deadlines(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_watchdog_ticks_every_50_ms_while_actors_share_the_loop() -> None:
+    assert _run_watchdog(10, actors_present=True) >= 199
+
+
+@pytest.mark.parametrize(("actors_present", "stall"), [(False, 1.5), (True, 0.4)])
+def test_the_watchdog_logs_a_stall_between_deadlines(
+    caplog: pytest.LogCaptureFixture, actors_present: bool, stall: float
+) -> None:
     caplog.set_level(logging.WARNING, logger="actor_sdk._watchdog")
-    _run_watchdog(5, blocked=(2.5, 1.5))
-    assert "the event loop was blocked for at least 1.00 s" in caplog.text
+    _run_watchdog(5, blocked=(2.5, stall), actors_present=actors_present)
+    assert "the event loop was blocked for at least" in caplog.text
     caplog.clear()
-    _run_watchdog(5, blocked=(2.5, 0.1))
+    _run_watchdog(5, blocked=(2.5, 0.2), actors_present=actors_present)
     assert caplog.text == ""
+
+
+def test_the_turn_after_measure_next_turn_is_logged_when_it_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A factory's first step, queued right after the call, runs in the measured turn."""
+    caplog.set_level(logging.WARNING, logger="actor_sdk._watchdog")
+    loop = _VirtualTimeLoop()
+
+    async def blocking_factory() -> None:
+        loop.virtual.now += 0.6  # time.sleep(0.6): nothing else runs meanwhile
+
+    async def main() -> None:
+        measure_next_turn()
+        await asyncio.create_task(blocking_factory())
+        await asyncio.sleep(0.01)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert "the event loop was blocked for at least 0.60 s" in caplog.text

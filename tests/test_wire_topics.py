@@ -129,6 +129,7 @@ def test_default_layout_of_a_microgrid() -> None:
     assert LAYOUT.everything == "microgrid/7/dispatch/#"
     assert LAYOUT.running("SET.POWER") == "microgrid/7/dispatch/SET%2EPOWER/running"
     assert LAYOUT.dispatch("A", 42) == "microgrid/7/dispatch/A/dispatches/42"
+    assert LAYOUT.dispatches("SET.POWER") == "microgrid/7/dispatch/SET%2EPOWER/dispatches/+"
     assert LAYOUT.events("A") == "microgrid/7/dispatch/A/events"
 
 

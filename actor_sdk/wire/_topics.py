@@ -176,6 +176,17 @@ class TopicLayout:
         """
         return f"{self.root}/{encode_type(dispatch_type)}/dispatches/{dispatch_id}"
 
+    def dispatches(self, dispatch_type: str) -> str:
+        """Return the filter of every dispatch topic of a type (`.../dispatches/+`).
+
+        Args:
+            dispatch_type: The dispatch type.
+
+        Returns:
+            The topic filter.
+        """
+        return f"{self.root}/{encode_type(dispatch_type)}/dispatches/+"
+
     def events(self, dispatch_type: str) -> str:
         """Return the lifecycle-event topic of a type.
 
