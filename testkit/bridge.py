@@ -180,8 +180,10 @@ class BridgeHandle:
         if wait_online:
             wait_until(
                 self.process.alive_and(
-                    lambda: self.process.output().count("connected to MQTT broker")
-                    >= before + len(self.microgrid_ids)
+                    lambda: (
+                        self.process.output().count("connected to MQTT broker")
+                        >= before + len(self.microgrid_ids)
+                    )
                 ),
                 timeout,
                 "the bridge to connect to the broker",
