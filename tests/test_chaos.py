@@ -155,6 +155,25 @@ def test_a_start_while_the_host_must_know_it_is_blind_is_a_violation() -> None:
     assert verdict(truth, [run(15.2, 20.1)], broker_down) == []
 
 
+def test_a_death_whose_news_a_partition_held_back_goes_by_the_partitions_rule() -> None:
+    truth = truth_with(one_off(1, 10, 10))
+    bridge_killed = Fault("kill", "bridge", 8, 15, 16, dark_after=0.5)
+    # The host's link cut 0.3 s after the kill: the bridge's will may be held back.
+    cut_off = Fault("partition", "h~broker", 8.3, 16, 17, dark_after=6.5)
+    assert verdict(truth, [run(10.1, 20.1)], [bridge_killed, cut_off]) == []
+    # ... but not past the partition's own deadline (its probe).
+    problems = verdict(truth, [run(15.0, 20.1)], [bridge_killed, cut_off])
+    assert problems != [] and "could not have a live view" in problems[0]
+    # A partition that began after the host had to know excuses nothing.
+    later = Fault("partition", "h~broker", 9, 16, 17, dark_after=6.5)
+    problems = verdict(truth, [run(10.1, 20.1)], [bridge_killed, later])
+    assert problems != [] and "could not have a live view" in problems[0]
+    # Nor does a partition of another host's link.
+    elsewhere = Fault("partition", "sdk-other~broker", 8.3, 16, 17, dark_after=6.5)
+    problems = verdict(truth, [run(10.1, 20.1)], [bridge_killed, elsewhere])
+    assert problems != [] and "could not have a live view" in problems[0]
+
+
 def test_a_start_after_the_until_it_was_given_is_a_violation() -> None:
     # Started 0.8 s after its run had ended, stopped 8 ms later: too short for the
     # window check, still a start of something that no longer runs.
