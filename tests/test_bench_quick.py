@@ -70,6 +70,9 @@ def test_latency_bench_quick_prints_both_paths() -> None:
             ours, reference, ratio, _ = table[f"{step}, {stat}"]
             assert measured(ours) and measured(reference) and measured(ratio)
     assert table["create → actor started, p99"][3].startswith("≤ ref + 1 ms")
+    for stat in ("p50", "p90", "p99"):
+        floor = table[f"the broker hop alone (paho → Mosquitto → paho, 1 KB), {stat}"][0]
+        assert measured(floor)
 
 
 def test_lateness_bench_quick_prints_bridge_and_actor_rows() -> None:
