@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -104,7 +103,7 @@ class BrokerHop:
             raise TimeoutError("the floor's message did not arrive")
         return time.perf_counter() - began
 
-    def close(self, *_: Any) -> None:
+    def close(self) -> None:
         """Disconnect both clients."""
         for client in self._clients:
             client.disconnect()
