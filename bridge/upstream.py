@@ -220,8 +220,12 @@ class Upstream:
                     return True
         finally:
             session.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await session
+            # Wait for it to end without taking its outcome: a cancellation of this task
+            # that came with the session's own error must stay a cancellation (it became
+            # that error, and the bridge went on reconnecting instead of stopping).
+            await asyncio.wait({session})
+            if not session.cancelled():
+                session.exception()  # retrieved, so that it is not logged as forgotten
 
     async def _session(self) -> None:
         client = DispatchApiClient(

@@ -27,7 +27,7 @@ from bridge.service import (
     Synced,
     UpstreamItem,
 )
-from bridge.upstream import Upstream, UpstreamSettings
+from bridge.upstream import Upstream, UpstreamError, UpstreamSettings
 from testkit.api_server import ApiServerHandle
 from testkit.processes import async_wait_until
 
@@ -337,3 +337,27 @@ async def test_a_dispatch_deleted_during_a_listing_in_parts_is_deleted(
         await async_wait_until(lambda: first not in sink.ids() and sink.syncs() == 1, 10, "gone")
     assert sink.ids() == await server_ids(api_server)
     assert len(sink.ids()) == 29
+
+
+async def test_a_stop_that_comes_with_the_sessions_error_stops_the_upstream() -> None:
+    """SIGTERM while the API shut down: the session's error must not swallow the cancel.
+
+    Seen in CI: the bridge logged "signal received", then "the server is shutting down;
+    reconnecting" and went on reconnecting until it was killed 10 s later.
+    """
+    upstream = Upstream(UpstreamSettings("grpc://127.0.0.1:9", "key", None), 1, lambda item: None)
+    failing = asyncio.Event()
+
+    async def session() -> None:
+        await failing.wait()
+        raise UpstreamError("UNAVAILABLE: the server is shutting down")
+
+    upstream._session = session  # type: ignore[method-assign]
+    task = asyncio.create_task(upstream.run())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    failing.set()  # the session fails ...
+    await asyncio.sleep(0)  # ... and its error wakes the upstream's wait
+    task.cancel()  # the stop arrives in the same turn
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
