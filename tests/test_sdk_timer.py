@@ -49,6 +49,10 @@ class _VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.virtual.now
 
+    def block(self, seconds: float) -> None:
+        """A synchronous call: time passes, nothing else runs."""
+        self.virtual.now += seconds
+
 
 def _run_timer(
     rate: float, deadline_in: timedelta, *, blocked: tuple[float, float] | None = None
@@ -80,14 +84,11 @@ def _run_timer(
     async def never() -> None:
         raise AssertionError("nothing asked for a reconcile")
 
-    def block(seconds: float) -> None:  # a synchronous call: time passes, nothing runs
-        loop.virtual.now += seconds
-
     async def main() -> None:
         timer = ReconcileTimer(lambda: deadline, never, reconcile_due, clock)
         task = asyncio.create_task(timer.run())
         if blocked is not None:
-            loop.call_later(blocked[0], block, blocked[1])
+            loop.call_later(blocked[0], loop.block, blocked[1])
         await asyncio.wait_for(reached.wait(), timeout=10)
         task.cancel()
 
@@ -176,13 +177,10 @@ def _run_watchdog(
     """Run the watchdog alone for `seconds` of loop time; return the loop's wake-ups."""
     loop = _VirtualTimeLoop()
 
-    def block(seconds: float) -> None:
-        loop.virtual.now += seconds
-
     async def main() -> None:
         task = asyncio.create_task(watch_event_loop(lambda: actors_present))
         if blocked is not None:
-            loop.call_later(blocked[0], block, blocked[1])
+            loop.call_later(blocked[0], loop.block, blocked[1])
         await asyncio.sleep(seconds)
         task.cancel()
 
